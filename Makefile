@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:
+#   make demo   set up, then run the main job end to end on the embedded default data
+#   make test   set up, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CALOFORGE := $(VENV)/bin/caloforge
+DEMO_DIR ?= demo-output
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned in the set-up path only (a CPU wheel on these machines); the package itself
+# requires a range so users elsewhere can bring their own build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	DEMO_DIR=$(DEMO_DIR) CALOFORGE=$(CALOFORGE) bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info .pytest_cache

@@ -1,0 +1,193 @@
+"""The ``caloforge`` command line: one entry point with subcommands.
+
+Each subcommand is a ``(configure, run)`` pair registered in :data:`COMMANDS`; ``run`` gets
+the parsed arguments and does its work through the library API. User errors
+(:class:`~caloforge.errors.CaloforgeError`) become one line on stderr and exit status 1;
+invalid options exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from . import __version__
+from .errors import CaloforgeError, OptionError
+from .geometry import available_geometries, get_geometry, resolve_geometry
+from .runtime import get_logger, set_progress, set_threads, setup_logging
+
+log = get_logger("cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument("--seed", type=int, default=None,
+                       help="random seed (reproducible per seed and shard)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda or cuda:N (default: auto)")
+    group.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return common
+
+
+def add_geometry_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--geometry NAME | --xml FILE [--particle NAME]`` (mutually exclusive)."""
+    choice = parser.add_mutually_exclusive_group(required=required)
+    choice.add_argument("--geometry", metavar="NAME",
+                        help=f"built-in geometry: {', '.join(available_geometries())}")
+    choice.add_argument("--xml", metavar="FILE", help="CaloChallenge binning XML file")
+    parser.add_argument("--particle", default=None,
+                        help="which <Bin> of the XML file to use, if it has several")
+
+
+def geometry_from_args(args: argparse.Namespace):  # -> Geometry | None
+    if getattr(args, "geometry", None) is None and getattr(args, "xml", None) is None:
+        return None
+    return resolve_geometry(args.geometry, args.xml, getattr(args, "particle", None))
+
+
+# --- geometries ---------------------------------------------------------------------------
+def _configure_geometries(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the full descriptions as JSON")
+
+
+def _run_geometries(args: argparse.Namespace) -> int:
+    geometries = [get_geometry(name) for name in available_geometries()]
+    if args.json:
+        print(json.dumps([g.to_dict() for g in geometries], indent=2))
+        return 0
+    print(f"{'name':<26}{'voxels':>8}{'layers':>8}  binning      description")
+    for g in geometries:
+        kind = "cylindrical" if g.is_cylindrical else "cartesian"
+        print(f"{g.name:<26}{g.n_voxels:>8}{g.n_layers:>8}  {kind:<12} {g.description}")
+    return 0
+
+
+# --- inspect ------------------------------------------------------------------------------
+def _configure_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="shower file (CaloChallenge or CaloGAN HDF5)")
+    add_geometry_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--batch-size", type=int, default=10_000,
+                        help="showers read per batch while streaming (default 10000)")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .data import summarize_file
+    from .runtime import progress
+
+    summary = summarize_file(args.file, geometry_from_args(args), args.batch_size, progress)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    lo, hi = summary["incident_energy_mev"]
+    print(f"file          {summary['file']}")
+    print(f"format        {summary['format']}   geometry: {summary['geometry'] or 'unknown'}")
+    print(f"showers       {summary['n_showers']}   voxels: {summary['n_voxels']}")
+    print(f"E_inc         {lo:.6g} - {hi:.6g} MeV")
+    print(f"E_dep/E_inc   {summary['mean_deposited_fraction']:.4f} (mean)")
+    print(f"sparsity      {summary['sparsity']:.4f} (fraction of zero voxels)")
+    for name, info in summary["conditions"].items():
+        print(f"condition     {name} [{info['units']}]  min {info['min']}  max {info['max']}")
+    if "layers" in summary:
+        print(f"{'layer':>7}{'voxels':>8}{'mean E [MeV]':>15}{'sparsity':>10}")
+        for layer in summary["layers"]:
+            print(f"{layer['layer_id']:>7}{layer['n_voxels']:>8}"
+                  f"{layer['mean_energy_mev']:>15.4g}{layer['sparsity']:>10.4f}")
+    return 0
+
+
+# --- convert ------------------------------------------------------------------------------
+def _configure_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="input shower file")
+    parser.add_argument("-o", "--output", required=True, help="output file (written atomically)")
+    parser.add_argument("--to", dest="to_format", choices=["calochallenge", "calogan"],
+                        default="calochallenge", help="output format (default calochallenge)")
+    add_geometry_options(parser)
+    parser.add_argument("--batch-size", type=int, default=10_000)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .data import ShowerFile, ShowerWriter
+    from .runtime import progress
+
+    with ShowerFile(args.file, geometry_from_args(args)) as reader:
+        geometry = reader.geometry
+        if geometry is None:
+            raise OptionError("converting needs the geometry: give --geometry or --xml")
+        with ShowerWriter(args.output, geometry, args.to_format) as writer:
+            total = -(-len(reader) // args.batch_size)
+            for batch in progress(reader.iter_batches(args.batch_size), total=total,
+                                  desc="convert", unit="batch"):
+                writer.write(batch)
+    log.info("wrote %d showers to %s (%s format)", writer.n_written, args.output, args.to_format)
+    return 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None],
+                Callable[[argparse.Namespace], int]]
+COMMANDS: list[Command] = [
+    ("geometries: list the built-in geometries and their voxel counts",
+     _configure_geometries, _run_geometries),
+    ("inspect: validate a shower file and print a summary", _configure_inspect, _run_inspect),
+    ("convert: convert between CaloChallenge and CaloGAN HDF5 formats",
+     _configure_convert, _run_convert),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="caloforge",
+                     description="Fast calorimeter shower simulation with generative models.")
+    parser.add_argument("--version", action="version", version=f"caloforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = _common_options()
+    for help_line, configure, run in COMMANDS:
+        name, _, text = help_line.partition(": ")
+        child = sub.add_parser(name, help=text, description=text, parents=[common])
+        configure(child)
+        child.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    setup_logging(-1 if args.quiet else args.verbose)
+    set_progress(not args.no_progress)
+    try:
+        set_threads(args.threads)
+        return int(args.run(args) or 0)
+    except CaloforgeError as exc:
+        print(f"caloforge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"caloforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"caloforge {args.command}: error: out of memory; use a smaller --batch-size",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. an unwritable output directory or a full disk
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"caloforge {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,512 @@
+"""Shower files: the in-memory representation, readers and writers.
+
+In memory a sample is a :class:`ShowerData`: incident energies ``(N,)`` in MeV (float64),
+flat voxel energies ``(N, n_voxels)`` in MeV (float32) in the geometry's flattening order,
+and optional extra conditions (name -> ``(N, k)`` array with its units).
+
+On disk two formats are read and written:
+
+* ``calochallenge``: ``incident_energies`` (N, 1) float64 and ``showers`` (N, n_voxels)
+  float32, gzip-compressed, exactly what the official CaloChallenge ``evaluate.py`` reads
+  (it needs the incident energies in float64).
+* ``calogan``: ``energy`` (N, 1) in GeV, ``layer_0`` (N, 3, 96), ``layer_1`` (N, 12, 12),
+  ``layer_2`` (N, 12, 6) and ``overflow`` (N, 3), cells in MeV.
+
+Extra conditions (entry point, direction, ...) are stored in both formats as datasets of an
+HDF5 group ``conditions``, each with a ``units`` attribute; tools that only know the
+standard keys ignore them.
+
+Reading is streamed (:meth:`ShowerFile.iter_batches`) so files larger than memory can be
+processed; writing (:class:`ShowerWriter`) appends in chunks to a temporary file that is
+renamed onto the target only when the writer closes without error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_output
+from .errors import GeometryError, OptionError, ShowerFileError
+from .geometry import Geometry, get_geometry
+
+FORMATS = ("calochallenge", "calogan")
+CONDITIONS_GROUP = "conditions"
+_CALOGAN_LAYERS = ("layer_0", "layer_1", "layer_2")
+
+
+@dataclass
+class ShowerData:
+    """A batch of showers.
+
+    Attributes:
+        incident_energies: ``(N,)`` float64, incident particle energy in MeV.
+        showers: ``(N, n_voxels)`` float32, voxel energies in MeV.
+        conditions: extra conditions, name -> ``(N, k)`` float array (e.g. ``entry_point``
+            ``(N, 2)`` in mm, ``direction`` ``(N, 2)`` in rad).
+        condition_units: name -> unit string for each entry of ``conditions``.
+        auxiliary: per-shower data that is neither voxel nor condition (CaloGAN
+            ``overflow`` ``(N, 3)`` in MeV), carried through format conversions.
+    """
+
+    incident_energies: np.ndarray
+    showers: np.ndarray
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    condition_units: dict[str, str] = field(default_factory=dict)
+    auxiliary: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.incident_energies = np.asarray(self.incident_energies, dtype=np.float64).reshape(-1)
+        self.showers = np.asarray(self.showers, dtype=np.float32)
+        n = len(self.incident_energies)
+        if self.showers.ndim != 2 or self.showers.shape[0] != n:
+            raise ValueError(f"showers must be (N={n}, n_voxels), got {self.showers.shape}")
+        for name, values in list(self.conditions.items()):
+            values = np.asarray(values, dtype=np.float64)
+            values = values.reshape(n, -1)
+            self.conditions[name] = values
+            self.condition_units.setdefault(name, "")
+        for name, values in list(self.auxiliary.items()):
+            self.auxiliary[name] = np.asarray(values, dtype=np.float32).reshape(n, -1)
+
+    def __len__(self) -> int:
+        return len(self.incident_energies)
+
+    @property
+    def n_voxels(self) -> int:
+        return self.showers.shape[1]
+
+    def select(self, index: slice | np.ndarray | Sequence[int]) -> "ShowerData":
+        """A new ShowerData with the showers picked by ``index``."""
+        return ShowerData(self.incident_energies[index], self.showers[index],
+                          {k: v[index] for k, v in self.conditions.items()},
+                          dict(self.condition_units),
+                          {k: v[index] for k, v in self.auxiliary.items()})
+
+    @staticmethod
+    def concatenate(parts: Sequence["ShowerData"]) -> "ShowerData":
+        """Join batches with the same conditions into one."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        return ShowerData(
+            np.concatenate([p.incident_energies for p in parts]),
+            np.concatenate([p.showers for p in parts]),
+            {k: np.concatenate([p.conditions[k] for p in parts]) for k in first.conditions},
+            dict(first.condition_units),
+            {k: np.concatenate([p.auxiliary[k] for p in parts]) for k in first.auxiliary},
+        )
+
+    def find_problem(self) -> str | None:
+        """The first physical inconsistency of the values, as a sentence, or None.
+
+        Checks NaN/inf anywhere, negative voxel energies and non-positive incident energies.
+        """
+        e_inc = self.incident_energies
+        bad = ~np.isfinite(e_inc)
+        if bad.any():
+            return f"incident energy is NaN or infinite (first at shower {int(np.argmax(bad))})"
+        if (e_inc <= 0).any():
+            i = int(np.argmax(e_inc <= 0))
+            return f"incident energy must be positive, shower {i} has {e_inc[i]:g} MeV"
+        finite_rows = np.isfinite(self.showers).all(axis=1)
+        if not finite_rows.all():
+            return f"voxel energies contain NaN or infinite values (first at shower " \
+                   f"{int(np.argmin(finite_rows))})"
+        negative_rows = (self.showers < 0).any(axis=1)
+        if negative_rows.any():
+            i = int(np.argmax(negative_rows))
+            return f"negative voxel energy (min {self.showers[i].min():g} MeV at shower {i})"
+        for name, values in self.conditions.items():
+            finite = np.isfinite(values).all(axis=1)
+            if not finite.all():
+                return f"condition {name!r} has NaN or infinite values (first at shower " \
+                       f"{int(np.argmin(finite))})"
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+class ShowerFile:
+    """An open shower file, validated on opening, read whole or in batches.
+
+    Structure (keys, shapes, dtypes, voxel count against the geometry) is checked when the
+    file is opened; values (NaN/inf, negative energies) are checked on every batch read, so
+    a bad value anywhere in a streamed file stops the reader with a clear message.
+
+    Args:
+        path: HDF5 file in CaloChallenge or CaloGAN format.
+        geometry: expected geometry; its voxel count must match. For CaloGAN files the
+            ``calogan`` geometry is implied when none is given.
+        file_format: ``"auto"`` (decided from the keys), ``"calochallenge"`` or ``"calogan"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], geometry: Geometry | None = None,
+                 file_format: str = "auto") -> None:
+        self.path = os.fspath(path)
+        if file_format not in ("auto",) + FORMATS:
+            raise OptionError(f"unknown file format {file_format!r}; choose from {FORMATS}")
+        if not os.path.exists(self.path):
+            raise ShowerFileError(self.path, "no such file")
+        if os.path.isdir(self.path):
+            raise ShowerFileError(self.path, "is a directory, not a shower file")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            reason = "truncated or corrupt HDF5 file" if "truncated" in str(exc).lower() \
+                else "not a readable HDF5 file"
+            raise ShowerFileError(self.path, f"{reason} ({_short(exc)})") from None
+        try:
+            self._inspect_structure(geometry, file_format)
+        except BaseException:
+            self._h5.close()
+            raise
+
+    # --- structure ----------------------------------------------------------------------
+    def _fail(self, problem: str) -> ShowerFileError:
+        return ShowerFileError(self.path, problem)
+
+    def _inspect_structure(self, geometry: Geometry | None, file_format: str) -> None:
+        keys = set(self._h5.keys())
+        if file_format == "auto":
+            if "showers" in keys or "incident_energies" in keys:
+                file_format = "calochallenge"
+            elif "energy" in keys or "layer_0" in keys:
+                file_format = "calogan"
+            else:
+                raise self._fail(
+                    "neither CaloChallenge keys ('incident_energies', 'showers') nor CaloGAN "
+                    f"keys ('energy', 'layer_0', ...) found; keys: {sorted(keys) or 'none'}")
+        self.format = file_format
+        if file_format == "calochallenge":
+            self._energy_key, voxel_keys = "incident_energies", ("showers",)
+        else:
+            self._energy_key, voxel_keys = "energy", _CALOGAN_LAYERS
+            if geometry is None:
+                geometry = get_geometry("calogan")
+        missing = [k for k in (self._energy_key, *voxel_keys) if k not in keys]
+        if missing:
+            raise self._fail(f"missing dataset(s) {missing} for {file_format} format; "
+                             f"keys present: {sorted(keys)}")
+        energy = self._dataset(self._energy_key)
+        n = energy.shape[0] if energy.ndim >= 1 else -1
+        if energy.ndim not in (1, 2) or (energy.ndim == 2 and energy.shape[1] != 1):
+            raise self._fail(f"dataset {self._energy_key!r} must have shape (N, 1), "
+                             f"got {energy.shape}")
+        self._voxel_datasets = [self._dataset(k) for k in voxel_keys]
+        n_voxels = 0
+        for key, ds in zip(voxel_keys, self._voxel_datasets):
+            if ds.ndim < 2:
+                raise self._fail(f"dataset {key!r} must be (N, ...), got shape {ds.shape}")
+            if ds.shape[0] != n:
+                raise self._fail(f"dataset {key!r} has {ds.shape[0]} showers but "
+                                 f"{self._energy_key!r} has {n}")
+            n_voxels += int(np.prod(ds.shape[1:]))
+        if geometry is not None and n_voxels != geometry.n_voxels:
+            raise self._fail(f"showers have {n_voxels} voxels but geometry {geometry.name!r} "
+                             f"has {geometry.n_voxels}")
+        self.geometry = geometry
+        self.n_showers = int(n)
+        self.n_voxels = n_voxels
+        self.conditions: dict[str, h5py.Dataset] = {}
+        self.condition_units: dict[str, str] = {}
+        group = self._h5.get(CONDITIONS_GROUP)
+        if isinstance(group, h5py.Group):
+            for name in group:
+                ds = self._dataset(f"{CONDITIONS_GROUP}/{name}")
+                if ds.shape[0] != n:
+                    raise self._fail(f"condition {name!r} has {ds.shape[0]} rows but the file "
+                                     f"has {n} showers")
+                self.conditions[name] = ds
+                self.condition_units[name] = _as_str(ds.attrs.get("units", ""))
+        self._overflow = self._h5.get("overflow") if file_format == "calogan" else None
+
+    def _dataset(self, key: str) -> h5py.Dataset:
+        obj = self._h5.get(key)
+        if not isinstance(obj, h5py.Dataset):
+            raise self._fail(f"{key!r} is not a dataset")
+        if obj.dtype.kind != "f":
+            raise self._fail(f"dataset {key!r} has dtype {obj.dtype}; expected floating point")
+        return obj
+
+    # --- reading ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_showers
+
+    def read(self, start: int = 0, stop: int | None = None, validate: bool = True) -> ShowerData:
+        """Showers ``start:stop`` as a :class:`ShowerData` (MeV), values checked."""
+        stop = self.n_showers if stop is None else min(stop, self.n_showers)
+        try:
+            energy = np.asarray(self._h5[self._energy_key][start:stop], dtype=np.float64)
+            parts = [np.asarray(ds[start:stop], dtype=np.float32).reshape(stop - start, -1)
+                     for ds in self._voxel_datasets]
+            conditions = {k: np.asarray(ds[start:stop], dtype=np.float64)
+                          for k, ds in self.conditions.items()}
+            auxiliary = {}
+            if self._overflow is not None:
+                auxiliary["overflow"] = np.asarray(self._overflow[start:stop], dtype=np.float32)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self._fail(f"could not read showers {start}-{stop}: file truncated or "
+                             f"corrupt ({_short(exc)})") from None
+        if self.format == "calogan":
+            energy = energy * 1000.0  # GeV -> MeV
+        showers = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        batch = ShowerData(energy, showers, conditions, dict(self.condition_units), auxiliary)
+        if validate:
+            problem = batch.find_problem()
+            if problem is not None:
+                raise self._fail(_offset_problem(problem, start))
+        return batch
+
+    def iter_batches(self, batch_size: int = 10_000, start: int = 0,
+                     stop: int | None = None) -> Iterator[ShowerData]:
+        """Yield consecutive validated batches of at most ``batch_size`` showers."""
+        if batch_size < 1:
+            raise OptionError(f"batch size must be >= 1, got {batch_size}")
+        stop = self.n_showers if stop is None else min(stop, self.n_showers)
+        for first in range(start, stop, batch_size):
+            yield self.read(first, min(first + batch_size, stop))
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> "ShowerFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_showers(path: str | os.PathLike[str], geometry: Geometry | None = None,
+                 file_format: str = "auto", max_showers: int | None = None) -> ShowerData:
+    """Read (the first ``max_showers`` of) a shower file into memory, validated."""
+    with ShowerFile(path, geometry, file_format) as reader:
+        return reader.read(0, max_showers)
+
+
+def _offset_problem(problem: str, offset: int) -> str:
+    """Rewrite 'shower i' in a batch-relative problem statement to the file index."""
+    import re
+
+    return re.sub(r"shower (\d+)", lambda m: f"shower {int(m.group(1)) + offset}", problem)
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+class ShowerWriter:
+    """Append showers to a new file in chunks; the file appears only on successful close.
+
+    Use as a context manager::
+
+        with ShowerWriter("out.h5", geometry) as writer:
+            for batch in batches:
+                writer.write(batch)
+
+    If the block raises (or a batch fails validation) the temporary file is deleted and an
+    existing file at ``path`` is left untouched.
+
+    Args:
+        path: output file.
+        geometry: the showers' geometry (its voxel count is enforced; for ``calogan``
+            format it must be the ``calogan`` geometry).
+        file_format: ``"calochallenge"`` or ``"calogan"``.
+        compression: HDF5 filter for the voxel datasets (``"gzip"`` as the datasets use).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], geometry: Geometry,
+                 file_format: str = "calochallenge", compression: str | None = "gzip") -> None:
+        if file_format not in FORMATS:
+            raise OptionError(f"unknown file format {file_format!r}; choose from {FORMATS}")
+        if file_format == "calogan" and geometry != get_geometry("calogan"):
+            raise OptionError(f"the calogan format needs the calogan geometry, "
+                              f"not {geometry.name!r}")
+        self.path = os.fspath(path)
+        self.geometry = geometry
+        self.format = file_format
+        self.compression = compression
+        self.n_written = 0
+        self._atomic: contextlib.AbstractContextManager[str] | None = None
+        self._h5: h5py.File | None = None
+
+    def __enter__(self) -> "ShowerWriter":
+        self._atomic = atomic_output(self.path)
+        tmp = self._atomic.__enter__()
+        self._h5 = h5py.File(tmp, "w")
+        self._h5.attrs["caloforge_version"] = __version__
+        self._h5.attrs["geometry"] = self.geometry.name
+        self._h5.attrs["format"] = self.format
+        return self
+
+    def _create(self, name: str, row_shape: tuple[int, ...], dtype: Any,
+                compress: bool = True, **attrs: str) -> h5py.Dataset:
+        assert self._h5 is not None
+        row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+        chunk_rows = int(max(1, min(4096, (1 << 20) // max(row_bytes, 1))))
+        ds = self._h5.create_dataset(
+            name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+            chunks=(chunk_rows, *row_shape),
+            compression=self.compression if compress else None)
+        for key, value in attrs.items():
+            ds.attrs[key] = value
+        return ds
+
+    def _append(self, name: str, values: np.ndarray) -> None:
+        assert self._h5 is not None
+        ds = self._h5[name]
+        n0 = ds.shape[0]
+        ds.resize(n0 + len(values), axis=0)
+        ds[n0:] = values
+
+    def write(self, batch: ShowerData) -> None:
+        """Append a batch (validated first: nothing invalid reaches the file)."""
+        if self._h5 is None:
+            raise RuntimeError("ShowerWriter must be used as a context manager")
+        if batch.n_voxels != self.geometry.n_voxels:
+            raise ShowerFileError(self.path, f"refusing to write showers with {batch.n_voxels} "
+                                  f"voxels to a {self.geometry.name!r} file "
+                                  f"({self.geometry.n_voxels} voxels)")
+        problem = batch.find_problem()
+        if problem is not None:
+            raise ShowerFileError(self.path, f"refusing to write invalid showers: "
+                                  f"{_offset_problem(problem, self.n_written)}")
+        if self.n_written == 0:
+            self._create_datasets(batch)
+        elif set(batch.conditions) != set(self._condition_names):
+            raise ShowerFileError(self.path, "all batches written to one file must carry the "
+                                  "same conditions")
+        n = len(batch)
+        if self.format == "calochallenge":
+            self._append("incident_energies", batch.incident_energies.reshape(n, 1))
+            self._append("showers", batch.showers)
+        else:
+            self._append("energy", (batch.incident_energies / 1000.0).reshape(n, 1))
+            for name, image in zip(_CALOGAN_LAYERS, self.geometry.split_layers(batch.showers)):
+                self._append(name, image)
+            overflow = batch.auxiliary.get("overflow", np.zeros((n, 3), np.float32))
+            self._append("overflow", overflow)
+        for name in self._condition_names:
+            self._append(f"{CONDITIONS_GROUP}/{name}", batch.conditions[name])
+        self.n_written += n
+
+    def _create_datasets(self, batch: ShowerData) -> None:
+        if self.format == "calochallenge":
+            self._create("incident_energies", (1,), np.float64, compress=False)
+            self._create("showers", (self.geometry.n_voxels,), np.float32)
+        else:
+            self._create("energy", (1,), np.float32, compress=False)
+            for name, layer in zip(_CALOGAN_LAYERS, self.geometry.layers):
+                self._create(name, layer.shape, np.float32)
+            self._create("overflow", (3,), np.float32, compress=False)
+        self._condition_names = list(batch.conditions)
+        for name, values in batch.conditions.items():
+            self._create(f"{CONDITIONS_GROUP}/{name}", values.shape[1:], np.float64,
+                         compress=False, units=batch.condition_units.get(name, ""))
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._h5 is not None and self._atomic is not None
+        self._h5.close()
+        if exc_type is None and self.n_written == 0:
+            exc = ShowerFileError(self.path, "no showers to write")
+            self._atomic.__exit__(type(exc), exc, None)
+            raise exc
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+def write_showers(path: str | os.PathLike[str], data: ShowerData, geometry: Geometry,
+                  file_format: str = "calochallenge", batch_size: int = 10_000) -> None:
+    """Write ``data`` to ``path`` atomically, in chunks of ``batch_size`` showers."""
+    with ShowerWriter(path, geometry, file_format) as writer:
+        for first in range(0, len(data), batch_size):
+            writer.write(data.select(slice(first, first + batch_size)))
+
+
+# --------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------
+def summarize_file(path: str | os.PathLike[str], geometry: Geometry | None = None,
+                   batch_size: int = 10_000, progress: Any = None) -> dict[str, Any]:
+    """Validate a whole file (streamed) and summarise it.
+
+    Returns a dict with N, format, voxel count, incident-energy range (MeV), mean total
+    deposited energy fraction, mean energy per layer (MeV), overall and per-layer sparsity
+    (fraction of zero voxels) and the extra conditions with their ranges.
+    """
+    with ShowerFile(path, geometry) as reader:
+        geometry = reader.geometry
+        n = len(reader)
+        if n == 0:
+            raise ShowerFileError(reader.path, "file contains no showers")
+        e_min, e_max = np.inf, -np.inf
+        layer_sum = None
+        zero_count = None
+        ratio_sum = 0.0
+        condition_ranges: dict[str, list[np.ndarray]] = {k: [] for k in reader.conditions}
+        batches = reader.iter_batches(batch_size)
+        if progress is not None:
+            batches = progress(batches, total=-(-n // batch_size), desc="inspect", unit="batch")
+        for batch in batches:
+            e_min = min(e_min, batch.incident_energies.min())
+            e_max = max(e_max, batch.incident_energies.max())
+            ratio_sum += float((batch.showers.sum(axis=1, dtype=np.float64)
+                                / batch.incident_energies).sum())
+            if geometry is not None:
+                energies = geometry.layer_energies(batch.showers.astype(np.float64)).sum(axis=0)
+                zeros = geometry.layer_energies((batch.showers == 0).astype(np.float64)).sum(0)
+            else:
+                energies = batch.showers.sum(axis=(0, 1), dtype=np.float64).reshape(1)
+                zeros = np.array([(batch.showers == 0).sum()], dtype=np.float64)
+            layer_sum = energies if layer_sum is None else layer_sum + energies
+            zero_count = zeros if zero_count is None else zero_count + zeros
+            for key, values in batch.conditions.items():
+                condition_ranges[key].append(np.stack([values.min(0), values.max(0)]))
+    assert layer_sum is not None and zero_count is not None
+    sizes = np.asarray(geometry.layer_sizes if geometry is not None else [reader.n_voxels])
+    summary: dict[str, Any] = {
+        "file": reader.path,
+        "format": reader.format,
+        "geometry": geometry.name if geometry is not None else None,
+        "n_showers": n,
+        "n_voxels": reader.n_voxels,
+        "incident_energy_mev": [float(e_min), float(e_max)],
+        "mean_deposited_fraction": ratio_sum / n,
+        "sparsity": float(zero_count.sum() / (n * reader.n_voxels)),
+        "conditions": {},
+    }
+    if geometry is not None:
+        summary["layers"] = [
+            {"layer_id": layer.layer_id, "n_voxels": layer.n_voxels,
+             "mean_energy_mev": float(layer_sum[i] / n),
+             "sparsity": float(zero_count[i] / (n * sizes[i]))}
+            for i, layer in enumerate(geometry.layers)]
+    for key, ranges in condition_ranges.items():
+        stacked = np.stack(ranges)
+        summary["conditions"][key] = {
+            "units": reader.condition_units[key],
+            "min": stacked[:, 0].min(0).tolist(), "max": stacked[:, 1].max(0).tolist()}
+    return summary
+
+
+def check_geometry_matches(data: ShowerData, geometry: Geometry, source: str) -> None:
+    """Raise a ShowerFileError naming ``source`` if the voxel count does not match."""
+    try:
+        geometry.check_voxels(data.n_voxels)
+    except GeometryError as exc:
+        raise ShowerFileError(source, str(exc)) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def _as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+

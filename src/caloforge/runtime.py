@@ -1,0 +1,108 @@
+"""Run-time plumbing shared by every command: logging, progress bars, seeds, threads, device.
+
+Nothing here holds global state beyond what the libraries themselves keep (the logging
+configuration and torch's thread count); random generators are always passed explicitly,
+so work is reproducible per (seed, shard).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from .errors import OptionError
+
+T = TypeVar("T")
+LOGGER_NAME = "caloforge"
+_progress_enabled = True
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """Log to stderr: warnings (-1), info (0), debug (>= 1)."""
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logger = get_logger()
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def set_progress(enabled: bool) -> None:
+    """Switch progress bars on or off for this process (``--no-progress``)."""
+    global _progress_enabled
+    _progress_enabled = enabled
+
+
+def _progress_disabled() -> bool | None:
+    """True when switched off; None lets tqdm decide (off when stderr is not a terminal)."""
+    if not _progress_enabled or os.environ.get("CALOFORGE_NO_PROGRESS") == "1":
+        return True
+    return None
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
+             unit: str = "it", **kwargs: Any) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm progress bar on stderr (unless progress is disabled)."""
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, disable=_progress_disabled(),
+                     dynamic_ncols=True, leave=False, **kwargs))
+
+
+def progress_bar(total: int, desc: str = "", unit: str = "it", **kwargs: Any) -> Any:
+    """A manually updated tqdm bar (``bar.update(n)``), a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=_progress_disabled(), dynamic_ncols=True,
+                leave=False, **kwargs)
+
+
+def make_rng(seed: int | None, shard: int = 0) -> np.random.Generator:
+    """An independent numpy generator for (seed, shard).
+
+    Shards of one seed draw independent streams, so sharded work is reproducible whatever
+    the number of workers.
+    """
+    if seed is None:
+        return np.random.default_rng()
+    if seed < 0 or shard < 0:
+        raise OptionError(f"seed and shard must be >= 0, got seed={seed} shard={shard}")
+    return np.random.default_rng(np.random.SeedSequence([seed, shard]))
+
+
+def set_threads(threads: int | None) -> None:
+    """Limit torch's intra-op threads (numpy's BLAS follows OMP_NUM_THREADS at start-up)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise OptionError(f"--threads must be >= 1, got {threads}")
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; refuse an unavailable device."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"device {device!r} requested but CUDA is not available here")
+    if device.startswith("mps") and not torch.backends.mps.is_available():
+        raise OptionError(f"device {device!r} requested but MPS is not available here")
+    if not (device == "cpu" or device.startswith(("cuda", "mps"))):
+        raise OptionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
