@@ -137,6 +137,95 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- simulate -----------------------------------------------------------------------------
+def _configure_simulate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--geometry", required=True, metavar="NAME",
+                        help=f"built-in geometry: {', '.join(available_geometries())}")
+    parser.add_argument("-n", "--n-showers", type=int, required=True, help="number of showers")
+    parser.add_argument("-o", "--output", required=True, help="output HDF5 file (atomic)")
+    parser.add_argument("--particle", choices=["electron", "photon", "pion"],
+                        help="default: the geometry's published dataset")
+    parser.add_argument("--energy-range", nargs=2, metavar=("LO", "HI"),
+                        help="incident energy range, MeV or with a unit (e.g. 1GeV 1TeV)")
+    parser.add_argument("--spectrum", choices=["log-uniform", "uniform", "inverse"],
+                        help="energy spectrum over the range (inverse: dN/dE ~ 1/E)")
+    parser.add_argument("--energies", metavar="LIST",
+                        help="discrete energies, comma-separated (e.g. 1GeV,10GeV,100GeV), "
+                             "equal numbers of showers each")
+    parser.add_argument("--format", dest="file_format", choices=["calochallenge", "calogan"],
+                        default="calochallenge", help="output format (calogan: calogan geometry)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (default: CPU cores, at most 2); the output "
+                             "is identical for any number")
+    parser.add_argument("--chunk-size", type=int, default=None, help="showers per chunk")
+    parser.add_argument("--max-spots", type=int, default=None,
+                        help="cap on energy spots per shower component (default per detector)")
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    import os
+
+    from .runtime import progress_bar
+    from .simulator import SimulationPlan, parse_energy, simulate_to_file
+
+    if args.energies and (args.energy_range or args.spectrum):
+        raise OptionError("give either --energies or --energy-range/--spectrum, not both")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise OptionError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.file_format == "calogan" and args.geometry != "calogan":
+        raise OptionError(f"the calogan format needs the calogan geometry, not {args.geometry!r}")
+    get_geometry(args.geometry)
+    plan = SimulationPlan.from_options(
+        args.geometry, args.n_showers, particle=args.particle, spectrum=args.spectrum,
+        energy_range_mev=[parse_energy(e) for e in args.energy_range] if args.energy_range
+        else None,
+        energies_mev=[parse_energy(e) for e in args.energies.split(",")] if args.energies
+        else None,
+        seed=args.seed, chunk_size=args.chunk_size, max_spots=args.max_spots)
+    workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 2)
+    if workers < 1:
+        raise OptionError(f"--workers must be >= 1, got {workers}")
+    n = simulate_to_file(args.output, plan, workers=workers, file_format=args.file_format,
+                         progress=progress_bar)
+    log.info("wrote %d %s showers (%s, seed %d) to %s", n, plan.particle, plan.geometry,
+             plan.seed, args.output)
+    return 0
+
+
+# --- plot ---------------------------------------------------------------------------------
+def _configure_plot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="shower file")
+    add_geometry_options(parser)
+    parser.add_argument("-o", "--output", default=None,
+                        help="PNG file (default: FILE with .png)")
+    parser.add_argument("--examples", type=int, default=3, help="single showers to draw")
+    parser.add_argument("--max-showers", type=int, default=20_000,
+                        help="showers read for the averages (default 20000)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    import os
+
+    from .data import ShowerFile
+    from .plotting import plot_showers
+
+    if args.examples < 0 or args.max_showers < 1:
+        raise OptionError("--examples must be >= 0 and --max-showers >= 1")
+    geometry = geometry_from_args(args)
+    with ShowerFile(args.file, geometry) as reader:
+        geometry = reader.geometry
+        if geometry is None:
+            raise OptionError("plotting needs the geometry: give --geometry or --xml")
+        data = reader.read(0, args.max_showers)
+    if len(data) == 0:
+        raise OptionError(f"{args.file}: no showers to plot")
+    output = args.output or os.path.splitext(args.file)[0] + ".png"
+    plot_showers(data.showers, data.incident_energies, geometry, output, args.examples,
+                 title=f"{os.path.basename(args.file)} ({geometry.name}, {len(data)} showers)")
+    log.info("wrote %s", output)
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
@@ -145,6 +234,10 @@ COMMANDS: list[Command] = [
     ("inspect: validate a shower file and print a summary", _configure_inspect, _run_inspect),
     ("convert: convert between CaloChallenge and CaloGAN HDF5 formats",
      _configure_convert, _run_convert),
+    ("simulate: simulate reference showers (GFLASH parameterisation) into a file",
+     _configure_simulate, _run_simulate),
+    ("plot: draw single and average showers and profiles of a file as PNG",
+     _configure_plot, _run_plot),
 ]
 
 

@@ -365,6 +365,12 @@ class ShowerWriter:
         ds.resize(n0 + len(values), axis=0)
         ds[n0:] = values
 
+    def annotate(self, key: str, value: str) -> None:
+        """Store a file-level attribute (e.g. the JSON settings that produced the file)."""
+        if self._h5 is None:
+            raise RuntimeError("ShowerWriter must be used as a context manager")
+        self._h5.attrs[key] = value
+
     def write(self, batch: ShowerData) -> None:
         """Append a batch (validated first: nothing invalid reaches the file)."""
         if self._h5 is None:

@@ -1,0 +1,357 @@
+"""Detector descriptions for the reference simulator, one per built-in geometry.
+
+A detector is a stack of slabs along the nominal particle direction (perpendicular depth
+``z`` in mm from the calorimeter front). Each slab is homogenised sampling material with its
+own radiation length X0 and interaction length lambda_I, and is read out by one readout
+layer of the geometry (or by none: dead material, e.g. the ATLAS inner detector and cryostat
+in front of the presampler). Electromagnetic showers are parameterised in units of the main
+electromagnetic sampling structure (GFLASH's Z_eff, E_c,eff, R_M,eff, F_S, e-hat);
+hadronic components in units of each slab's lambda_I.
+
+Energies written to files are **calibrated deposited energies** in MeV: visible energy
+divided by the sampling fraction, as in CaloChallenge datasets 2 and 3 (stored /0.033), so
+that the sum of a contained electron shower is close to its incident energy.
+
+Sources of the values (see ``../shared/notes/gflash.md`` and the docs):
+
+* material constants (Z, A, density, X0, critical energy): PDG tables as quoted in the notes;
+  dE/dx_min of each material: PDG "Atomic and nuclear properties";
+* CaloChallenge 2 and 3: 90 physical layers of 1.4 mm W + 0.3 mm Si read out in pairs
+  (45 readout layers of 3.4 mm, about 0.8 X0), threshold 15.15 keV after the 1/0.033 rescale;
+  stochastic term 17 %/sqrt(E) (CALICE Si-W prototype: 16.5 %);
+* CaloChallenge 1 (ATLAS barrel, |eta| ~ 0.2): about 2 X0 of material in front, presampler,
+  strips 4.3 X0, middle 16 X0, back 2 X0 of Pb/LAr accordion (1.5 mm Pb, 4.2 mm LAr gap),
+  then Tile A/BC/D of 1.5/4.1/1.8 lambda_I (iron/scintillator); stochastic term 10 %/sqrt(E);
+* CaloGAN: 80 layers of 2 mm Pb + 4 mm LAr read out as 90 / 347 / 43 mm;
+* ILD ECAL: 20 layers of 2.1 mm W and 10 of 4.2 mm W, 0.5 mm Si sensors (ILD TDR);
+* LHCb ECAL (shashlik): 66 layers of 2 mm Pb + 4 mm scintillator, 10 %/sqrt(E).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from .errors import GeometryError
+
+MOLIERE_ENERGY_MEV = 21.2  # E_s
+
+
+@dataclass(frozen=True)
+class Material:
+    """A pure material. Lengths in g/cm^2 unless the name says mm."""
+
+    name: str
+    Z: float
+    A: float
+    density: float  # g/cm^3
+    x0: float  # radiation length, g/cm^2
+    lambda_i: float  # nuclear interaction length, g/cm^2
+    dedx_min: float  # minimum ionisation, MeV cm^2/g
+
+    @property
+    def critical_energy_mev(self) -> float:
+        """E_c = 2.66 (X0 Z / A)^1.1 MeV (the notes' formula)."""
+        return 2.66 * (self.x0 * self.Z / self.A) ** 1.1
+
+
+LEAD = Material("Pb", 82, 207.2, 11.35, 6.37, 199.6, 1.122)
+TUNGSTEN = Material("W", 74, 183.84, 19.30, 6.76, 191.9, 1.145)
+LIQUID_ARGON = Material("LAr", 18, 39.95, 1.396, 19.55, 119.7, 1.519)
+SILICON = Material("Si", 14, 28.09, 2.33, 21.82, 108.4, 1.664)
+SCINTILLATOR = Material("polystyrene", 3.5, 6.5, 1.032, 43.79, 81.7, 1.936)
+IRON = Material("Fe", 26, 55.85, 7.874, 13.84, 132.1, 1.451)
+
+
+@dataclass(frozen=True)
+class SamplingStructure:
+    """One repeating cell of absorber (1) and active (2) material, thicknesses in mm.
+
+    Effective quantities follow the GFLASH sampling-calorimeter formulas of the notes.
+    """
+
+    absorber: Material
+    absorber_mm: float
+    active: Material
+    active_mm: float
+
+    @cached_property
+    def mass_fractions(self) -> tuple[float, float]:
+        m1 = self.absorber_mm * self.absorber.density
+        m2 = self.active_mm * self.active.density
+        return m1 / (m1 + m2), m2 / (m1 + m2)
+
+    @property
+    def density(self) -> float:
+        """Mean density in g/cm^3."""
+        m1 = self.absorber_mm * self.absorber.density
+        m2 = self.active_mm * self.active.density
+        return (m1 + m2) / (self.absorber_mm + self.active_mm)
+
+    @property
+    def z_eff(self) -> float:
+        w1, w2 = self.mass_fractions
+        return w1 * self.absorber.Z + w2 * self.active.Z
+
+    @property
+    def x0_g(self) -> float:
+        """Effective radiation length, g/cm^2."""
+        w1, w2 = self.mass_fractions
+        return 1.0 / (w1 / self.absorber.x0 + w2 / self.active.x0)
+
+    @property
+    def x0_mm(self) -> float:
+        return 10.0 * self.x0_g / self.density
+
+    @property
+    def lambda_mm(self) -> float:
+        w1, w2 = self.mass_fractions
+        return 10.0 / (w1 / self.absorber.lambda_i + w2 / self.active.lambda_i) / self.density
+
+    @property
+    def critical_energy_mev(self) -> float:
+        """E_c,eff = X0_eff * sum_i W_i E_c,i / X0_i."""
+        w1, w2 = self.mass_fractions
+        return self.x0_g * (w1 * self.absorber.critical_energy_mev / self.absorber.x0
+                            + w2 * self.active.critical_energy_mev / self.active.x0)
+
+    @property
+    def moliere_radius_mm(self) -> float:
+        """R_M,eff = E_s / sum_i (W_i E_c,i / X0_i), converted to mm."""
+        w1, w2 = self.mass_fractions
+        inverse = (w1 * self.absorber.critical_energy_mev / self.absorber.x0
+                   + w2 * self.active.critical_energy_mev / self.active.x0)
+        return 10.0 * MOLIERE_ENERGY_MEV / inverse / self.density
+
+    @property
+    def sampling_frequency(self) -> float:
+        """F_S = X0_eff / (d1 + d2) (lengths)."""
+        return self.x0_mm / (self.absorber_mm + self.active_mm)
+
+    @property
+    def e_hat(self) -> float:
+        """e-hat = 1 / (1 + 0.007 (Z1 - Z2))."""
+        return 1.0 / (1.0 + 0.007 * (self.absorber.Z - self.active.Z))
+
+    @property
+    def mip_sampling_fraction(self) -> float:
+        """Fraction of a minimum-ionising particle's energy loss seen by the active layer."""
+        loss1 = self.absorber.dedx_min * self.absorber.density * self.absorber_mm
+        loss2 = self.active.dedx_min * self.active.density * self.active_mm
+        return loss2 / (loss1 + loss2)
+
+    @property
+    def mip_mev_per_mm(self) -> float:
+        """Calibrated energy loss of a minimum-ionising particle, MeV/mm."""
+        loss1 = self.absorber.dedx_min * self.absorber.density * self.absorber_mm
+        loss2 = self.active.dedx_min * self.active.density * self.active_mm
+        return 0.1 * (loss1 + loss2) / (self.absorber_mm + self.active_mm)
+
+
+@dataclass(frozen=True)
+class Slab:
+    """A depth interval of one material, read out by geometry layer ``layer`` (-1: dead)."""
+
+    thickness_mm: float
+    layer: int
+    structure: SamplingStructure
+
+
+@dataclass(frozen=True)
+class SimulationDefaults:
+    """What ``caloforge simulate`` produces for a geometry when no option overrides it.
+
+    ``energies_mev`` with ``energy_weights`` gives a discrete energy mix (the weights are the
+    relative numbers of showers per energy); otherwise energies follow ``spectrum`` over
+    ``energy_range_mev``. ``conditions`` names a generator of extra conditions.
+    """
+
+    particle: str
+    spectrum: str = "log-uniform"
+    energy_range_mev: tuple[float, float] = (1e3, 1e6)
+    energies_mev: tuple[float, ...] = ()
+    energy_weights: tuple[float, ...] = ()
+    conditions: str = "none"
+
+
+@dataclass(frozen=True)
+class Detector:
+    """Everything the reference simulator needs to know about one calorimeter.
+
+    Attributes:
+        geometry_name: the built-in geometry it reads out.
+        slabs: the depth structure from the front.
+        em_structure: the sampling structure whose GFLASH parameters describe EM showers.
+        stochastic_term: c in sigma/E = c / sqrt(E / GeV) for EM showers.
+        hadronic_stochastic_term: the same for the hadronic component of pion showers.
+        threshold_mev: readout threshold on calibrated voxel energies (MeV).
+        max_spots: cap on the number of energy spots per shower component (speed).
+        defaults: default particle, energy spectrum and conditions of the published dataset.
+    """
+
+    geometry_name: str
+    slabs: tuple[Slab, ...]
+    em_structure: SamplingStructure
+    stochastic_term: float
+    hadronic_stochastic_term: float
+    threshold_mev: float
+    defaults: SimulationDefaults
+    max_spots: int = 4000
+
+    @cached_property
+    def boundaries_mm(self) -> np.ndarray:
+        """Slab boundaries in perpendicular depth, ``(n_slabs + 1,)`` mm."""
+        return np.concatenate([[0.0], np.cumsum([s.thickness_mm for s in self.slabs])])
+
+    @cached_property
+    def boundaries_x0(self) -> np.ndarray:
+        """Slab boundaries in radiation lengths, ``(n_slabs + 1,)``."""
+        return np.concatenate(
+            [[0.0], np.cumsum([s.thickness_mm / s.structure.x0_mm for s in self.slabs])])
+
+    @cached_property
+    def boundaries_lambda(self) -> np.ndarray:
+        """Slab boundaries in interaction lengths, ``(n_slabs + 1,)``."""
+        return np.concatenate(
+            [[0.0], np.cumsum([s.thickness_mm / s.structure.lambda_mm for s in self.slabs])])
+
+    @cached_property
+    def slab_layer(self) -> np.ndarray:
+        """Readout layer of each slab, with an extra -1 for 'beyond the back' (leakage)."""
+        return np.array([s.layer for s in self.slabs] + [-1], dtype=np.int64)
+
+    @cached_property
+    def slab_lambda_mm(self) -> np.ndarray:
+        values = [s.structure.lambda_mm for s in self.slabs]
+        return np.array(values + [values[-1]])
+
+    def layer_depths_x0(self, n_layers: int) -> np.ndarray:
+        """Front and back of each readout layer in X0, ``(n_layers, 2)``."""
+        depths = np.full((n_layers, 2), np.nan)
+        for i, slab in enumerate(self.slabs):
+            if slab.layer < 0:
+                continue
+            front, back = self.boundaries_x0[i], self.boundaries_x0[i + 1]
+            current = depths[slab.layer]
+            depths[slab.layer] = [np.fmin(current[0], front), np.fmax(current[1], back)]
+        return depths
+
+    def describe(self) -> str:
+        s = self.em_structure
+        return (f"{self.geometry_name}: {len(self.slabs)} slabs, "
+                f"{self.boundaries_x0[-1]:.1f} X0 / {self.boundaries_lambda[-1]:.2f} lambda_I "
+                f"deep; EM structure {s.absorber.name}/{s.active.name} "
+                f"{s.absorber_mm:g}+{s.active_mm:g} mm: X0 {s.x0_mm:.2f} mm, "
+                f"R_M {s.moliere_radius_mm:.1f} mm, Z_eff {s.z_eff:.1f}, "
+                f"E_c {s.critical_energy_mev:.2f} MeV, F_S {s.sampling_frequency:.2f}; "
+                f"c = {self.stochastic_term:.2f}/sqrt(GeV); threshold {self.threshold_mev:g} MeV")
+
+
+# --- the detectors --------------------------------------------------------------------
+SI_W_CALOCHALLENGE = SamplingStructure(TUNGSTEN, 1.4, SILICON, 0.3)
+PB_LAR_ATLAS = SamplingStructure(LEAD, 1.5, LIQUID_ARGON, 4.2)
+FE_SCINT_TILE = SamplingStructure(IRON, 14.0, SCINTILLATOR, 3.0)
+PB_LAR_CALOGAN = SamplingStructure(LEAD, 2.0, LIQUID_ARGON, 4.0)
+SI_W_ILD_THIN = SamplingStructure(TUNGSTEN, 2.1, SILICON, 0.5)
+SI_W_ILD_THICK = SamplingStructure(TUNGSTEN, 4.2, SILICON, 0.5)
+PB_SCINT_SHASHLIK = SamplingStructure(LEAD, 2.0, SCINTILLATOR, 4.0)
+
+CALOCHALLENGE_1_ENERGIES = tuple(float(2 ** k) for k in range(8, 23))
+# Showers per energy in the published dataset 1 files (121,000 photons / 120,800 pions).
+CALOCHALLENGE_1_WEIGHTS = (10000.0,) * 11 + (5000.0, 3000.0, 2000.0, 1000.0)
+
+
+def _calochallenge_2_3(name: str) -> Detector:
+    cell = SI_W_CALOCHALLENGE
+    slabs = tuple(Slab(2 * (cell.absorber_mm + cell.active_mm), layer, cell) for layer in range(45))
+    return Detector(name, slabs, cell, stochastic_term=0.17, hadronic_stochastic_term=0.5,
+                    threshold_mev=0.01515,
+                    defaults=SimulationDefaults("electron", "log-uniform", (1e3, 1e6)))
+
+
+def _atlas(name: str, particle: str, hadronic_layers: tuple[int, ...]) -> Detector:
+    em = PB_LAR_ATLAS
+    x0 = em.x0_mm
+    slabs = [Slab(0.5 * x0, -1, em),  # inner detector, solenoid, cryostat: energy lost
+             Slab(1.5 * x0, 0, em),   # presampler (calibrated: recovers upstream losses)
+             Slab(4.3 * x0, 1, em),   # strips
+             Slab(16.0 * x0, 2, em),  # middle
+             Slab(2.0 * x0, 3, em)]   # back
+    tile = FE_SCINT_TILE
+    for layer, n_lambda in zip(hadronic_layers, (1.5, 4.1, 1.8)):
+        slabs.append(Slab(n_lambda * tile.lambda_mm, layer, tile))
+    return Detector(name, tuple(slabs), em, stochastic_term=0.10, hadronic_stochastic_term=0.5,
+                    threshold_mev=0.001,
+                    defaults=SimulationDefaults(particle, "discrete",
+                                                energies_mev=CALOCHALLENGE_1_ENERGIES,
+                                                energy_weights=CALOCHALLENGE_1_WEIGHTS))
+
+
+def _calogan() -> Detector:
+    cell = PB_LAR_CALOGAN
+    slabs = (Slab(90.0, 0, cell), Slab(347.0, 1, cell), Slab(43.0, 2, cell))
+    return Detector("calogan", slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
+                    threshold_mev=0.001,
+                    defaults=SimulationDefaults("electron", "uniform", (1e3, 1e5)))
+
+
+def _ild() -> Detector:
+    thin, thick = SI_W_ILD_THIN, SI_W_ILD_THICK
+    slabs = tuple(Slab(thin.absorber_mm + thin.active_mm, i, thin) for i in range(20)) + tuple(
+        Slab(thick.absorber_mm + thick.active_mm, 20 + i, thick) for i in range(10))
+    # Threshold: half a MIP in the 0.5 mm sensor, calibrated to the full layer.
+    threshold = 0.5 * thin.mip_mev_per_mm * (thin.absorber_mm + thin.active_mm)
+    return Detector("ild-ecal", slabs, thin, stochastic_term=0.17, hadronic_stochastic_term=0.5,
+                    threshold_mev=round(threshold, 3),
+                    defaults=SimulationDefaults("photon", "uniform", (1e4, 1e5)))
+
+
+def _lhcb() -> Detector:
+    cell = PB_SCINT_SHASHLIK
+    slabs = (Slab(66 * (cell.absorber_mm + cell.active_mm), 0, cell),)
+    return Detector("lhcb-ecal", slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
+                    threshold_mev=0.1,
+                    defaults=SimulationDefaults("electron", "inverse", (1e3, 1e5),
+                                                conditions="lhcb"))
+
+
+_DETECTORS: dict[str, Callable[[], Detector]] = {
+    "calochallenge-1-photons": lambda: _atlas("calochallenge-1-photons", "photon", (4,)),
+    "calochallenge-1-pions": lambda: _atlas("calochallenge-1-pions", "pion", (4, 5, 6)),
+    "calochallenge-2": lambda: _calochallenge_2_3("calochallenge-2"),
+    "calochallenge-3": lambda: _calochallenge_2_3("calochallenge-3"),
+    "calogan": _calogan,
+    "ild-ecal": _ild,
+    "lhcb-ecal": _lhcb,
+}
+
+
+def get_detector(geometry_name: str) -> Detector:
+    """The reference detector description of a built-in geometry."""
+    if geometry_name not in _DETECTORS:
+        raise GeometryError(f"no reference detector for geometry {geometry_name!r}; the "
+                            f"simulator knows {', '.join(_DETECTORS)}")
+    return _DETECTORS[geometry_name]()
+
+
+def lhcb_conditions(n: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray],
+                                                              dict[str, str]]:
+    """Entry point uniform in the central 1 x 1 cm, angles Gaussian (20 deg xz, 10 deg yz).
+
+    Returns ``entry_point`` ``(n, 2)`` in mm and ``direction`` ``(n, 2)``: the track angles
+    in the xz and yz planes in rad, cut at 3 sigma.
+    """
+    entry = rng.uniform(-5.0, 5.0, (n, 2))
+    widths = np.radians([20.0, 10.0])
+    angles = rng.normal(0.0, 1.0, (n, 2))
+    angles = np.clip(angles, -3.0, 3.0) * widths
+    return {"entry_point": entry, "direction": angles}, {"entry_point": "mm", "direction": "rad"}
+
+
+CONDITION_GENERATORS = {"lhcb": lhcb_conditions}
+
+__all__ = ["Detector", "Slab", "SamplingStructure", "Material", "SimulationDefaults",
+           "get_detector", "CONDITION_GENERATORS"]

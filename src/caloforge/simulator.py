@@ -1,0 +1,597 @@
+"""The reference shower simulator: GFLASH-parameterised showers for every built-in geometry.
+
+Electromagnetic showers follow the Grindhammer-Peters parameterisation (hep-ex/0001020) in
+the form Geant4's ``parameterisations/gflash`` uses (formulas in ``../shared/notes/gflash.md``):
+
+1. each shower draws its own longitudinal gamma profile from correlated (ln T, ln alpha);
+2. its energy is split into spots of equal energy, spot depths drawn from that profile;
+3. each spot gets a radius from the two-component (core/tail) radial profile at its shower
+   age tau, and a uniform azimuth;
+4. spots are binned into the geometry's voxels (cylindrical: r and angle about the shower
+   axis; Cartesian: cells), the axis moving with depth for inclined tracks;
+5. sampling fluctuations: each voxel's visible energy is a Gamma variate with its mean and
+   variance c^2 E (E in GeV), so the total fluctuates as c / sqrt(E); then the readout
+   threshold.
+
+Choices where the sources leave room (documented, tested in ``tests/test_simulator.py``):
+
+* Spot count: GFLASH's sampling form N = (10.3 / c) E^0.959 (E in GeV), capped at the
+  detector's ``max_spots`` (default 4000) for speed. Spots set the shower-to-shower "hit"
+  fluctuations of the lateral profile; the energy resolution comes from step 5, so the cap
+  does not change it.
+* Spot depths follow the shower's own profile (not GFLASH's separate spot profile), so the
+  mean longitudinal profile is exactly the drawn gamma distribution.
+* Photons first travel an exponential conversion depth with mean 9/7 X0.
+* Pions (not covered by GFLASH) use a simple documented hadronic model:
+  a minimum-ionising track up to the first interaction (exponential, mean 1 lambda_I); at the
+  interaction an electromagnetic fraction f_em ~ Beta with mean 1 - (E / 1 GeV)^(0.82 - 1)
+  (Groom's power law) and width 0.12 goes into a GFLASH shower; the rest, scaled by
+  h/e = 0.65 (non-compensation), into a hadronic component with a gamma depth profile in
+  lambda_I (mean 0.9 + 0.25 ln(E/GeV) lambda_I, shape 2.2, per-shower log-normal spread of
+  25 %), a wider core/tail radial profile in units of the local lambda_I that broadens with
+  depth, and a stochastic term of 50 %/sqrt(E). Its limits: no explicit pi0 sub-showers,
+  no nuclear binding-energy fluctuations beyond f_em, no backscatter.
+
+Energies are calibrated deposited energies in MeV (see :mod:`caloforge.detectors`).
+Everything is vectorised over spots and showers; showers are produced in chunks, each from
+its own random stream (seed, chunk), so output is identical whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .data import ShowerData, ShowerWriter
+from .detectors import CONDITION_GENERATORS, Detector, SamplingStructure, get_detector
+from .errors import OptionError
+from .geometry import Geometry, get_geometry
+from .runtime import get_logger, make_rng
+
+log = get_logger("simulator")
+
+PARTICLES = ("electron", "photon", "pion")
+SPECTRA = ("log-uniform", "uniform", "inverse", "discrete")
+PHOTON_CONVERSION_X0 = 9.0 / 7.0
+HADRONIC_H_OVER_E = 0.65
+MIN_SPOTS = 16
+
+
+# --------------------------------------------------------------------------------------
+# GFLASH parameterisation
+# --------------------------------------------------------------------------------------
+@dataclass
+class LongitudinalProfile:
+    """Per-shower gamma profiles: depth of maximum ``T`` (X0) and shape ``alpha``, ``(n,)``.
+
+    ``mean_alpha`` is exp<ln alpha> at the shower's energy, used by the shower age tau.
+    """
+
+    T: np.ndarray
+    alpha: np.ndarray
+    mean_alpha: np.ndarray
+
+    @property
+    def beta(self) -> np.ndarray:
+        return (self.alpha - 1.0) / self.T
+
+
+def mean_longitudinal_parameters(energy_mev: np.ndarray, structure: SamplingStructure
+                                 ) -> dict[str, np.ndarray]:
+    """<ln T>, <ln alpha>, their widths and correlation for a sampling calorimeter.
+
+    Also returns ``T_average`` (X0), the depth of maximum of the *average* profile.
+    """
+    ln_y = np.log(np.asarray(energy_mev, dtype=np.float64) / structure.critical_energy_mev)
+    z, fs, e_hat = structure.z_eff, structure.sampling_frequency, structure.e_hat
+    t_hom = np.exp(np.log(np.maximum(ln_y - 0.812, 0.1)))
+    a_hom = np.exp(np.log(np.maximum(0.81 + (0.458 + 2.26 / z) * ln_y, 0.1)))
+    ln_t = np.log(np.maximum(t_hom - 0.55 / fs - 0.69 * (1 - e_hat), 0.1))
+    ln_a = np.log(np.maximum(a_hom - 0.476 / fs, 0.1))
+
+    def width(denominator: np.ndarray) -> np.ndarray:
+        # Geant4 caps the widths at 0.5 (and they diverge at very low energy)
+        return np.where(denominator > 2.0, 1.0 / np.maximum(denominator, 1e-9), 0.5)
+
+    t_average = (ln_y - 0.858) - 0.59 / fs - 0.53 * (1 - e_hat)
+    return {"ln_T": ln_t, "ln_alpha": ln_a,
+            "sigma_ln_T": width(-2.5 + 1.25 * ln_y), "sigma_ln_alpha": width(-0.82 + 0.79 * ln_y),
+            "rho": 0.784 - 0.023 * ln_y, "T_average": t_average}
+
+
+def draw_longitudinal(energy_mev: np.ndarray, structure: SamplingStructure,
+                      rng: np.random.Generator) -> LongitudinalProfile:
+    """Correlated per-shower (ln T, ln alpha) draws with Geant4's guards (T >= 1, alpha >= 1.1)."""
+    p = mean_longitudinal_parameters(energy_mev, structure)
+    z1, z2 = rng.standard_normal((2, len(p["ln_T"])))
+    rho = np.clip(p["rho"], -1.0, 1.0)
+    common, opposite = np.sqrt((1 + rho) / 2) * z1, np.sqrt((1 - rho) / 2) * z2
+    ln_t = p["ln_T"] + p["sigma_ln_T"] * (common + opposite)
+    ln_a = p["ln_alpha"] + p["sigma_ln_alpha"] * (common - opposite)
+    return LongitudinalProfile(T=np.maximum(np.exp(ln_t), 1.0),
+                               alpha=np.maximum(np.exp(ln_a), 1.1),
+                               mean_alpha=np.maximum(np.exp(p["ln_alpha"]), 1.1))
+
+
+def radial_parameters(tau: np.ndarray, energy_gev: np.ndarray, structure: SamplingStructure
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Core radius R_C, tail radius R_T (in R_M) and core probability p at shower age tau."""
+    z, fs, e_hat = structure.z_eff, structure.sampling_frequency, structure.e_hat
+    ln_e = np.log(energy_gev)
+    r_core = (0.0251 + 0.00319 * ln_e) + (0.1162 - 0.000381 * z) * tau
+    k1, k2, k3, k4 = 0.659 - 0.00309 * z, 0.645, -2.59, 0.3585 + 0.0412 * ln_e
+    r_tail = k1 * (np.exp(k3 * (tau - k2)) + np.exp(k4 * (tau - k2)))
+    p1, p2, p3 = 2.632 - 0.00094 * z, 0.401 + 0.00187 * z, 1.313 - 0.0686 * ln_e
+    arg = (p2 - tau) / p3
+    p_core = p1 * np.exp(arg - np.exp(arg))
+    # sampling-calorimeter corrections
+    r_core = r_core - 0.0203 * (1 - e_hat) + 0.0397 / fs * np.exp(-tau)
+    r_tail = r_tail - 0.14 * (1 - e_hat) - 0.495 / fs * np.exp(-tau)
+    p_core = p_core + (1 - e_hat) * (0.348 - 0.642 / fs * np.exp(-((tau - 1) ** 2)))
+    return np.maximum(r_core, 1e-3), np.maximum(r_tail, 1e-3), np.clip(p_core, 0.0, 1.0)
+
+
+def gflash_spot_count(energy_mev: np.ndarray, stochastic_term: float, max_spots: int
+                      ) -> np.ndarray:
+    """N = (10.3 / c) E^0.959 (E in GeV), clipped to [MIN_SPOTS, max_spots]."""
+    n = np.ceil(10.3 / stochastic_term * (np.asarray(energy_mev) / 1000.0) ** 0.959)
+    return np.clip(n, MIN_SPOTS, max(max_spots, MIN_SPOTS)).astype(np.int64)
+
+
+def _radius_from_profile(scale: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Invert F(r) = r^2 / (r^2 + R^2): r = R sqrt(u / (1 - u))."""
+    u = np.minimum(rng.random(len(scale)), 1.0 - 1e-7)
+    return scale * np.sqrt(u / (1.0 - u))
+
+
+# --------------------------------------------------------------------------------------
+# Spots
+# --------------------------------------------------------------------------------------
+@dataclass
+class Spots:
+    """Energy spots of a chunk of showers, flat over (shower, spot).
+
+    Attributes: ``shower`` (index in chunk), ``path_mm`` (distance along the shower axis from
+    the calorimeter front), ``dx``/``dy`` (transverse offset from the axis, mm), ``energy``
+    (calibrated MeV).
+    """
+
+    shower: np.ndarray
+    path_mm: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    energy: np.ndarray
+
+    @staticmethod
+    def empty() -> "Spots":
+        z = np.zeros(0)
+        return Spots(np.zeros(0, dtype=np.int64), z, z, z, z)
+
+
+class ReferenceSimulator:
+    """GFLASH-based shower simulator for one built-in geometry.
+
+    Args:
+        geometry: a built-in geometry name or Geometry (its detector must be known).
+        detector: override the built-in detector description.
+        max_spots: override the detector's cap on spots per shower component.
+
+    Example::
+
+        sim = ReferenceSimulator("calochallenge-2")
+        data = sim.simulate(np.full(10, 50_000.0), "electron", rng=np.random.default_rng(1))
+        data.showers.shape  # (10, 6480), MeV
+    """
+
+    def __init__(self, geometry: str | Geometry, detector: Detector | None = None,
+                 max_spots: int | None = None) -> None:
+        self.geometry = get_geometry(geometry) if isinstance(geometry, str) else geometry
+        self.detector = detector or get_detector(self.geometry.name)
+        if max_spots is not None:
+            if max_spots < 1:
+                raise OptionError(f"max_spots must be >= 1, got {max_spots}")
+            self.max_spots = max_spots
+        else:
+            self.max_spots = self.detector.max_spots
+        if max(s.layer for s in self.detector.slabs) >= self.geometry.n_layers:
+            raise OptionError(f"detector {self.detector.geometry_name!r} reads out more layers "
+                              f"than geometry {self.geometry.name!r} has")
+        self._binning_groups = self._group_layers_by_binning()
+
+    # --- depth conversions ----------------------------------------------------------------
+    def _to_mm(self, depth: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
+        """Depth in X0 or lambda_I (``boundaries`` in those units) to mm, extrapolating."""
+        mm = self.detector.boundaries_mm
+        inside = np.interp(depth, boundaries, mm)
+        last_scale = (mm[-1] - mm[-2]) / (boundaries[-1] - boundaries[-2])
+        return np.where(depth > boundaries[-1], mm[-1] + (depth - boundaries[-1]) * last_scale,
+                        inside)
+
+    def _from_mm(self, mm_depth: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
+        mm = self.detector.boundaries_mm
+        return np.interp(mm_depth, mm, boundaries)
+
+    # --- shower components ----------------------------------------------------------------
+    def _em_spots(self, energy: np.ndarray, start_x0: np.ndarray, rng: np.random.Generator,
+                  index: np.ndarray | None = None) -> Spots:
+        """GFLASH spots for EM showers of ``energy`` (MeV) starting at depth ``start_x0``."""
+        if index is None:
+            index = np.arange(len(energy))
+        keep = energy > 0
+        energy, start_x0, index = energy[keep], start_x0[keep], index[keep]
+        if len(energy) == 0:
+            return Spots.empty()
+        structure = self.detector.em_structure
+        profile = draw_longitudinal(energy, structure, rng)
+        counts = gflash_spot_count(energy, self.detector.stochastic_term, self.max_spots)
+        owner = np.repeat(np.arange(len(energy)), counts)
+        alpha, beta = profile.alpha[owner], profile.beta[owner]
+        depth_rel = rng.gamma(alpha, 1.0 / beta)  # X0 after the shower start
+        # shower age (Geant4 form), capped at 10 as CMS does
+        mean_alpha = profile.mean_alpha[owner]
+        tau = np.minimum(depth_rel / profile.T[owner] * ((alpha - 1) / alpha)
+                         * (mean_alpha / (mean_alpha - 1)), 10.0)
+        r_core, r_tail, p_core = radial_parameters(tau, energy[owner] / 1000.0, structure)
+        scale = np.where(rng.random(len(tau)) < p_core, r_core, r_tail)
+        radius = structure.moliere_radius_mm * _radius_from_profile(scale, rng)
+        phi = rng.uniform(-math.pi, math.pi, len(tau))
+        path = self._to_mm(start_x0[owner] + depth_rel, self.detector.boundaries_x0)
+        return Spots(index[owner], path, radius * np.cos(phi), radius * np.sin(phi),
+                     (energy / counts)[owner])
+
+    def _hadronic_spots(self, energy: np.ndarray, start_lambda: np.ndarray,
+                        rng: np.random.Generator, index: np.ndarray) -> Spots:
+        """Hadronic component (documented model) of ``energy`` MeV from ``start_lambda``."""
+        keep = energy > 0
+        energy, start_lambda, index = energy[keep], start_lambda[keep], index[keep]
+        if len(energy) == 0:
+            return Spots.empty()
+        e_gev = energy / 1000.0
+        mean_depth = np.maximum(0.9 + 0.25 * np.log(np.maximum(e_gev, 1e-3)), 0.4)
+        mean_depth = mean_depth * np.exp(0.25 * rng.standard_normal(len(energy)))
+        counts = gflash_spot_count(energy, self.detector.hadronic_stochastic_term, self.max_spots)
+        owner = np.repeat(np.arange(len(energy)), counts)
+        shape = 2.2
+        depth_rel = rng.gamma(shape, (mean_depth / shape)[owner])  # lambda_I after interaction
+        depth = start_lambda[owner] + depth_rel
+        path = self._to_mm(depth, self.detector.boundaries_lambda)
+        slab = np.searchsorted(self.detector.boundaries_mm, path, side="right") - 1
+        local_lambda = self.detector.slab_lambda_mm[np.clip(slab, 0, len(self.detector.slabs))]
+        core = rng.random(len(owner)) < 0.65
+        scale = np.where(core, 0.05 * (1 + 0.5 * depth_rel), 0.25 * (1 + 0.3 * depth_rel))
+        radius = local_lambda * _radius_from_profile(scale, rng)
+        phi = rng.uniform(-math.pi, math.pi, len(owner))
+        return Spots(index[owner], path, radius * np.cos(phi), radius * np.sin(phi),
+                     (energy / counts)[owner])
+
+    def _pion_components(self, energy: np.ndarray, rng: np.random.Generator
+                         ) -> tuple[Spots, Spots, Spots]:
+        """(MIP track, EM part, hadronic part) spots of pion showers."""
+        n = len(energy)
+        index = np.arange(n)
+        total_lambda = self.detector.boundaries_lambda[-1]
+        interaction = rng.exponential(1.0, n)  # lambda_I
+        interacts = interaction < total_lambda
+        track_end = self._to_mm(np.minimum(interaction, total_lambda),
+                                self.detector.boundaries_lambda)
+        n_track = 8
+        mip_per_mm = self.detector.em_structure.mip_mev_per_mm
+        track_energy = np.minimum(mip_per_mm * track_end, 0.5 * energy)
+        owner = np.repeat(index, n_track)
+        track = Spots(owner, rng.random(n * n_track) * track_end[owner],
+                      np.zeros(n * n_track), np.zeros(n * n_track),
+                      (track_energy / n_track)[owner])
+        available = np.where(interacts, energy - track_energy, 0.0)
+        e_gev = np.maximum(energy / 1000.0, 1.0)
+        mean_fem = np.clip(1.0 - e_gev ** (0.82 - 1.0), 0.05, 0.95)
+        sigma = 0.12
+        concentration = np.maximum(mean_fem * (1 - mean_fem) / sigma ** 2 - 1.0, 1.0)
+        f_em = rng.beta(mean_fem * concentration, (1 - mean_fem) * concentration)
+        start_x0 = self._from_mm(track_end, self.detector.boundaries_x0)
+        em = self._em_spots(f_em * available, start_x0, rng, index)
+        hadronic = self._hadronic_spots((1 - f_em) * available * HADRONIC_H_OVER_E,
+                                        np.minimum(interaction, total_lambda), rng, index)
+        return track, em, hadronic
+
+    # --- binning ----------------------------------------------------------------------
+    def _group_layers_by_binning(self) -> list[tuple[Any, np.ndarray]]:
+        groups: dict[Any, list[int]] = {}
+        representative: dict[Any, Any] = {}
+        for position, layer in enumerate(self.geometry.layers):
+            spec = {k: v for k, v in layer.to_dict().items() if k != "layer_id"}
+            key = json.dumps(spec, sort_keys=True)
+            groups.setdefault(key, []).append(position)
+            representative.setdefault(key, layer)
+        return [(representative[k], np.array(v)) for k, v in groups.items()]
+
+    def _deposit(self, spots: Spots, axis: dict[str, np.ndarray], n_showers: int) -> np.ndarray:
+        """Bin spots into a dense ``(n_showers, n_voxels)`` float64 array of MeV."""
+        n_voxels = self.geometry.n_voxels
+        if len(spots.energy) == 0:
+            return np.zeros((n_showers, n_voxels))
+        owner = spots.shower
+        direction = axis["unit"][owner]  # (n_spots, 3)
+        depth = spots.path_mm * direction[:, 2]
+        x = axis["x0"][owner] + spots.path_mm * direction[:, 0] + spots.dx
+        y = axis["y0"][owner] + spots.path_mm * direction[:, 1] + spots.dy
+        slab = np.searchsorted(self.detector.boundaries_mm, depth, side="right") - 1
+        layer = self.detector.slab_layer[np.clip(slab, 0, len(self.detector.slabs))]
+        flat = np.full(len(owner), -1, dtype=np.int64)
+        offsets = self.geometry.layer_offsets
+        for binning, positions in self._binning_groups:
+            in_group = np.isin(layer, positions)
+            if not in_group.any():
+                continue
+            local = binning.bin_points(x[in_group], y[in_group])
+            voxel = np.where(local >= 0, offsets[layer[in_group]] + local, -1)
+            flat[in_group] = np.where(voxel >= 0, owner[in_group] * n_voxels + voxel, -1)
+        hit = flat >= 0
+        dense = np.bincount(flat[hit], weights=spots.energy[hit], minlength=n_showers * n_voxels)
+        return dense.reshape(n_showers, n_voxels)
+
+    def _sampling_fluctuation(self, deposit: np.ndarray, stochastic_term: float,
+                              rng: np.random.Generator) -> np.ndarray:
+        """Gamma-distributed visible energy with mean E and variance c^2 E (E in GeV)."""
+        out = np.zeros_like(deposit)
+        nonzero = deposit > 0
+        scale = stochastic_term ** 2 * 1000.0  # MeV
+        out[nonzero] = rng.gamma(deposit[nonzero] / scale, scale)
+        return out
+
+    # --- public API -------------------------------------------------------------------
+    def simulate(self, energies_mev: np.ndarray, particle: str = "electron",
+                 conditions: dict[str, np.ndarray] | None = None,
+                 condition_units: dict[str, str] | None = None,
+                 rng: np.random.Generator | None = None) -> ShowerData:
+        """Simulate one shower per incident energy.
+
+        Args:
+            energies_mev: ``(n,)`` incident energies in MeV.
+            particle: ``electron`` (also for positrons), ``photon`` or ``pion``.
+            conditions: optional ``entry_point`` ``(n, 2)`` mm and ``direction`` ``(n, 2)``
+                rad (track angles in xz and yz); missing ones default to 0 (on axis, normal).
+            rng: numpy Generator (a fresh unseeded one if None).
+
+        Returns:
+            ShowerData with ``(n, n_voxels)`` float32 voxel energies in MeV.
+        """
+        if particle not in PARTICLES:
+            raise OptionError(f"unknown particle {particle!r}; choose from {', '.join(PARTICLES)}")
+        rng = rng or np.random.default_rng()
+        energies = np.asarray(energies_mev, dtype=np.float64).reshape(-1)
+        if energies.size and (not np.all(np.isfinite(energies)) or energies.min() <= 0):
+            raise OptionError("incident energies must be finite and positive (MeV)")
+        n = len(energies)
+        conditions = dict(conditions or {})
+        axis = self._axis(conditions, n)
+        if particle == "pion":
+            track, em, hadronic = self._pion_components(energies, rng)
+            visible = self._sampling_fluctuation(
+                self._deposit(track, axis, n) + self._deposit(em, axis, n),
+                self.detector.stochastic_term, rng)
+            visible += self._sampling_fluctuation(self._deposit(hadronic, axis, n),
+                                                  self.detector.hadronic_stochastic_term, rng)
+        else:
+            start = (rng.exponential(PHOTON_CONVERSION_X0, n) if particle == "photon"
+                     else np.zeros(n))
+            visible = self._sampling_fluctuation(
+                self._deposit(self._em_spots(energies, start, rng), axis, n),
+                self.detector.stochastic_term, rng)
+        visible[visible < self.detector.threshold_mev] = 0.0
+        return ShowerData(energies, visible.astype(np.float32), conditions,
+                          dict(condition_units or {}))
+
+    @staticmethod
+    def _axis(conditions: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        entry = np.asarray(conditions.get("entry_point", np.zeros((n, 2))), dtype=np.float64)
+        angles = np.asarray(conditions.get("direction", np.zeros((n, 2))), dtype=np.float64)
+        tangent = np.tan(angles.reshape(n, 2))
+        unit = np.concatenate([tangent, np.ones((n, 1))], axis=1)
+        unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+        entry = entry.reshape(n, 2)
+        return {"x0": entry[:, 0], "y0": entry[:, 1], "unit": unit}
+
+
+# --------------------------------------------------------------------------------------
+# Incident energies
+# --------------------------------------------------------------------------------------
+_UNITS = {"ev": 1e-6, "kev": 1e-3, "mev": 1.0, "gev": 1e3, "tev": 1e6}
+
+
+def parse_energy(text: str | float) -> float:
+    """An energy in MeV from ``"5000"``, ``"5GeV"``, ``"1 TeV"`` (case-insensitive)."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", text)
+        unit = (match.group(2) if match else "").lower() or "mev"
+        if not match or unit not in _UNITS:
+            raise OptionError(f"cannot read energy {text!r}: use a number in MeV or a unit "
+                              f"(eV, keV, MeV, GeV, TeV), e.g. 10GeV")
+        try:
+            value = float(match.group(1)) * _UNITS[unit]
+        except ValueError:
+            raise OptionError(f"cannot read energy {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise OptionError(f"energies must be positive and finite, got {text!r}")
+    return value
+
+
+def sample_energies(n: int, spectrum: str, energy_range_mev: Sequence[float] = (),
+                    energies_mev: Sequence[float] = (), weights: Sequence[float] = (),
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+    """Incident energies ``(n,)`` in MeV.
+
+    Spectra: ``log-uniform`` and ``inverse`` (dN/dE ~ 1/E, the same distribution),
+    ``uniform``, or ``discrete`` (the listed energies in proportion to ``weights``; the counts
+    are exact up to rounding and the order is shuffled).
+    """
+    rng = rng or np.random.default_rng()
+    if spectrum not in SPECTRA:
+        raise OptionError(f"unknown spectrum {spectrum!r}; choose from {', '.join(SPECTRA)}")
+    if spectrum == "discrete":
+        values = np.asarray(energies_mev, dtype=np.float64)
+        if values.size == 0:
+            raise OptionError("the discrete spectrum needs a list of energies")
+        w = np.asarray(weights if len(weights) else np.ones(len(values)), dtype=np.float64)
+        if len(w) != len(values) or np.any(w < 0) or w.sum() <= 0:
+            raise OptionError("energy weights must be non-negative, one per energy")
+        counts = np.floor(n * w / w.sum()).astype(np.int64)
+        remainder = n - counts.sum()
+        order = np.argsort(-(n * w / w.sum() - counts), kind="stable")
+        counts[order[:remainder]] += 1
+        out = np.repeat(values, counts)
+        rng.shuffle(out)
+        return out
+    if len(energy_range_mev) != 2:
+        raise OptionError("a continuous spectrum needs an energy range LO HI")
+    lo, hi = float(energy_range_mev[0]), float(energy_range_mev[1])
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise OptionError(f"energy range must satisfy 0 < LO < HI, got {lo:g} {hi:g} MeV")
+    if spectrum == "uniform":
+        return rng.uniform(lo, hi, n)
+    return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
+
+
+# --------------------------------------------------------------------------------------
+# Streaming to a file
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SimulationPlan:
+    """Everything that determines a simulated file (recorded in its attributes)."""
+
+    geometry: str
+    n: int
+    particle: str
+    spectrum: str
+    energy_range_mev: tuple[float, ...]
+    energies_mev: tuple[float, ...]
+    energy_weights: tuple[float, ...]
+    conditions: str
+    seed: int
+    chunk_size: int
+    max_spots: int
+
+    @classmethod
+    def from_options(cls, geometry: str, n: int, particle: str | None = None,
+                     spectrum: str | None = None,
+                     energy_range_mev: Sequence[float] | None = None,
+                     energies_mev: Sequence[float] | None = None,
+                     seed: int | None = None, chunk_size: int | None = None,
+                     max_spots: int | None = None) -> "SimulationPlan":
+        """Fill unspecified options from the geometry's published-dataset defaults."""
+        detector = get_detector(geometry)
+        defaults = detector.defaults
+        if n < 1:
+            raise OptionError(f"number of showers must be >= 1, got {n}")
+        weights: tuple[float, ...] = ()
+        if energies_mev:
+            spectrum, energies = "discrete", tuple(float(e) for e in energies_mev)
+        elif spectrum is None and energy_range_mev is None:
+            spectrum, energies = defaults.spectrum, defaults.energies_mev
+            weights = defaults.energy_weights
+        else:
+            spectrum = spectrum or ("log-uniform" if defaults.spectrum == "discrete"
+                                    else defaults.spectrum)
+            energies = ()
+            if spectrum == "discrete":
+                raise OptionError("the discrete spectrum needs --energies")
+        if energy_range_mev is None:
+            energy_range_mev = defaults.energy_range_mev
+        particle = particle or defaults.particle
+        if particle not in PARTICLES:
+            raise OptionError(f"unknown particle {particle!r}; choose from {', '.join(PARTICLES)}")
+        if spectrum not in SPECTRA:
+            raise OptionError(f"unknown spectrum {spectrum!r}; choose from {', '.join(SPECTRA)}")
+        if spectrum != "discrete":
+            lo, hi = (float(v) for v in energy_range_mev)
+            if not (0 < lo < hi and math.isfinite(hi)):
+                raise OptionError(f"energy range must satisfy 0 < LO < HI, got {lo:g} {hi:g} MeV")
+        max_spots = max_spots or detector.max_spots
+        if chunk_size is None:
+            n_voxels = get_geometry(geometry).n_voxels
+            chunk_size = int(np.clip(min(3_000_000 // n_voxels, 1_500_000 // max_spots), 8, 4096))
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+            log.info("no --seed given: using seed %d", seed)
+        return cls(geometry, n, particle, spectrum, tuple(float(e) for e in energy_range_mev),
+                   energies, weights, defaults.conditions, seed, chunk_size, max_spots)
+
+    def draw_inputs(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+        """All incident energies (MeV) and extra conditions, from stream (seed, 0)."""
+        rng = make_rng(self.seed, 0)
+        energies = sample_energies(self.n, self.spectrum, self.energy_range_mev,
+                                   self.energies_mev, self.energy_weights, rng)
+        if self.conditions == "none":
+            return energies, {}, {}
+        conditions, units = CONDITION_GENERATORS[self.conditions](self.n, rng)
+        return energies, conditions, units
+
+
+_WORKER_SIMULATORS: dict[tuple[str, int], ReferenceSimulator] = {}
+
+
+def _simulate_chunk(task: tuple[SimulationPlan, int, np.ndarray, dict[str, np.ndarray],
+                                dict[str, str]]) -> ShowerData:
+    """Simulate chunk ``index`` of a plan from its own random stream (seed, index + 1)."""
+    plan, index, energies, conditions, units = task
+    key = (plan.geometry, plan.max_spots)
+    if key not in _WORKER_SIMULATORS:  # one simulator per worker process
+        _WORKER_SIMULATORS[key] = ReferenceSimulator(plan.geometry, max_spots=plan.max_spots)
+    simulator = _WORKER_SIMULATORS[key]
+    return simulator.simulate(energies, plan.particle, conditions, units,
+                              rng=make_rng(plan.seed, index + 1))
+
+
+def iter_simulated_chunks(plan: SimulationPlan, workers: int = 1) -> Iterator[ShowerData]:
+    """Yield the plan's showers chunk by chunk, in order, with at most 2 x workers in flight."""
+    energies, conditions, units = plan.draw_inputs()
+    tasks = ((plan, i, energies[start:start + plan.chunk_size],
+              {k: v[start:start + plan.chunk_size] for k, v in conditions.items()}, units)
+             for i, start in enumerate(range(0, plan.n, plan.chunk_size)))
+    if workers <= 1:
+        for task in tasks:
+            yield _simulate_chunk(task)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[ShowerData]] = deque()
+        for task in tasks:
+            pending.append(pool.submit(_simulate_chunk, task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def simulate_to_file(path: str | os.PathLike[str], plan: SimulationPlan, workers: int = 1,
+                     file_format: str = "calochallenge",
+                     progress: Callable[..., Any] | None = None) -> int:
+    """Simulate ``plan`` into ``path`` (written atomically); returns the number of showers."""
+    geometry = get_geometry(plan.geometry)
+    chunks = iter_simulated_chunks(plan, workers)
+    if progress is not None:
+        chunks = _count_showers(chunks, progress(total=plan.n, desc=f"simulate {plan.geometry}",
+                                                 unit="shower"))
+    with ShowerWriter(path, geometry, file_format) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+        writer.annotate("simulation", json.dumps(
+            {**plan.__dict__, "simulator": "caloforge GFLASH reference", "version": __version__,
+             "detector": get_detector(plan.geometry).describe()}))
+    return writer.n_written
+
+
+def _count_showers(chunks: Iterator[ShowerData], bar: Any) -> Iterator[ShowerData]:
+    with bar:
+        for chunk in chunks:
+            bar.update(len(chunk))
+            yield chunk

@@ -1,0 +1,212 @@
+"""Physics checks of the reference simulator on small samples (fixed seeds)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+from scipy.special import gammainc
+
+from caloforge.cli import main
+from caloforge.simulator import (
+    ReferenceSimulator,
+    SimulationPlan,
+    mean_longitudinal_parameters,
+    parse_energy,
+    sample_energies,
+    simulate_to_file,
+)
+from caloforge.errors import OptionError
+
+ENERGIES = np.array([2e3, 8e3, 32e3, 128e3])  # MeV
+
+
+@pytest.fixture(scope="module")
+def ds2():
+    return ReferenceSimulator("calochallenge-2")
+
+
+@pytest.fixture(scope="module")
+def ds2_scan(ds2):
+    rng = np.random.default_rng(11)
+    return {e: ds2.simulate(np.full(300, e), "electron", rng=rng) for e in ENERGIES}
+
+
+def _layer_depths(sim):
+    return sim.detector.layer_depths_x0(sim.geometry.n_layers)  # (layers, 2) in X0
+
+
+def test_shower_maximum_grows_like_log_energy(ds2, ds2_scan):
+    depth = _layer_depths(ds2)
+
+    def fit_maximum(layer_energy):
+        def model(_, a, b, norm):
+            return norm * (gammainc(a, b * depth[:, 1]) - gammainc(a, b * depth[:, 0]))
+
+        (a, b, _), _ = curve_fit(model, None, layer_energy / layer_energy.sum(), p0=[4, 0.5, 1],
+                                 bounds=([1.01, 0.01, 0.1], [50, 5, 2]))
+        return (a - 1) / b
+
+    fitted = np.array([fit_maximum(ds2.geometry.layer_energies(
+        ds2_scan[e].showers.astype(float)).mean(0)) for e in ENERGIES])
+    expected = mean_longitudinal_parameters(ENERGIES, ds2.detector.em_structure)["T_average"]
+    # GFLASH: T = ln(E/E_c) - const for the average profile (layers are 0.8 X0 thick)
+    np.testing.assert_allclose(fitted, expected, atol=0.4)
+    slope = np.polyfit(np.log(ENERGIES), fitted, 1)[0]
+    assert slope == pytest.approx(1.0, abs=0.1)
+
+
+def test_resolution_falls_like_stochastic_term(ds2, ds2_scan):
+    totals = [ds2_scan[e].showers.sum(axis=1) for e in ENERGIES]
+    resolution = np.array([t.std() / t.mean() for t in totals])
+    (a, b), _ = curve_fit(lambda e, a, b: np.sqrt(a ** 2 / e + b ** 2), ENERGIES / 1e3,
+                          resolution, p0=[0.17, 0.01], bounds=([0.0, 0.0], [1.0, 0.2]))
+    assert abs(a) == pytest.approx(ds2.detector.stochastic_term, rel=0.15)
+    assert abs(b) < 0.01
+    assert np.all(np.diff(resolution) < 0)
+
+
+def test_ninety_percent_within_one_moliere_radius(ds2, ds2_scan):
+    showers = ds2_scan[32e3].showers.astype(float)
+    layer = ds2.geometry.layers[0]
+    radial = showers.reshape(len(showers), 45, *layer.shape).sum(axis=(0, 1, 2))
+    cumulative = np.concatenate([[0.0], np.cumsum(radial)]) / radial.sum()
+    within = np.interp(ds2.detector.em_structure.moliere_radius_mm, layer.r_edges, cumulative)
+    assert within == pytest.approx(0.90, abs=0.04)
+
+
+def test_photons_start_later_than_electrons(ds2):
+    rng = np.random.default_rng(5)
+    centres = _layer_depths(ds2).mean(axis=1)
+
+    def mean_depth(particle):
+        data = ds2.simulate(np.full(400, 20e3), particle, rng=rng)
+        layer_energy = ds2.geometry.layer_energies(data.showers.astype(float))
+        return ((layer_energy * centres).sum(1) / layer_energy.sum(1)).mean()
+
+    shift = mean_depth("photon") - mean_depth("electron")
+    assert shift == pytest.approx(9 / 7, abs=0.35)  # mean conversion depth 9/7 X0
+
+
+def test_pions_deeper_wider_and_fluctuating_more():
+    sim = ReferenceSimulator("calochallenge-1-pions")
+    rng = np.random.default_rng(3)
+    centres = sim.detector.layer_depths_x0(sim.geometry.n_layers).mean(axis=1)
+    stats = {}
+    for particle in ("electron", "pion"):
+        data = sim.simulate(np.full(400, 65536.0), particle, rng=rng)
+        showers = data.showers.astype(float)
+        total = showers.sum(1)
+        hit = total > 0
+        layer_energy = sim.geometry.layer_energies(showers)
+        stats[particle] = {
+            "depth": ((layer_energy * centres).sum(1)[hit] / total[hit]).mean(),
+            "radius": ((showers * sim.geometry.voxel_radii).sum(1)[hit] / total[hit]).mean(),
+            "resolution": total.std() / total.mean()}
+    pion, electron = stats["pion"], stats["electron"]
+    assert pion["depth"] > electron["depth"] + 5.0  # X0
+    assert pion["radius"] > 1.5 * electron["radius"]
+    assert pion["resolution"] > 2.0 * electron["resolution"]
+
+
+def test_early_and_late_layers_anticorrelated(ds2, ds2_scan):
+    layer_energy = ds2.geometry.layer_energies(ds2_scan[32e3].showers.astype(float))
+    fraction = layer_energy / layer_energy.sum(1, keepdims=True)
+    early, late = fraction[:, :6].sum(1), fraction[:, 20:].sum(1)
+    assert np.corrcoef(early, late)[0, 1] < -0.4
+
+
+def test_inclined_tracks_and_entry_point_move_the_shower():
+    sim = ReferenceSimulator("lhcb-ecal")
+    rng = np.random.default_rng(2)
+    n = 200
+    x = sim.geometry.voxel_centres[:, 0]
+
+    def centre_x(entry_x, angle):
+        conditions = {"entry_point": np.tile([entry_x, 0.0], (n, 1)),
+                      "direction": np.tile([angle, 0.0], (n, 1))}
+        showers = sim.simulate(np.full(n, 20e3), "electron", conditions, rng=rng).showers
+        return float(((showers * x).sum(1) / showers.sum(1)).mean())
+
+    assert abs(centre_x(0.0, 0.0)) < 3.0
+    assert centre_x(40.0, 0.0) == pytest.approx(40.0, abs=4.0)
+    # 0.3 rad over the first ~10 X0 (about 16 cm) moves the centre by several cm
+    assert centre_x(0.0, 0.3) > 30.0
+
+
+def _simulate(path, seed, workers=1, n=300):
+    plan = SimulationPlan.from_options("calochallenge-1-photons", n, seed=seed, chunk_size=64)
+    simulate_to_file(path, plan, workers=workers)
+    with h5py.File(path, "r") as h5:
+        return h5["incident_energies"][:], h5["showers"][:]
+
+
+def test_same_seed_same_file_any_workers(tmp_path):
+    e1, s1 = _simulate(tmp_path / "a.h5", seed=7)
+    e2, s2 = _simulate(tmp_path / "b.h5", seed=7, workers=2)
+    e3, s3 = _simulate(tmp_path / "c.h5", seed=8)
+    np.testing.assert_array_equal(e1, e2)
+    np.testing.assert_array_equal(s1, s2)
+    assert not np.array_equal(s1, s3)
+
+
+def test_default_energy_mix_of_dataset_1():
+    plan = SimulationPlan.from_options("calochallenge-1-photons", 121_000, seed=0)
+    energies, _, _ = plan.draw_inputs()
+    values, counts = np.unique(energies, return_counts=True)
+    np.testing.assert_array_equal(values, 2.0 ** np.arange(8, 23))
+    assert counts.tolist() == [10000] * 11 + [5000, 3000, 2000, 1000]
+
+
+def test_spectra_and_energy_parsing():
+    rng = np.random.default_rng(0)
+    e = sample_energies(20000, "log-uniform", (1e3, 1e6), rng=rng)
+    assert 1e3 <= e.min() and e.max() <= 1e6
+    assert np.median(e) == pytest.approx(np.sqrt(1e3 * 1e6), rel=0.1)
+    u = sample_energies(20000, "uniform", (1e3, 1e5), rng=rng)
+    assert u.mean() == pytest.approx(5.05e4, rel=0.03)
+    assert parse_energy("10GeV") == 1e4 and parse_energy("1 TeV") == 1e6
+    assert parse_energy("256") == 256.0
+    for bad in ("ten", "5 furlongs", "-1GeV", "0"):
+        with pytest.raises(OptionError):
+            parse_energy(bad)
+
+
+def test_cli_simulate_with_conditions_and_plot(tmp_path, capsys):
+    out = tmp_path / "lhcb.h5"
+    assert main(["simulate", "--geometry", "lhcb-ecal", "-n", "50", "--seed", "1",
+                 "-o", str(out), "--workers", "1"]) == 0
+    with h5py.File(out, "r") as h5:
+        assert h5["conditions/entry_point"].shape == (50, 2)
+        assert h5["conditions/direction"].attrs["units"] == "rad"
+        assert "simulation" in h5.attrs
+        assert np.all(np.abs(h5["conditions/entry_point"][:]) <= 5.0)
+    png = tmp_path / "lhcb.png"
+    assert main(["plot", str(out), "--geometry", "lhcb-ecal", "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_simulate_calogan_format(tmp_path):
+    out = tmp_path / "calogan.h5"
+    assert main(["simulate", "--geometry", "calogan", "-n", "20", "--seed", "1",
+                 "--particle", "pion", "--format", "calogan", "-o", str(out)]) == 0
+    with h5py.File(out, "r") as h5:
+        assert h5["layer_1"].shape == (20, 12, 12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--geometry", "nope"], "unknown geometry"),
+    (["--geometry", "calogan", "--energy-range", "10GeV", "1GeV"], "LO < HI"),
+    (["--geometry", "calogan", "--workers", "0", "--seed", "1"], "--workers"),
+    (["--geometry", "calogan", "--energies", "1GeV,x"], "cannot read energy"),
+    (["--geometry", "lhcb-ecal", "--format", "calogan", "--seed", "1"], "calogan geometry"),
+    (["--geometry", "calogan", "-n", "0"], ">= 1"),
+])
+def test_cli_simulate_bad_options(tmp_path, capsys, argv, message):
+    out = tmp_path / "x.h5"
+    args = ["simulate", "-n", "10", "-o", str(out)] + argv
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
