@@ -226,6 +226,48 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluate -----------------------------------------------------------------------------
+def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", required=True, help="reference shower file")
+    parser.add_argument("--generated", required=True, help="generated shower file")
+    add_geometry_options(parser, required=True)
+    parser.add_argument("-o", "--output", required=True, help="report directory")
+    parser.add_argument("--metrics", default="hist,cls-low,cls-high,fpd,kpd",
+                        help="comma-separated subset of hist,cls-low,cls-high,fpd,kpd")
+    parser.add_argument("--classifier-preset", choices=["official", "fast"], default=None,
+                        help="official CaloChallenge settings, or fast (default on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="classifier seeds (default 3)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="voxel threshold in MeV (default: the geometry's)")
+    parser.add_argument("--max-showers", type=int, default=None,
+                        help="use at most this many showers of each file")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvaluationSettings, evaluate_samples, format_summary
+    from .evaluation.report import load_for_evaluation
+    from .runtime import progress, resolve_device
+
+    geometry = geometry_from_args(args)
+    device = resolve_device(args.device)
+    preset = args.classifier_preset or ("official" if device.startswith("cuda") else "fast")
+    settings = EvaluationSettings(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        classifier_preset=preset, repeats=args.repeats, threshold_mev=args.threshold,
+        max_showers=args.max_showers, seed=args.seed or 0, device=device,
+        extra={"reference_file": args.reference, "generated_file": args.generated})
+    settings.validate()
+    if args.max_showers is not None and args.max_showers < 1:
+        raise OptionError("--max-showers must be >= 1")
+    reference = load_for_evaluation(args.reference, geometry, args.max_showers)
+    generated = load_for_evaluation(args.generated, geometry, args.max_showers)
+    result = evaluate_samples(reference, generated, geometry, args.output, settings,
+                              progress=progress, log=log.info)
+    print(format_summary(result))
+    print(f"report: {args.output}/report.html")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
@@ -238,6 +280,8 @@ COMMANDS: list[Command] = [
      _configure_simulate, _run_simulate),
     ("plot: draw single and average showers and profiles of a file as PNG",
      _configure_plot, _run_plot),
+    ("evaluate: compare generated with reference showers (histograms, classifier, FPD/KPD)",
+     _configure_evaluate, _run_evaluate),
 ]
 
 

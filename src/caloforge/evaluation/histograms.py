@@ -1,0 +1,101 @@
+"""Feature histograms, separation power, and reference-vs-generated plots with ratio panels."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ..atomic import atomic_output
+
+
+def separation_power(reference: np.ndarray, generated: np.ndarray, bins: np.ndarray) -> float:
+    """S = 1/2 sum (h1 - h2)^2 / (h1 + h2) of the two normalised histograms (0 = same, 1 = disjoint).
+
+    Values outside ``bins`` are counted in the first/last bin so that a shift out of range
+    is not hidden.
+    """
+    h1 = _histogram(reference, bins)
+    h2 = _histogram(generated, bins)
+    total = h1 + h2
+    nonzero = total > 0
+    return float(0.5 * np.sum((h1[nonzero] - h2[nonzero]) ** 2 / total[nonzero]))
+
+
+def _histogram(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    clipped = np.clip(values, bins[0], bins[-1])
+    counts, _ = np.histogram(clipped, bins=bins)
+    return counts / max(counts.sum(), 1)
+
+
+def feature_bins(reference: np.ndarray, generated: np.ndarray, kind: str, n_bins: int = 50
+                 ) -> np.ndarray:
+    """Bin edges from the reference's 0.1-99.9 % range (log-spaced for energies)."""
+    if kind == "fraction" and reference.min() >= 0 and reference.max() <= 1:
+        lo, hi = 0.0, 1.0
+        if np.quantile(reference, 0.999) - np.quantile(reference, 0.001) < 0.5:
+            lo, hi = np.quantile(np.concatenate([reference, generated]), [0.001, 0.999])
+    else:
+        lo, hi = np.quantile(reference, [0.001, 0.999])
+    if kind == "energy" and hi > 0:
+        positive = reference[reference > 0]
+        lo = float(np.quantile(positive, 0.001)) if positive.size else hi / 1e3
+        if hi / max(lo, 1e-12) > 20:
+            return np.geomspace(lo, hi * 1.05, n_bins + 1)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        centre = float(np.median(reference)) if reference.size else 0.0
+        lo, hi = centre - 0.5, centre + 0.5
+    pad = 0.05 * (hi - lo)
+    return np.linspace(lo - pad, hi + pad, n_bins + 1)
+
+
+def plot_feature_group(path: str | os.PathLike[str], title: str, names: Sequence[str],
+                       reference: dict[str, np.ndarray], generated: dict[str, np.ndarray],
+                       bins: dict[str, np.ndarray], separation: dict[str, float],
+                       labels: tuple[str, str] = ("reference", "generated")) -> None:
+    """One PNG with a panel per feature: normalised histograms over a ratio (gen/ref) panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    fig = plt.figure(figsize=(3.2 * cols, 3.0 * rows))
+    outer = fig.add_gridspec(rows, cols, hspace=0.55, wspace=0.35)
+    for i, name in enumerate(names):
+        inner = outer[i // cols, i % cols].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+        ax, ax_ratio = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+        edges = bins[name]
+        h_ref = _histogram(reference[name], edges)
+        h_gen = _histogram(generated[name], edges)
+        ax.stairs(h_ref, edges, label=labels[0], color="black", fill=True, alpha=0.2)
+        ax.stairs(h_gen, edges, label=labels[1], color="tab:red")
+        ax.set_title(f"{name}\nS = {separation[name]:.4f}", fontsize=8)
+        ax.tick_params(labelsize=6, labelbottom=False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(h_ref > 0, h_gen / h_ref, np.nan)
+        ax_ratio.stairs(ratio, edges, color="tab:red")
+        ax_ratio.axhline(1.0, color="black", lw=0.6)
+        ax_ratio.set_ylim(0.5, 1.5)
+        ax_ratio.tick_params(labelsize=6)
+        if edges[-1] / max(edges[0], 1e-30) > 20 and edges[0] > 0:
+            ax.set_xscale("log")
+            ax_ratio.set_xscale("log")
+        if i == 0:
+            ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10, y=1.0 + 0.12 / rows)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def voxel_spectrum_bins(reference: np.ndarray, threshold_mev: float) -> np.ndarray:
+    """Log-spaced bins for positive voxel energies (MeV)."""
+    positive = reference[reference > 0]
+    lo = max(threshold_mev, float(positive.min()) if positive.size else 1e-3, 1e-6)
+    hi = max(float(positive.max()) if positive.size else 1.0, lo * 10)
+    return np.geomspace(lo, hi * 1.05, 61)
