@@ -82,3 +82,14 @@ def test_writer_refuses_invalid_values(tmp_path):
 def test_calogan_format_needs_calogan_geometry(tmp_path):
     with pytest.raises(OptionError):
         ShowerWriter(tmp_path / "x.h5", get_geometry("lhcb-ecal"), "calogan")
+
+
+def test_atomic_output_uses_normal_permissions(tmp_path):
+    import os
+
+    geometry = get_geometry("lhcb-ecal")
+    path = tmp_path / "perm.h5"
+    write_showers(path, random_showers(geometry, 5), geometry)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)

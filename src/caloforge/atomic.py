@@ -27,6 +27,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     os.close(handle)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600: use normal permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -35,6 +36,12 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _make_dirs(directory: str) -> list[str]:

@@ -120,6 +120,9 @@ def plot_showers(showers: np.ndarray, incident_energies: np.ndarray, geometry: G
                 label=f"layer {geometry.layers[position].layer_id}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=6)
     ax.set_xlabel("r [mm]", fontsize=8)
     ax.set_ylabel("mean dE/dr [MeV/mm]", fontsize=8)
