@@ -73,7 +73,8 @@ def _mmd_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 def kpd(reference: np.ndarray, generated: np.ndarray, n_batches: int = 10,
         batch_size: int = 5000, seed: int = 0) -> tuple[float, float]:
     """KPD: median over batches of the unbiased MMD^2 and half the inter-quartile range."""
-    size = min(batch_size, len(reference), len(generated))
+    # batches of at most half the smaller sample, so that they differ from each other
+    size = min(batch_size, min(len(reference), len(generated)) // 2)
     if size < 10:
         raise CaloforgeError(f"KPD needs at least 10 showers per sample, got {size}")
     rng = np.random.default_rng(seed)
