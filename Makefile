@@ -8,7 +8,7 @@ CALOFORGE := $(VENV)/bin/caloforge
 DEMO_DIR ?= demo-output
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo demo-quick clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ test: setup
 
 demo: setup
 	DEMO_DIR=$(DEMO_DIR) CALOFORGE=$(CALOFORGE) bash scripts/demo.sh
+
+# the same pipeline, small: a first look in a few minutes
+demo-quick: setup
+	DEMO_DIR=$(DEMO_DIR)-quick DEMO_TRAIN=8000 DEMO_TEST=3000 DEMO_BUDGET=2m \
+	    CALOFORGE=$(CALOFORGE) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info .pytest_cache

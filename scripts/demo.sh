@@ -1,29 +1,46 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default data (called by `make demo`):
-# simulate a CaloChallenge dataset-1-photons-like reference sample with the built-in GFLASH
-# simulator, draw it, and evaluate it against an independent sample (the evaluation's
-# "Geant4 vs Geant4" baseline: AUC ~ 0.5). Sizes: DEMO_N showers per sample.
+#   1. simulate a CaloChallenge-dataset-1-photons-like training set and an independent
+#      held-out reference with the built-in GFLASH reference simulator;
+#   2. train CaloFlow (CPU preset) within a time budget;
+#   3. generate as many showers as the held-out reference, with its incident energies;
+#   4. evaluate generated vs held-out, and (baseline) a second simulated sample vs held-out.
+# Sizes: DEMO_TRAIN (60000), DEMO_TEST (20000) showers; DEMO_BUDGET (25m) of training.
+# `make demo-quick` runs the same pipeline small (a few minutes).
 set -euo pipefail
 CALOFORGE=${CALOFORGE:-caloforge}
 DEMO_DIR=${DEMO_DIR:-demo-output}
-DEMO_N=${DEMO_N:-30000}
+DEMO_TRAIN=${DEMO_TRAIN:-60000}
+DEMO_TEST=${DEMO_TEST:-20000}
+DEMO_BUDGET=${DEMO_BUDGET:-25m}
 GEOMETRY=calochallenge-1-photons
 mkdir -p "$DEMO_DIR"
 
-echo "== geometries"
-$CALOFORGE geometries
+echo "== 1. simulate: $DEMO_TRAIN training and $DEMO_TEST held-out showers ($GEOMETRY)"
+$CALOFORGE simulate --geometry $GEOMETRY -n "$DEMO_TRAIN" --seed 1 -o "$DEMO_DIR/train.h5"
+$CALOFORGE simulate --geometry $GEOMETRY -n "$DEMO_TEST" --seed 2 -o "$DEMO_DIR/heldout.h5"
+$CALOFORGE simulate --geometry $GEOMETRY -n "$DEMO_TEST" --seed 3 -o "$DEMO_DIR/independent.h5"
+$CALOFORGE inspect "$DEMO_DIR/train.h5" --geometry $GEOMETRY
+$CALOFORGE plot "$DEMO_DIR/heldout.h5" --geometry $GEOMETRY -o "$DEMO_DIR/heldout.png"
 
-echo "== simulate: reference (seed 1) and an independent sample (seed 2), $DEMO_N showers each"
-$CALOFORGE simulate --geometry $GEOMETRY -n "$DEMO_N" --seed 1 -o "$DEMO_DIR/reference.h5"
-$CALOFORGE simulate --geometry $GEOMETRY -n "$DEMO_N" --seed 2 -o "$DEMO_DIR/independent.h5"
+echo "== 2. train CaloFlow for at most $DEMO_BUDGET"
+rm -rf "$DEMO_DIR/caloflow"
+$CALOFORGE train caloflow --data "$DEMO_DIR/train.h5" --geometry $GEOMETRY \
+    -o "$DEMO_DIR/caloflow" --time-budget "$DEMO_BUDGET" --seed 0
 
-echo "== inspect and plot"
-$CALOFORGE inspect "$DEMO_DIR/reference.h5" --geometry $GEOMETRY
-$CALOFORGE plot "$DEMO_DIR/reference.h5" --geometry $GEOMETRY -o "$DEMO_DIR/reference.png"
+echo "== 3. generate $DEMO_TEST showers with the held-out incident energies"
+$CALOFORGE generate "$DEMO_DIR/caloflow" --like "$DEMO_DIR/heldout.h5" \
+    -o "$DEMO_DIR/generated.h5" --seed 1
+$CALOFORGE plot "$DEMO_DIR/generated.h5" --geometry $GEOMETRY -o "$DEMO_DIR/generated.png"
 
-echo "== evaluate: independent sample vs reference"
-$CALOFORGE evaluate --reference "$DEMO_DIR/reference.h5" --generated "$DEMO_DIR/independent.h5" \
-    --geometry $GEOMETRY -o "$DEMO_DIR/report-independent" --seed 0
+echo "== 4. evaluate"
+$CALOFORGE evaluate --reference "$DEMO_DIR/heldout.h5" --generated "$DEMO_DIR/generated.h5" \
+    --geometry $GEOMETRY -o "$DEMO_DIR/report"
+echo "-- baseline: an independent simulated sample against the same held-out reference"
+$CALOFORGE evaluate --reference "$DEMO_DIR/heldout.h5" --generated "$DEMO_DIR/independent.h5" \
+    --geometry $GEOMETRY -o "$DEMO_DIR/report-baseline" --metrics hist,cls-low,cls-high
 
 echo
-echo "Done. Open $DEMO_DIR/report-independent/report.html and $DEMO_DIR/reference.png"
+echo "Done. CaloFlow report: $DEMO_DIR/report/report.html"
+echo "      baseline report: $DEMO_DIR/report-baseline/report.html"
+echo "      loss curve:      $DEMO_DIR/caloflow/loss_curve.png"

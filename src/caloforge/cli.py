@@ -268,6 +268,115 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train --------------------------------------------------------------------------------
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("family", choices=["caloflow"], help="model family")
+    parser.add_argument("--data", required=True, help="training shower file")
+    add_geometry_options(parser, required=True)
+    parser.add_argument("-o", "--output", required=True, help="run directory")
+    parser.add_argument("--preset", default="cpu",
+                        help="named configuration: cpu (default), paper (published sizes), tiny")
+    parser.add_argument("--config", default=None, help="YAML file overriding the preset")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="number of epochs")
+    budget.add_argument("--time-budget", default=None,
+                        help="stop before this much training time, e.g. 30m, 1.5h")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run")
+    parser.add_argument("--max-showers", type=int, default=None,
+                        help="use only the first N showers of the file")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .data import read_showers
+    from .models import families, load_model
+    from .runtime import progress_bar, resolve_device
+    from .training import parse_duration
+
+    device = resolve_device(args.device)
+    geometry = geometry_from_args(args)
+    model_class = families()[args.family]
+    if args.resume:
+        if args.config:
+            raise OptionError("--resume continues with the run's saved configuration; "
+                              "drop --config")
+        model = load_model(args.output)
+    else:
+        config = model_class.preset(args.preset)
+        if args.config:
+            config = type(config).from_dict({**config.to_dict(), **_read_yaml(args.config)})
+        model = model_class(geometry, config)
+    training = model.config.training
+    if args.epochs is not None:
+        training.epochs, training.time_budget_s = args.epochs, None
+    if args.time_budget is not None:
+        training.time_budget_s = parse_duration(args.time_budget)
+        training.epochs = max(training.epochs, 1000)
+    if args.seed is not None and not args.resume:
+        training.seed = args.seed
+    training.validate()
+    data = read_showers(args.data, geometry, max_showers=args.max_showers)
+    summary = model.fit(data, args.output, resume=args.resume, device=device,
+                        progress=progress_bar)
+    model.training_summary["data"] = {"file": os.path.abspath(args.data), "n_showers": len(data)}
+    model.save(args.output)
+    print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
+          f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
+          f"; model in {os.path.join(args.output, 'model.safetensors')}")
+    return 0
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            values = yaml.safe_load(stream) or {}
+    except FileNotFoundError:
+        raise OptionError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise OptionError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise OptionError(f"{path}: a config file must be a mapping of options")
+    return values
+
+
+# --- generate ------------------------------------------------------------------------------
+def _configure_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory of a trained model")
+    parser.add_argument("-n", "--n-showers", type=int, default=None, help="number of showers")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--like", metavar="REF.h5",
+                        help="take incident energies (and conditions) from this file")
+    source.add_argument("--energies", metavar="FILE",
+                        help="incident energies: a shower file or a text file (MeV per line)")
+    parser.add_argument("-o", "--output", required=True, help="output shower file (atomic)")
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--allow-extrapolation", action="store_true",
+                        help="generate for conditions outside the training range")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .runtime import progress_bar, resolve_device
+    from .sampling import generate_to_file, generation_inputs
+
+    device = resolve_device(args.device)
+    if args.n_showers is not None and args.n_showers < 1:
+        raise OptionError(f"-n must be >= 1, got {args.n_showers}")
+    model = load_model(args.run_dir)
+    seed = args.seed if args.seed is not None else 0
+    energies, conditions, source = generation_inputs(model, args.n_showers, args.like,
+                                                     args.energies, seed)
+    if not args.allow_extrapolation:
+        model.check_conditions(energies, conditions, source)
+    n = generate_to_file(model, args.output, energies, conditions, seed, args.batch_size,
+                         device, progress_bar)
+    log.info("wrote %d showers from %s to %s", n, args.run_dir, args.output)
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
@@ -280,6 +389,10 @@ COMMANDS: list[Command] = [
      _configure_simulate, _run_simulate),
     ("plot: draw single and average showers and profiles of a file as PNG",
      _configure_plot, _run_plot),
+    ("train: train a model on a shower file (checkpoints, resume, loss curve)",
+     _configure_train, _run_train),
+    ("generate: sample showers from a trained model into a file", _configure_generate,
+     _run_generate),
     ("evaluate: compare generated with reference showers (histograms, classifier, FPD/KPD)",
      _configure_evaluate, _run_evaluate),
 ]

@@ -1,0 +1,226 @@
+"""Invertible preprocessing between physical showers and the spaces flows work in.
+
+Every transform is fitted on training data (``fit``), maps forward and back exactly
+(``forward`` / ``inverse``, torch tensors, float32 or float64) and saves its fitted state as
+plain JSON (``state`` / ``from_state``) that travels with the model.
+
+* :class:`LogitTransform`: [0, 1] <-> R, ``logit(alpha + (1 - 2 alpha) x)``.
+* :class:`ConditionTransform`: incident energy (MeV) and extra conditions -> standardised
+  context ``[ (log10 E_inc - m) / s, (c - m_c) / s_c ... ]``; remembers the training range.
+* :class:`LayerEnergyTransform`: layer energies (MeV) <-> CaloFlow's "u-space"
+  u_0 = sum_i E_i / (k E_inc), u_i = E_i / sum_{j >= i} E_j (i < L - 1), then logit.
+* :class:`VoxelTransform`: voxel energies <-> per-layer-normalised voxels in logit space,
+  with uniform dequantisation noise on the way in and renormalisation plus threshold on the
+  way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CaloforgeError
+from .geometry import Geometry
+
+
+@dataclass
+class LogitTransform:
+    """x in [0, 1] -> logit(alpha + (1 - 2 alpha) x); the inverse clips back into [0, 1]."""
+
+    alpha: float = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.alpha + (1 - 2 * self.alpha) * x.clamp(0.0, 1.0)
+        return torch.log(p) - torch.log1p(-p)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return ((torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
+
+
+@dataclass
+class ConditionTransform:
+    """Incident energy and extra conditions -> standardised context vector.
+
+    Attributes (fitted): ``log_e_mean``/``log_e_std`` of log10(E_inc / MeV); per extra
+    condition its column means and stds; the training range of every input.
+    """
+
+    names: list[str] = field(default_factory=list)  # extra conditions, in order
+    log_e_mean: float = 0.0
+    log_e_std: float = 1.0
+    condition_mean: dict[str, list[float]] = field(default_factory=dict)
+    condition_std: dict[str, list[float]] = field(default_factory=dict)
+    energy_range: list[float] = field(default_factory=lambda: [0.0, float("inf")])
+    condition_range: dict[str, list[list[float]]] = field(default_factory=dict)
+    energy_quantiles: list[float] = field(default_factory=list)  # of log10 E_inc, for sampling
+    units: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return 1 + sum(len(self.condition_mean[n]) for n in self.names)
+
+    def fit(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray],
+            units: dict[str, str] | None = None) -> "ConditionTransform":
+        log_e = np.log10(incident_energies)
+        self.log_e_mean = float(log_e.mean())
+        self.log_e_std = float(max(log_e.std(), 1e-3))
+        self.energy_range = [float(incident_energies.min()), float(incident_energies.max())]
+        self.energy_quantiles = np.quantile(log_e, np.linspace(0, 1, 1001)).tolist()
+        self.names = sorted(conditions)
+        self.units = {name: (units or {}).get(name, "") for name in self.names}
+        for name in self.names:
+            values = np.asarray(conditions[name], dtype=np.float64)
+            self.condition_mean[name] = values.mean(0).tolist()
+            self.condition_std[name] = np.maximum(values.std(0), 1e-6).tolist()
+            self.condition_range[name] = [values.min(0).tolist(), values.max(0).tolist()]
+        return self
+
+    def forward(self, incident_energies: torch.Tensor, conditions: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        """Context ``(N, n_features)`` from E_inc ``(N,)`` MeV and conditions ``(N, k)``."""
+        columns = [((torch.log10(incident_energies) - self.log_e_mean) / self.log_e_std)[:, None]]
+        for name in self.names:
+            mean = torch.as_tensor(self.condition_mean[name], dtype=incident_energies.dtype,
+                                   device=incident_energies.device)
+            std = torch.as_tensor(self.condition_std[name], dtype=incident_energies.dtype,
+                                  device=incident_energies.device)
+            columns.append((conditions[name].reshape(len(incident_energies), -1) - mean) / std)
+        return torch.cat(columns, dim=1)
+
+    def check_range(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray],
+                    source: str) -> None:
+        """Raise if inputs leave the training range (or a required condition is missing)."""
+        lo, hi = self.energy_range
+        tolerance = 1e-6 * hi
+        if incident_energies.min() < lo - tolerance or incident_energies.max() > hi + tolerance:
+            raise CaloforgeError(
+                f"{source}: incident energies {incident_energies.min():.6g}-"
+                f"{incident_energies.max():.6g} MeV leave the model's training range "
+                f"{lo:.6g}-{hi:.6g} MeV (use --allow-extrapolation to generate anyway)")
+        for name in self.names:
+            if name not in conditions:
+                raise CaloforgeError(f"{source}: the model needs condition {name!r}")
+            values = np.asarray(conditions[name]).reshape(len(incident_energies), -1)
+            lo_c, hi_c = (np.asarray(v) for v in self.condition_range[name])
+            span = np.maximum(hi_c - lo_c, 1e-9)
+            if (values < lo_c - 1e-6 * span).any() or (values > hi_c + 1e-6 * span).any():
+                raise CaloforgeError(
+                    f"{source}: condition {name!r} leaves the training range "
+                    f"{lo_c.tolist()}-{hi_c.tolist()} (use --allow-extrapolation)")
+
+    def sample_energies(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Incident energies ``(n,)`` MeV drawn from the training distribution (quantiles)."""
+        quantiles = np.asarray(self.energy_quantiles)
+        return 10 ** np.interp(rng.random(n), np.linspace(0, 1, len(quantiles)), quantiles)
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "ConditionTransform":
+        return cls(**state)
+
+
+@dataclass
+class LayerEnergyTransform:
+    """Layer energies (MeV) <-> logit of CaloFlow's u-space, ``(N, L)`` both ways.
+
+    ``scale`` (k) is fitted so that u_0 = E_tot / (k E_inc) stays below 1.
+    """
+
+    n_layers: int
+    scale: float = 1.0
+    alpha: float = 1e-6
+
+    def fit(self, layer_energies: np.ndarray, incident_energies: np.ndarray
+            ) -> "LayerEnergyTransform":
+        ratio = layer_energies.sum(axis=1) / incident_energies
+        self.scale = float(max(1.1 * ratio.max(), 1e-6))
+        return self
+
+    def forward(self, layer_energies: torch.Tensor, incident_energies: torch.Tensor
+                ) -> torch.Tensor:
+        energies = layer_energies.clamp(min=0.0)
+        remaining = torch.flip(torch.cumsum(torch.flip(energies, [1]), 1), [1])  # sum_{j>=i}
+        u0 = remaining[:, :1] / (self.scale * incident_energies[:, None])
+        ratios = torch.where(remaining[:, :-1] > 0, energies[:, :-1] / remaining[:, :-1].clamp(
+            min=torch.finfo(energies.dtype).tiny), torch.zeros_like(energies[:, :-1]))
+        return LogitTransform(self.alpha).forward(torch.cat([u0, ratios], dim=1))
+
+    def inverse(self, x: torch.Tensor, incident_energies: torch.Tensor) -> torch.Tensor:
+        u = LogitTransform(self.alpha).inverse(x)
+        remaining = u[:, 0] * self.scale * incident_energies
+        layers = []
+        for i in range(self.n_layers - 1):
+            layer = u[:, i + 1] * remaining
+            layers.append(layer)
+            remaining = remaining - layer
+        layers.append(remaining)
+        return torch.stack(layers, dim=1).clamp(min=0.0)
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "LayerEnergyTransform":
+        return cls(**state)
+
+
+@dataclass
+class VoxelTransform:
+    """Voxels (MeV) <-> per-layer-normalised voxels in logit space, ``(N, n_voxels)``.
+
+    Forward: add U(0, noise_mev) to every voxel (dequantisation, no exact zeros), divide each
+    layer by its energy, logit. Inverse: sigmoid, renormalise each layer to sum 1, multiply by
+    the requested layer energies, zero voxels below ``threshold_mev``.
+    """
+
+    layer_sizes: list[int]
+    noise_mev: float = 1e-3
+    threshold_mev: float = 0.01
+    alpha: float = 1e-6
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.layer_sizes), device=device),
+                                       torch.as_tensor(self.layer_sizes, device=device))
+
+    def layer_sums(self, voxels: torch.Tensor) -> torch.Tensor:
+        """Per-layer sums ``(N, L)`` of ``(N, n_voxels)``."""
+        index = self._index(voxels.device).expand(len(voxels), -1)
+        out = torch.zeros(len(voxels), len(self.layer_sizes), dtype=voxels.dtype,
+                          device=voxels.device)
+        return out.scatter_add_(1, index, voxels)
+
+    def add_noise(self, voxels: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        noise = torch.rand(voxels.shape, generator=generator, dtype=voxels.dtype,
+                           device="cpu" if generator is not None else voxels.device)
+        return voxels + self.noise_mev * noise.to(voxels.device)
+
+    def forward(self, noisy_voxels: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
+        per_voxel_energy = layer_energies[:, self._index(noisy_voxels.device)]
+        normalised = noisy_voxels / per_voxel_energy.clamp(min=torch.finfo(noisy_voxels.dtype).tiny)
+        return LogitTransform(self.alpha).forward(normalised)
+
+    def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
+        shares = LogitTransform(self.alpha).inverse(x)
+        sums = self.layer_sums(shares)
+        index = self._index(x.device)
+        shares = shares / sums[:, index].clamp(min=torch.finfo(x.dtype).tiny)
+        voxels = shares * layer_energies[:, index]
+        return torch.where(voxels < self.threshold_mev, torch.zeros_like(voxels), voxels)
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "VoxelTransform":
+        return cls(**state)
+
+    @classmethod
+    def for_geometry(cls, geometry: Geometry, noise_mev: float, threshold_mev: float
+                     ) -> "VoxelTransform":
+        return cls(list(geometry.layer_sizes), noise_mev, threshold_mev)

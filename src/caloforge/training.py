@@ -1,0 +1,366 @@
+"""The training loop shared by every model family.
+
+``Trainer.fit`` runs mini-batch training of any model that provides ``module`` (a torch
+module) and ``loss(batch, generator) -> Tensor`` (the mean per-shower loss to minimise; for
+flows the negative log-likelihood), with:
+
+* a validation split, AdamW, a one-cycle learning-rate schedule (warm-up then cosine decay,
+  driven by the fraction of steps or of the time budget done), gradient clipping;
+* a non-finite guard: a step whose loss or gradient is not finite is skipped and counted;
+  a non-finite validation loss restores the best weights; too many in a row stop training
+  with a clear message;
+* selection by validation loss: ``on_best`` (usually ``model.save``) runs whenever it improves;
+* a checkpoint after every epoch (``checkpoint.safetensors``: weights, optimiser state, the
+  best weights, RNG state, and the loop state as JSON metadata, in one atomic file), so a
+  killed run resumed with ``resume=True`` loses at most the epoch in progress and continues
+  exactly (same batches, same noise);
+* a progress bar with loss and ETA, ``train_log.jsonl`` (one line per epoch) and
+  ``loss_curve.png`` in the run directory.
+
+No global state: every random number comes from generators seeded by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from .atomic import atomic_output
+from .errors import CaloforgeError, OptionError
+from .runtime import get_logger
+
+log = get_logger("training")
+CHECKPOINT = "checkpoint.safetensors"
+TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings (all overridable from a YAML config's ``training:`` section)."""
+
+    epochs: int = 50
+    time_budget_s: float | None = None
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-6
+    grad_clip: float = 5.0
+    val_fraction: float = 0.1
+    warmup_fraction: float = 0.3
+    seed: int = 0
+    max_nonfinite_in_a_row: int = 50
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise OptionError(f"epochs must be >= 1, got {self.epochs}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise OptionError("the time budget must be positive")
+        if self.batch_size < 1 or self.learning_rate <= 0 or self.grad_clip <= 0:
+            raise OptionError("batch size, learning rate and gradient clip must be positive")
+        if not 0 < self.val_fraction < 0.5:
+            raise OptionError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OptionError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class Trainable(Protocol):
+    module: torch.nn.Module
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        ...
+
+
+def one_cycle_lr(base_lr: float, progress: float, warmup: float) -> float:
+    """Learning rate at ``progress`` in [0, 1]: linear warm-up from base/25, cosine to base/1e4."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return base_lr / 25 + (base_lr - base_lr / 25) * progress / warmup
+    phase = (progress - warmup) / max(1 - warmup, 1e-9)
+    return base_lr / 1e4 + (base_lr - base_lr / 1e4) * 0.5 * (1 + math.cos(math.pi * phase))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1.5h``."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1].lower() in units:
+            value = float(text[:-1]) * units[text[-1].lower()]
+        else:
+            value = float(text)
+    except ValueError:
+        raise OptionError(f"cannot read duration {text!r}: use e.g. 90s, 30m, 1.5h") from None
+    if value <= 0:
+        raise OptionError(f"durations must be positive, got {text!r}")
+    return value
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reproducible (train, validation) index split."""
+    order = np.random.default_rng(np.random.SeedSequence([seed, 999])).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class Trainer:
+    """Runs the loop for one model in one run directory (see the module docstring)."""
+
+    def __init__(self, model: Trainable, config: TrainingConfig, run_dir: str,
+                 device: str = "cpu", progress: Callable[..., Any] | None = None,
+                 on_best: Callable[[dict[str, Any]], None] | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+        config.validate()
+        self.model, self.config, self.run_dir = model, config, run_dir
+        self.device = device
+        self.progress = progress
+        self.on_best = on_best
+        self.on_epoch = on_epoch
+        os.makedirs(run_dir, exist_ok=True)
+
+    # --- batches ---------------------------------------------------------------------
+    @staticmethod
+    def _batches(tensors: dict[str, torch.Tensor], batch_size: int,
+                 generator: torch.Generator | None) -> list[dict[str, torch.Tensor]]:
+        n = len(next(iter(tensors.values())))
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        return [{k: v[order[s:s + batch_size]] for k, v in tensors.items()}
+                for s in range(0, n, batch_size)]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def evaluate(self, tensors: dict[str, torch.Tensor]) -> float:
+        """Mean loss over ``tensors`` with fixed noise (seeded), no gradients."""
+        module = self.model.module
+        module.eval()
+        generator = torch.Generator().manual_seed(self.config.seed + 12345)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self._batches(tensors, max(self.config.batch_size, 1024), None):
+                loss = self.model.loss(self._to_device(batch), generator)
+                n = len(next(iter(batch.values())))
+                total += float(loss) * n
+                count += n
+        return total / max(count, 1)
+
+    # --- checkpoints -----------------------------------------------------------------
+    def _checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, CHECKPOINT)
+
+    def _save_checkpoint(self, state: dict[str, Any], optimiser: torch.optim.Optimizer,
+                         best_weights: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous()
+                   for k, v in self.model.module.state_dict().items()}
+        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_weights.items()})
+        optim_state = optimiser.state_dict()
+        scalars: dict[str, Any] = {}
+        for index, entry in optim_state["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        metadata = {"state": json.dumps(state), "optim_groups": json.dumps(
+            optim_state["param_groups"]), "optim_scalars": json.dumps(scalars)}
+        with atomic_output(self._checkpoint_path()) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+
+    def _load_checkpoint(self, optimiser: torch.optim.Optimizer
+                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from safetensors import SafetensorError, safe_open
+
+        path = self._checkpoint_path()
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata()
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except FileNotFoundError:
+            raise CaloforgeError(f"{path}: no checkpoint to resume from") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CaloforgeError(f"{path}: unreadable checkpoint ({exc})") from None
+        state = json.loads(metadata["state"])
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        try:
+            self.model.module.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            raise CaloforgeError(f"{path}: checkpoint does not match this model "
+                                 f"({str(exc).splitlines()[0]})") from None
+        groups = json.loads(metadata["optim_groups"])
+        scalars = json.loads(metadata["optim_scalars"])
+        optim_state: dict[Any, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+        for key, value in scalars.items():
+            index, name = key.split(".", 1)
+            optim_state.setdefault(int(index), {})[name] = value
+        optimiser.load_state_dict({"state": optim_state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        return state, best
+
+    # --- the loop --------------------------------------------------------------------
+    def fit(self, train: dict[str, torch.Tensor], validation: dict[str, torch.Tensor],
+            resume: bool = False) -> dict[str, Any]:
+        """Train; returns a summary (epochs, best validation loss and epoch, time, skips)."""
+        config = self.config
+        module = self.model.module.to(self.device)
+        optimiser = torch.optim.AdamW(module.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        n_train = len(next(iter(train.values())))
+        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        total_steps = steps_per_epoch * config.epochs
+        state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best_val": None,
+                                 "best_epoch": 0, "skipped_steps": 0, "restores": 0,
+                                 "config": asdict(config)}
+        best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        log_path = os.path.join(self.run_dir, TRAIN_LOG)
+        if resume:
+            state, best_weights = self._load_checkpoint(optimiser)
+            _truncate_log(log_path, state["epoch"])
+            log.info("resuming %s after epoch %d (best validation loss %.4f at epoch %d)",
+                     self.run_dir, state["epoch"], state["best_val"] or float("nan"),
+                     state["best_epoch"])
+        elif os.path.exists(self._checkpoint_path()):
+            raise CaloforgeError(f"{self.run_dir}: already holds a training run; use --resume "
+                                 "to continue it or choose another output directory")
+        else:
+            _truncate_log(log_path, 0)
+        epoch_seconds = None
+        consecutive_bad = 0
+        bar = self.progress(total=config.epochs, desc="train", unit="epoch",
+                            initial=state["epoch"]) if self.progress else None
+        try:
+            while state["epoch"] < config.epochs:
+                if (config.time_budget_s is not None and epoch_seconds is not None
+                        and state["elapsed_s"] + epoch_seconds > config.time_budget_s):
+                    log.info("time budget reached after %d epochs", state["epoch"])
+                    break
+                started = time.perf_counter()
+                epoch = state["epoch"]
+                generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+                module.train()
+                losses = []
+                for batch in self._batches(train, config.batch_size, generator):
+                    progress = state["step"] / total_steps
+                    if config.time_budget_s:
+                        progress = max(progress, (state["elapsed_s"] + time.perf_counter()
+                                                  - started) / config.time_budget_s)
+                    lr = one_cycle_lr(config.learning_rate, progress, config.warmup_fraction)
+                    for group in optimiser.param_groups:
+                        group["lr"] = lr
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = self.model.loss(self._to_device(batch), generator)
+                    state["step"] += 1
+                    if not torch.isfinite(loss):
+                        consecutive_bad += 1
+                        state["skipped_steps"] += 1
+                    else:
+                        loss.backward()
+                        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+                        if torch.isfinite(norm):
+                            optimiser.step()
+                            losses.append(float(loss.detach()))
+                            consecutive_bad = 0
+                        else:
+                            consecutive_bad += 1
+                            state["skipped_steps"] += 1
+                    if consecutive_bad >= config.max_nonfinite_in_a_row:
+                        raise CaloforgeError(
+                            f"{self.run_dir}: training diverged ({consecutive_bad} non-finite "
+                            f"steps in a row at epoch {epoch + 1}); try a lower learning rate")
+                val_loss = self.evaluate(validation)
+                if not math.isfinite(val_loss):
+                    module.load_state_dict(best_weights)
+                    state["restores"] += 1
+                    log.warning("epoch %d: non-finite validation loss; best weights restored",
+                                epoch + 1)
+                improved = math.isfinite(val_loss) and (state["best_val"] is None
+                                                        or val_loss < state["best_val"])
+                epoch_seconds = time.perf_counter() - started
+                state["elapsed_s"] += epoch_seconds
+                state["epoch"] = epoch + 1
+                record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses
+                          else float("nan"), "val_loss": val_loss, "lr": lr,
+                          "seconds": round(epoch_seconds, 2),
+                          "skipped_steps": state["skipped_steps"], "best": improved}
+                if improved:
+                    state["best_val"], state["best_epoch"] = val_loss, epoch + 1
+                    best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    if self.on_best is not None:
+                        self.on_best(dict(state))
+                self._save_checkpoint(state, optimiser, best_weights)
+                with open(log_path, "a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
+                if self.on_epoch is not None:
+                    self.on_epoch(record)
+        finally:
+            if bar is not None:
+                bar.close()
+        module.load_state_dict(best_weights)
+        plot_loss_curve(log_path, os.path.join(self.run_dir, "loss_curve.png"))
+        return {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
+                "best_val_loss": state["best_val"], "train_seconds": round(state["elapsed_s"], 1),
+                "skipped_steps": state["skipped_steps"], "restores": state["restores"],
+                "config": asdict(config)}
+
+
+def _truncate_log(path: str, epochs: int) -> None:
+    """Keep the first ``epochs`` records of the log (a resumed run rewrites the rest)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as stream:
+        records = [line for line in stream if line.strip()][:epochs]
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as stream:
+            stream.writelines(records)
+
+
+def read_log(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def plot_loss_curve(log_path: str, png_path: str) -> None:
+    """Training and validation loss per epoch, best epoch marked."""
+    if not os.path.exists(log_path):
+        return
+    records = read_log(log_path)
+    if not records:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["train_loss"] for r in records], label="train")
+    ax.plot(epochs, [r["val_loss"] for r in records], label="validation")
+    best = [r for r in records if r.get("best")]
+    if best:
+        ax.axvline(best[-1]["epoch"], color="grey", ls=":", label=f"best (epoch {best[-1]['epoch']})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (negative log-likelihood per shower)")
+    ax.legend()
+    with atomic_output(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Property tests: every preprocessing transform inverts exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from caloforge.preprocessing import (
+    ConditionTransform,
+    LayerEnergyTransform,
+    LogitTransform,
+    VoxelTransform,
+)
+
+positive = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@given(arrays(np.float64, st.integers(1, 50), elements=st.floats(0.0, 1.0)))
+def test_logit_round_trip(x):
+    transform = LogitTransform(1e-6)
+    back = transform.inverse(transform.forward(torch.as_tensor(x))).numpy()
+    np.testing.assert_allclose(back, x, atol=1e-9)
+
+
+@settings(max_examples=60)
+@given(st.integers(1, 6).flatmap(lambda n: st.tuples(
+    arrays(np.float64, (4, n), elements=st.one_of(st.just(0.0), positive)),
+    arrays(np.float64, 4, elements=positive))))
+def test_layer_energy_round_trip(case):
+    layers, scale_inc = case
+    incident = layers.sum(1) + scale_inc  # E_tot below E_inc
+    transform = LayerEnergyTransform(layers.shape[1]).fit(layers, incident)
+    x = transform.forward(torch.as_tensor(layers), torch.as_tensor(incident))
+    assert torch.isfinite(x).all()
+    back = transform.inverse(x, torch.as_tensor(incident)).numpy()
+    np.testing.assert_allclose(back, layers, rtol=1e-5, atol=1e-5 * incident.max())
+
+
+@settings(max_examples=60)
+@given(arrays(np.float64, (3, 7), elements=st.one_of(st.just(0.0), positive)))
+def test_voxel_round_trip(voxels):
+    transform = VoxelTransform([2, 4, 1], noise_mev=1e-3, threshold_mev=0.0)
+    noisy = transform.add_noise(torch.as_tensor(voxels), torch.Generator().manual_seed(0))
+    assert (noisy > 0).all()
+    layers = transform.layer_sums(noisy)
+    back = transform.inverse(transform.forward(noisy, layers), layers)
+    np.testing.assert_allclose(back.numpy(), noisy.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_voxel_threshold_and_state_round_trip():
+    transform = VoxelTransform([2, 2], noise_mev=1e-3, threshold_mev=0.5)
+    layers = torch.tensor([[1.0, 10.0]])
+    x = transform.forward(torch.tensor([[0.2, 0.8, 5.0, 5.0]]), layers)
+    np.testing.assert_allclose(transform.inverse(x, layers).numpy(), [[0.0, 0.8, 5.0, 5.0]],
+                               rtol=1e-5)
+    assert VoxelTransform.from_state(transform.state()) == transform
+
+
+def test_condition_transform_standardises_and_records_range():
+    rng = np.random.default_rng(0)
+    energies = 10 ** rng.uniform(3, 6, 1000)
+    entry = rng.normal(2.0, 3.0, (1000, 2))
+    transform = ConditionTransform().fit(energies, {"entry_point": entry})
+    context = transform.forward(torch.as_tensor(energies), {"entry_point": torch.as_tensor(entry)})
+    np.testing.assert_allclose(context.mean(0).numpy(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(context.std(0, unbiased=False).numpy(), 1.0, atol=1e-9)
+    again = ConditionTransform.from_state(transform.state())
+    assert again == transform
+    sampled = transform.sample_energies(5000, rng)
+    assert energies.min() <= sampled.min() and sampled.max() <= energies.max()
