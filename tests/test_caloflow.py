@@ -60,8 +60,9 @@ def test_train_save_load_generate_evaluate(trained, data, tmp_path):
     np.testing.assert_allclose(a.showers, b.showers, rtol=1e-5, atol=1e-6)
     assert not np.array_equal(a.showers, loaded.sample(energies, seed=4).showers)
     loaded.sampling_memory_bytes = 1e6  # forces micro-batches of a few showers
+    # equal up to float32 rounding (matrix products are blocked differently per batch size)
     np.testing.assert_allclose(loaded.sample(energies, seed=3, shard=1).showers, b.showers,
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(model.log_prob(data.select(slice(0, 50))),
                                loaded.log_prob(data.select(slice(0, 50))), rtol=1e-5)
     assert a.showers.shape == (200, GEOMETRY.n_voxels) and np.isfinite(a.showers).all()
