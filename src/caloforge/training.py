@@ -358,6 +358,10 @@ def plot_loss_curve(log_path: str, png_path: str) -> None:
     best = [r for r in records if r.get("best")]
     if best:
         ax.axvline(best[-1]["epoch"], color="grey", ls=":", label=f"best (epoch {best[-1]['epoch']})")
+    later = [v for r in records[1:] for v in (r["train_loss"], r["val_loss"]) if math.isfinite(v)]
+    if len(records) >= 3 and later:  # the first epoch's loss would squash the rest
+        low, high = min(later), max(later)
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.3 * (high - low))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (negative log-likelihood per shower)")
     ax.legend()
