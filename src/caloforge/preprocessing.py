@@ -26,6 +26,17 @@ from .errors import CaloforgeError
 from .geometry import Geometry
 
 
+class JsonState:
+    """Fitted state as plain JSON: ``state()`` and ``from_state()`` (dataclass fields)."""
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Any:
+        return cls(**state)
+
+
 @dataclass
 class LogitTransform:
     """x in [0, 1] -> logit(alpha + (1 - 2 alpha) x); the inverse clips back into [0, 1]."""
@@ -41,7 +52,7 @@ class LogitTransform:
 
 
 @dataclass
-class ConditionTransform:
+class ConditionTransform(JsonState):
     """Incident energy and extra conditions -> standardised context vector.
 
     Attributes (fitted): ``log_e_mean``/``log_e_std`` of log10(E_inc / MeV); per extra
@@ -116,16 +127,10 @@ class ConditionTransform:
         quantiles = np.asarray(self.energy_quantiles)
         return 10 ** np.interp(rng.random(n), np.linspace(0, 1, len(quantiles)), quantiles)
 
-    def state(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "ConditionTransform":
-        return cls(**state)
 
 
 @dataclass
-class LayerEnergyTransform:
+class LayerEnergyTransform(JsonState):
     """Layer energies (MeV) <-> logit of CaloFlow's u-space, ``(N, L)`` both ways.
 
     ``scale`` (k) is fitted so that u_0 = E_tot / (k E_inc) stays below 1.
@@ -161,16 +166,10 @@ class LayerEnergyTransform:
         layers.append(remaining)
         return torch.stack(layers, dim=1).clamp(min=0.0)
 
-    def state(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "LayerEnergyTransform":
-        return cls(**state)
 
 
 @dataclass
-class VoxelTransform:
+class VoxelTransform(JsonState):
     """Voxels (MeV) <-> per-layer-normalised voxels in logit space, ``(N, n_voxels)``.
 
     Forward: add U(0, noise_mev) to every voxel (dequantisation, no exact zeros), divide each
@@ -213,12 +212,6 @@ class VoxelTransform:
         voxels = shares * layer_energies[:, index]
         return torch.where(voxels < self.threshold_mev, torch.zeros_like(voxels), voxels)
 
-    def state(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "VoxelTransform":
-        return cls(**state)
 
     @classmethod
     def for_geometry(cls, geometry: Geometry, noise_mev: float, threshold_mev: float
