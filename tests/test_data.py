@@ -93,3 +93,14 @@ def test_atomic_output_uses_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_read_conditions_skips_voxels(tmp_path):
+    geometry = get_geometry("lhcb-ecal")
+    data = random_showers(geometry, 30, conditions=True)
+    path = tmp_path / "c.h5"
+    write_showers(path, data, geometry)
+    with ShowerFile(path, geometry) as reader:
+        energies, conditions = reader.read_conditions(5, 15)
+    np.testing.assert_array_equal(energies, data.incident_energies[5:15])
+    np.testing.assert_allclose(conditions["entry_point"], data.conditions["entry_point"][5:15])

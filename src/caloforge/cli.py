@@ -318,9 +318,8 @@ def _run_train(args: argparse.Namespace) -> int:
     training.validate()
     data = read_showers(args.data, geometry, max_showers=args.max_showers)
     summary = model.fit(data, args.output, resume=args.resume, device=device,
-                        progress=progress_bar)
-    model.training_summary["data"] = {"file": os.path.abspath(args.data), "n_showers": len(data)}
-    model.save(args.output)
+                        progress=progress_bar, metadata={"data": {
+                            "file": os.path.abspath(args.data), "n_showers": len(data)}})
     print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
           f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
           f"; model in {os.path.join(args.output, 'model.safetensors')}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -265,6 +266,24 @@ class ShowerFile:
                 raise self._fail(_offset_problem(problem, start))
         return batch
 
+    def read_conditions(self, start: int = 0, stop: int | None = None
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Incident energies ``(n,)`` MeV and extra conditions only, without the voxels."""
+        stop = self.n_showers if stop is None else min(stop, self.n_showers)
+        try:
+            energy = np.asarray(self._h5[self._energy_key][start:stop], dtype=np.float64)
+            conditions = {k: np.asarray(ds[start:stop], dtype=np.float64)
+                          for k, ds in self.conditions.items()}
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self._fail(f"could not read incident energies: file truncated or corrupt "
+                             f"({_short(exc)})") from None
+        energy = energy.reshape(-1) * (1000.0 if self.format == "calogan" else 1.0)
+        bad = ~np.isfinite(energy) | (energy <= 0)
+        if bad.any():
+            raise self._fail(f"incident energy must be positive and finite (shower "
+                             f"{start + int(np.argmax(bad))})")
+        return energy, conditions
+
     def iter_batches(self, batch_size: int = 10_000, start: int = 0,
                      stop: int | None = None) -> Iterator[ShowerData]:
         """Yield consecutive validated batches of at most ``batch_size`` showers."""
@@ -293,8 +312,6 @@ def read_showers(path: str | os.PathLike[str], geometry: Geometry | None = None,
 
 def _offset_problem(problem: str, offset: int) -> str:
     """Rewrite 'shower i' in a batch-relative problem statement to the file index."""
-    import re
-
     return re.sub(r"shower (\d+)", lambda m: f"shower {int(m.group(1)) + offset}", problem)
 
 
@@ -498,14 +515,6 @@ def summarize_file(path: str | os.PathLike[str], geometry: Geometry | None = Non
             "units": reader.condition_units[key],
             "min": stacked[:, 0].min(0).tolist(), "max": stacked[:, 1].max(0).tolist()}
     return summary
-
-
-def check_geometry_matches(data: ShowerData, geometry: Geometry, source: str) -> None:
-    """Raise a ShowerFileError naming ``source`` if the voxel count does not match."""
-    try:
-        geometry.check_voxels(data.n_voxels)
-    except GeometryError as exc:
-        raise ShowerFileError(source, str(exc)) from None
 
 
 def _short(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ def read_energies_file(path: str) -> np.ndarray:
     """Incident energies (MeV) from a shower file or a text file with one value per line."""
     if path.endswith((".h5", ".hdf5")):
         with ShowerFile(path) as reader:
-            return reader.read().incident_energies
+            return reader.read_conditions()[0]
     if not os.path.exists(path):
         raise CaloforgeError(f"{path}: no such file")
     try:
@@ -45,10 +45,10 @@ def generation_inputs(model: ShowerModel, n: int | None, like: str | None,
     if like:
         with ShowerFile(like, model.geometry) as reader:
             count = len(reader) if n is None else min(n, len(reader))
-            source = reader.read(0, count)
+            energies, conditions = reader.read_conditions(0, count)
         if n is not None and n > count:
             raise CaloforgeError(f"{like}: has {count} showers, fewer than the {n} requested")
-        return source.incident_energies, source.conditions, like
+        return energies, conditions, like
     if energies_file:
         energies = read_energies_file(energies_file)
         if n is not None:

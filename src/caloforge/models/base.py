@@ -46,8 +46,10 @@ class ShowerModel(ABC):
 
     @abstractmethod
     def fit(self, data: ShowerData, run_dir: str, resume: bool = False, device: str = "cpu",
-            progress: Any = None) -> dict[str, Any]:
-        """Train on ``data`` with checkpoints in ``run_dir``; return the training summary."""
+            progress: Any = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train on ``data`` with checkpoints in ``run_dir``; return the training summary.
+
+        ``metadata`` (e.g. the training file) is recorded in the saved model description."""
 
     @abstractmethod
     def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,

@@ -259,7 +259,7 @@ class CaloFlow(ShowerModel):
 
     # --- training ---------------------------------------------------------------------
     def fit(self, data: ShowerData, run_dir: str, resume: bool = False, device: str = "cpu",
-            progress: Any = None) -> dict[str, Any]:
+            progress: Any = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         self.geometry.check_voxels(data.n_voxels)
         training = self.config.training
         training.validate()
@@ -276,7 +276,7 @@ class CaloFlow(ShowerModel):
         summary = trainer.fit(self._tensors(data, train_index), self._tensors(data, val_index),
                               resume=resume)
         self.training_summary = {**summary, "n_train": len(train_index),
-                                 "n_validation": len(val_index)}
+                                 "n_validation": len(val_index), **(metadata or {})}
         self.module.cpu()
         self.save(run_dir)
         return self.training_summary
