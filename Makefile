@@ -24,12 +24,12 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	DEMO_DIR=$(DEMO_DIR) CALOFORGE=$(CALOFORGE) bash scripts/demo.sh
+	DEMO_DIR=$(DEMO_DIR) CALOFORGE=$(CALOFORGE) PYTHON=$(PY) bash scripts/demo.sh
 
 # the same pipeline, small: a first look in a few minutes
 demo-quick: setup
 	DEMO_DIR=$(DEMO_DIR)-quick DEMO_TRAIN=8000 DEMO_TEST=3000 DEMO_BUDGET=2m \
-	    CALOFORGE=$(CALOFORGE) bash scripts/demo.sh
+	    DISTILL_BUDGET=1m BENCH_BATCHES=1,100 CALOFORGE=$(CALOFORGE) PYTHON=$(PY) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info .pytest_cache

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -36,3 +38,38 @@ def random_showers(geometry: Geometry, n: int, seed: int = 0, conditions: bool =
         extra = {"entry_point": rng.normal(0, 3, (n, 2)), "direction": rng.normal(0, 0.2, (n, 2))}
         units = {"entry_point": "mm", "direction": "rad"}
     return ShowerData(energies, voxels, extra, units)
+
+
+def simulate(geometry: Geometry, n: int, seed: int) -> ShowerData:
+    """``n`` reference-simulator showers of ``geometry``."""
+    from caloforge.simulator import SimulationPlan, iter_simulated_chunks
+
+    plan = SimulationPlan.from_options(geometry.name, n, seed=seed)
+    return ShowerData.concatenate(list(iter_simulated_chunks(plan)))
+
+
+class Killed(Exception):
+    """Raised by :func:`killed_after_epoch` in place of a kill signal."""
+
+
+@contextlib.contextmanager
+def killed_after_epoch(epoch: int) -> Iterator[None]:
+    """Every Trainer built inside the block raises :class:`Killed` once ``epoch`` is done
+    (its checkpoint written), like a run killed between epochs."""
+    from caloforge.training import Trainer
+
+    original = Trainer.__init__
+
+    def stop(record: dict) -> None:
+        if record["epoch"] == epoch:
+            raise Killed
+
+    def patched(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        self.on_epoch = stop
+
+    Trainer.__init__ = patched
+    try:
+        yield
+    finally:
+        Trainer.__init__ = original

@@ -19,20 +19,15 @@ from caloforge.evaluation import EvaluationSettings, evaluate_samples
 from caloforge.geometry import get_geometry
 from caloforge.models import load_model
 from caloforge.models.caloflow import CaloFlow
-from caloforge.simulator import SimulationPlan, iter_simulated_chunks
 from caloforge.training import Trainer, TrainingConfig, read_log
+from conftest import Killed, killed_after_epoch, simulate
 
 GEOMETRY = get_geometry("calochallenge-1-photons")
 
 
-def _simulate(geometry, n, seed):
-    plan = SimulationPlan.from_options(geometry.name, n, seed=seed)
-    return ShowerData.concatenate(list(iter_simulated_chunks(plan)))
-
-
 @pytest.fixture(scope="module")
 def data():
-    return _simulate(GEOMETRY, 1200, 1)
+    return simulate(GEOMETRY, 1200, 1)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,7 @@ def test_cli_generate_like_and_out_of_range(trained, data, tmp_path, capsys):
 
 def test_conditions_are_used(tmp_path):
     geometry = get_geometry("lhcb-ecal")
-    data = _simulate(geometry, 400, 2)
+    data = simulate(geometry, 400, 2)
     model = CaloFlow(geometry, CaloFlow.preset("tiny"))
     model.config.training.epochs = 1
     model.fit(data, str(tmp_path))
@@ -117,26 +112,9 @@ def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
     reference = make()
     reference.fit(data, str(tmp_path / "full"))
 
-    class Killed(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Killed
-
     interrupted = make()
-    original = Trainer.__init__
-
-    def patched(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.on_epoch = stop_after_first
-
-    Trainer.__init__ = patched
-    try:
-        with pytest.raises(Killed):
-            interrupted.fit(data, str(tmp_path / "cut"))
-    finally:
-        Trainer.__init__ = original
+    with killed_after_epoch(1), pytest.raises(Killed):
+        interrupted.fit(data, str(tmp_path / "cut"))
     resumed = load_model(str(tmp_path / "cut"))
     resumed.fit(data, str(tmp_path / "cut"), resume=True)
     log = read_log(str(tmp_path / "cut" / "train_log.jsonl"))
@@ -148,7 +126,7 @@ def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
 def test_killed_process_resumes(tmp_path):
     geometry = get_geometry("calogan")
     path = tmp_path / "train.h5"
-    write_showers(path, _simulate(geometry, 1500, 3), geometry)
+    write_showers(path, simulate(geometry, 1500, 3), geometry)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "caloforge.cli", "train", "caloflow", "--data", str(path),
                "--geometry", "calogan", "-o", str(run_dir), "--preset", "tiny", "--epochs", "40",

@@ -28,13 +28,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common_options() -> argparse.ArgumentParser:
+def _common_options(threads: bool = True) -> argparse.ArgumentParser:
+    """Options of every command (a fresh parser per command: argparse shares the actions
+    of a parent parser between its children). ``threads=False`` for a command that
+    defines its own ``--threads``."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("common options")
     group.add_argument("--seed", type=int, default=None,
                        help="random seed (reproducible per seed and shard)")
-    group.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (default: torch's choice)")
+    if threads:
+        group.add_argument("--threads", type=int, default=None,
+                           help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--device", default="auto",
                        help="auto, cpu, cuda or cuda:N (default: auto)")
     group.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -274,9 +278,15 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="training shower file")
     add_geometry_options(parser, required=True)
     parser.add_argument("-o", "--output", required=True, help="run directory")
-    parser.add_argument("--preset", default="cpu",
-                        help="named configuration: cpu (default), paper (published sizes), tiny")
-    parser.add_argument("--config", default=None, help="YAML file overriding the preset")
+    add_training_options(parser, "cpu (default), paper (published sizes), tiny",
+                         "YAML file overriding the preset")
+
+
+def add_training_options(parser: argparse.ArgumentParser, presets: str, config_help: str
+                         ) -> None:
+    """--preset, --config, --epochs | --time-budget, --resume, --max-showers."""
+    parser.add_argument("--preset", default="cpu", help=f"named configuration: {presets}")
+    parser.add_argument("--config", default=None, help=config_help)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, default=None, help="number of epochs")
     budget.add_argument("--time-budget", default=None,
@@ -292,7 +302,6 @@ def _run_train(args: argparse.Namespace) -> int:
     from .data import read_showers
     from .models import families, load_model
     from .runtime import progress_bar, resolve_device
-    from .training import parse_duration
 
     device = resolve_device(args.device)
     geometry = geometry_from_args(args)
@@ -307,15 +316,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.config:
             config = type(config).from_dict({**config.to_dict(), **_read_yaml(args.config)})
         model = model_class(geometry, config)
-    training = model.config.training
-    if args.epochs is not None:
-        training.epochs, training.time_budget_s = args.epochs, None
-    if args.time_budget is not None:
-        training.time_budget_s = parse_duration(args.time_budget)
-        training.epochs = max(training.epochs, 1000)
-    if args.seed is not None and not args.resume:
-        training.seed = args.seed
-    training.validate()
+    _apply_budget(model.config.training, args)
     data = read_showers(args.data, geometry, max_showers=args.max_showers)
     summary = model.fit(data, args.output, resume=args.resume, device=device,
                         progress=progress_bar, metadata={"data": {
@@ -339,6 +340,69 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(values, dict):
         raise OptionError(f"{path}: a config file must be a mapping of options")
     return values
+
+
+# --- distill -------------------------------------------------------------------------------
+def _configure_distill(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory of a trained CaloFlow teacher")
+    parser.add_argument("-o", "--output", required=True, help="student run directory")
+    parser.add_argument("--data", default=None,
+                        help="training shower file (default: the one the teacher was trained on)")
+    add_training_options(parser, "cpu (default), tiny",
+                         "YAML file overriding the preset (student:, beta:, guided:, training:)")
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    import os
+
+    from .data import read_showers
+    from .models import load_model
+    from .models.caloflow_student import CaloFlowStudent, DistillationConfig
+    from .runtime import progress_bar, resolve_device
+
+    device = resolve_device(args.device)
+    teacher = load_model(args.run_dir)
+    if args.resume:
+        if args.config:
+            raise OptionError("--resume continues with the run's saved configuration; "
+                              "drop --config")
+        student = load_model(args.output)
+        if not isinstance(student, CaloFlowStudent):
+            raise CaloforgeError(f"{args.output}: not a distillation run")
+        student.attach_teacher(teacher, args.run_dir)
+    else:
+        distillation = CaloFlowStudent.preset(args.preset)
+        if args.config:
+            distillation = DistillationConfig.from_dict(
+                {**distillation.to_dict(), **_read_yaml(args.config)})
+        student = CaloFlowStudent.from_teacher(teacher, distillation, teacher_dir=args.run_dir)
+    _apply_budget(student.config.training, args)
+    data_file = args.data or teacher.training_summary.get("data", {}).get("file")
+    if not data_file:
+        raise OptionError(f"{args.run_dir}: the teacher does not record its training file; "
+                          "pass --data")
+    data = read_showers(data_file, teacher.geometry, max_showers=args.max_showers)
+    summary = student.fit(data, args.output, resume=args.resume, device=device,
+                          progress=progress_bar, metadata={"data": {
+                              "file": os.path.abspath(data_file), "n_showers": len(data)}})
+    print(f"distilled {args.run_dir}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
+          f"best KL(student||teacher) {summary['best_val_loss']:.4f} nats at epoch "
+          f"{summary['best_epoch']}; student in {args.output}")
+    return 0
+
+
+def _apply_budget(training, args: argparse.Namespace) -> None:  # training: TrainingConfig
+    """--epochs / --time-budget / --seed on top of the configured training settings."""
+    from .training import parse_duration
+
+    if args.epochs is not None:
+        training.epochs, training.time_budget_s = args.epochs, None
+    if args.time_budget is not None:
+        training.time_budget_s = parse_duration(args.time_budget)
+        training.epochs = max(training.epochs, 1000)
+    if args.seed is not None and not args.resume:
+        training.seed = args.seed
+    training.validate()
 
 
 # --- generate ------------------------------------------------------------------------------
@@ -376,6 +440,76 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench-sampling ------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _configure_bench_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory of a trained model")
+    parser.add_argument("--threads", dest="bench_threads", type=_int_list, default=[1, 2],
+                        help="comma-separated CPU thread counts (default 1,2)")
+    parser.set_defaults(threads=None)  # in place of the common --threads
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 100, 10_000],
+                        help="comma-separated batch sizes (default 1,100,10000)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats per setting (median reported; default 3)")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="stop repeating a setting after this long (at least one repeat)")
+    parser.add_argument("--like", metavar="REF.h5", default=None,
+                        help="take incident energies and conditions from this file "
+                             "(default: the training energy distribution)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="JSON file for the results (default RUN_DIR/sampling_benchmark.json)")
+
+
+def _run_bench_sampling(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import numpy as np
+
+    from .atomic import write_json_atomic
+    from .evaluation.timing import benchmark_sampling, format_sampling_table
+    from .models import load_model
+    from .runtime import progress_bar, resolve_device
+    from .sampling import generation_inputs
+
+    if args.repeats < 1:
+        raise OptionError(f"--repeats must be >= 1, got {args.repeats}")
+    device = resolve_device(args.device)
+    model = load_model(args.run_dir)
+    largest = max(args.batch_sizes)
+    seed = args.seed if args.seed is not None else 0
+    energies, conditions, _ = generation_inputs(model, None if args.like else largest, args.like,
+                                                None, seed)
+    energies = np.resize(energies, largest)
+    conditions = {k: np.resize(v, largest) for k, v in conditions.items()}
+
+    def sample(n: int) -> None:
+        model.sample(energies[:n], {k: v[:n] for k, v in conditions.items()}, seed=seed,
+                     batch_size=n, device=device)
+
+    rows = benchmark_sampling(sample, args.bench_threads, args.batch_sizes, args.repeats,
+                              device, args.max_seconds, progress_bar)
+    print(f"{model.family} from {args.run_dir} ({model.geometry.name}, "
+          f"{model.geometry.n_voxels} voxels, device {device}):")
+    print(format_sampling_table(rows))
+    output = args.output or os.path.join(args.run_dir, "sampling_benchmark.json")
+    write_json_atomic(output, {"run_dir": os.path.abspath(args.run_dir), "family": model.family,
+                               "geometry": model.geometry.name, "device": device,
+                               "cpu": platform.processor() or platform.machine(),
+                               "results": rows})
+    log.info("wrote %s", output)
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
@@ -390,11 +524,18 @@ COMMANDS: list[Command] = [
      _configure_plot, _run_plot),
     ("train: train a model on a shower file (checkpoints, resume, loss curve)",
      _configure_train, _run_train),
+    ("distill: distil a CaloFlow teacher into a one-pass IAF student (CaloFlow II)",
+     _configure_distill, _run_distill),
     ("generate: sample showers from a trained model into a file", _configure_generate,
      _run_generate),
+    ("bench-sampling: time sampling (ms/shower, showers/s, peak memory) per threads and batch",
+     _configure_bench_sampling, _run_bench_sampling),
     ("evaluate: compare generated with reference showers (histograms, classifier, FPD/KPD)",
      _configure_evaluate, _run_evaluate),
 ]
+
+# bench-sampling takes a list of thread counts to compare
+COMMANDS_WITH_OWN_THREADS = {"bench-sampling"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,9 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Fast calorimeter shower simulation with generative models.")
     parser.add_argument("--version", action="version", version=f"caloforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    common = _common_options()
     for help_line, configure, run in COMMANDS:
         name, _, text = help_line.partition(": ")
+        common = _common_options(threads=name not in COMMANDS_WITH_OWN_THREADS)
         child = sub.add_parser(name, help=text, description=text, parents=[common])
         configure(child)
         child.set_defaults(run=run)

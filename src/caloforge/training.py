@@ -144,11 +144,14 @@ class Trainer:
         """Mean loss over ``tensors`` with fixed noise (seeded), no gradients."""
         module = self.model.module
         module.eval()
+        # a model may select epochs by another figure than its training loss
+        # (e.g. a distilled student by its KL divergence from the teacher)
+        loss_function = getattr(self.model, "validation_loss", self.model.loss)
         generator = torch.Generator().manual_seed(self.config.seed + 12345)
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self._batches(tensors, max(self.config.batch_size, 1024), None):
-                loss = self.model.loss(self._to_device(batch), generator)
+                loss = loss_function(self._to_device(batch), generator)
                 n = len(next(iter(batch.values())))
                 total += float(loss) * n
                 count += n

@@ -12,8 +12,9 @@ from .base import ShowerModel, load_weights, read_model_json
 def families() -> dict[str, Any]:
     """Family name -> model class (imported lazily: torch and zuko are heavy)."""
     from .caloflow import CaloFlow
+    from .caloflow_student import CaloFlowStudent
 
-    return {"caloflow": CaloFlow}
+    return {"caloflow": CaloFlow, "caloflow-student": CaloFlowStudent}
 
 
 def load_model(directory: str) -> ShowerModel:
