@@ -76,7 +76,7 @@ def main() -> int:
                                        metrics["cls-high"]["auc_std"]]
         figures[name + "_fpd_x1e3"] = metrics["fpd_x1e3"]["value"]
     run([exe, "bench-sampling", student_dir, "--threads", "1,2", "--batch-sizes",
-         "1,100,10000", "-o", f"{out}/student_sampling.json", "--no-progress"])
+         "1,100,1000,10000", "-o", f"{out}/student_sampling.json", "--no-progress"])
     teacher_batches = "1,100,1000,10000" if args.teacher_big_batch else "1,100,1000"
     run([exe, "bench-sampling", teacher_dir, "--threads", "1", "--batch-sizes", teacher_batches,
          "--repeats", "3", "--max-seconds", "60", "-o", f"{out}/teacher_sampling.json",
