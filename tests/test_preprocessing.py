@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -71,3 +72,15 @@ def test_condition_transform_standardises_and_records_range():
     assert again == transform
     sampled = transform.sample_energies(5000, rng)
     assert energies.min() <= sampled.min() and sampled.max() <= energies.max()
+
+
+def test_condition_range_check_has_a_margin():
+    from caloforge.errors import CaloforgeError
+    from caloforge.preprocessing import ConditionTransform
+
+    transform = ConditionTransform()
+    transform.fit(np.array([1000.0, 5e4, 1e5]), {}, {})
+    # the edges of an independent sample of the same continuous spectrum
+    transform.check_range(np.array([995.0, 100_500.0]), {}, "held-out.h5")
+    with pytest.raises(CaloforgeError, match="held-out.h5.*training range"):
+        transform.check_range(np.array([900.0]), {}, "held-out.h5")

@@ -230,6 +230,9 @@ class CaloFlow(ShowerModel):
     # split to stay within this budget whatever batch size the caller asks for.
     sampling_memory_bytes = 2e9
     bytes_per_shower_voxel = 10.5e3
+    # Larger micro-batches only add cache misses on a CPU: the student samples at 0.60
+    # ms/shower in micro-batches of 1000 and 0.98 in batches of 3600 (368 voxels, 1 thread).
+    max_micro_batch = 1000
 
     def __init__(self, geometry: Geometry, config: CaloFlowConfig | None = None) -> None:
         super().__init__(geometry)
@@ -378,8 +381,8 @@ class CaloFlow(ShowerModel):
             raise CaloforgeError(f"the model needs condition(s) {missing} to sample")
         module = self.module.to(device).eval()
         n = len(energies)
-        batch_size = max(1, min(batch_size, int(self.sampling_memory_bytes / (
-            self.bytes_per_shower_voxel * self.geometry.n_voxels))))
+        batch_size = max(1, min(batch_size, self.max_micro_batch, int(
+            self.sampling_memory_bytes / (self.bytes_per_shower_voxel * self.geometry.n_voxels))))
         out = np.empty((n, self.geometry.n_voxels), dtype=np.float32)
         # All base noise of the shard comes from one (seed, shard) generator, drawn up front,
         # so the showers do not depend on the batch size.
