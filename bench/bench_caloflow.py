@@ -7,8 +7,8 @@ Steps (each printed with its figures): simulate a training set (seed 11) and an 
 held-out reference (seed 12) with the reference simulator; `caloforge train caloflow`
 (CPU preset) within the time budget; generate as many showers as the held-out reference with
 its incident energies; `caloforge evaluate` (fast classifier preset, 3 repeats); teacher
-sampling cost in ms/shower at batch sizes 1, 100 (median of 3) and 10000 (--big-batch-repeats,
-default 1), 2 threads.
+sampling cost in ms/shower at batch sizes 1, 100, 10000 (median of up to 3 repeats within
+--max-seconds per batch size), 2 threads.
 Targets (issue): low-level AUC <= 0.70, high-level AUC <= 0.65.
 """
 
@@ -39,8 +39,9 @@ def main() -> int:
     parser.add_argument("--time-budget", default="30m")
     parser.add_argument("--out", default="bench-output/caloflow")
     parser.add_argument("--skip-timing", action="store_true")
-    parser.add_argument("--big-batch-repeats", type=int, default=1,
-                        help="timed repeats at batch 10,000 (the teacher needs minutes each)")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop repeating a timing setting after this long (batch 10,000 "
+                             "takes the teacher minutes: timed once)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the data files and trained run of an earlier invocation")
     args = parser.parse_args()
@@ -77,22 +78,17 @@ def main() -> int:
         "auc_high": [metrics["cls-high"]["auc_mean"], metrics["cls-high"]["auc_std"]],
         "fpd_x1e3": metrics["fpd_x1e3"]["value"]})
     if not args.skip_timing:
-        import torch
-
-        from caloforge.evaluation import time_sampling
+        from caloforge.evaluation import benchmark_sampling
         from caloforge.models import load_model
 
-        torch.set_num_threads(2)
         model = load_model(run_dir)
-        rng = np.random.default_rng(0)
-        energies = model.conditions.sample_energies(10_000, rng)
+        energies = model.conditions.sample_energies(10_000, np.random.default_rng(0))
+
         def sample(n: int) -> None:
             model.sample(energies[:n], batch_size=n)
 
-        # batch 10,000 takes minutes with the teacher: timed once, after the smaller batches
-        # have warmed up the same process
-        rows = time_sampling(sample, (1, 100), repeats=3)
-        rows += time_sampling(sample, (10_000,), repeats=args.big_batch_repeats, warmup=0)
+        rows = benchmark_sampling(sample, threads=[2], batch_sizes=(1, 100, 10_000), repeats=3,
+                                  max_seconds=args.max_seconds)
         figures["sampling_ms_per_shower"] = {
             r["batch_size"]: round(r["ms_per_shower"], 3) for r in rows}
         figures["sampling_repeats"] = {r["batch_size"]: r["repeats"] for r in rows}

@@ -101,6 +101,11 @@ def test_conditions_are_used(tmp_path):
         model.sample(data.incident_energies[:5])
     out = model.sample(data.incident_energies[:5], data.select(slice(0, 5)).conditions)
     assert out.showers.shape == (5, 900)
+    # the sampling benchmark takes (N, 2) conditions from a file and repeats them by row
+    reference = tmp_path / "ref.h5"
+    write_showers(reference, data.select(slice(0, 3)), geometry)
+    assert main(["bench-sampling", str(tmp_path), "--like", str(reference), "--threads", "1",
+                 "--batch-sizes", "1,7", "--repeats", "1", "--no-progress"]) == 0
 
 
 def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):

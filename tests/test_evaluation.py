@@ -18,7 +18,7 @@ from caloforge.evaluation import (
     high_level_features,
     kpd,
     separation_power,
-    time_sampling,
+    benchmark_sampling,
 )
 from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry, get_geometry
 from caloforge.simulator import ReferenceSimulator, SimulationPlan, iter_simulated_chunks
@@ -130,9 +130,11 @@ def test_fpd_matches_closed_form():
 
 def test_timing_helper_reports_each_batch_size():
     calls = []
-    results = time_sampling(lambda n: calls.append(n), batch_sizes=(1, 100), repeats=2)
+    results = benchmark_sampling(lambda n: calls.append(n), threads=[1], batch_sizes=(1, 100),
+                                 repeats=2)
     assert [r["batch_size"] for r in results] == [1, 100]
-    assert all(r["ms_per_shower"] > 0 and r["threads"] >= 1 for r in results)
+    assert all(r["ms_per_shower"] > 0 and r["threads"] == 1 and r["repeats"] == 2
+               for r in results)
     assert calls.count(1) == 1 + 2 * 50  # warm-up + repeats x calls
 
 

@@ -489,8 +489,10 @@ def _run_bench_sampling(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else 0
     energies, conditions, _ = generation_inputs(model, None if args.like else largest, args.like,
                                                 None, seed)
-    energies = np.resize(energies, largest)
-    conditions = {k: np.resize(v, largest) for k, v in conditions.items()}
+    # repeat the inputs up to the largest batch (conditions may be (N, k): index rows)
+    rows_needed = np.resize(np.arange(len(energies)), largest)
+    energies = energies[rows_needed]
+    conditions = {k: np.asarray(v)[rows_needed] for k, v in conditions.items()}
 
     def sample(n: int) -> None:
         model.sample(energies[:n], {k: v[:n] for k, v in conditions.items()}, seed=seed,

@@ -5,9 +5,9 @@ from .distances import fpd, frechet_distance, kpd
 from .features import apply_threshold, high_level_features
 from .histograms import separation_power
 from .report import EvaluationSettings, evaluate_samples, format_summary, load_for_evaluation
-from .timing import time_sampling
+from .timing import benchmark_sampling
 
 __all__ = ["PRESETS", "classifier_test", "repeated_classifier_test", "fpd", "frechet_distance",
            "kpd", "apply_threshold", "high_level_features", "separation_power",
            "EvaluationSettings", "evaluate_samples", "format_summary", "load_for_evaluation",
-           "time_sampling"]
+           "benchmark_sampling"]
