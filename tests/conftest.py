@@ -73,3 +73,25 @@ def killed_after_epoch(epoch: int) -> Iterator[None]:
         yield
     finally:
         Trainer.__init__ = original
+
+
+def assert_resume_matches_uninterrupted(make_model, data: ShowerData, tmp_path: Path,
+                                        epochs: int = 3) -> None:
+    """A run killed after epoch 1 and resumed ends with the same weights and log as the
+    uninterrupted run. ``make_model()`` returns a fresh model configured for ``epochs``."""
+    import torch
+
+    from caloforge.models import load_model
+    from caloforge.training import read_log
+
+    reference = make_model()
+    reference.fit(data, str(tmp_path / "full"))
+    interrupted = make_model()
+    with killed_after_epoch(1), pytest.raises(Killed):
+        interrupted.fit(data, str(tmp_path / "cut"))
+    resumed = load_model(str(tmp_path / "cut"))
+    resumed.fit(data, str(tmp_path / "cut"), resume=True)
+    log = read_log(str(tmp_path / "cut" / "train_log.jsonl"))
+    assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
+    for key, value in reference.module.state_dict().items():
+        torch.testing.assert_close(resumed.module.state_dict()[key], value)

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from caloforge.cli import main
-from caloforge.data import ShowerData, read_showers, write_showers
+from caloforge.data import read_showers, write_showers
 from caloforge.errors import CaloforgeError
 from caloforge.evaluation import EvaluationSettings, evaluate_samples
 from caloforge.geometry import get_geometry
 from caloforge.models import load_model
 from caloforge.models.caloflow import CaloFlow
 from caloforge.training import Trainer, TrainingConfig, read_log
-from conftest import Killed, killed_after_epoch, simulate
+from conftest import assert_resume_matches_uninterrupted, simulate
 
 GEOMETRY = get_geometry("calochallenge-1-photons")
 
@@ -114,18 +114,7 @@ def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
         model.config.training.epochs = 3
         return model
 
-    reference = make()
-    reference.fit(data, str(tmp_path / "full"))
-
-    interrupted = make()
-    with killed_after_epoch(1), pytest.raises(Killed):
-        interrupted.fit(data, str(tmp_path / "cut"))
-    resumed = load_model(str(tmp_path / "cut"))
-    resumed.fit(data, str(tmp_path / "cut"), resume=True)
-    log = read_log(str(tmp_path / "cut" / "train_log.jsonl"))
-    assert [r["epoch"] for r in log] == [1, 2, 3]
-    for key, value in reference.module.state_dict().items():
-        torch.testing.assert_close(resumed.module.state_dict()[key], value)
+    assert_resume_matches_uninterrupted(make, data, tmp_path)
 
 
 def test_killed_process_resumes(tmp_path):

@@ -274,11 +274,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # --- train --------------------------------------------------------------------------------
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("family", choices=["caloflow"], help="model family")
+    parser.add_argument("family", choices=["caloflow", "calogan", "wgan"],
+                        help="model family: caloflow (two normalising flows), calogan "
+                             "(CaloGAN-style GAN, layered Cartesian geometries), wgan "
+                             "(conditional WGAN-GP with Box-Cox, e.g. lhcb-ecal)")
     parser.add_argument("--data", required=True, help="training shower file")
     add_geometry_options(parser, required=True)
     parser.add_argument("-o", "--output", required=True, help="run directory")
-    add_training_options(parser, "cpu (default), paper (published sizes), tiny",
+    add_training_options(parser, "cpu (default), tiny; caloflow also paper (published sizes)",
                          "YAML file overriding the preset")
 
 
@@ -314,17 +317,31 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         config = model_class.preset(args.preset)
         if args.config:
-            config = type(config).from_dict({**config.to_dict(), **_read_yaml(args.config)})
+            config = type(config).from_dict(merge_options(config.to_dict(),
+                                                          _read_yaml(args.config)))
         model = model_class(geometry, config)
     _apply_budget(model.config.training, args)
     data = read_showers(args.data, geometry, max_showers=args.max_showers)
     summary = model.fit(data, args.output, resume=args.resume, device=device,
                         progress=progress_bar, metadata={"data": {
                             "file": os.path.abspath(args.data), "n_showers": len(data)}})
+    label = getattr(model, "validation_label", "validation loss")
     print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
-          f"best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
+          f"best {label} {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
           f"; model in {os.path.join(args.output, 'model.safetensors')}")
     return 0
+
+
+def merge_options(base: dict, overrides: dict) -> dict:
+    """``overrides`` on top of ``base``, section by section (a config file's
+    ``training: {learning_rate: ...}`` keeps the preset's other training options)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_options(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _read_yaml(path: str) -> dict:
@@ -374,7 +391,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         distillation = CaloFlowStudent.preset(args.preset)
         if args.config:
             distillation = DistillationConfig.from_dict(
-                {**distillation.to_dict(), **_read_yaml(args.config)})
+                merge_options(distillation.to_dict(), _read_yaml(args.config)))
         student = CaloFlowStudent.from_teacher(teacher, distillation, teacher_dir=args.run_dir)
     _apply_budget(student.config.training, args)
     data_file = args.data or teacher.training_summary.get("data", {}).get("file")

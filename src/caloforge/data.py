@@ -34,7 +34,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_output
-from .errors import GeometryError, OptionError, ShowerFileError
+from .errors import OptionError, ShowerFileError
 from .geometry import Geometry, get_geometry
 
 FORMATS = ("calochallenge", "calogan")

@@ -145,3 +145,48 @@ def _radial_profile(layer, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     centres = 0.5 * (edges[1:] + edges[:-1])
     centres[0] = max(centres[0], 0.5 * edges[1])
     return centres, energy, edges
+
+
+def plot_average_comparison(reference: np.ndarray, generated: np.ndarray,
+                            incident_energies: np.ndarray, geometry: Geometry,
+                            path: str | os.PathLike[str], title: str = "",
+                            labels: tuple[str, str] = ("reference", "generated")) -> None:
+    """Save a PNG: the mean reference and the mean generated shower, layer by layer (one
+    colour scale), and the E_tot/E_inc histograms of both.
+
+    Args:
+        reference, generated: ``(N, n_voxels)`` MeV with the same ``incident_energies`` ``(N,)``.
+    """
+    plt = _pyplot()
+    means = [np.asarray(s, dtype=np.float64).mean(axis=0) for s in (reference, generated)]
+    chosen = choose_layers(geometry, geometry.layer_energies(means[0][None])[0])
+    cols = len(chosen)
+    fig = plt.figure(figsize=(2.3 * cols + 3.6, 5.0))
+    grid = fig.add_gridspec(2, cols + 3, width_ratios=[1] * cols + [0.08, 0.35, 1.6],
+                            hspace=0.45, wspace=0.35)
+    positive = means[0][means[0] > 0]
+    vmin = max(float(positive.min()) if positive.size else 1e-3, 1e-4)
+    vmax = max(float(max(m.max() for m in means)), vmin * 10)
+    mesh = None
+    for row, (label, mean) in enumerate(zip(labels, means)):
+        images = geometry.split_layers(mean[None])
+        for col, position in enumerate(chosen):
+            layer = geometry.layers[position]
+            mesh = _draw_layer(fig, grid[row, col], layer, images[position][0], vmin, vmax,
+                               f"{label} mean, layer {layer.layer_id}")
+    if mesh is not None:
+        fig.colorbar(mesh, cax=fig.add_subplot(grid[:, cols])).set_label(
+            "mean voxel energy [MeV]", fontsize=8)
+    ax = fig.add_subplot(grid[:, cols + 2])
+    e_inc = np.asarray(incident_energies, dtype=np.float64)
+    ratios = [np.asarray(s, dtype=np.float64).sum(axis=1) / e_inc for s in (reference, generated)]
+    lo, hi = np.quantile(ratios[0], [0.001, 0.999])
+    bins = np.linspace(lo - 0.2 * (hi - lo), hi + 0.2 * (hi - lo), 50)
+    for label, ratio in zip(labels, ratios):
+        ax.hist(np.clip(ratio, bins[0], bins[-1]), bins=bins, histtype="step", label=label)
+    ax.set_xlabel("E_tot / E_inc", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.suptitle(title or geometry.name, fontsize=10)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")
+    plt.close(fig)

@@ -12,10 +12,13 @@ plain JSON (``state`` / ``from_state``) that travels with the model.
 * :class:`VoxelTransform`: voxel energies <-> per-layer-normalised voxels in logit space,
   with uniform dequantisation noise on the way in and renormalisation plus threshold on the
   way out.
+* :class:`BoxCoxTransform`: cell energies <-> standardised Box-Cox values (the LHCb
+  WGAN's preprocessing), elementwise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -220,3 +223,68 @@ class VoxelTransform(JsonState):
     def for_geometry(cls, geometry: Geometry, noise_mev: float, threshold_mev: float
                      ) -> "VoxelTransform":
         return cls(list(geometry.layer_sizes), noise_mev, threshold_mev)
+
+
+@dataclass
+class BoxCoxTransform(JsonState):
+    """Cell energies <-> standardised Box-Cox values, elementwise, any shape.
+
+    Energies may be in MeV or in any other unit (e.g. fractions of E_inc): ``threshold_mev``
+    is then in that unit too.
+
+    ``y = (bc(E + shift) - mean) / std`` with ``bc(v) = (v^lam - 1) / lam`` (``log v`` at
+    lam = 0). Fitted: ``lam`` by maximum likelihood (``scipy.stats.boxcox``) on the cells at
+    or above the threshold, limited to ``lam_range`` (default [0, 1]: a negative lam squeezes
+    high energies against the asymptote -1/lam, where a generator's small errors become
+    large energy errors; shower cells, heavy-tailed, fit lam < 0), ``mean``/``std`` over all
+    cells. ``shift`` = the threshold, so empty cells map to one finite value. The inverse
+    clamps into the transform's range and zeroes energies below the threshold.
+    """
+
+    threshold_mev: float = 0.1
+    lam: float = 0.0
+    mean: float = 0.0
+    std: float = 1.0
+    max_mev: float = 1e7  # inverse clamp: twice the largest training cell
+
+    def fit(self, energies: np.ndarray, max_values: int = 500_000, seed: int = 0,
+            lam_range: tuple[float, float] = (0.0, 1.0)) -> "BoxCoxTransform":
+        from scipy import stats
+
+        values = np.asarray(energies, dtype=np.float64).ravel()
+        largest = float(values.max()) if values.size else 0.0
+        rng = np.random.default_rng(seed)
+        if values.size > max_values:
+            values = rng.choice(values, max_values, replace=False)
+        above = values[values >= self.threshold_mev]
+        if above.size < 10:
+            raise CaloforgeError("too few cells above the threshold to fit the Box-Cox transform")
+        _, lam = stats.boxcox(above + self.threshold_mev)
+        self.lam = float(np.clip(lam, *lam_range))
+        self.max_mev = float(2 * largest)
+        transformed = self._boxcox(torch.as_tensor(values + self.threshold_mev)).numpy()
+        self.mean = float(transformed.mean())
+        self.std = float(max(transformed.std(), 1e-6))
+        return self
+
+    def _boxcox(self, v: torch.Tensor) -> torch.Tensor:
+        if abs(self.lam) < 1e-8:
+            return torch.log(v)
+        return (v ** self.lam - 1.0) / self.lam
+
+    def forward(self, energies: torch.Tensor) -> torch.Tensor:
+        return (self._boxcox(energies.clamp(min=0.0) + self.threshold_mev) - self.mean) / self.std
+
+    def inverse_soft(self, y: torch.Tensor) -> torch.Tensor:
+        """Energies without the threshold cut (differentiable; >= 0)."""
+        s = y * self.std + self.mean
+        if abs(self.lam) < 1e-8:
+            v = torch.exp(s.clamp(max=math.log(self.max_mev + self.threshold_mev)))
+        else:
+            base = (self.lam * s + 1.0).clamp(min=torch.finfo(y.dtype).tiny)
+            v = base ** (1.0 / self.lam)
+        return (v - self.threshold_mev).clamp(min=0.0, max=self.max_mev)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        energies = self.inverse_soft(y)
+        return torch.where(energies < self.threshold_mev, torch.zeros_like(energies), energies)

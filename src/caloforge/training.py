@@ -2,7 +2,12 @@
 
 ``Trainer.fit`` runs mini-batch training of any model that provides ``module`` (a torch
 module) and ``loss(batch, generator) -> Tensor`` (the mean per-shower loss to minimise; for
-flows the negative log-likelihood), with:
+flows the negative log-likelihood). Adversarial models instead declare several *players*
+(``players()``: name -> (parameters, learning-rate factor, Adam betas), each with its own
+optimiser), which players update at each step (``player_schedule(step)``) and each
+player's loss (``player_loss(name, batch, generator)``); a model may also select epochs by
+a figure computed on the whole validation set (``validation_metric(tensors, device)``,
+lower is better) instead of the mean validation loss. The loop provides:
 
 * a validation split, AdamW, a one-cycle learning-rate schedule (warm-up then cosine decay,
   driven by the fraction of steps or of the time budget done), gradient clipping;
@@ -55,6 +60,8 @@ class TrainingConfig:
     warmup_fraction: float = 0.3
     seed: int = 0
     max_nonfinite_in_a_row: int = 50
+    # "one-cycle" (warm-up then cosine decay) or "constant" (the usual choice for GANs)
+    schedule: str = "one-cycle"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -65,14 +72,22 @@ class TrainingConfig:
             raise OptionError("batch size, learning rate and gradient clip must be positive")
         if not 0 < self.val_fraction < 0.5:
             raise OptionError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.schedule not in ("one-cycle", "constant"):
+            raise OptionError(f"schedule must be one-cycle or constant, got {self.schedule!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OptionError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        check_known_options(cls, values, "training")
         return cls(**values)
+
+
+def check_known_options(config_class: Any, values: dict[str, Any], what: str) -> None:
+    """Raise an OptionError naming any key of ``values`` that is not a field of the
+    dataclass ``config_class``."""
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OptionError(f"unknown {what} option(s) {unknown}; known: {sorted(known)}")
 
 
 class Trainable(Protocol):
@@ -80,6 +95,25 @@ class Trainable(Protocol):
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         ...
+
+
+# A player: the parameters one optimiser updates, its learning-rate factor (times the
+# scheduled rate) and its Adam betas.
+Player = tuple[list[torch.nn.Parameter], float, tuple[float, float]]
+DEFAULT_BETAS = (0.9, 0.999)
+
+
+def model_players(model: Any) -> dict[str, Player]:
+    """The model's players; a plain model is one player, ``"model"``, with all parameters."""
+    if hasattr(model, "players"):
+        return model.players()
+    return {"model": (list(model.module.parameters()), 1.0, DEFAULT_BETAS)}
+
+
+def learning_rate(config: "TrainingConfig", progress: float) -> float:
+    if config.schedule == "constant":
+        return config.learning_rate
+    return one_cycle_lr(config.learning_rate, progress, config.warmup_fraction)
 
 
 def one_cycle_lr(base_lr: float, progress: float, warmup: float) -> float:
@@ -141,9 +175,13 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def evaluate(self, tensors: dict[str, torch.Tensor]) -> float:
-        """Mean loss over ``tensors`` with fixed noise (seeded), no gradients."""
+        """Mean loss over ``tensors`` with fixed noise (seeded), no gradients; or the
+        model's ``validation_metric`` of the whole set where it has one."""
         module = self.model.module
         module.eval()
+        if hasattr(self.model, "validation_metric"):
+            with torch.no_grad():
+                return float(self.model.validation_metric(tensors, self.device))
         # a model may select epochs by another figure than its training loss
         # (e.g. a distilled student by its KL divergence from the teacher)
         loss_function = getattr(self.model, "validation_loss", self.model.loss)
@@ -161,28 +199,32 @@ class Trainer:
     def _checkpoint_path(self) -> str:
         return os.path.join(self.run_dir, CHECKPOINT)
 
-    def _save_checkpoint(self, state: dict[str, Any], optimiser: torch.optim.Optimizer,
+    def _save_checkpoint(self, state: dict[str, Any],
+                         optimisers: dict[str, torch.optim.Optimizer],
                          best_weights: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         tensors = {f"model.{k}": v.detach().cpu().contiguous()
                    for k, v in self.model.module.state_dict().items()}
         tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_weights.items()})
-        optim_state = optimiser.state_dict()
+        groups: dict[str, Any] = {}
         scalars: dict[str, Any] = {}
-        for index, entry in optim_state["state"].items():
-            for key, value in entry.items():
-                if torch.is_tensor(value):
-                    tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{index}.{key}"] = value
+        for player, optimiser in optimisers.items():
+            optim_state = optimiser.state_dict()
+            groups[player] = optim_state["param_groups"]
+            for index, entry in optim_state["state"].items():
+                for key, value in entry.items():
+                    if torch.is_tensor(value):
+                        tensors[f"optim.{player}.{index}.{key}"] = value.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{player}.{index}.{key}"] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        metadata = {"state": json.dumps(state), "optim_groups": json.dumps(
-            optim_state["param_groups"]), "optim_scalars": json.dumps(scalars)}
+        metadata = {"state": json.dumps(state), "optim_groups": json.dumps(groups),
+                    "optim_scalars": json.dumps(scalars)}
         with atomic_output(self._checkpoint_path()) as tmp:
             save_file(tensors, tmp, metadata=metadata)
 
-    def _load_checkpoint(self, optimiser: torch.optim.Optimizer
+    def _load_checkpoint(self, optimisers: dict[str, torch.optim.Optimizer]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         from safetensors import SafetensorError, safe_open
 
@@ -205,15 +247,20 @@ class Trainer:
                                  f"({str(exc).splitlines()[0]})") from None
         groups = json.loads(metadata["optim_groups"])
         scalars = json.loads(metadata["optim_scalars"])
-        optim_state: dict[Any, dict[str, Any]] = {}
+        if not isinstance(groups, dict) or set(groups) != set(optimisers):
+            raise CaloforgeError(f"{path}: checkpoint optimisers do not match this model "
+                                 "(written by another caloforge version or model family)")
+        optim_states: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in optimisers}
         for key, value in tensors.items():
             if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
+                _, player, index, name = key.split(".", 3)
+                optim_states[player].setdefault(int(index), {})[name] = value
         for key, value in scalars.items():
-            index, name = key.split(".", 1)
-            optim_state.setdefault(int(index), {})[name] = value
-        optimiser.load_state_dict({"state": optim_state, "param_groups": groups})
+            player, index, name = key.split(".", 2)
+            optim_states[player].setdefault(int(index), {})[name] = value
+        for player, optimiser in optimisers.items():
+            optimiser.load_state_dict({"state": optim_states[player],
+                                       "param_groups": groups[player]})
         torch.set_rng_state(tensors["rng.torch"])
         return state, best
 
@@ -223,8 +270,13 @@ class Trainer:
         """Train; returns a summary (epochs, best validation loss and epoch, time, skips)."""
         config = self.config
         module = self.model.module.to(self.device)
-        optimiser = torch.optim.AdamW(module.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+        players = model_players(self.model)
+        optimisers = {name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor,
+                                              betas=betas, weight_decay=config.weight_decay)
+                      for name, (parameters, factor, betas) in players.items()}
+        schedule = getattr(self.model, "player_schedule", lambda step: tuple(players))
+        player_loss = getattr(self.model, "player_loss",
+                              lambda name, batch, generator: self.model.loss(batch, generator))
         n_train = len(next(iter(train.values())))
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
@@ -234,7 +286,7 @@ class Trainer:
         best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
         log_path = os.path.join(self.run_dir, TRAIN_LOG)
         if resume:
-            state, best_weights = self._load_checkpoint(optimiser)
+            state, best_weights = self._load_checkpoint(optimisers)
             _truncate_log(log_path, state["epoch"])
             log.info("resuming %s after epoch %d (best validation loss %.4f at epoch %d)",
                      self.run_dir, state["epoch"], state["best_val"] or float("nan"),
@@ -258,35 +310,36 @@ class Trainer:
                 epoch = state["epoch"]
                 generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
                 module.train()
-                losses = []
+                losses: dict[str, list[float]] = {name: [] for name in players}
                 for batch in self._batches(train, config.batch_size, generator):
                     progress = state["step"] / total_steps
                     if config.time_budget_s:
                         progress = max(progress, (state["elapsed_s"] + time.perf_counter()
                                                   - started) / config.time_budget_s)
-                    lr = one_cycle_lr(config.learning_rate, progress, config.warmup_fraction)
-                    for group in optimiser.param_groups:
-                        group["lr"] = lr
-                    optimiser.zero_grad(set_to_none=True)
-                    loss = self.model.loss(self._to_device(batch), generator)
-                    state["step"] += 1
-                    if not torch.isfinite(loss):
+                    lr = learning_rate(config, progress)
+                    batch = self._to_device(batch)
+                    for name in schedule(state["step"]):
+                        parameters, factor, _ = players[name]
+                        optimiser = optimisers[name]
+                        for group in optimiser.param_groups:
+                            group["lr"] = lr * factor
+                        optimiser.zero_grad(set_to_none=True)
+                        loss = player_loss(name, batch, generator)
+                        if torch.isfinite(loss):
+                            loss.backward()
+                            norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+                            if torch.isfinite(norm):
+                                optimiser.step()
+                                losses[name].append(float(loss.detach()))
+                                consecutive_bad = 0
+                                continue
                         consecutive_bad += 1
                         state["skipped_steps"] += 1
-                    else:
-                        loss.backward()
-                        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-                        if torch.isfinite(norm):
-                            optimiser.step()
-                            losses.append(float(loss.detach()))
-                            consecutive_bad = 0
-                        else:
-                            consecutive_bad += 1
-                            state["skipped_steps"] += 1
-                    if consecutive_bad >= config.max_nonfinite_in_a_row:
-                        raise CaloforgeError(
-                            f"{self.run_dir}: training diverged ({consecutive_bad} non-finite "
-                            f"steps in a row at epoch {epoch + 1}); try a lower learning rate")
+                        if consecutive_bad >= config.max_nonfinite_in_a_row:
+                            raise CaloforgeError(
+                                f"{self.run_dir}: training diverged ({consecutive_bad} non-finite "
+                                f"steps in a row at epoch {epoch + 1}); try a lower learning rate")
+                    state["step"] += 1
                 val_loss = self.evaluate(validation)
                 if not math.isfinite(val_loss):
                     module.load_state_dict(best_weights)
@@ -298,16 +351,20 @@ class Trainer:
                 epoch_seconds = time.perf_counter() - started
                 state["elapsed_s"] += epoch_seconds
                 state["epoch"] = epoch + 1
-                record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses
-                          else float("nan"), "val_loss": val_loss, "lr": lr,
+                means = {name: float(np.mean(v)) if v else float("nan")
+                         for name, v in losses.items()}
+                record = {"epoch": epoch + 1, "train_loss": next(iter(means.values())),
+                          "val_loss": val_loss, "lr": lr,
                           "seconds": round(epoch_seconds, 2),
                           "skipped_steps": state["skipped_steps"], "best": improved}
+                if len(means) > 1:
+                    record["player_losses"] = means
                 if improved:
                     state["best_val"], state["best_epoch"] = val_loss, epoch + 1
                     best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
                     if self.on_best is not None:
                         self.on_best(dict(state))
-                self._save_checkpoint(state, optimiser, best_weights)
+                self._save_checkpoint(state, optimisers, best_weights)
                 with open(log_path, "a", encoding="utf-8") as stream:
                     stream.write(json.dumps(record) + "\n")
                 if bar is not None:
@@ -319,7 +376,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
         module.load_state_dict(best_weights)
-        plot_loss_curve(log_path, os.path.join(self.run_dir, "loss_curve.png"))
+        plot_loss_curve(log_path, os.path.join(self.run_dir, "loss_curve.png"),
+                        getattr(self.model, "validation_label", None))
         return {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
                 "best_val_loss": state["best_val"], "train_seconds": round(state["elapsed_s"], 1),
                 "skipped_steps": state["skipped_steps"], "restores": state["restores"],
@@ -342,8 +400,11 @@ def read_log(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in stream if line.strip()]
 
 
-def plot_loss_curve(log_path: str, png_path: str) -> None:
-    """Training and validation loss per epoch, best epoch marked."""
+def plot_loss_curve(log_path: str, png_path: str, validation_label: str | None = None) -> None:
+    """Training and validation loss per epoch, best epoch marked.
+
+    With several players (a GAN) each player's loss is drawn and the validation figure, on
+    its own axis, is labelled ``validation_label``."""
     if not os.path.exists(log_path):
         return
     records = read_log(log_path)
@@ -356,18 +417,34 @@ def plot_loss_curve(log_path: str, png_path: str) -> None:
 
     epochs = [r["epoch"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train_loss"] for r in records], label="train")
-    ax.plot(epochs, [r["val_loss"] for r in records], label="validation")
+    players = records[-1].get("player_losses")
+    if players:
+        for name in players:
+            ax.plot(epochs, [r.get("player_losses", {}).get(name, float("nan")) for r in records],
+                    label=f"{name} loss")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("symlog")  # adversarial losses change sign and span decades
+        val_ax = ax.twinx()
+        val_ax.plot(epochs, [r["val_loss"] for r in records], color="black", label="validation")
+        val_ax.set_ylabel(validation_label or "validation")
+        handles = ax.get_legend_handles_labels()[0] + val_ax.get_legend_handles_labels()[0]
+    else:
+        ax.plot(epochs, [r["train_loss"] for r in records], label="train")
+        ax.plot(epochs, [r["val_loss"] for r in records], label="validation")
+        later = [v for r in records[1:] for v in (r["train_loss"], r["val_loss"])
+                 if math.isfinite(v)]
+        if len(records) >= 3 and later:  # the first epoch's loss would squash the rest
+            low, high = min(later), max(later)
+            ax.set_ylim(low - 0.1 * (high - low), high + 0.3 * (high - low))
+        ax.set_ylabel(validation_label or "loss (negative log-likelihood per shower)")
     best = [r for r in records if r.get("best")]
     if best:
         ax.axvline(best[-1]["epoch"], color="grey", ls=":", label=f"best (epoch {best[-1]['epoch']})")
-    later = [v for r in records[1:] for v in (r["train_loss"], r["val_loss"]) if math.isfinite(v)]
-    if len(records) >= 3 and later:  # the first epoch's loss would squash the rest
-        low, high = min(later), max(later)
-        ax.set_ylim(low - 0.1 * (high - low), high + 0.3 * (high - low))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (negative log-likelihood per shower)")
-    ax.legend()
+    if players:
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0][len(players):], fontsize=8)
+    else:
+        ax.legend()
     with atomic_output(png_path) as tmp:
         fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
     plt.close(fig)

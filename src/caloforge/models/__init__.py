@@ -11,10 +11,17 @@ from .base import ShowerModel, load_weights, read_model_json
 
 def families() -> dict[str, Any]:
     """Family name -> model class (imported lazily: torch and zuko are heavy)."""
+    from .calogan import CaloGan
     from .caloflow import CaloFlow
     from .caloflow_student import CaloFlowStudent
+    from .wgan import Wgan
 
-    return {"caloflow": CaloFlow, "caloflow-student": CaloFlowStudent}
+    return {"caloflow": CaloFlow, "caloflow-student": CaloFlowStudent, "calogan": CaloGan,
+            "wgan": Wgan}
+
+
+# families trained from data by `caloforge train` (a student is distilled from a teacher)
+TRAINABLE_FAMILIES = ("caloflow", "calogan", "wgan")
 
 
 def load_model(directory: str) -> ShowerModel:
@@ -34,4 +41,4 @@ def load_model(directory: str) -> ShowerModel:
     return model
 
 
-__all__ = ["ShowerModel", "families", "load_model"]
+__all__ = ["ShowerModel", "TRAINABLE_FAMILIES", "families", "load_model"]

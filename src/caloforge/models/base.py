@@ -15,7 +15,7 @@ import json
 import os
 import platform
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ..atomic import atomic_output, write_json_atomic
 from ..data import ShowerData
 from ..errors import CaloforgeError
 from ..geometry import Geometry
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -88,6 +91,119 @@ class ShowerModel(ABC):
             "geometry": self.geometry.to_dict(), "state": self.to_json_state(),
             "training": self.training_summary,
             "versions": _versions()})
+
+
+def shard_generator(seed: int, shard: int) -> "torch.Generator":
+    """The torch generator all sampling noise of one (seed, shard) comes from."""
+    import torch
+
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
+
+
+class ConditionedModel(ShowerModel):
+    """A model trained by the shared :class:`~caloforge.training.Trainer`, conditioned on
+    the incident energy and the file's extra conditions through a fitted
+    :class:`~caloforge.preprocessing.ConditionTransform` (``self.conditions``).
+
+    Subclasses provide ``config`` (with a ``training`` section), ``module`` (None until
+    built), ``_prepare_fit(train_data, resume, device)`` (fit the preprocessing and build the
+    module unless resuming) and the training hooks the Trainer uses (``loss`` or players).
+    Batches are dicts of tensors: ``incident_energy`` ``(B,)`` MeV, ``voxels``
+    ``(B, n_voxels)`` MeV and ``condition.<name>`` ``(B, k)``.
+    """
+
+    conditions: Any  # ConditionTransform
+    config: Any
+
+    def fit(self, data: ShowerData, run_dir: str, resume: bool = False, device: str = "cpu",
+            progress: Any = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        from ..training import Trainer, split_indices
+
+        self.geometry.check_voxels(data.n_voxels)
+        training = self.config.training
+        training.validate()
+        train_index, val_index = split_indices(len(data), training.val_fraction, training.seed)
+        if len(train_index) < 2:
+            raise CaloforgeError(f"too few showers to train: {len(data)}")
+        self._prepare_fit(data.select(train_index), resume, device)
+        trainer = Trainer(self, training, run_dir, device, progress,
+                          on_best=lambda state: self._save_best(run_dir, state),
+                          on_epoch=lambda record: self._after_epoch(run_dir, record))
+        summary = trainer.fit(self._tensors(data, train_index), self._tensors(data, val_index),
+                              resume=resume)
+        self.training_summary = {**summary, "n_train": len(train_index),
+                                 "n_validation": len(val_index), **(metadata or {})}
+        self.module.cpu()
+        self.save(run_dir)
+        return self.training_summary
+
+    @abstractmethod
+    def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
+        """Fit the preprocessing on ``train`` and build the module (unless resuming)."""
+
+    def _after_epoch(self, run_dir: str, record: dict[str, Any]) -> None:
+        """Per-epoch diagnostics (the Trainer's ``on_epoch``); nothing by default."""
+
+    def _save_best(self, run_dir: str, state: dict[str, Any]) -> None:
+        self.training_summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
+                                 "best_val_loss": state["best_val"], "in_progress": True}
+        self.save(run_dir)
+
+    def _require_module(self) -> None:
+        if self.module is None:
+            raise CaloforgeError("the model is not fitted")
+
+    def _tensors(self, data: ShowerData, index: np.ndarray | slice = slice(None)
+                 ) -> dict[str, "torch.Tensor"]:
+        """A batch dict (float32 tensors) of ``data[index]``."""
+        import torch
+
+        tensors = {"incident_energy": torch.as_tensor(data.incident_energies[index],
+                                                      dtype=torch.float32),
+                   "voxels": torch.as_tensor(data.showers[index], dtype=torch.float32)}
+        for name in self.conditions.names:
+            tensors[f"condition.{name}"] = torch.as_tensor(data.conditions[name][index],
+                                                           dtype=torch.float32)
+        return tensors
+
+    def _context(self, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """Standardised conditions ``(B, n_context)`` of a batch."""
+        conditions = {k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith("condition.")}
+        return self.conditions.forward(batch["incident_energy"], conditions)
+
+    def _sampling_inputs(self, incident_energies: np.ndarray,
+                         conditions: dict[str, np.ndarray] | None
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Check the model is fitted; E_inc as float64 ``(N,)`` and a copy of the conditions."""
+        self._require_module()
+        return (np.asarray(incident_energies, dtype=np.float64).reshape(-1),
+                dict(conditions or {}))
+
+    def _condition_batch(self, energies: np.ndarray, conditions: dict[str, np.ndarray],
+                         start: int, stop: int, device: str) -> dict[str, "torch.Tensor"]:
+        """The conditions of showers ``start:stop`` as a batch dict on ``device``."""
+        import torch
+
+        missing = [n for n in self.conditions.names if n not in conditions]
+        if missing:
+            raise CaloforgeError(f"the model needs condition(s) {missing} to sample")
+        batch = {"incident_energy": torch.as_tensor(energies[start:stop], dtype=torch.float32,
+                                                    device=device)}
+        for name in self.conditions.names:
+            batch[f"condition.{name}"] = torch.as_tensor(
+                np.asarray(conditions[name])[start:stop], dtype=torch.float32, device=device)
+        return batch
+
+    def _sampled_data(self, energies: np.ndarray, showers: np.ndarray,
+                      conditions: dict[str, np.ndarray]) -> ShowerData:
+        units = {k: self.conditions.units.get(k, "") for k in conditions}
+        return ShowerData(energies, showers, {k: np.asarray(v) for k, v in conditions.items()},
+                          units)
+
+    def check_conditions(self, incident_energies: np.ndarray,
+                         conditions: dict[str, np.ndarray], source: str) -> None:
+        self.conditions.check_range(incident_energies, conditions, source)
 
 
 def _versions() -> dict[str, str]:

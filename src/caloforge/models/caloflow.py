@@ -33,11 +33,11 @@ from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.transforms import MonotonicRQSTransform
 
 from ..data import ShowerData
-from ..errors import CaloforgeError, OptionError
+from ..errors import OptionError
 from ..geometry import Geometry
 from ..preprocessing import ConditionTransform, LayerEnergyTransform, VoxelTransform
-from ..training import Trainer, TrainingConfig, split_indices
-from .base import ShowerModel
+from ..training import TrainingConfig
+from .base import ConditionedModel, shard_generator
 
 
 @dataclass
@@ -212,7 +212,7 @@ class CaloFlowModule(torch.nn.Module):
                                inverse=student)
 
 
-class CaloFlow(ShowerModel):
+class CaloFlow(ConditionedModel):
     """The two-flow CaloFlow teacher on any geometry with ~1000 voxels or fewer.
 
     Example::
@@ -270,20 +270,6 @@ class CaloFlow(ShowerModel):
         floor = self.config.noise_mev * 1e-3
         return (torch.log10(layer_energies.clamp(min=floor)) - mean) / std
 
-    def _tensors(self, data: ShowerData, index: np.ndarray | slice = slice(None)
-                 ) -> dict[str, torch.Tensor]:
-        tensors = {"incident_energy": torch.as_tensor(data.incident_energies[index],
-                                                      dtype=torch.float32),
-                   "voxels": torch.as_tensor(data.showers[index], dtype=torch.float32)}
-        for name in self.conditions.names:
-            tensors[f"condition.{name}"] = torch.as_tensor(data.conditions[name][index],
-                                                           dtype=torch.float32)
-        return tensors
-
-    def _context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        conditions = {k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith("condition.")}
-        return self.conditions.forward(batch["incident_energy"], conditions)
-
     # --- likelihood -------------------------------------------------------------------
     def _log_prob(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
                   ) -> torch.Tensor:
@@ -321,36 +307,12 @@ class CaloFlow(ShowerModel):
         return np.concatenate(out)
 
     # --- training ---------------------------------------------------------------------
-    def fit(self, data: ShowerData, run_dir: str, resume: bool = False, device: str = "cpu",
-            progress: Any = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.geometry.check_voxels(data.n_voxels)
-        training = self.config.training
-        training.validate()
-        train_index, val_index = split_indices(len(data), training.val_fraction, training.seed)
-        if len(train_index) < 2:
-            raise CaloforgeError(f"too few showers to train: {len(data)}")
-        self._prepare_fit(data.select(train_index), resume, device)
-        trainer = Trainer(self, training, run_dir, device, progress,
-                          on_best=lambda state: self._save_best(run_dir, state))
-        summary = trainer.fit(self._tensors(data, train_index), self._tensors(data, val_index),
-                              resume=resume)
-        self.training_summary = {**summary, "n_train": len(train_index),
-                                 "n_validation": len(val_index), **(metadata or {})}
-        self.module.cpu()
-        self.save(run_dir)
-        return self.training_summary
-
     def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         """Fit the preprocessing and build the flows (a resumed run has both already)."""
         if not resume:
             self._fit_preprocessing(train)
             self._build_module()
         self._require_module()
-
-    def _save_best(self, run_dir: str, state: dict[str, Any]) -> None:
-        self.training_summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
-                                 "best_val_loss": state["best_val"], "in_progress": True}
-        self.save(run_dir)
 
     def _build_module(self) -> None:
         torch.manual_seed(self.config.training.seed)
@@ -360,25 +322,12 @@ class CaloFlow(ShowerModel):
         return CaloFlowModule(self.conditions.n_features, list(self.geometry.layer_sizes),
                               self.config, student=self.inverse_autoregressive)
 
-    def _require_module(self) -> None:
-        if self.module is None:
-            raise CaloforgeError("the model is not fitted")
-
     # --- sampling ---------------------------------------------------------------------
-    def check_conditions(self, incident_energies: np.ndarray,
-                         conditions: dict[str, np.ndarray], source: str) -> None:
-        self.conditions.check_range(incident_energies, conditions, source)
-
     def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,
                seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
                ) -> ShowerData:
-        self._require_module()
+        energies, conditions = self._sampling_inputs(incident_energies, conditions)
         assert self.module is not None
-        energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
-        conditions = dict(conditions or {})
-        missing = [n for n in self.conditions.names if n not in conditions]
-        if missing:
-            raise CaloforgeError(f"the model needs condition(s) {missing} to sample")
         module = self.module.to(device).eval()
         n = len(energies)
         batch_size = max(1, min(batch_size, self.max_micro_batch, int(
@@ -386,19 +335,14 @@ class CaloFlow(ShowerModel):
         out = np.empty((n, self.geometry.n_voxels), dtype=np.float32)
         # All base noise of the shard comes from one (seed, shard) generator, drawn up front,
         # so the showers do not depend on the batch size.
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
+        generator = shard_generator(seed, shard)
         z1 = torch.randn(n, self.geometry.n_layers, generator=generator)
         z2 = torch.randn(n, self.geometry.n_voxels, generator=generator)
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                e_inc = torch.as_tensor(energies[start:stop], dtype=torch.float32, device=device)
-                batch = {"incident_energy": e_inc}
-                for name in self.conditions.names:
-                    batch[f"condition.{name}"] = torch.as_tensor(
-                        np.asarray(conditions[name])[start:stop], dtype=torch.float32,
-                        device=device)
+                batch = self._condition_batch(energies, conditions, start, stop, device)
+                e_inc = batch["incident_energy"]
                 context = self._context(batch)
                 x1 = module.flow1(context).transform.inv(z1[start:stop].to(device))
                 layer_energies = self.layer_transform.inverse(x1, e_inc)
@@ -407,8 +351,7 @@ class CaloFlow(ShowerModel):
                 voxels = self.voxel_transform.inverse(torch.nan_to_num(x2, nan=-20.0),
                                                       layer_energies)
                 out[start:stop] = voxels.cpu().numpy()
-        units = {k: self.conditions.units.get(k, "") for k in conditions}
-        return ShowerData(energies, out, {k: np.asarray(v) for k, v in conditions.items()}, units)
+        return self._sampled_data(energies, out, conditions)
 
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
