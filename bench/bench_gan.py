@@ -115,7 +115,14 @@ def main() -> int:
                                                        TIMED_BATCHES.get(family, GAN_BATCHES))}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    with open(os.path.join(args.out, "figures.json"), "w") as stream:
+    # rows of earlier invocations for other pairs are kept: one table for all pairs
+    figures_path = os.path.join(args.out, "figures.json")
+    if os.path.exists(figures_path):
+        with open(figures_path) as stream:
+            earlier = json.load(stream)
+        done = {(r["geometry"], r["family"]) for r in rows}
+        rows = [r for r in earlier if (r["geometry"], r["family"]) not in done] + rows
+    with open(figures_path, "w") as stream:
         json.dump(rows, stream, indent=2)
     print("\n| geometry | model | training | AUC low | AUC high | FPD x1e3 | "
           "ms/shower at batch 1 / 100 / 10,000 (caloflow: 1000), 1 thread |")

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-
 from caloforge.geometry import available_geometries
 from caloforge.simulator import SimulationPlan, iter_simulated_chunks, simulate_to_file
 

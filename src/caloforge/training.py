@@ -247,6 +247,12 @@ class Trainer:
                                  f"({str(exc).splitlines()[0]})") from None
         groups = json.loads(metadata["optim_groups"])
         scalars = json.loads(metadata["optim_scalars"])
+        if isinstance(groups, list) and list(optimisers) == ["model"]:
+            # written before models could have several players: one optimiser, no names
+            groups = {"model": groups}
+            scalars = {f"model.{key}": value for key, value in scalars.items()}
+            tensors = {f"optim.model.{k[6:]}" if k.startswith("optim.") else k: v
+                       for k, v in tensors.items()}
         if not isinstance(groups, dict) or set(groups) != set(optimisers):
             raise CaloforgeError(f"{path}: checkpoint optimisers do not match this model "
                                  "(written by another caloforge version or model family)")

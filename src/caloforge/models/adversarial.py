@@ -170,9 +170,10 @@ class AdversarialModel(ConditionedModel):
     """Base class of the GAN families (see the module docstring)."""
 
     config: GanConfig
-    # micro-batches for sampling: large enough for vectorised convolutions, small enough
-    # for the cache
-    max_micro_batch = 2000
+    # micro-batches for sampling: large enough for vectorised convolutions, small enough for
+    # the cache (1 thread, 10,000 showers: calogan 0.165 ms/shower at 256, 0.31 at 2000;
+    # wgan 0.21 at 256, 0.35 at 2000)
+    max_micro_batch = 256
     validation_label = "mean separation power of high-level features (validation)"
 
     def __init__(self, geometry: Geometry, config: GanConfig | None = None) -> None:
