@@ -234,17 +234,13 @@ class AdversarialModel(ConditionedModel):
                 self.module.generator.start_from_mean(self._mean_representation(train))
         self._require_module()
 
-    def _mean_fractions(self, train: ShowerData) -> np.ndarray:
-        """The mean shower as fractions of E_inc, ``(n_voxels,)``."""
-        return (train.showers / train.incident_energies[:, None]).mean(0)
-
     def _mean_representation(self, train: ShowerData) -> torch.Tensor:
         """The mean training shower in the representation. (The mean of the
         representation itself would, through its non-linearity, decode to far too little
         energy.)"""
         reference = float(np.exp(np.log(train.incident_energies).mean()))
-        fractions = torch.as_tensor(self._mean_fractions(train)[None] * reference,
-                                    dtype=torch.float32)
+        mean_fractions = (train.showers / train.incident_energies[:, None]).mean(0)
+        fractions = torch.as_tensor(mean_fractions[None] * reference, dtype=torch.float32)
         return self._encode(fractions, torch.tensor([reference], dtype=torch.float32))[0]
 
     def players(self) -> dict[str, Player]:

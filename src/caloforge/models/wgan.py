@@ -276,7 +276,9 @@ class Wgan(AdversarialModel):
             return super()._mean_representation(train)
         fractions = torch.as_tensor(train.showers / train.incident_energies[:, None],
                                     dtype=torch.float32).view(len(train), *self.shape)
-        batch = self._tensors(train)
+        # only the conditions are needed (not a second float32 copy of every shower)
+        batch = self._condition_batch(train.incident_energies, train.conditions, 0, len(train),
+                                      "cpu")
         with torch.no_grad():
             shift = aligner(self._context(batch))
             mean_fractions = torch.cat([translate(f, -s) for f, s in zip(
