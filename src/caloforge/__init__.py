@@ -21,12 +21,13 @@ from .geometry import (  # noqa: E402
     parse_binning_xml,
     resolve_geometry,
 )
-from .data import ShowerData, ShowerFile, ShowerWriter, read_showers, write_showers  # noqa: E402
+from .data import (ShowerData, ShowerFile, ShowerStream, ShowerWriter,  # noqa: E402
+                   read_showers, write_showers)
 
 __all__ = [
     "__version__",
     "CaloforgeError", "GeometryError", "OptionError", "ShowerFileError",
     "CartesianLayer", "CylindricalLayer", "Geometry", "available_geometries", "get_geometry",
     "parse_binning_xml", "resolve_geometry",
-    "ShowerData", "ShowerFile", "ShowerWriter", "read_showers", "write_showers",
+    "ShowerData", "ShowerFile", "ShowerStream", "ShowerWriter", "read_showers", "write_showers",
 ]

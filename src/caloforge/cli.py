@@ -16,7 +16,7 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .errors import CaloforgeError, OptionError
 from .geometry import available_geometries, get_geometry, resolve_geometry
-from .runtime import get_logger, set_progress, set_threads, setup_logging
+from .runtime import get_logger, parse_quantity, set_progress, set_threads, setup_logging
 
 log = get_logger("cli")
 
@@ -274,10 +274,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # --- train --------------------------------------------------------------------------------
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("family", choices=["caloflow", "calogan", "wgan"],
-                        help="model family: caloflow (two normalising flows), calogan "
-                             "(CaloGAN-style GAN, layered Cartesian geometries), wgan "
-                             "(conditional WGAN-GP with Box-Cox, e.g. lhcb-ecal)")
+    parser.add_argument("family", choices=["caloflow", "icaloflow", "calogan", "wgan"],
+                        help="model family: caloflow (two normalising flows, <~1000 voxels), "
+                             "icaloflow (layer-to-layer flows, many voxels: calochallenge-2/3, "
+                             "ild-ecal), calogan (CaloGAN-style GAN, layered Cartesian "
+                             "geometries), wgan (conditional WGAN-GP with Box-Cox, e.g. "
+                             "lhcb-ecal)")
     parser.add_argument("--data", required=True, help="training shower file")
     add_geometry_options(parser, required=True)
     parser.add_argument("-o", "--output", required=True, help="run directory")
@@ -297,12 +299,45 @@ def add_training_options(parser: argparse.ArgumentParser, presets: str, config_h
     parser.add_argument("--resume", action="store_true", help="continue a killed run")
     parser.add_argument("--max-showers", type=int, default=None,
                         help="use only the first N showers of the file")
+    parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                        help="read the training file block by block instead of whole (files "
+                             "larger than memory; families that support it: icaloflow). "
+                             "auto: when the voxels exceed --memory-limit")
+    parser.add_argument("--memory-limit", default="4GB",
+                        help="voxel data above this size are streamed with --stream auto "
+                             "(default 4GB)")
+
+
+def _training_data(args: argparse.Namespace, geometry, streams: bool):
+    """The training showers: in memory, or a ShowerStream when asked or too large."""
+    from .data import ShowerFile, ShowerStream, read_showers
+
+    if args.max_showers is not None and args.max_showers < 1:
+        raise OptionError(f"--max-showers must be >= 1, got {args.max_showers}")
+    memory_limit = parse_size(args.memory_limit)
+    stream = args.stream == "on"
+    if args.stream == "auto" and streams:
+        with ShowerFile(args.data, geometry) as reader:
+            n = len(reader) if args.max_showers is None else min(len(reader), args.max_showers)
+            stream = 4 * n * reader.n_voxels > memory_limit
+    if stream:
+        if not streams:
+            raise OptionError("this model family trains in memory; use --stream off")
+        return ShowerStream(args.data, geometry, args.max_showers)
+    return read_showers(args.data, geometry, max_showers=args.max_showers)
+
+
+def parse_size(text: str) -> float:
+    """Bytes from ``500MB``, ``4GB``, ``4GiB`` (taken as 4 GB), ``1e9``."""
+    units = {f"{prefix}{suffix}": factor for prefix, factor in
+             (("k", 1e3), ("m", 1e6), ("g", 1e9), ("t", 1e12))
+             for suffix in ("", "b", "ib")}
+    return parse_quantity(text, {**units, "b": 1.0}, "size", "500MB, 4GB")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
-    from .data import read_showers
     from .models import families, load_model
     from .runtime import progress_bar, resolve_device
 
@@ -321,7 +356,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                                           _read_yaml(args.config)))
         model = model_class(geometry, config)
     _apply_budget(model.config.training, args)
-    data = read_showers(args.data, geometry, max_showers=args.max_showers)
+    data = _training_data(args, geometry, model.streams_training_data)
     summary = model.fit(data, args.output, resume=args.resume, device=device,
                         progress=progress_bar, metadata={"data": {
                             "file": os.path.abspath(args.data), "n_showers": len(data)}})
@@ -361,7 +396,8 @@ def _read_yaml(path: str) -> dict:
 
 # --- distill -------------------------------------------------------------------------------
 def _configure_distill(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory of a trained CaloFlow teacher")
+    parser.add_argument("run_dir", help="run directory of a trained caloflow or icaloflow "
+                                        "teacher")
     parser.add_argument("-o", "--output", required=True, help="student run directory")
     parser.add_argument("--data", default=None,
                         help="training shower file (default: the one the teacher was trained on)")
@@ -372,36 +408,41 @@ def _configure_distill(parser: argparse.ArgumentParser) -> None:
 def _run_distill(args: argparse.Namespace) -> int:
     import os
 
-    from .data import read_showers
-    from .models import load_model
-    from .models.caloflow_student import CaloFlowStudent, DistillationConfig
+    from .models import STUDENT_FAMILIES, families, load_model
+    from .models.distillation import DistillationConfig
     from .runtime import progress_bar, resolve_device
 
     device = resolve_device(args.device)
     teacher = load_model(args.run_dir)
+    if teacher.family not in STUDENT_FAMILIES:
+        raise CaloforgeError(f"{args.run_dir}: a {teacher.family!r} model has no student; "
+                             f"distil one of: {', '.join(STUDENT_FAMILIES)}")
+    student_class = families()[STUDENT_FAMILIES[teacher.family]]
     if args.resume:
         if args.config:
             raise OptionError("--resume continues with the run's saved configuration; "
                               "drop --config")
         student = load_model(args.output)
-        if not isinstance(student, CaloFlowStudent):
-            raise CaloforgeError(f"{args.output}: not a distillation run")
+        if not isinstance(student, student_class):
+            raise CaloforgeError(f"{args.output}: not a distillation run of this teacher's "
+                                 "family")
         student.attach_teacher(teacher, args.run_dir)
     else:
-        distillation = CaloFlowStudent.preset(args.preset)
+        distillation = student_class.preset(args.preset)
         if args.config:
             distillation = DistillationConfig.from_dict(
                 merge_options(distillation.to_dict(), _read_yaml(args.config)))
-        student = CaloFlowStudent.from_teacher(teacher, distillation, teacher_dir=args.run_dir)
+        student = student_class.from_teacher(teacher, distillation, teacher_dir=args.run_dir)
     _apply_budget(student.config.training, args)
-    data_file = args.data or teacher.training_summary.get("data", {}).get("file")
-    if not data_file:
+    if args.data is None:
+        args.data = teacher.training_summary.get("data", {}).get("file")
+    if not args.data:
         raise OptionError(f"{args.run_dir}: the teacher does not record its training file; "
                           "pass --data")
-    data = read_showers(data_file, teacher.geometry, max_showers=args.max_showers)
+    data = _training_data(args, teacher.geometry, student.streams_training_data)
     summary = student.fit(data, args.output, resume=args.resume, device=device,
                           progress=progress_bar, metadata={"data": {
-                              "file": os.path.abspath(data_file), "n_showers": len(data)}})
+                              "file": os.path.abspath(args.data), "n_showers": len(data)}})
     print(f"distilled {args.run_dir}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
           f"best KL(student||teacher) {summary['best_val_loss']:.4f} nats at epoch "
           f"{summary['best_epoch']}; student in {args.output}")
@@ -543,7 +584,7 @@ COMMANDS: list[Command] = [
      _configure_plot, _run_plot),
     ("train: train a model on a shower file (checkpoints, resume, loss curve)",
      _configure_train, _run_train),
-    ("distill: distil a CaloFlow teacher into a one-pass IAF student (CaloFlow II)",
+    ("distill: distil a CaloFlow or iCaloFlow teacher into one-pass IAF students",
      _configure_distill, _run_distill),
     ("generate: sample showers from a trained model into a file", _configure_generate,
      _run_generate),

@@ -271,10 +271,11 @@ class Geometry:
                 f"showers have {n_voxels} voxels but geometry {self.name!r} has {self.n_voxels}"
             )
 
-    def layer_energies(self, showers: np.ndarray) -> np.ndarray:
-        """Energy per layer, ``(N, n_layers)``, from flat showers ``(N, n_voxels)`` (MeV)."""
+    def layer_energies(self, showers: np.ndarray, dtype: Any = None) -> np.ndarray:
+        """Energy per layer, ``(N, n_layers)``, from flat showers ``(N, n_voxels)`` (MeV),
+        summed in ``dtype`` (default: the showers' dtype) without copying the showers."""
         self.check_voxels(showers.shape[-1])
-        return np.add.reduceat(showers, self.layer_offsets[:-1], axis=-1)
+        return np.add.reduceat(showers, self.layer_offsets[:-1], axis=-1, dtype=dtype)
 
     def split_layers(self, showers: np.ndarray) -> list[np.ndarray]:
         """Views of each layer as images ``(N, *layer.shape)`` of flat showers ``(N, n_voxels)``."""

@@ -21,6 +21,21 @@ LOGGER_NAME = "caloforge"
 _progress_enabled = True
 
 
+def parse_quantity(text: str, units: dict[str, float], what: str, examples: str) -> float:
+    """A positive number with an optional unit suffix (``units``: lower-case suffix ->
+    factor), e.g. ``30m`` or ``4g``; an OptionError naming ``what`` otherwise."""
+    cleaned = text.strip().lower()
+    try:
+        suffix = next((u for u in sorted(units, key=len, reverse=True)
+                       if u and cleaned.endswith(u)), "")
+        value = float(cleaned[:len(cleaned) - len(suffix)]) * units.get(suffix, 1.0)
+    except ValueError:
+        raise OptionError(f"cannot read {what} {text!r}: use e.g. {examples}") from None
+    if not value > 0:
+        raise OptionError(f"{what}s must be positive, got {text!r}")
+    return value
+
+
 def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
 

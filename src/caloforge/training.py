@@ -20,7 +20,10 @@ lower is better) instead of the mean validation loss. The loop provides:
   killed run resumed with ``resume=True`` loses at most the epoch in progress and continues
   exactly (same batches, same noise);
 * a progress bar with loss and ETA, ``train_log.jsonl`` (one line per epoch) and
-  ``loss_curve.png`` in the run directory.
+  ``loss_curve.png`` in the run directory;
+* training data in memory (a batch dict, :class:`TensorBatches`) or read block by block
+  from a file (:class:`StreamedBatches`); ``epoch_showers`` cuts a long pass over a large
+  set into several epochs (validation, checkpoint and time-budget check after each).
 
 No global state: every random number comes from generators seeded by (seed, epoch).
 """
@@ -32,14 +35,15 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from .atomic import atomic_output
+from .data import ShowerData, ShowerStream
 from .errors import CaloforgeError, OptionError
-from .runtime import get_logger
+from .runtime import get_logger, parse_quantity
 
 log = get_logger("training")
 CHECKPOINT = "checkpoint.safetensors"
@@ -62,6 +66,10 @@ class TrainingConfig:
     max_nonfinite_in_a_row: int = 50
     # "one-cycle" (warm-up then cosine decay) or "constant" (the usual choice for GANs)
     schedule: str = "one-cycle"
+    # Showers per epoch; None: the whole training set. A large set split into epochs of
+    # this size is validated, checkpointed and checked against the time budget more often
+    # (each pass over the data is still one shuffled permutation, cut into parts).
+    epoch_showers: int | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -74,6 +82,12 @@ class TrainingConfig:
             raise OptionError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.schedule not in ("one-cycle", "constant"):
             raise OptionError(f"schedule must be one-cycle or constant, got {self.schedule!r}")
+        if self.epoch_showers is not None and self.epoch_showers < 1:
+            raise OptionError(f"epoch_showers must be >= 1, got {self.epoch_showers}")
+
+    def parts_per_pass(self, n_train: int) -> int:
+        """Epochs per pass over ``n_train`` training showers."""
+        return 1 if self.epoch_showers is None else max(1, math.ceil(n_train / self.epoch_showers))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
@@ -127,17 +141,7 @@ def one_cycle_lr(base_lr: float, progress: float, warmup: float) -> float:
 
 def parse_duration(text: str) -> float:
     """Seconds from ``90``, ``90s``, ``30m``, ``1.5h``."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text and text[-1].lower() in units:
-            value = float(text[:-1]) * units[text[-1].lower()]
-        else:
-            value = float(text)
-    except ValueError:
-        raise OptionError(f"cannot read duration {text!r}: use e.g. 90s, 30m, 1.5h") from None
-    if value <= 0:
-        raise OptionError(f"durations must be positive, got {text!r}")
-    return value
+    return parse_quantity(text, {"s": 1, "m": 60, "h": 3600}, "duration", "90s, 30m, 1.5h")
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +149,89 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     order = np.random.default_rng(np.random.SeedSequence([seed, 999])).permutation(n)
     n_val = max(1, int(round(val_fraction * n)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class TensorBatches:
+    """Mini-batches of a batch dict held in memory (``name -> (N, ...)`` tensors)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None, part: int = 0,
+                parts: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Shuffled by ``generator`` (in order without one); ``part`` of ``parts`` equal
+        slices of the shuffled order."""
+        if parts == 1:
+            yield from _slices(self.tensors, batch_size, generator)
+            return
+        order = _part(torch.randperm(len(self), generator=generator), part, parts)
+        yield from _slices({k: v[order] for k, v in self.tensors.items()}, batch_size, None)
+
+
+class StreamedBatches:
+    """Mini-batches read block by block from a :class:`~caloforge.data.ShowerStream`.
+
+    An epoch visits the blocks in an order drawn from the generator and shuffles the
+    showers inside a buffer of ``buffer_blocks`` blocks, so memory holds a few blocks,
+    whatever the file size. Without a generator (validation) blocks come in order.
+    ``to_tensors`` turns a :class:`~caloforge.data.ShowerData` into a batch dict.
+    """
+
+    def __init__(self, stream: ShowerStream, blocks: np.ndarray,
+                 to_tensors: Callable[[ShowerData], dict[str, torch.Tensor]],
+                 buffer_blocks: int = 4) -> None:
+        self.stream, self.blocks, self.to_tensors = stream, np.asarray(blocks), to_tensors
+        self.buffer_blocks = max(1, buffer_blocks)
+
+    def __len__(self) -> int:
+        return self.stream.count(self.blocks)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None, part: int = 0,
+                parts: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Shuffled by ``generator`` (in order without one); ``part`` of ``parts`` equal
+        slices of the shuffled block order."""
+        order = self.blocks if generator is None else self.blocks[
+            torch.randperm(len(self.blocks), generator=generator).numpy()]
+        order = _part(order, part, parts)
+        carry: dict[str, torch.Tensor] | None = None
+        for first in range(0, len(order), self.buffer_blocks):
+            parts = [self.to_tensors(self.stream.read_block(int(b)))
+                     for b in order[first:first + self.buffer_blocks]]
+            buffer = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            if generator is not None:
+                shuffle = torch.randperm(len(next(iter(buffer.values()))), generator=generator)
+                buffer = {k: v[shuffle] for k, v in buffer.items()}
+            if carry is not None:
+                buffer = {k: torch.cat([carry[k], v]) for k, v in buffer.items()}
+            n = len(next(iter(buffer.values())))
+            full = n - n % batch_size
+            yield from _slices({k: v[:full] for k, v in buffer.items()}, batch_size, None)
+            carry = {k: v[full:] for k, v in buffer.items()} if full < n else None
+        if carry is not None:
+            yield carry
+
+
+BatchSource = TensorBatches | StreamedBatches
+
+
+def _part(order: Any, part: int, parts: int) -> Any:
+    """Slice ``part`` of ``parts`` near-equal consecutive slices of ``order``."""
+    n = len(order)
+    return order[part * n // parts:(part + 1) * n // parts]
+
+
+def _slices(tensors: dict[str, torch.Tensor], batch_size: int,
+            generator: torch.Generator | None) -> Iterator[dict[str, torch.Tensor]]:
+    n = len(next(iter(tensors.values())))
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            yield {k: v[start:start + batch_size] for k, v in tensors.items()}
+        else:
+            yield {k: v[order[start:start + batch_size]] for k, v in tensors.items()}
 
 
 class Trainer:
@@ -162,33 +249,29 @@ class Trainer:
         self.on_epoch = on_epoch
         os.makedirs(run_dir, exist_ok=True)
 
-    # --- batches ---------------------------------------------------------------------
-    @staticmethod
-    def _batches(tensors: dict[str, torch.Tensor], batch_size: int,
-                 generator: torch.Generator | None) -> list[dict[str, torch.Tensor]]:
-        n = len(next(iter(tensors.values())))
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        return [{k: v[order[s:s + batch_size]] for k, v in tensors.items()}
-                for s in range(0, n, batch_size)]
-
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def evaluate(self, tensors: dict[str, torch.Tensor]) -> float:
-        """Mean loss over ``tensors`` with fixed noise (seeded), no gradients; or the
+    def evaluate(self, source: BatchSource) -> float:
+        """Mean loss over ``source`` with fixed noise (seeded), no gradients; or the
         model's ``validation_metric`` of the whole set where it has one."""
         module = self.model.module
         module.eval()
         if hasattr(self.model, "validation_metric"):
+            if not isinstance(source, TensorBatches):
+                raise CaloforgeError("this model family validates in memory: train it "
+                                     "without streaming")
             with torch.no_grad():
-                return float(self.model.validation_metric(tensors, self.device))
+                return float(self.model.validation_metric(source.tensors, self.device))
         # a model may select epochs by another figure than its training loss
         # (e.g. a distilled student by its KL divergence from the teacher)
         loss_function = getattr(self.model, "validation_loss", self.model.loss)
         generator = torch.Generator().manual_seed(self.config.seed + 12345)
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch in self._batches(tensors, max(self.config.batch_size, 1024), None):
+            size = getattr(self.model, "validation_batch_size", None) or max(
+                self.config.batch_size, 1024)
+            for batch in source.batches(size, None):
                 loss = loss_function(self._to_device(batch), generator)
                 n = len(next(iter(batch.values())))
                 total += float(loss) * n
@@ -271,10 +354,17 @@ class Trainer:
         return state, best
 
     # --- the loop --------------------------------------------------------------------
-    def fit(self, train: dict[str, torch.Tensor], validation: dict[str, torch.Tensor],
+    def fit(self, train: dict[str, torch.Tensor] | BatchSource,
+            validation: dict[str, torch.Tensor] | BatchSource,
             resume: bool = False) -> dict[str, Any]:
-        """Train; returns a summary (epochs, best validation loss and epoch, time, skips)."""
+        """Train; returns a summary (epochs, best validation loss and epoch, time, skips).
+
+        ``train`` and ``validation``: batch dicts in memory or batch sources (streamed)."""
         config = self.config
+        if isinstance(train, dict):
+            train = TensorBatches(train)
+        if isinstance(validation, dict):
+            validation = TensorBatches(validation)
         module = self.model.module.to(self.device)
         players = model_players(self.model)
         optimisers = {name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor,
@@ -283,8 +373,9 @@ class Trainer:
         schedule = getattr(self.model, "player_schedule", lambda step: tuple(players))
         player_loss = getattr(self.model, "player_loss",
                               lambda name, batch, generator: self.model.loss(batch, generator))
-        n_train = len(next(iter(train.values())))
-        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        n_train = len(train)
+        parts = config.parts_per_pass(n_train)
+        steps_per_epoch = math.ceil(n_train / parts / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
         state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best_val": None,
                                  "best_epoch": 0, "skipped_steps": 0, "restores": 0,
@@ -314,10 +405,17 @@ class Trainer:
                     break
                 started = time.perf_counter()
                 epoch = state["epoch"]
-                generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+                pass_index, part = divmod(epoch, parts)
+                # the order of a pass comes from a generator seeded by the pass; with several
+                # epochs per pass, each epoch's noise from its own
+                generator = torch.Generator().manual_seed(config.seed * 100_003 + pass_index)
+                order = generator
+                if parts > 1:
+                    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                        [config.seed, epoch, 1]).generate_state(1)[0]))
                 module.train()
                 losses: dict[str, list[float]] = {name: [] for name in players}
-                for batch in self._batches(train, config.batch_size, generator):
+                for batch in train.batches(config.batch_size, order, part, parts):
                     progress = state["step"] / total_steps
                     if config.time_budget_s:
                         progress = max(progress, (state["elapsed_s"] + time.perf_counter()

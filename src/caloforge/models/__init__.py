@@ -14,14 +14,17 @@ def families() -> dict[str, Any]:
     from .calogan import CaloGan
     from .caloflow import CaloFlow
     from .caloflow_student import CaloFlowStudent
+    from .icaloflow import ICaloFlow, ICaloFlowStudent
     from .wgan import Wgan
 
     return {"caloflow": CaloFlow, "caloflow-student": CaloFlowStudent, "calogan": CaloGan,
-            "wgan": Wgan}
+            "wgan": Wgan, "icaloflow": ICaloFlow, "icaloflow-student": ICaloFlowStudent}
 
 
 # families trained from data by `caloforge train` (a student is distilled from a teacher)
-TRAINABLE_FAMILIES = ("caloflow", "calogan", "wgan")
+TRAINABLE_FAMILIES = ("caloflow", "icaloflow", "calogan", "wgan")
+# teacher family -> the family of its distilled student (`caloforge distill`)
+STUDENT_FAMILIES = {"caloflow": "caloflow-student", "icaloflow": "icaloflow-student"}
 
 
 def load_model(directory: str) -> ShowerModel:
@@ -41,4 +44,4 @@ def load_model(directory: str) -> ShowerModel:
     return model
 
 
-__all__ = ["ShowerModel", "TRAINABLE_FAMILIES", "families", "load_model"]
+__all__ = ["STUDENT_FAMILIES", "ShowerModel", "TRAINABLE_FAMILIES", "families", "load_model"]

@@ -36,7 +36,7 @@ from ..data import ShowerData
 from ..errors import OptionError
 from ..geometry import Geometry
 from ..preprocessing import ConditionTransform, LayerEnergyTransform, VoxelTransform
-from ..training import TrainingConfig
+from ..training import TrainingConfig, check_known_options
 from .base import ConditionedModel, shard_generator
 
 
@@ -65,27 +65,32 @@ class CaloFlowConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CaloFlowConfig":
-        values = dict(values)
-        known = {"flow1", "flow2", "noise_mev", "threshold_mev", "logit_alpha", "training"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OptionError(f"unknown CaloFlow option(s) {unknown}; known: {sorted(known)}")
-        out = cls()
-        for name in ("flow1", "flow2"):
-            if name in values:
-                try:
-                    setattr(out, name, FlowConfig(**{**asdict(getattr(out, name)), **values[name]}))
-                except TypeError as exc:
-                    raise OptionError(f"bad {name} options: {exc}") from None
-        for name in ("noise_mev", "threshold_mev", "logit_alpha"):
-            if name in values:
-                setattr(out, name, float(values[name]))
-        if "training" in values:
-            out.training = TrainingConfig.from_dict({**asdict(out.training), **values["training"]})
-        return out
+        return flows_config_from_dict(cls, values, "CaloFlow")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def flows_config_from_dict(config_class: Any, values: dict[str, Any], what: str) -> Any:
+    """A flows config dataclass from (partial) options: each ``FlowConfig`` and the
+    ``TrainingConfig`` section merged onto the defaults, scalars cast to the default's type
+    (a default of None takes a float)."""
+    check_known_options(config_class, values, what)
+    out = config_class()
+    for name, value in values.items():
+        current = getattr(out, name)
+        try:
+            if isinstance(current, FlowConfig):
+                check_known_options(FlowConfig, value, f"{name}")
+                value = FlowConfig(**{**asdict(current), **value})
+            elif isinstance(current, TrainingConfig):
+                value = TrainingConfig.from_dict({**asdict(current), **value})
+            elif value is not None:
+                value = float(value) if current is None else type(current)(value)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"bad {what} option {name}: {exc}") from None
+        setattr(out, name, value)
+    return out
 
 
 def _cpu_config() -> CaloFlowConfig:
@@ -212,7 +217,129 @@ class CaloFlowModule(torch.nn.Module):
                                inverse=student)
 
 
-class CaloFlow(ConditionedModel):
+class LayerEnergyFlows(ConditionedModel):
+    """What CaloFlow and iCaloFlow share: a flow for the layer energies given the context
+    (Flow I / Flow-1) and voxel flows conditioned on standardised log layer energies.
+
+    Fitted preprocessing (saved with the model): the context (:class:`ConditionTransform`),
+    the layer-energy u-space (:class:`LayerEnergyTransform`), the voxel transform and the
+    mean/std of log10 of each layer's energy. Subclasses set ``config_class`` and provide
+    ``_new_module()`` and ``_log_prob(batch, generator)`` ``(B,)``.
+    """
+
+    config_class: Any
+    inverse_autoregressive = False  # True: the voxel flows are distilled IAF students
+    log_prob_batch_size = 2048
+    # zuko's spline inverse materialises per-bin intermediates: sampling peaks at about
+    # 10 kB per (shower x voxel) of one network pass (3.9 GB for 1000 showers of 368
+    # voxels), so batches are split to stay within this budget whatever batch size the
+    # caller asks for.
+    sampling_memory_bytes = 2e9
+    bytes_per_shower_voxel = 10.5e3
+    # Larger micro-batches only add cache misses on a CPU: the student samples at 0.60
+    # ms/shower in micro-batches of 1000 and 0.98 in batches of 3600 (368 voxels, 1 thread).
+    max_micro_batch = 1000
+
+    def __init__(self, geometry: Geometry, config: Any,
+                 voxel_transform: VoxelTransform) -> None:
+        super().__init__(geometry)
+        self.config = config
+        self.conditions = ConditionTransform()
+        self.layer_transform = LayerEnergyTransform(geometry.n_layers, alpha=config.logit_alpha)
+        self.voxel_transform = voxel_transform
+        self.layer_log_mean = [0.0] * geometry.n_layers
+        self.layer_log_std = [1.0] * geometry.n_layers
+        self.module: Any = None
+
+    @property
+    def voxels_per_pass(self) -> int:
+        """Voxels one network pass of the voxel flows handles."""
+        return self.geometry.n_voxels
+
+    def micro_batch(self, batch_size: int) -> int:
+        """Showers per network call: the caller's batch size within the memory budget."""
+        by_memory = int(self.sampling_memory_bytes / (self.bytes_per_shower_voxel
+                                                      * self.voxels_per_pass))
+        return max(1, min(batch_size, self.max_micro_batch, by_memory))
+
+    def _fit_preprocessing(self, data: ShowerData) -> None:
+        self.conditions.fit(data.incident_energies, data.conditions, data.condition_units)
+        layer_energies = self.geometry.layer_energies(data.showers, dtype=np.float64)
+        # the expected dequantisation noise of each layer
+        noisy = layer_energies + 0.5 * self.voxel_transform.noise_mev * np.asarray(
+            self.geometry.layer_sizes)
+        self.layer_transform.fit(noisy, data.incident_energies)
+        log_layers = np.log10(noisy)
+        self.layer_log_mean = log_layers.mean(0).tolist()
+        self.layer_log_std = np.maximum(log_layers.std(0), 1e-3).tolist()
+
+    def _layer_context(self, layer_energies: torch.Tensor) -> torch.Tensor:
+        """Standardised log10 of the layer energies ``(B, L)`` MeV -> ``(B, L)``."""
+        mean = torch.as_tensor(self.layer_log_mean, dtype=layer_energies.dtype,
+                               device=layer_energies.device)
+        std = torch.as_tensor(self.layer_log_std, dtype=layer_energies.dtype,
+                              device=layer_energies.device)
+        floor = self.voxel_transform.noise_mev * 1e-3
+        return (torch.log10(layer_energies.clamp(min=floor)) - mean) / std
+
+    def _log_prob(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+                  ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, data: ShowerData, device: str = "cpu") -> np.ndarray:
+        """Log-likelihood ``(N,)`` of each shower in the flows' (preprocessed) space, nats."""
+        self._require_module()
+        tensors = self._tensors(data)
+        generator = torch.Generator().manual_seed(0)
+        out = []
+        self.module.to(device).eval()
+        step = self.log_prob_batch_size
+        with torch.inference_mode():
+            for start in range(0, len(data), step):
+                batch = {k: v[start:start + step].to(device) for k, v in tensors.items()}
+                out.append(self._log_prob(batch, generator).cpu().numpy())
+        return np.concatenate(out)
+
+    # --- training ---------------------------------------------------------------------
+    def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
+        """Fit the preprocessing and build the flows (a resumed run has both already)."""
+        if not resume:
+            self._fit_preprocessing(train)
+            self._build_module()
+        self._require_module()
+
+    def _build_module(self) -> None:
+        torch.manual_seed(self.config.training.seed)
+        self.module = self._new_module()
+
+    def _new_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # --- persistence ------------------------------------------------------------------
+    def to_json_state(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "conditions": self.conditions.state(),
+                "layer_transform": self.layer_transform.state(),
+                "voxel_transform": self.voxel_transform.state(),
+                "layer_log_mean": self.layer_log_mean, "layer_log_std": self.layer_log_std}
+
+    @classmethod
+    def from_json_state(cls, state: dict[str, Any], geometry: Geometry | None = None) -> Any:
+        assert geometry is not None
+        model = cls(geometry, cls.config_class.from_dict(state["config"]))
+        model.conditions = ConditionTransform.from_state(state["conditions"])
+        model.layer_transform = LayerEnergyTransform.from_state(state["layer_transform"])
+        model.voxel_transform = VoxelTransform.from_state(state["voxel_transform"])
+        model.layer_log_mean = list(state["layer_log_mean"])
+        model.layer_log_std = list(state["layer_log_std"])
+        model._restore_extra_state(state)
+        model.module = model._new_module()
+        return model
+
+    def _restore_extra_state(self, state: dict[str, Any]) -> None:
+        """Fitted state a subclass adds to ``to_json_state``."""
+
+
+class CaloFlow(LayerEnergyFlows):
     """The two-flow CaloFlow teacher on any geometry with ~1000 voxels or fewer.
 
     Example::
@@ -223,52 +350,19 @@ class CaloFlow(ConditionedModel):
     """
 
     family = "caloflow"
-    # Flow II as an inverse-autoregressive flow (the distilled student, caloflow_student.py)
-    inverse_autoregressive = False
-    # zuko's spline inverse materialises per-bin intermediates: sampling peaks at about
-    # 10 kB per (shower x voxel) (3.9 GB for 1000 showers of 368 voxels), so batches are
-    # split to stay within this budget whatever batch size the caller asks for.
-    sampling_memory_bytes = 2e9
-    bytes_per_shower_voxel = 10.5e3
-    # Larger micro-batches only add cache misses on a CPU: the student samples at 0.60
-    # ms/shower in micro-batches of 1000 and 0.98 in batches of 3600 (368 voxels, 1 thread).
-    max_micro_batch = 1000
+    config_class = CaloFlowConfig
 
     def __init__(self, geometry: Geometry, config: CaloFlowConfig | None = None) -> None:
-        super().__init__(geometry)
-        self.config = config or _cpu_config()
-        self.conditions = ConditionTransform()
-        self.layer_transform = LayerEnergyTransform(geometry.n_layers,
-                                                    alpha=self.config.logit_alpha)
-        self.voxel_transform = VoxelTransform(list(geometry.layer_sizes), self.config.noise_mev,
-                                              self.config.threshold_mev, self.config.logit_alpha)
-        self.layer_log_mean = [0.0] * geometry.n_layers
-        self.layer_log_std = [1.0] * geometry.n_layers
-        self.module: CaloFlowModule | None = None
+        config = config or _cpu_config()
+        super().__init__(geometry, config, VoxelTransform(
+            list(geometry.layer_sizes), config.noise_mev, config.threshold_mev,
+            config.logit_alpha))
 
     @staticmethod
     def preset(name: str) -> CaloFlowConfig:
         if name not in PRESETS:
             raise OptionError(f"unknown CaloFlow preset {name!r}; choose from {', '.join(PRESETS)}")
         return PRESETS[name]()
-
-    # --- preprocessing ----------------------------------------------------------------
-    def _fit_preprocessing(self, data: ShowerData) -> None:
-        self.conditions.fit(data.incident_energies, data.conditions, data.condition_units)
-        layer_energies = self.geometry.layer_energies(data.showers.astype(np.float64))
-        noisy = layer_energies + 0.5 * self.config.noise_mev * np.asarray(self.geometry.layer_sizes)
-        self.layer_transform.fit(noisy, data.incident_energies)
-        log_layers = np.log10(noisy)
-        self.layer_log_mean = log_layers.mean(0).tolist()
-        self.layer_log_std = np.maximum(log_layers.std(0), 1e-3).tolist()
-
-    def _layer_context(self, layer_energies: torch.Tensor) -> torch.Tensor:
-        mean = torch.as_tensor(self.layer_log_mean, dtype=layer_energies.dtype,
-                               device=layer_energies.device)
-        std = torch.as_tensor(self.layer_log_std, dtype=layer_energies.dtype,
-                              device=layer_energies.device)
-        floor = self.config.noise_mev * 1e-3
-        return (torch.log10(layer_energies.clamp(min=floor)) - mean) / std
 
     # --- likelihood -------------------------------------------------------------------
     def _log_prob(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
@@ -293,31 +387,6 @@ class CaloFlow(ConditionedModel):
         """Mean negative log-likelihood per shower (nats, in the flows' space)."""
         return -self._log_prob(batch, generator).mean()
 
-    def log_prob(self, data: ShowerData, device: str = "cpu") -> np.ndarray:
-        """Log-likelihood ``(N,)`` of each shower in the flows' (preprocessed) space, nats."""
-        self._require_module()
-        tensors = self._tensors(data)
-        generator = torch.Generator().manual_seed(0)
-        out = []
-        self.module.to(device).eval()
-        with torch.inference_mode():
-            for start in range(0, len(data), 2048):
-                batch = {k: v[start:start + 2048].to(device) for k, v in tensors.items()}
-                out.append(self._log_prob(batch, generator).cpu().numpy())
-        return np.concatenate(out)
-
-    # --- training ---------------------------------------------------------------------
-    def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
-        """Fit the preprocessing and build the flows (a resumed run has both already)."""
-        if not resume:
-            self._fit_preprocessing(train)
-            self._build_module()
-        self._require_module()
-
-    def _build_module(self) -> None:
-        torch.manual_seed(self.config.training.seed)
-        self.module = self._new_module()
-
     def _new_module(self) -> CaloFlowModule:
         return CaloFlowModule(self.conditions.n_features, list(self.geometry.layer_sizes),
                               self.config, student=self.inverse_autoregressive)
@@ -330,8 +399,7 @@ class CaloFlow(ConditionedModel):
         assert self.module is not None
         module = self.module.to(device).eval()
         n = len(energies)
-        batch_size = max(1, min(batch_size, self.max_micro_batch, int(
-            self.sampling_memory_bytes / (self.bytes_per_shower_voxel * self.geometry.n_voxels))))
+        batch_size = self.micro_batch(batch_size)
         out = np.empty((n, self.geometry.n_voxels), dtype=np.float32)
         # All base noise of the shard comes from one (seed, shard) generator, drawn up front,
         # so the showers do not depend on the batch size.
@@ -353,25 +421,5 @@ class CaloFlow(ConditionedModel):
                 out[start:stop] = voxels.cpu().numpy()
         return self._sampled_data(energies, out, conditions)
 
-    # --- persistence ------------------------------------------------------------------
-    def to_json_state(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "conditions": self.conditions.state(),
-                "layer_transform": self.layer_transform.state(),
-                "voxel_transform": self.voxel_transform.state(),
-                "layer_log_mean": self.layer_log_mean, "layer_log_std": self.layer_log_std}
 
-    @classmethod
-    def from_json_state(cls, state: dict[str, Any], geometry: Geometry | None = None
-                        ) -> "CaloFlow":
-        assert geometry is not None
-        model = cls(geometry, CaloFlowConfig.from_dict(state["config"]))
-        model.conditions = ConditionTransform.from_state(state["conditions"])
-        model.layer_transform = LayerEnergyTransform.from_state(state["layer_transform"])
-        model.voxel_transform = VoxelTransform.from_state(state["voxel_transform"])
-        model.layer_log_mean = list(state["layer_log_mean"])
-        model.layer_log_std = list(state["layer_log_std"])
-        model.module = model._new_module()
-        return model
-
-
-__all__ = ["CaloFlow", "CaloFlowConfig", "FlowConfig", "PRESETS"]
+__all__ = ["CaloFlow", "CaloFlowConfig", "FlowConfig", "LayerEnergyFlows", "PRESETS"]

@@ -1,0 +1,367 @@
+"""iCaloFlow: inductive layer-to-layer flows for calorimeters with many voxels.
+
+One flow over every voxel does not scale (calochallenge-2: 6,480 voxels, calochallenge-3:
+40,500); iCaloFlow learns one calorimeter layer at a time, so network sizes and memory grow
+with a layer, not with the shower:
+
+* Flow-1: all layer energies ``(L,)`` given the conditions (CaloFlow's u-space + logit,
+  :class:`~caloforge.preprocessing.LayerEnergyTransform`).
+* Flow-2: the normalised first layer ``(S,)`` given the conditions and log E_0.
+* Flow-3: ONE flow shared by layers 1 .. L-1: normalised layer n given the conditions,
+  log E_n, log E_{n-1}, the normalised layer n-1 (in the flows' logit space, standardised)
+  and the layer index (one-hot).
+
+Voxels: uniform dequantisation noise (default a third of the geometry's readout threshold:
+5 keV for the CaloChallenge 15 keV), each layer divided by its energy, logit; after
+generation each layer is renormalised, scaled by its Flow-1 energy and cut at the threshold.
+All three flows are MADE-RQS MAFs (zuko) trained together on the joint log-likelihood of a
+shower, ``log p1 + log p2 + sum_n log p3(layer n)``; the epoch with the best validation
+likelihood is kept. Every layer must have the same number of cells (true of the
+CaloChallenge datasets 2 and 3 and of the ILD ECAL).
+
+Sampling runs Flow-1, then the layers in order, each layer batched over all showers of the
+shard with its own draw of base noise, so the showers depend on (seed, shard) only, not on
+the batch size, and memory holds one shard's output plus one layer. Students for Flow-2 and
+Flow-3 (one-pass IAFs, :class:`ICaloFlowStudent`) come from ``caloforge distill``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import ShowerData
+from ..errors import GeometryError, OptionError
+from ..geometry import Geometry
+from ..preprocessing import LogitTransform, VoxelTransform
+from ..training import TrainingConfig
+from .base import shard_generator
+from .caloflow import (FlowConfig, LayerEnergyFlows, build_maf, flows_config_from_dict,
+                       layer_orders)
+from .distillation import DistillationConfig, DistilledStudent, distillation_preset
+
+
+@dataclass
+class ICaloFlowConfig:
+    """Architecture and preprocessing of the three flows.
+
+    ``noise_mev`` / ``threshold_mev``: None = a third of / the geometry's readout threshold.
+    ``layers_per_shower``: Flow-3 terms per shower in a training step (0 = every layer; k:
+    k random layers, the term scaled to an unbiased estimate), to bound memory on very
+    large layers.
+    """
+
+    flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
+    flow2: FlowConfig = field(default_factory=lambda: FlowConfig(
+        blocks=6, hidden=[256], passes=16))
+    flow3: FlowConfig = field(default_factory=lambda: FlowConfig(
+        blocks=6, hidden=[256], passes=16))
+    noise_mev: float | None = None
+    threshold_mev: float | None = None
+    logit_alpha: float = 1e-6
+    layers_per_shower: int = 0
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ICaloFlowConfig":
+        out = flows_config_from_dict(cls, values, "iCaloFlow")
+        if out.layers_per_shower < 0:
+            raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cpu_config() -> ICaloFlowConfig:
+    """Sized for 2 CPU cores: 60 minutes, Flow-3 on 11 random layers of each shower
+    (64 showers x 11 layers ~ 700 layers per step, the published batch of ~1000 layers;
+    measured 120 showers/s on calochallenge-2 against 33 with every layer), epochs of
+    20,000 showers (a pass over 100,000 showers takes ~16 minutes on 2 cores)."""
+    return ICaloFlowConfig(layers_per_shower=11, training=TrainingConfig(
+        epochs=1000, batch_size=64, learning_rate=1e-3, val_fraction=0.02,
+        epoch_showers=20_000, time_budget_s=60 * 60))
+
+
+def _paper_config() -> ICaloFlowConfig:
+    """The published sizes (8 MADE-RQS blocks of 256 hidden units, batch ~1000 layers)."""
+    return ICaloFlowConfig(
+        flow1=FlowConfig(blocks=8, hidden=[256, 256]),
+        flow2=FlowConfig(blocks=8, hidden=[256]),
+        flow3=FlowConfig(blocks=8, hidden=[256]),
+        training=TrainingConfig(epochs=100, batch_size=32, learning_rate=1e-3))
+
+
+def _tiny_config() -> ICaloFlowConfig:
+    """For tests: seconds on a CPU."""
+    return ICaloFlowConfig(flow1=FlowConfig(blocks=2, hidden=[16]),
+                           flow2=FlowConfig(blocks=2, hidden=[32], passes=4),
+                           flow3=FlowConfig(blocks=2, hidden=[32], passes=4),
+                           training=TrainingConfig(epochs=2, batch_size=32))
+
+
+PRESETS = {"cpu": _cpu_config, "paper": _paper_config, "tiny": _tiny_config}
+
+
+class ICaloFlowModule(torch.nn.Module):
+    """Flow-1, Flow-2 and the shared Flow-3; ``student=True``: Flow-2 and Flow-3 are the
+    inverse-autoregressive twins (one pass per block when sampling)."""
+
+    def __init__(self, n_context: int, n_layers: int, layer_size: int, config: ICaloFlowConfig,
+                 student: bool = False) -> None:
+        super().__init__()
+        self.flow1 = build_maf(n_layers, n_context, config.flow1)
+        self.flow2 = build_maf(layer_size, n_context + 1, config.flow2,
+                               layer_orders([layer_size], config.flow2.blocks, seed=0),
+                               inverse=student)
+        # context: conditions, log E_n, log E_{n-1}, layer n-1, one-hot n (1 .. L-1)
+        self.flow3 = build_maf(layer_size, n_context + 2 + layer_size + n_layers - 1,
+                               config.flow3,
+                               layer_orders([layer_size], config.flow3.blocks, seed=1),
+                               inverse=student)
+
+
+class ICaloFlow(LayerEnergyFlows):
+    """The iCaloFlow teacher (three MAFs) on geometries whose layers have equal cell counts.
+
+    Example::
+
+        model = ICaloFlow(get_geometry("calochallenge-2"), ICaloFlow.preset("cpu"))
+        model.fit(ShowerStream("dataset_2_train.h5", geometry), "runs/icf")
+        generated = model.sample(reference.incident_energies, seed=1)
+    """
+
+    family = "icaloflow"
+    config_class = ICaloFlowConfig
+    streams_training_data = True
+    log_prob_batch_size = 256
+    sampling_memory_bytes = 1e9
+
+    def __init__(self, geometry: Geometry, config: ICaloFlowConfig | None = None) -> None:
+        sizes = set(geometry.layer_sizes)
+        if len(sizes) != 1 or geometry.n_layers < 2:
+            raise GeometryError(
+                f"iCaloFlow needs at least two layers with the same number of cells; "
+                f"{geometry.name!r} has layer sizes {sorted(sizes)}")
+        config = config or _cpu_config()
+        threshold = config.threshold_mev
+        if threshold is None:
+            threshold = geometry.threshold_mev if geometry.threshold_mev > 0 else 0.01
+        noise = config.noise_mev if config.noise_mev is not None else threshold / 3
+        self.layer_size = geometry.layer_sizes[0]
+        super().__init__(geometry, config, VoxelTransform([self.layer_size], noise, threshold,
+                                                          config.logit_alpha))
+        self.previous_mean, self.previous_std = 0.0, 1.0
+
+    @staticmethod
+    def preset(name: str) -> ICaloFlowConfig:
+        if name not in PRESETS:
+            raise OptionError(f"unknown iCaloFlow preset {name!r}; choose from "
+                              f"{', '.join(PRESETS)}")
+        return PRESETS[name]()
+
+    # --- preprocessing ----------------------------------------------------------------
+    def _layers(self, voxels: torch.Tensor) -> torch.Tensor:
+        """``(B, n_voxels)`` -> ``(B, L, S)`` (the geometry stores layers consecutively)."""
+        return voxels.reshape(len(voxels), self.geometry.n_layers, self.layer_size)
+
+    def _fit_preprocessing(self, data: ShowerData) -> None:
+        super()._fit_preprocessing(data)
+        sample = torch.as_tensor(data.showers[:2000], dtype=torch.float64)
+        x = self._normalised_layers(sample, torch.Generator().manual_seed(0))[1]
+        self.previous_mean = float(x.mean())
+        self.previous_std = float(max(x.std(), 1e-3))
+
+    def _normalised_layers(self, voxels: torch.Tensor, generator: torch.Generator | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer energies ``(B, L)`` MeV of the noisy showers and their normalised layers
+        in logit space ``(B, L, S)``."""
+        noisy = self._layers(self.voxel_transform.add_noise(voxels, generator))
+        energies = noisy.sum(-1)
+        shares = noisy / energies[..., None].clamp(min=torch.finfo(noisy.dtype).tiny)
+        return energies, LogitTransform(self.voxel_transform.alpha).forward(shares)
+
+    def _flow3_context(self, context: torch.Tensor, log_energy: torch.Tensor,
+                       log_previous_energy: torch.Tensor, previous: torch.Tensor,
+                       layer: torch.Tensor) -> torch.Tensor:
+        """Flow-3 context ``(P, C + 2 + S + L - 1)`` of P (shower, layer n) pairs: conditions
+        ``(P, C)``, standardised log E_n and log E_{n-1} ``(P,)``, layer n-1 in logit space
+        ``(P, S)`` and n ``(P,)`` (1 .. L-1)."""
+        one_hot = torch.nn.functional.one_hot(layer - 1, self.geometry.n_layers - 1)
+        return torch.cat([context, log_energy[:, None], log_previous_energy[:, None],
+                          (previous - self.previous_mean) / self.previous_std,
+                          one_hot.to(context.dtype)], dim=1)
+
+    # --- likelihood -------------------------------------------------------------------
+    def _flow_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
+                     layers_per_shower: int = 0
+                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+        """Flow name -> (input, context) for a batch, with fresh dequantisation noise, and
+        the weight of the Flow-3 term (L - 1 over the layers used per shower).
+
+        Flow-1: ``(B, L)``; Flow-2: ``(B, S)``; Flow-3: ``(B * k, S)`` pairs (k layers per
+        shower, every layer 1 .. L-1 unless ``layers_per_shower``)."""
+        context = self._context(batch)
+        energies, x = self._normalised_layers(batch["voxels"], generator)
+        log_energies = self._layer_context(energies)
+        n_showers, n_layers = energies.shape
+        later = n_layers - 1
+        if 0 < layers_per_shower < later:
+            scores = torch.rand(n_showers, later, generator=generator).to(x.device)
+            layer = scores.argsort(dim=1)[:, :layers_per_shower] + 1
+        else:
+            layer = torch.arange(1, n_layers, device=x.device).expand(n_showers, later)
+        k = layer.shape[1]
+        shower = torch.arange(n_showers, device=x.device)[:, None].expand(-1, k)
+        layer, shower = layer.reshape(-1), shower.reshape(-1)
+        context3 = self._flow3_context(context[shower], log_energies[shower, layer],
+                                       log_energies[shower, layer - 1], x[shower, layer - 1],
+                                       layer)
+        return {"flow1": (self.layer_transform.forward(energies, batch["incident_energy"]),
+                          context),
+                "flow2": (x[:, 0], torch.cat([context, log_energies[:, :1]], dim=1)),
+                "flow3": (x[shower, layer], context3)}, later / k
+
+    def _log_prob(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
+                  layers_per_shower: int = 0) -> torch.Tensor:
+        """Joint log-likelihood ``(B,)`` per shower in the flows' space (nats)."""
+        assert self.module is not None
+        inputs, weight = self._flow_inputs(batch, generator, layers_per_shower)
+        n_showers = len(batch["incident_energy"])
+        log_p = self.module.flow1(inputs["flow1"][1]).log_prob(inputs["flow1"][0])
+        log_p = log_p + self.module.flow2(inputs["flow2"][1]).log_prob(inputs["flow2"][0])
+        per_layer = self.module.flow3(inputs["flow3"][1]).log_prob(inputs["flow3"][0])
+        return log_p + weight * per_layer.reshape(n_showers, -1).sum(1)
+
+    def _distillation_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                             every_layer: bool = False
+                             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        layers = 0 if every_layer else self.config.layers_per_shower
+        return self._flow_inputs(batch, generator, layers)[0]
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Mean negative joint log-likelihood per shower (nats, in the flows' space)."""
+        return -self._log_prob(batch, generator, self.config.layers_per_shower).mean()
+
+    @property
+    def validation_batch_size(self) -> int:
+        """Validation runs every layer of a shower: showers per batch as in training (the
+        Trainer's default of 1024 would hold 45,000 layers of activations at once)."""
+        return self.config.training.batch_size
+
+    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                        ) -> torch.Tensor:
+        """The same, over every layer (no layer subsampling)."""
+        return -self._log_prob(batch, generator).mean()
+
+    def _new_module(self) -> ICaloFlowModule:
+        return ICaloFlowModule(self.conditions.n_features, self.geometry.n_layers,
+                               self.layer_size, self.config, student=self.inverse_autoregressive)
+
+    # --- sampling ---------------------------------------------------------------------
+    @property
+    def voxels_per_pass(self) -> int:
+        return self.layer_size
+
+    def sample_layer_energies(self, incident_energies: np.ndarray,
+                              conditions: dict[str, np.ndarray] | None = None, seed: int = 0,
+                              shard: int = 0, batch_size: int = 10_000, device: str = "cpu"
+                              ) -> np.ndarray:
+        """The Flow-1 layer energies ``(N, L)`` MeV that :meth:`sample` draws for the same
+        arguments (its showers' layers sum to these, less the voxels cut at threshold)."""
+        energies, conditions = self._sampling_inputs(incident_energies, conditions)
+        with torch.inference_mode():
+            spans, contexts = self._sampling_contexts(energies, conditions, batch_size, device)
+            layer_energies = self._sample_flow1(spans, contexts, energies,
+                                                shard_generator(seed, shard), device)
+        return layer_energies.cpu().numpy()
+
+    def _sampling_contexts(self, energies: np.ndarray, conditions: dict[str, np.ndarray],
+                           batch_size: int, device: str
+                           ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """Micro-batch spans and their contexts on ``device``."""
+        n = len(energies)
+        step = self.micro_batch(batch_size)
+        spans = [(start, min(start + step, n)) for start in range(0, n, step)]
+        contexts = [self._context(self._condition_batch(energies, conditions, a, b, device))
+                    for a, b in spans]
+        return spans, contexts
+
+    def _sample_flow1(self, spans: list[tuple[int, int]], contexts: list[torch.Tensor],
+                      energies: np.ndarray, generator: torch.Generator, device: str
+                      ) -> torch.Tensor:
+        assert self.module is not None
+        module = self.module.to(device).eval()
+        z1 = torch.randn(len(energies), self.geometry.n_layers, generator=generator)
+        e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
+        return torch.cat([
+            self.layer_transform.inverse(module.flow1(context).transform.inv(z1[a:b].to(device)),
+                                         e_inc[a:b])
+            for (a, b), context in zip(spans, contexts)])
+
+    def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,
+               seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
+               ) -> ShowerData:
+        energies, conditions = self._sampling_inputs(incident_energies, conditions)
+        assert self.module is not None
+        module = self.module.to(device).eval()
+        n, n_layers, size = len(energies), self.geometry.n_layers, self.layer_size
+        out = np.empty((n, n_layers * size), dtype=np.float32)
+        generator = shard_generator(seed, shard)
+        with torch.inference_mode():
+            spans, contexts = self._sampling_contexts(energies, conditions, batch_size, device)
+            layer_energies = self._sample_flow1(spans, contexts, energies, generator, device)
+            log_energies = self._layer_context(layer_energies)
+            previous = torch.empty(n, size, device=device)
+            for layer in range(n_layers):
+                # one draw per layer for the whole shard: independent of the batch size
+                z = torch.randn(n, size, generator=generator)
+                for (a, b), context in zip(spans, contexts):
+                    if layer == 0:
+                        flow = module.flow2(torch.cat([context, log_energies[a:b, :1]], dim=1))
+                    else:
+                        index = torch.full((b - a,), layer, device=device)
+                        flow = module.flow3(self._flow3_context(
+                            context, log_energies[a:b, layer], log_energies[a:b, layer - 1],
+                            previous[a:b], index))
+                    x = torch.nan_to_num(flow.transform.inv(z[a:b].to(device)), nan=-20.0)
+                    voxels = self.voxel_transform.inverse(x, layer_energies[a:b, layer:layer + 1])
+                    out[a:b, layer * size:(layer + 1) * size] = voxels.cpu().numpy()
+                    previous[a:b] = x
+        return self._sampled_data(energies, out, conditions)
+
+    # --- persistence ------------------------------------------------------------------
+    def to_json_state(self) -> dict[str, Any]:
+        return {**super().to_json_state(), "previous_mean": self.previous_mean,
+                "previous_std": self.previous_std}
+
+    def _restore_extra_state(self, state: dict[str, Any]) -> None:
+        self.previous_mean = float(state["previous_mean"])
+        self.previous_std = float(state["previous_std"])
+
+
+class ICaloFlowStudent(DistilledStudent, ICaloFlow):
+    """An iCaloFlow whose Flow-2 and Flow-3 are IAFs distilled from a teacher (one network
+    pass per block and layer when sampling); Flow-1 is the teacher's."""
+
+    family = "icaloflow-student"
+    teacher_family = "icaloflow"
+    distilled_flows = ("flow2", "flow3")
+
+    @staticmethod
+    def preset(name: str) -> DistillationConfig:
+        """The distillation presets with the teacher's batches and epochs of 20,000
+        showers (a pass over a large set would otherwise be one epoch of ~30 minutes)."""
+        config = distillation_preset(name)
+        if name == "cpu":
+            config.training.batch_size = 64
+            config.training.val_fraction = 0.02
+            config.training.epoch_showers = 20_000
+        return config
+
+
+
+__all__ = ["ICaloFlow", "ICaloFlowConfig", "ICaloFlowStudent", "PRESETS"]

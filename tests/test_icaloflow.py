@@ -1,0 +1,273 @@
+"""iCaloFlow: layer-to-layer flows, their students, streamed training and generation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from caloforge import sampling
+from caloforge.cli import main
+from caloforge.data import ShowerStream, read_showers, write_showers
+from caloforge.errors import GeometryError, OptionError, ShowerFileError
+from caloforge.geometry import CartesianLayer, Geometry, get_geometry
+from caloforge.models import load_model
+from caloforge.models.icaloflow import ICaloFlow, ICaloFlowConfig, ICaloFlowStudent
+from caloforge.training import StreamedBatches, TensorBatches, TrainingConfig, read_log
+from conftest import assert_resume_matches_uninterrupted, random_showers, simulate
+
+# five layers of 3 x 3 cells: Flow-2 for layer 0, the shared Flow-3 for layers 1-4
+GEOMETRY = Geometry("tiny-5x3x3", tuple(CartesianLayer(i, nx=3, ny=3, dx=10.0, dy=10.0)
+                                        for i in range(5)), threshold_mev=0.01)
+
+
+def _tiny(epochs: int = 2, **options) -> ICaloFlowConfig:
+    config = ICaloFlow.preset("tiny")
+    config.training.epochs = epochs
+    for key, value in options.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def data():
+    return random_showers(GEOMETRY, 1200, seed=4)
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("icaloflow"))
+    model = ICaloFlow(GEOMETRY, _tiny(3))
+    model.fit(data, run_dir)
+    return model, run_dir
+
+
+def test_layer_chain_and_reproducibility(teacher, data):
+    model, _ = teacher
+    energies = data.incident_energies[:300]
+    showers = model.sample(energies, seed=3, batch_size=64).showers
+    # the showers do not depend on the batch size (up to float rounding), only on (seed, shard)
+    np.testing.assert_allclose(showers, model.sample(energies, seed=3, batch_size=300).showers,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(showers, model.sample(energies, seed=3, shard=1).showers)
+    assert np.isfinite(showers).all() and (showers >= 0).all()
+    kept = showers[showers > 0]
+    threshold = model.voxel_transform.threshold_mev
+    assert kept.size and kept.min() >= threshold
+    # each generated layer sums to its Flow-1 energy, less the voxels cut at the threshold
+    flow1 = model.sample_layer_energies(energies, seed=3)
+    layers = GEOMETRY.layer_energies(showers.astype(np.float64))
+    cut = GEOMETRY.layer_energies((showers == 0).astype(np.float64))
+    missing = flow1 - layers
+    assert (missing >= -1e-5 * flow1 - 1e-6).all()
+    assert (missing <= cut * threshold + 1e-5 * flow1).all()
+    assert np.abs(missing).max() > 0 or cut.sum() == 0
+
+
+def test_likelihood_improves_and_round_trips(teacher, data, tmp_path):
+    model, run_dir = teacher
+    log = read_log(f"{run_dir}/train_log.jsonl")
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    loaded = load_model(run_dir)
+    assert isinstance(loaded, ICaloFlow)
+    heldout = data.select(slice(0, 100))
+    np.testing.assert_allclose(loaded.log_prob(heldout), model.log_prob(heldout), rtol=1e-5)
+    np.testing.assert_array_equal(loaded.sample(heldout.incident_energies, seed=1).showers,
+                                  model.sample(heldout.incident_energies, seed=1).showers)
+
+
+def test_layer_subsampling_estimates_the_full_likelihood(teacher, data):
+    model, _ = teacher
+    tensors = model._tensors(data.select(slice(0, 400)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        full = model._log_prob(tensors, torch.Generator().manual_seed(1)).mean()
+        estimates = [model._log_prob(tensors, generator, layers_per_shower=2).mean()
+                     for _ in range(20)]
+    # unbiased: the average of the subsampled estimates lies near the full value
+    assert abs(float(torch.stack(estimates).mean() - full)) < 0.02 * abs(float(full)) + 1.0
+
+
+def test_streamed_batches_visit_every_shower_once(data, tmp_path):
+    path = tmp_path / "showers.h5"
+    write_showers(path, data.select(slice(0, 250)), GEOMETRY)
+    model = ICaloFlow(GEOMETRY, _tiny())
+    with ShowerStream(path, GEOMETRY, block_size=32) as stream:
+        assert stream.n_blocks == 8 and stream.count(range(8)) == 250
+        source = StreamedBatches(stream, np.arange(8), model._tensors, buffer_blocks=3)
+        first = list(source.batches(20, torch.Generator().manual_seed(5)))
+        again = list(source.batches(20, torch.Generator().manual_seed(5)))
+        in_order = list(source.batches(20, None))
+    assert [len(b["incident_energy"]) for b in first][:-1] == [20] * 12
+    seen = torch.cat([b["incident_energy"] for b in first]).numpy()
+    np.testing.assert_array_equal(np.sort(seen), np.sort(data.incident_energies[:250].astype(np.float32)))
+    assert not np.array_equal(seen, data.incident_energies[:250])  # shuffled
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a["voxels"], b["voxels"])
+    np.testing.assert_array_equal(torch.cat([b["incident_energy"] for b in in_order]).numpy(),
+                                  data.incident_energies[:250].astype(np.float32))
+
+
+def test_streamed_training_resumes_exactly(data, tmp_path, monkeypatch):
+    path = tmp_path / "showers.h5"
+    write_showers(path, data.select(slice(0, 400)), GEOMETRY)
+    # the preprocessing sees a bounded subsample; memory holds a few blocks of 64 showers
+    monkeypatch.setattr(ICaloFlow, "preprocessing_sample_values", 64 * GEOMETRY.n_voxels * 2)
+    read = []
+    original = ShowerStream.read_block
+    monkeypatch.setattr(ShowerStream, "read_block",
+                        lambda self, block: read.append(block) or original(self, block))
+    stream = ShowerStream(path, GEOMETRY, block_size=64)
+    model = ICaloFlow(GEOMETRY, _tiny(1, layers_per_shower=2))
+    summary = model.fit(stream, str(tmp_path / "one"))
+    assert summary["n_train"] + summary["n_validation"] == 400
+    assert model.conditions.energy_range[1] <= data.incident_energies[:400].max()
+    assert len(read) >= 7 and set(read) == set(range(7))
+    # epochs of 150 showers: a pass over the 7 training blocks is cut into 3 epochs
+    assert_resume_matches_uninterrupted(
+        lambda: ICaloFlow(GEOMETRY, _tiny(4, training=_training(4, epoch_showers=150))),
+        stream, tmp_path, epochs=4)
+    stream.close()
+
+
+def _training(epochs: int, **options) -> TrainingConfig:
+    return TrainingConfig(**{**asdict(ICaloFlow.preset("tiny").training), "epochs": epochs,
+                             **options})
+
+
+def test_epochs_split_a_pass_into_parts(data):
+    model = ICaloFlow(GEOMETRY, _tiny())
+    source = TensorBatches(model._tensors(data.select(slice(0, 100))))
+    order = torch.Generator().manual_seed(3)
+    parts = [torch.cat([b["incident_energy"] for b in source.batches(
+        16, torch.Generator().manual_seed(3), part, 3)]) for part in range(3)]
+    assert [len(p) for p in parts] == [33, 33, 34]
+    whole = torch.cat([b["incident_energy"] for b in source.batches(100, order, 0, 1)])
+    torch.testing.assert_close(torch.cat(parts), whole)  # one permutation, cut in three
+    assert TrainingConfig(epoch_showers=40).parts_per_pass(100) == 3
+
+
+def test_generation_streams_shards(teacher, data, tmp_path, monkeypatch):
+    model, _ = teacher
+    monkeypatch.setattr(sampling, "SHARD_SIZE", 40)
+    sizes = []
+    original = ICaloFlow.sample
+    monkeypatch.setattr(ICaloFlow, "sample", lambda self, energies, *a, **k: (
+        sizes.append(len(energies)) or original(self, energies, *a, **k)))
+    energies = data.incident_energies[:100]
+    sampling.generate_to_file(model, str(tmp_path / "gen.h5"), energies, {}, seed=2,
+                              batch_size=16)
+    assert sizes == [40, 40, 20]
+    written = read_showers(tmp_path / "gen.h5", GEOMETRY)
+    np.testing.assert_allclose(written.showers[40:80], original(
+        model, energies[40:80], seed=2, shard=1, batch_size=16).showers, rtol=1e-5, atol=1e-6)
+
+
+def test_student_distils_flow2_and_flow3(teacher, data, tmp_path):
+    model, run_dir = teacher
+    config = ICaloFlowStudent.preset("tiny")
+    config.training.epochs = 4
+    untrained = ICaloFlowStudent.from_teacher(model, config, run_dir)
+    untrained._prepare_fit(data, resume=False, device="cpu")
+    student = ICaloFlowStudent.from_teacher(model, config, run_dir)
+    student.fit(data, str(tmp_path / "student"))
+    for key, value in model.module.flow1.state_dict().items():
+        torch.testing.assert_close(student.module.flow1.state_dict()[key], value)
+    tensors = model._tensors(data.select(slice(0, 200)))
+    with torch.no_grad():
+        kl = {name: float(s.validation_loss(tensors, torch.Generator().manual_seed(1)))
+              for name, s in (("before", untrained), ("after", student))}
+    assert kl["after"] < 0.7 * kl["before"], kl
+    loaded = load_model(str(tmp_path / "student"))
+    assert isinstance(loaded, ICaloFlowStudent) and loaded.module.flow3.transform.transforms
+    energies = data.incident_energies[:200]
+    showers = loaded.sample(energies, seed=4).showers
+    # the student shares Flow-1: its layers sum to the teacher's layer energies (less cuts)
+    flow1 = model.sample_layer_energies(energies, seed=4)
+    missing = flow1 - GEOMETRY.layer_energies(showers.astype(np.float64))
+    cut = GEOMETRY.layer_energies((showers == 0).astype(np.float64))
+    assert (missing >= -1e-5 * flow1 - 1e-6).all()
+    assert (missing <= cut * loaded.voxel_transform.threshold_mev + 1e-5 * flow1).all()
+
+
+def test_cli_train_distill_generate_evaluate(tmp_path, capsys):
+    geometry = get_geometry("calochallenge-2")
+    train, test = tmp_path / "train.h5", tmp_path / "test.h5"
+    write_showers(train, simulate(geometry, 240, seed=1), geometry)
+    write_showers(test, simulate(geometry, 120, seed=2), geometry)
+    run = str(tmp_path / "icf")
+    base = ["--geometry", "calochallenge-2", "--no-progress", "--threads", "2"]
+    assert main(["train", "icaloflow", "--data", str(train), "-o", run, "--preset", "tiny",
+                 "--epochs", "1", "--stream", "on"] + base) == 0
+    assert "trained icaloflow" in capsys.readouterr().out
+    assert main(["distill", run, "-o", str(tmp_path / "student"), "--preset", "tiny",
+                 "--epochs", "1", "--no-progress"]) == 0
+    generated = tmp_path / "gen.h5"
+    assert main(["generate", str(tmp_path / "student"), "--like", str(test), "-o",
+                 str(generated), "--no-progress"]) == 0
+    assert len(read_showers(generated, geometry)) == 120
+    assert main(["evaluate", "--reference", str(test), "--generated", str(generated), "-o",
+                 str(tmp_path / "report"), "--metrics", "cls-high", "--repeats", "1"]
+                + base) == 0
+    assert "AUC" in capsys.readouterr().out
+
+
+def test_bad_geometry_and_options(data, tmp_path, capsys):
+    uneven = Geometry("uneven", (CartesianLayer(0, nx=3, ny=3, dx=1.0, dy=1.0),
+                                 CartesianLayer(1, nx=2, ny=2, dx=1.0, dy=1.0)))
+    with pytest.raises(GeometryError, match="same number of cells"):
+        ICaloFlow(uneven)
+    with pytest.raises(OptionError, match="layers_per_shower"):
+        ICaloFlowConfig.from_dict({"layers_per_shower": -1})
+    with pytest.raises(OptionError, match="unknown iCaloFlow option"):
+        ICaloFlowConfig.from_dict({"flow4": {}})
+    path = tmp_path / "calogan.h5"
+    calogan = get_geometry("calogan")
+    write_showers(path, random_showers(calogan, 50), calogan)
+    # a family that trains in memory cannot stream; a layered geometry of unequal layers is
+    # refused by iCaloFlow, each with one line and exit status 1
+    assert main(["train", "caloflow", "--data", str(path), "--geometry", "calogan", "-o",
+                 str(tmp_path / "a"), "--stream", "on", "--no-progress"]) == 1
+    assert "trains in memory" in capsys.readouterr().err
+    assert main(["train", "icaloflow", "--data", str(path), "--geometry", "calogan", "-o",
+                 str(tmp_path / "b"), "--no-progress"]) == 1
+    assert "same number of cells" in capsys.readouterr().err
+    assert main(["train", "caloflow", "--data", str(path), "--geometry", "calogan", "-o",
+                 str(tmp_path / "c"), "--memory-limit", "lots", "--no-progress"]) == 1
+    assert "cannot read size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["calochallenge-3", "ild-ecal"])
+def test_large_geometries_train_and_sample(name, tmp_path):
+    # 900-cell layers (50 x 18 cylindrical, 30 x 30 Cartesian): one epoch on a few showers
+    geometry = get_geometry(name)
+    data = simulate(geometry, 48, seed=3)
+    model = ICaloFlow(geometry, _tiny(1))
+    model.fit(data, str(tmp_path / "run"))
+    assert model.layer_size == 900 and model.conditions.energy_range[0] > 0
+    generated = model.sample(data.incident_energies[:8], seed=1)
+    assert generated.showers.shape == (8, geometry.n_voxels)
+    assert np.isfinite(generated.showers).all() and generated.showers.sum() > 0
+
+
+def test_stream_bad_files_fail_cleanly(data, tmp_path):
+    with pytest.raises(ShowerFileError, match="no such file"):
+        ShowerStream(tmp_path / "missing.h5", GEOMETRY)
+    broken = data.select(slice(0, 100))
+    broken.showers[70, 3] = np.nan
+    path = tmp_path / "nan.h5"
+    with h5py.File(path, "w") as handle:  # written by hand: caloforge refuses to write NaN
+        handle["incident_energies"] = broken.incident_energies.reshape(-1, 1)
+        handle["showers"] = broken.showers
+    with ShowerStream(path, GEOMETRY, block_size=32) as stream:
+        stream.read_block(0)  # the bad value is in block 2
+        with pytest.raises(ShowerFileError, match="shower 70"):
+            stream.read_block(2)
+    # training from it stops naming the file and leaves no model behind
+    model = ICaloFlow(GEOMETRY, _tiny(1))
+    with pytest.raises(ShowerFileError, match="nan.h5"):
+        model.fit(ShowerStream(path, GEOMETRY, block_size=32), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "model.json").exists()
