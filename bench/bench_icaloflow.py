@@ -127,7 +127,8 @@ def main() -> int:
     print(json.dumps(figures, indent=2))
     minutes = (figures["teacher"]["train_seconds"] + figures["student"]["train_seconds"]) / 60
     print(f"{g}: teacher {figures['teacher']['train_seconds'] / 60:.1f} min "
-          f"({figures['teacher']['epochs']} epochs, peak {figures['teacher']['peak_rss_gb']} GB)"
+          f"({figures['teacher']['epochs']} epochs, peak "
+          f"{figures['teacher'].get('peak_rss_gb', '(not measured here)')} GB)"
           f" + students {figures['student']['train_seconds'] / 60:.1f} min = {minutes:.1f} min;"
           f" AUC low {figures['auc_low'][0]:.3f}, high {figures['auc_high'][0]:.3f}; "
           f"generation of {args.n_test} showers peak {figures['generate']['peak_rss_gb']} GB")
