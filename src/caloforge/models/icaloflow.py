@@ -170,7 +170,10 @@ class ICaloFlow(LayerEnergyFlows):
 
     def _fit_preprocessing(self, data: ShowerData) -> None:
         super()._fit_preprocessing(data)
-        sample = torch.as_tensor(data.showers[:2000], dtype=torch.float64)
+        # ~20M voxel values suffice for two scalars (float64 copies of a large sample
+        # would dominate the memory of streamed training on 40,500-voxel showers)
+        rows = max(1, min(2000, 20_000_000 // self.geometry.n_voxels))
+        sample = torch.as_tensor(data.showers[:rows], dtype=torch.float64)
         x = self._normalised_layers(sample, torch.Generator().manual_seed(0))[1]
         self.previous_mean = float(x.mean())
         self.previous_std = float(max(x.std(), 1e-3))
