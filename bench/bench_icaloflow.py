@@ -43,6 +43,13 @@ def read_json(path: str) -> dict:
         return json.load(stream)
 
 
+def training_figures(figures: dict, key: str, run_dir: str) -> None:
+    """Add the training summary saved in ``run_dir`` to ``figures[key]``."""
+    summary = read_json(f"{run_dir}/model.json")["training"]
+    figures.setdefault(key, {}).update(
+        {k: summary[k] for k in ("epochs", "best_epoch", "best_val_loss", "train_seconds")})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", default="calochallenge-2")
@@ -86,9 +93,7 @@ def main() -> int:
                           "--stream", args.stream, "--no-progress"])
         figures["teacher"] = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak, 2)}
         save()
-    summary = read_json(f"{teacher}/model.json")["training"]
-    figures.setdefault("teacher", {}).update(
-        {k: summary[k] for k in ("epochs", "best_epoch", "best_val_loss", "train_seconds")})
+    training_figures(figures, "teacher", teacher)
     if not done(f"{student}/model.json"):
         subprocess.run(["rm", "-rf", student], check=True)
         wall, peak = run([exe, "distill", teacher, "-o", student, "--time-budget",
@@ -96,9 +101,7 @@ def main() -> int:
                           "--no-progress"])
         figures["student"] = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak, 2)}
         save()
-    summary = read_json(f"{student}/model.json")["training"]
-    figures.setdefault("student", {}).update(
-        {k: summary[k] for k in ("epochs", "best_epoch", "best_val_loss", "train_seconds")})
+    training_figures(figures, "student", student)
     generated = f"{out}/{g}-generated.h5"
     wall, peak = run([exe, "generate", student, "--like", test, "-o", generated, "--seed", "1",
                       "--threads", "2", "--no-progress"])

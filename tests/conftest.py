@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -38,6 +38,15 @@ def random_showers(geometry: Geometry, n: int, seed: int = 0, conditions: bool =
         extra = {"entry_point": rng.normal(0, 3, (n, 2)), "direction": rng.normal(0, 0.2, (n, 2))}
         units = {"entry_point": "mm", "direction": "rad"}
     return ShowerData(energies, voxels, extra, units)
+
+
+def tiny_config(model_class: Any, epochs: int, **options: Any) -> Any:
+    """``model_class``'s tiny preset with ``epochs`` and the given options set."""
+    config = model_class.preset("tiny")
+    config.training.epochs = epochs
+    for key, value in options.items():
+        setattr(config, key, value)
+    return config
 
 
 def simulate(geometry: Geometry, n: int, seed: int) -> ShowerData:

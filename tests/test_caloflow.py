@@ -195,6 +195,28 @@ def test_nonfinite_steps_are_skipped_then_divergence_stops(tmp_path):
                 str(tmp_path / "b")).fit(tensors, tensors)
 
 
+def test_time_budget_ends_a_long_epoch_early(tmp_path):
+    class Slow:
+        def __init__(self):
+            self.module = torch.nn.Linear(2, 1)
+            self.steps = 0
+
+        def loss(self, batch, generator):
+            if self.module.training:
+                self.steps += 1
+                time.sleep(0.05)
+            return (self.module(batch["x"]) ** 2).mean()
+
+    tensors = {"x": torch.randn(400, 2)}
+    slow = Slow()
+    # one epoch is 50 steps of >= 50 ms; the budget of 0.5 s ends it after ~10
+    config = TrainingConfig(epochs=3, batch_size=8, time_budget_s=0.5)
+    summary = Trainer(slow, config, str(tmp_path)).fit(tensors, tensors)
+    log = read_log(str(tmp_path / "train_log.jsonl"))
+    assert summary["epochs"] == 1 and log[0]["ended_by_time_budget"]
+    assert 5 <= slow.steps < 50 and summary["train_seconds"] < 2.0
+
+
 def test_train_cli_bad_inputs(tmp_path, capsys, data):
     path = tmp_path / "train.h5"
     write_showers(path, data.select(slice(0, 100)), GEOMETRY)

@@ -17,19 +17,15 @@ from caloforge.geometry import CartesianLayer, Geometry, get_geometry
 from caloforge.models import load_model
 from caloforge.models.icaloflow import ICaloFlow, ICaloFlowConfig, ICaloFlowStudent
 from caloforge.training import StreamedBatches, TensorBatches, TrainingConfig, read_log
-from conftest import assert_resume_matches_uninterrupted, random_showers, simulate
+from conftest import tiny_config, assert_resume_matches_uninterrupted, random_showers, simulate
 
 # five layers of 3 x 3 cells: Flow-2 for layer 0, the shared Flow-3 for layers 1-4
 GEOMETRY = Geometry("tiny-5x3x3", tuple(CartesianLayer(i, nx=3, ny=3, dx=10.0, dy=10.0)
                                         for i in range(5)), threshold_mev=0.01)
 
 
-def _tiny(epochs: int = 2, **options) -> ICaloFlowConfig:
-    config = ICaloFlow.preset("tiny")
-    config.training.epochs = epochs
-    for key, value in options.items():
-        setattr(config, key, value)
-    return config
+def _tiny(epochs: int = 2, **options):
+    return tiny_config(ICaloFlow, epochs, **options)
 
 
 @pytest.fixture(scope="module")

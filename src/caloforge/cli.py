@@ -16,7 +16,8 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .errors import CaloforgeError, OptionError
 from .geometry import available_geometries, get_geometry, resolve_geometry
-from .runtime import get_logger, parse_quantity, set_progress, set_threads, setup_logging
+from .runtime import (get_logger, parse_quantity, set_progress, set_threads, setup_logging,
+                      tune_allocator)
 
 log = get_logger("cli")
 
@@ -274,17 +275,25 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # --- train --------------------------------------------------------------------------------
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("family", choices=["caloflow", "icaloflow", "calogan", "wgan"],
+    parser.add_argument("family",
+                        choices=["caloflow", "icaloflow", "convflow", "calogan", "wgan"],
                         help="model family: caloflow (two normalising flows, <~1000 voxels), "
                              "icaloflow (layer-to-layer flows, many voxels: calochallenge-2/3, "
-                             "ild-ecal), calogan (CaloGAN-style GAN, layered Cartesian "
-                             "geometries), wgan (conditional WGAN-GP with Box-Cox, e.g. "
-                             "lhcb-ecal)")
+                             "ild-ecal), convflow (convolutional layer-to-layer flows, image "
+                             "layers: ild-ecal, calochallenge-3), calogan (CaloGAN-style GAN, "
+                             "layered Cartesian geometries), wgan (conditional WGAN-GP with "
+                             "Box-Cox, e.g. lhcb-ecal)")
     parser.add_argument("--data", required=True, help="training shower file")
     add_geometry_options(parser, required=True)
     parser.add_argument("-o", "--output", required=True, help="run directory")
     add_training_options(parser, "cpu (default), tiny; caloflow also paper (published sizes)",
                          "YAML file overriding the preset")
+    parser.add_argument("--layers", default=None,
+                        help="convflow: train only these parts, e.g. 0-9 or energy,0-14 "
+                             "(join runs with `caloforge merge`); default all")
+    parser.add_argument("--postprocess", choices=["none", "spline"], default=None,
+                        help="convflow: fit a monotone spline from generated to reference cell "
+                             "energies after training (default: the config's, none)")
 
 
 def add_training_options(parser: argparse.ArgumentParser, presets: str, config_help: str
@@ -301,8 +310,8 @@ def add_training_options(parser: argparse.ArgumentParser, presets: str, config_h
                         help="use only the first N showers of the file")
     parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                         help="read the training file block by block instead of whole (files "
-                             "larger than memory; families that support it: icaloflow). "
-                             "auto: when the voxels exceed --memory-limit")
+                             "larger than memory; families that support it: icaloflow, "
+                             "convflow). auto: when the voxels exceed --memory-limit")
     parser.add_argument("--memory-limit", default="4GB",
                         help="voxel data above this size are streamed with --stream auto "
                              "(default 4GB)")
@@ -354,6 +363,12 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.config:
             config = type(config).from_dict(merge_options(config.to_dict(),
                                                           _read_yaml(args.config)))
+        overrides = {"layers": args.layers, "postprocess": args.postprocess}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given and args.family != "convflow":
+            raise OptionError(f"--{next(iter(given))} is a convflow option")
+        if given:
+            config = type(config).from_dict(merge_options(config.to_dict(), given))
         model = model_class(geometry, config)
     _apply_budget(model.config.training, args)
     data = _training_data(args, geometry, model.streams_training_data)
@@ -461,6 +476,33 @@ def _apply_budget(training, args: argparse.Namespace) -> None:  # training: Trai
     if args.seed is not None and not args.resume:
         training.seed = args.seed
     training.validate()
+
+
+# --- merge ---------------------------------------------------------------------------------
+def _configure_merge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="convflow run directories trained with "
+                                                "disjoint --layers on the same data and config")
+    parser.add_argument("-o", "--output", required=True, help="directory of the merged model")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    import os
+
+    from .models import load_model
+    from .models.convflow import ConvL2LFlow, merge_runs
+
+    if os.path.exists(os.path.join(args.output, "model.json")):
+        raise OptionError(f"{args.output}: already holds a model; choose a new directory")
+    models = []
+    for run in args.runs:
+        model = load_model(run)
+        if not isinstance(model, ConvL2LFlow):
+            raise OptionError(f"{run}: a {model.family} model; only convflow runs merge")
+        models.append(model)
+    merged = merge_runs(models)
+    merged.save(args.output)
+    print(f"merged {len(models)} runs ({', '.join(merged.trained_parts)}) into {args.output}")
+    return 0
 
 
 # --- generate ------------------------------------------------------------------------------
@@ -586,6 +628,8 @@ COMMANDS: list[Command] = [
      _configure_train, _run_train),
     ("distill: distil a CaloFlow or iCaloFlow teacher into one-pass IAF students",
      _configure_distill, _run_distill),
+    ("merge: join convflow runs trained on disjoint --layers into one model",
+     _configure_merge, _run_merge),
     ("generate: sample showers from a trained model into a file", _configure_generate,
      _run_generate),
     ("bench-sampling: time sampling (ms/shower, showers/s, peak memory) per threads and batch",
@@ -622,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_progress(not args.no_progress)
     try:
         set_threads(args.threads)
+        tune_allocator()
         return int(args.run(args) or 0)
     except CaloforgeError as exc:
         print(f"caloforge {args.command}: error: {exc}", file=sys.stderr)

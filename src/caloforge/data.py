@@ -116,14 +116,18 @@ class ShowerData:
         if (e_inc <= 0).any():
             i = int(np.argmax(e_inc <= 0))
             return f"incident energy must be positive, shower {i} has {e_inc[i]:g} MeV"
-        finite_rows = np.isfinite(self.showers).all(axis=1)
-        if not finite_rows.all():
-            return f"voxel energies contain NaN or infinite values (first at shower " \
-                   f"{int(np.argmin(finite_rows))})"
-        negative_rows = (self.showers < 0).any(axis=1)
-        if negative_rows.any():
-            i = int(np.argmax(negative_rows))
-            return f"negative voxel energy (min {self.showers[i].min():g} MeV at shower {i})"
+        # blocks of rows: boolean masks of a whole 10,000 x 40,500 shard would take 0.4 GB each
+        block = max(1, (1 << 24) // max(1, self.n_voxels))
+        for start in range(0, len(self.showers), block):
+            rows = self.showers[start:start + block]
+            finite_rows = np.isfinite(rows).all(axis=1)
+            if not finite_rows.all():
+                return f"voxel energies contain NaN or infinite values (first at shower " \
+                       f"{start + int(np.argmin(finite_rows))})"
+            negative_rows = (rows < 0).any(axis=1)
+            if negative_rows.any():
+                i = start + int(np.argmax(negative_rows))
+                return f"negative voxel energy (min {self.showers[i].min():g} MeV at shower {i})"
         for name, values in self.conditions.items():
             finite = np.isfinite(values).all(axis=1)
             if not finite.all():

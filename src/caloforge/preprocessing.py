@@ -226,6 +226,46 @@ class VoxelTransform(JsonState):
 
 
 @dataclass
+class MaxLogTransform(JsonState):
+    """Layer images (MeV) <-> logit space, the convolutional L2LFlows preprocessing.
+
+    Works on the last axis of ``(..., S)`` tensors (S = one layer's cells). Forward: every
+    exactly-zero cell gets U(0, ``noise_mev``) (dequantisation of empty cells, below the
+    readout threshold), the layer is divided by its maximum, ``y = log10(x + offset) /
+    decades + 1`` maps [0, 1] onto about [0, 1] (10^-7 of the maximum -> 0), then logit with
+    ``alpha`` (1e-2 as published). Inverse: sigmoid, undo the log, clip at zero, rescale the
+    layer so that it sums to the requested layer energy, zero the cells below
+    ``threshold_mev``.
+    """
+
+    noise_mev: float = 5e-3
+    threshold_mev: float = 0.01515
+    alpha: float = 1e-2
+    offset: float = 1e-7
+    decades: float = 7.0
+
+    def add_noise(self, images: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        noise = torch.rand(images.shape, generator=generator, dtype=images.dtype,
+                           device="cpu" if generator is not None else images.device)
+        return torch.where(images > 0, images, self.noise_mev * noise.to(images.device))
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        """``(..., S)`` MeV, no zeros -> ``(..., S)`` logit values."""
+        scale = noisy.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(noisy.dtype).tiny)
+        y = torch.log10(noisy / scale + self.offset) / self.decades + 1
+        return LogitTransform(self.alpha).forward(y)
+
+    def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
+        """Logit values ``(B, S)`` and layer energies ``(B,)`` MeV -> cells ``(B, S)`` MeV."""
+        y = LogitTransform(self.alpha).inverse(x)
+        shares = (torch.pow(10.0, (y - 1) * self.decades) - self.offset).clamp(min=0)
+        total = shares.sum(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+        cells = shares * (layer_energies[:, None] / total)
+        return torch.where(cells < self.threshold_mev, torch.zeros_like(cells), cells)
+
+
+@dataclass
 class BoxCoxTransform(JsonState):
     """Cell energies <-> standardised Box-Cox values, elementwise, any shape.
 

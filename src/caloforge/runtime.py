@@ -109,6 +109,29 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def tune_allocator() -> bool:
+    """Keep freed tensor memory in the process heap (glibc only; returns whether it could).
+
+    A flow step allocates and frees many tensors of tens of MB. With glibc's defaults those
+    above its mmap threshold go back to the kernel on every free and are page-faulted in
+    again on the next step: sampling a calochallenge-3 layer chain measured 25.7 s with the
+    threshold at 32 MB against 38.7 s with the defaults, at the same peak memory (1.0 GB).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # a 256 MB trim threshold keeps a step's working set without holding on to much more
+    # (1 GB measured the same speed)
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and \
+        bool(libc.mallopt(m_trim_threshold, 256 << 20))
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; refuse an unavailable device."""
     import torch

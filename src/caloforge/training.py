@@ -415,7 +415,15 @@ class Trainer:
                         [config.seed, epoch, 1]).generate_state(1)[0]))
                 module.train()
                 losses: dict[str, list[float]] = {name: [] for name in players}
+                budget_spent = False
                 for batch in train.batches(config.batch_size, order, part, parts):
+                    # an epoch longer than what is left of the budget ends early (then
+                    # validation and checkpoint as usual): the budget holds within one step
+                    if (config.time_budget_s is not None and any(losses.values())
+                            and state["elapsed_s"] + time.perf_counter() - started
+                            > config.time_budget_s):
+                        budget_spent = True
+                        break
                     progress = state["step"] / total_steps
                     if config.time_budget_s:
                         progress = max(progress, (state["elapsed_s"] + time.perf_counter()
@@ -461,6 +469,8 @@ class Trainer:
                           "val_loss": val_loss, "lr": lr,
                           "seconds": round(epoch_seconds, 2),
                           "skipped_steps": state["skipped_steps"], "best": improved}
+                if budget_spent:
+                    record["ended_by_time_budget"] = True
                 if len(means) > 1:
                     record["player_losses"] = means
                 if improved:
@@ -476,6 +486,9 @@ class Trainer:
                     bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
                 if self.on_epoch is not None:
                     self.on_epoch(record)
+                if budget_spent:
+                    log.info("time budget reached within epoch %d", epoch + 1)
+                    break
         finally:
             if bar is not None:
                 bar.close()

@@ -14,15 +14,17 @@ def families() -> dict[str, Any]:
     from .calogan import CaloGan
     from .caloflow import CaloFlow
     from .caloflow_student import CaloFlowStudent
+    from .convflow import ConvL2LFlow
     from .icaloflow import ICaloFlow, ICaloFlowStudent
     from .wgan import Wgan
 
     return {"caloflow": CaloFlow, "caloflow-student": CaloFlowStudent, "calogan": CaloGan,
-            "wgan": Wgan, "icaloflow": ICaloFlow, "icaloflow-student": ICaloFlowStudent}
+            "wgan": Wgan, "icaloflow": ICaloFlow, "icaloflow-student": ICaloFlowStudent,
+            "convflow": ConvL2LFlow}
 
 
 # families trained from data by `caloforge train` (a student is distilled from a teacher)
-TRAINABLE_FAMILIES = ("caloflow", "icaloflow", "calogan", "wgan")
+TRAINABLE_FAMILIES = ("caloflow", "icaloflow", "convflow", "calogan", "wgan")
 # teacher family -> the family of its distilled student (`caloforge distill`)
 STUDENT_FAMILIES = {"caloflow": "caloflow-student", "icaloflow": "icaloflow-student"}
 

@@ -166,6 +166,15 @@ class RQSpline(MonotonicRQSTransform):
         self.vertical = bound * (2 * heights / heights[..., -1:] - 1)
         self.derivatives = torch.exp(F.pad(derivatives, (1, 1), value=0))
 
+    @property
+    def inv(self) -> torch.distributions.Transform:
+        """The inverse, not cached. torch's ``Transform.inv`` keeps the inverse in
+        ``self._inv`` while the inverse refers back to ``self``: a reference cycle that
+        only the garbage collector frees, so every spline's parameters (B, S, K) stayed
+        alive for many layers of sampling (measured: 1.9 GB extra at 400 showers of
+        calochallenge-3 with a student, 0.1 GB without the cycle)."""
+        return torch.distributions.transforms._InverseTransform(self)
+
 
 def inverse_spline(widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor,
                    bound: float) -> torch.distributions.Transform:
@@ -228,6 +237,7 @@ class LayerEnergyFlows(ConditionedModel):
     """
 
     config_class: Any
+    voxel_transform_class: Any = VoxelTransform
     inverse_autoregressive = False  # True: the voxel flows are distilled IAF students
     log_prob_batch_size = 2048
     # zuko's spline inverse materialises per-bin intermediates: sampling peaks at about
@@ -272,6 +282,22 @@ class LayerEnergyFlows(ConditionedModel):
         log_layers = np.log10(noisy)
         self.layer_log_mean = log_layers.mean(0).tolist()
         self.layer_log_std = np.maximum(log_layers.std(0), 1e-3).tolist()
+
+    def _fit_threshold(self, data: ShowerData) -> None:
+        """Geometries without a readout threshold (ild-ecal, lhcb-ecal) take the smallest
+        non-zero cell of the training sample (the simulation's cut), the dequantisation
+        noise a third of it, unless the config sets them (a 10 keV default would let the
+        flows' values between 10 keV and the real cut, 2.4 MeV for the ILD ECAL, survive
+        as extra hits)."""
+        if getattr(self.config, "threshold_mev", 0.0) is not None or \
+                self.geometry.threshold_mev > 0:
+            return
+        positive = data.showers[data.showers > 0]
+        if positive.size == 0:
+            return
+        self.voxel_transform.threshold_mev = float(positive.min())
+        if self.config.noise_mev is None:
+            self.voxel_transform.noise_mev = self.voxel_transform.threshold_mev / 3
 
     def _layer_context(self, layer_energies: torch.Tensor) -> torch.Tensor:
         """Standardised log10 of the layer energies ``(B, L)`` MeV -> ``(B, L)``."""
@@ -328,7 +354,7 @@ class LayerEnergyFlows(ConditionedModel):
         model = cls(geometry, cls.config_class.from_dict(state["config"]))
         model.conditions = ConditionTransform.from_state(state["conditions"])
         model.layer_transform = LayerEnergyTransform.from_state(state["layer_transform"])
-        model.voxel_transform = VoxelTransform.from_state(state["voxel_transform"])
+        model.voxel_transform = cls.voxel_transform_class.from_state(state["voxel_transform"])
         model.layer_log_mean = list(state["layer_log_mean"])
         model.layer_log_std = list(state["layer_log_std"])
         model._restore_extra_state(state)

@@ -48,7 +48,8 @@ from .distillation import DistillationConfig, DistilledStudent, distillation_pre
 class ICaloFlowConfig:
     """Architecture and preprocessing of the three flows.
 
-    ``noise_mev`` / ``threshold_mev``: None = a third of / the geometry's readout threshold.
+    ``noise_mev`` / ``threshold_mev``: None = a third of / the geometry's readout threshold
+    (geometries without one: the smallest non-zero training cell).
     ``layers_per_shower``: Flow-3 terms per shower in a training step (0 = every layer; k:
     k random layers, the term scaled to an unbiased estimate), to bound memory on very
     large layers.
@@ -169,6 +170,7 @@ class ICaloFlow(LayerEnergyFlows):
         return voxels.reshape(len(voxels), self.geometry.n_layers, self.layer_size)
 
     def _fit_preprocessing(self, data: ShowerData) -> None:
+        self._fit_threshold(data)
         super()._fit_preprocessing(data)
         # ~20M voxel values suffice for two scalars (float64 copies of a large sample
         # would dominate the memory of streamed training on 40,500-voxel showers)

@@ -1,0 +1,486 @@
+"""Convolutional layer-to-layer flows (L2LFlows with U-Net coupling blocks).
+
+For highly granular calorimeters (the ILD ECAL: 30 layers of 30 x 30 cells; CaloChallenge
+dataset 3: 45 layers of 18 radial x 50 angular bins) masked autoregressive flows over a
+layer stop scaling; convolutional coupling flows scale with the image and sample in one
+pass:
+
+* the energy flow (a MADE-RQS MAF, :class:`~caloforge.models.caloflow.LayerEnergyFlows`'
+  Flow-1): all layer energies ``(L,)`` given the conditions;
+* one :class:`~caloforge.models.conv_blocks.ConvFlow` per layer (``shared: false``, the
+  published choice) or ONE shared by every layer with a learned layer embedding
+  (``shared: true``): the layer image in logit space ``(1, H, W)`` given, as image
+  channels, the previous ``previous_layers`` layers (default 5; missing ones before the
+  first layer read as empty), the standardised log layer energy and the conditions.
+
+Preprocessing (:class:`~caloforge.preprocessing.MaxLogTransform`): noise on empty cells,
+divide by the layer maximum, ``log10(x + 1e-7) / 7 + 1``, logit (alpha 1e-2). After
+generation each layer is rescaled to its sampled energy and cut at the readout threshold;
+optionally (``postprocess: spline``) a monotone 1-D spline fitted between generated and
+reference cell-energy quantiles corrects the cell spectrum.
+
+Cylindrical layers are images ``(radial, angular)`` whose angular axis wraps around
+(circular padding; training rolls every shower by a random angle). Cartesian layers are
+``(y, x)`` images with zero padding. Image sides must be even (one squeeze).
+
+Per-layer flows are independent given the data: ``layers: "0-9"`` trains a subset of the
+parts (``energy`` is the energy flow) and :func:`merge_runs` joins runs trained on
+disjoint parts into one model, the unit of parallel training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import ShowerData
+from ..errors import CaloforgeError, GeometryError, OptionError
+from ..geometry import Geometry
+from ..preprocessing import LogitTransform, MaxLogTransform
+from ..training import TrainingConfig
+from .base import shard_generator
+from .caloflow import FlowConfig, LayerEnergyFlows, build_maf, flows_config_from_dict
+from .conv_blocks import ConvFlow
+
+ENERGY_PART = "energy"
+
+
+@dataclass
+class ConvFlowConfig:
+    """Architecture, preprocessing and training of the convolutional L2LFlows.
+
+    ``layers``: the parts a run trains, ``"all"`` or a comma list of ``energy`` and layer
+    indices / ranges (``"energy,0-9"``); ``noise_mev`` / ``threshold_mev``: None = a third
+    of / the geometry's readout threshold (geometries without one: the smallest non-zero
+    training cell); ``postprocess``: ``none`` or ``spline``;
+    ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
+    the term scaled to an unbiased estimate of the full likelihood: memory and time per
+    step shrink by k / L (validation always scores every layer).
+    """
+
+    energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
+    blocks: int = 6
+    width: int = 16
+    bins: int = 8
+    bound: float = 5.0
+    embedding: int = 8
+    previous_layers: int = 5
+    shared: bool = False
+    layer_embedding: int = 4
+    noise_mev: float | None = None
+    threshold_mev: float | None = None
+    voxel_logit_alpha: float = 1e-2
+    logit_alpha: float = 1e-6  # the energy flow's u-space logit
+    roll_augmentation: bool = True
+    layers_per_step: int = 0
+    layers: str = "all"
+    postprocess: str = "none"
+    postprocess_showers: int = 2000
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ConvFlowConfig":
+        out = flows_config_from_dict(cls, values, "convflow")
+        if out.postprocess not in ("none", "spline"):
+            raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
+        if out.previous_layers < 0 or out.layers_per_step < 0 or out.blocks < 1 \
+                or out.width < 1:
+            raise OptionError("previous_layers and layers_per_step must be >= 0, blocks and "
+                              "width >= 1")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cpu_config() -> ConvFlowConfig:
+    """Sized for 2 CPU cores: 6 coupling blocks with 16-channel U-Nets (~0.22 M parameters
+    per layer flow; single-thread sampling ~2-4 ms per 30 x 30 layer image at batch 100),
+    10 random layers per step (every layer of 64 ILD showers held ~6 GB of activations),
+    60 minutes of training."""
+    return ConvFlowConfig(layers_per_step=10, training=TrainingConfig(
+        epochs=1000, batch_size=64, learning_rate=1e-3, weight_decay=0.1, val_fraction=0.05,
+        epoch_showers=5000, time_budget_s=60 * 60))
+
+
+def _paper_config() -> ConvFlowConfig:
+    """The published sizes (8 coupling blocks, batch 1024), for a GPU."""
+    return ConvFlowConfig(blocks=8, width=32, embedding=16, training=TrainingConfig(
+        epochs=200, batch_size=1024, learning_rate=1e-3, weight_decay=0.1))
+
+
+def _tiny_config() -> ConvFlowConfig:
+    """For tests: seconds on a CPU."""
+    return ConvFlowConfig(energy=FlowConfig(blocks=2, hidden=[16]), blocks=2, width=4,
+                          bins=4, embedding=4, previous_layers=2,
+                          training=TrainingConfig(epochs=2, batch_size=16))
+
+
+PRESETS = {"cpu": _cpu_config, "paper": _paper_config, "tiny": _tiny_config}
+
+
+def parse_parts(spec: str, n_layers: int) -> list[str]:
+    """``"all"`` / ``"energy,0-9,12"`` -> sorted part names (``energy``, ``"0"``, ...)."""
+    if spec.strip() == "all":
+        return [ENERGY_PART] + [str(i) for i in range(n_layers)]
+    parts: set[str] = set()
+    for item in (token.strip() for token in spec.split(",")):
+        if item == ENERGY_PART:
+            parts.add(item)
+            continue
+        try:
+            low, _, high = item.partition("-")
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise OptionError(f"bad --layers item {item!r}: use energy, N or N-M") from None
+        if not 0 <= first <= last < n_layers:
+            raise OptionError(f"--layers {item!r}: layers are 0 .. {n_layers - 1}")
+        parts.update(str(i) for i in range(first, last + 1))
+    if not parts:
+        raise OptionError("--layers selects nothing")
+    return sorted(parts, key=lambda p: -1 if p == ENERGY_PART else int(p))
+
+
+class ConvFlowModule(nn.Module):
+    """The energy flow and the layer flows (one per layer, or one shared)."""
+
+    def __init__(self, n_context: int, n_layers: int, config: ConvFlowConfig,
+                 circular: bool) -> None:
+        super().__init__()
+        self.flow1 = build_maf(n_layers, n_context, config.energy)
+        extra = config.layer_embedding if config.shared else 0
+        condition_channels = config.previous_layers + n_context + 1 + extra
+
+        def layer_flow() -> ConvFlow:
+            return ConvFlow(condition_channels, config.blocks, config.width, config.bins,
+                            config.bound, config.embedding, circular)
+
+        self.layer_flows = nn.ModuleList([layer_flow() for _ in range(
+            1 if config.shared else n_layers)])
+        self.layer_embedding = nn.Embedding(n_layers, extra) if config.shared else None
+
+
+class ConvL2LFlow(LayerEnergyFlows):
+    """Convolutional layer-to-layer flows on geometries whose layers are equal images.
+
+    Example::
+
+        model = ConvL2LFlow(get_geometry("ild-ecal"), ConvL2LFlow.preset("cpu"))
+        model.fit(read_showers("ild_train.h5"), "runs/conv")
+        generated = model.sample(reference.incident_energies, seed=1)
+    """
+
+    family = "convflow"
+    config_class = ConvFlowConfig
+    voxel_transform_class = MaxLogTransform
+    streams_training_data = True
+    log_prob_batch_size = 256
+    sampling_memory_bytes = 5e8
+    # activations of one layer image through a coupling stack, per cell (measured order)
+    bytes_per_shower_voxel = 2e3
+    max_micro_batch = 1000
+
+    def __init__(self, geometry: Geometry, config: ConvFlowConfig | None = None) -> None:
+        config = config or _cpu_config()
+        shapes = {layer.shape for layer in geometry.layers}
+        kinds = {layer.kind for layer in geometry.layers}
+        if len(shapes) != 1 or len(kinds) != 1 or geometry.n_layers < 2:
+            raise GeometryError(f"convflow needs at least two layers of one shape and kind; "
+                                f"{geometry.name!r} has shapes {sorted(shapes)}")
+        self.circular = geometry.is_cylindrical
+        rows, columns = next(iter(shapes))  # (n_alpha, n_radial) or (ny, nx)
+        self.image_shape = (columns, rows) if self.circular else (rows, columns)
+        if self.image_shape[0] % 2 or self.image_shape[1] % 2:
+            raise GeometryError(f"convflow needs even layer image sides (one 2x2 squeeze); "
+                                f"{geometry.name!r} layers are {self.image_shape}")
+        threshold = config.threshold_mev
+        if threshold is None:
+            threshold = geometry.threshold_mev if geometry.threshold_mev > 0 else 0.01
+        noise = config.noise_mev if config.noise_mev is not None else threshold / 3
+        super().__init__(geometry, config, MaxLogTransform(noise, threshold,
+                                                           config.voxel_logit_alpha))
+        self.parts = parse_parts(config.layers, geometry.n_layers)
+        if config.shared and self.parts != parse_parts("all", geometry.n_layers):
+            raise OptionError("a shared layer flow trains every layer at once; "
+                              "--layers needs shared: false")
+        self.trained_parts: list[str] = []
+        self.postprocess_nodes: list[list[float]] | None = None
+
+    @staticmethod
+    def preset(name: str) -> ConvFlowConfig:
+        if name not in PRESETS:
+            raise OptionError(f"unknown convflow preset {name!r}; choose from {', '.join(PRESETS)}")
+        return PRESETS[name]()
+
+    # --- images -----------------------------------------------------------------------
+    def _images(self, voxels: torch.Tensor) -> torch.Tensor:
+        """``(B, n_voxels)`` -> ``(B, L, H, W)``; cylinders as (radial, angular)."""
+        rows, columns = self.geometry.layers[0].shape
+        images = voxels.reshape(len(voxels), self.geometry.n_layers, rows, columns)
+        return images.transpose(-1, -2) if self.circular else images
+
+    def _flat(self, image: torch.Tensor) -> torch.Tensor:
+        """One layer ``(B, H, W)`` -> its cells ``(B, S)`` in the geometry's order."""
+        return (image.transpose(-1, -2) if self.circular else image).reshape(len(image), -1)
+
+    def _layer_condition(self, previous: torch.Tensor, context: torch.Tensor,
+                         log_energy: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """Condition images ``(B, k + C + 1 [+ e], H, W)``: the previous k layers in logit
+        space ``(B, k, H, W)`` (empty ones at the logit of zero), the conditions ``(B, C)``
+        and the standardised log layer energy ``(B,)`` as constant channels, the learned
+        embedding of the layer index ``(B,)`` for a shared flow."""
+        assert self.module is not None
+        constants = [context, log_energy[:, None]]
+        if self.module.layer_embedding is not None:
+            constants.append(self.module.layer_embedding(layer))
+        constants_t = torch.cat(constants, dim=1)[:, :, None, None]
+        h, w = self.image_shape
+        return torch.cat([previous, constants_t.expand(-1, -1, h, w)], dim=1)
+
+    def _previous(self, y: torch.Tensor, layer: int) -> torch.Tensor:
+        """The k layers before ``layer`` from ``y`` ``(B, L, H, W)``, padded with empty."""
+        k = self.config.previous_layers
+        empty = LogitTransform(self.voxel_transform.alpha).forward(torch.zeros(()))
+        start = max(0, layer - k)
+        have = y[:, start:layer]
+        if have.shape[1] == k:
+            return have
+        pad = torch.full((len(y), k - have.shape[1], *self.image_shape), float(empty),
+                         dtype=y.dtype, device=y.device)
+        return torch.cat([pad, have], dim=1)
+
+    def _flow(self, layer: int) -> Any:
+        assert self.module is not None
+        return self.module.layer_flows[0 if self.config.shared else layer]
+
+    def _fit_preprocessing(self, data: ShowerData) -> None:
+        self._fit_threshold(data)
+        super()._fit_preprocessing(data)
+
+    # --- likelihood -------------------------------------------------------------------
+    def _log_prob(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
+                  augment: bool = False, layers_per_step: int = 0) -> torch.Tensor:
+        """Log-likelihood ``(B,)`` of the parts this run trains (nats, flows' space); with
+        ``layers_per_step`` k, of k random layers scaled by (layers / k)."""
+        assert self.module is not None
+        images = self._images(batch["voxels"])
+        if augment and self.circular and self.config.roll_augmentation:
+            shift = int(torch.randint(self.image_shape[1], (1,), generator=generator))
+            images = torch.roll(images, shift, dims=-1)
+        noisy = self.voxel_transform.add_noise(images, generator)
+        energies = noisy.sum(dim=(-2, -1))
+        n, n_layers = energies.shape
+        y = self.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape)
+        context = self._context(batch)
+        log_energies = self._layer_context(energies)
+        log_p = torch.zeros(n, dtype=y.dtype, device=y.device)
+        if ENERGY_PART in self.parts:
+            x1 = self.layer_transform.forward(energies, batch["incident_energy"])
+            log_p = log_p + self.module.flow1(context).log_prob(x1)
+        layers = [int(p) for p in self.parts if p != ENERGY_PART]
+        weight = 1.0
+        if 0 < layers_per_step < len(layers):
+            chosen = torch.randperm(len(layers), generator=generator)[:layers_per_step]
+            weight = len(layers) / layers_per_step
+            layers = [layers[i] for i in sorted(chosen.tolist())]
+        if self.config.shared:  # one call over every (shower, layer) image
+            index = torch.arange(n_layers, device=y.device)
+            conditions = torch.cat([self._layer_condition(
+                self._previous(y, i), context, log_energies[:, i], index[i].expand(n))
+                for i in layers])
+            images_all = torch.cat([y[:, i:i + 1] for i in layers])
+            per_image = self._flow(0).log_prob(images_all, conditions)
+            return log_p + weight * per_image.reshape(len(layers), n).sum(0)
+        for i in layers:
+            condition = self._layer_condition(self._previous(y, i), context,
+                                              log_energies[:, i], None)
+            log_p = log_p + weight * self._flow(i).log_prob(y[:, i:i + 1], condition)
+        return log_p
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Mean negative log-likelihood per shower of the trained parts (nats)."""
+        return -self._log_prob(batch, generator, augment=True,
+                               layers_per_step=self.config.layers_per_step).mean()
+
+    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                        ) -> torch.Tensor:
+        """The same over every layer, without augmentation."""
+        return -self._log_prob(batch, generator).mean()
+
+    @property
+    def validation_batch_size(self) -> int:
+        return self.config.training.batch_size
+
+    def _new_module(self) -> ConvFlowModule:
+        return ConvFlowModule(self.conditions.n_features, self.geometry.n_layers, self.config,
+                              self.circular)
+
+    def fit(self, data: Any, run_dir: str, resume: bool = False, device: str = "cpu",
+            progress: Any = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.config.postprocess == "spline" and len(self.parts) < self.geometry.n_layers + 1:
+            raise OptionError("postprocess: spline needs every part in one run (it samples "
+                              "the whole model); train without --layers")
+        summary = super().fit(data, run_dir, resume, device, progress, metadata)
+        self.trained_parts = list(self.parts)
+        if self.config.postprocess == "spline":
+            reference = data.read_blocks(np.arange(min(data.n_blocks, max(
+                1, self.config.postprocess_showers // data.block_size)))) \
+                if hasattr(data, "read_blocks") else data
+            self.fit_postprocess(reference.select(slice(0, self.config.postprocess_showers)))
+        self.save(run_dir)
+        return summary
+
+    def _save_best(self, run_dir: str, state: dict[str, Any]) -> None:
+        self.trained_parts = list(self.parts)
+        super()._save_best(run_dir, state)
+
+    # --- sampling ---------------------------------------------------------------------
+    @property
+    def voxels_per_pass(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+    def _require_complete(self) -> None:
+        missing = [p for p in parse_parts("all", self.geometry.n_layers)
+                   if p not in self.trained_parts]
+        if missing:
+            raise CaloforgeError(
+                f"this convflow model has untrained parts ({', '.join(missing[:8])}"
+                f"{' ...' if len(missing) > 8 else ''}); train them with --layers and join "
+                f"the runs with `caloforge merge`")
+
+    def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,
+               seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
+               ) -> ShowerData:
+        energies, conditions = self._sampling_inputs(incident_energies, conditions)
+        self._require_complete()
+        assert self.module is not None
+        module = self.module.to(device).eval()
+        n, n_layers = len(energies), self.geometry.n_layers
+        size = self.voxels_per_pass
+        h, w = self.image_shape
+        k = self.config.previous_layers
+        step = self.micro_batch(batch_size)
+        spans = [(a, min(a + step, n)) for a in range(0, n, step)]
+        out = np.empty((n, n_layers * size), dtype=np.float32)
+        generator = shard_generator(seed, shard)
+        with torch.inference_mode():
+            contexts = [self._context(self._condition_batch(energies, conditions, a, b, device))
+                        for a, b in spans]
+            z1 = torch.randn(n, n_layers, generator=generator)
+            e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
+            layer_energies = torch.cat([self.layer_transform.inverse(
+                module.flow1(c).transform.inv(z1[a:b].to(device)), e_inc[a:b])
+                for (a, b), c in zip(spans, contexts)])
+            log_energies = self._layer_context(layer_energies)
+            # the last k generated layers in logit space, oldest first
+            recent = torch.empty(n, 0, h, w, device=device)
+            for layer in range(n_layers):
+                # one draw per layer for the whole shard: independent of the batch size
+                z = torch.randn(n, 4, h // 2, w // 2, generator=generator)
+                index = torch.full((n,), layer, device=device)
+                generated = []
+                for (a, b), context in zip(spans, contexts):
+                    previous = self._previous(recent[a:b], recent.shape[1])
+                    condition = self._layer_condition(previous, context,
+                                                      log_energies[a:b, layer], index[a:b])
+                    x = self._flow(layer).inverse(z[a:b].to(device), condition)[:, 0]
+                    generated.append(torch.nan_to_num(x, nan=-20.0))
+                y = torch.cat(generated)
+                cells = self.voxel_transform.inverse(y.reshape(n, -1),
+                                                     layer_energies[:, layer])
+                cells = self._flat(cells.reshape(n, h, w))
+                out[:, layer * size:(layer + 1) * size] = self._postprocess(cells.cpu().numpy())
+                recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
+        return self._sampled_data(energies, out, conditions)
+
+    # --- post-processing --------------------------------------------------------------
+    def fit_postprocess(self, reference: ShowerData, nodes: int = 128, seed: int = 1) -> None:
+        """Fit the monotone map (PCHIP in log10 MeV through ``nodes`` quantiles) from the
+        cell energies this model generates for ``reference``'s conditions to
+        ``reference``'s own cell energies (cells above threshold only)."""
+        self.postprocess_nodes = None
+        generated = self.sample(reference.incident_energies, reference.conditions, seed=seed)
+        levels = np.linspace(0.0, 1.0, nodes)
+        real = reference.showers[reference.showers > 0]
+        fake = generated.showers[generated.showers > 0]
+        if real.size < nodes or fake.size < nodes:
+            raise CaloforgeError("too few cells above threshold to fit the post-processing "
+                                 "spline")
+        x = np.quantile(np.log10(fake.astype(np.float64)), levels)
+        y = np.quantile(np.log10(real.astype(np.float64)), levels)
+        keep = np.concatenate([[True], np.diff(x) > 1e-9])
+        self.postprocess_nodes = [x[keep].tolist(), y[keep].tolist()]
+
+    def _postprocess(self, cells: np.ndarray) -> np.ndarray:
+        """Apply the fitted spline to the cells above threshold ``(B, S)`` MeV (identity
+        without one); the ends extrapolate linearly in log10."""
+        if self.postprocess_nodes is None:
+            return cells
+        from scipy.interpolate import PchipInterpolator
+
+        x, y = (np.asarray(v) for v in self.postprocess_nodes)
+        spline = PchipInterpolator(x, y, extrapolate=True)
+        above = cells > 0
+        logs = np.log10(cells[above].astype(np.float64))
+        mapped = np.where(logs < x[0], logs + (y[0] - x[0]),
+                          np.where(logs > x[-1], logs + (y[-1] - x[-1]), spline(logs)))
+        out = cells.copy()
+        out[above] = np.power(10.0, mapped)
+        return out
+
+    # --- persistence ------------------------------------------------------------------
+    def to_json_state(self) -> dict[str, Any]:
+        return {**super().to_json_state(), "trained_parts": self.trained_parts,
+                "postprocess_nodes": self.postprocess_nodes}
+
+    def _restore_extra_state(self, state: dict[str, Any]) -> None:
+        self.trained_parts = [str(p) for p in state.get("trained_parts", [])]
+        nodes = state.get("postprocess_nodes")
+        self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
+
+
+def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
+    """One model from runs that trained disjoint parts of the same configuration on the
+    same data (same fitted preprocessing). Raises CaloforgeError on any mismatch."""
+    if not models:
+        raise OptionError("nothing to merge")
+    first = models[0]
+    reference = _comparable_state(first)
+    merged = ConvL2LFlow.from_json_state({**first.to_json_state(), "config": {
+        **first.config.to_dict(), "layers": "all"}}, first.geometry)
+    weights = merged.module.state_dict()
+    owner: dict[str, int] = {}
+    for number, model in enumerate(models):
+        if model.family != first.family or _comparable_state(model) != reference:
+            raise CaloforgeError(f"run {number + 1} differs from run 1 in configuration, "
+                                 f"geometry or fitted preprocessing: runs to merge must come "
+                                 f"from the same data and config, differing only in --layers")
+        for part in model.trained_parts:
+            if part in owner:
+                raise CaloforgeError(f"part {part} is trained in runs {owner[part] + 1} and "
+                                     f"{number + 1}; merge runs with disjoint --layers")
+            owner[part] = number
+            prefix = "flow1." if part == ENERGY_PART else f"layer_flows.{part}."
+            for key, value in model.module.state_dict().items():
+                if key.startswith(prefix):
+                    weights[key] = value
+    merged.module.load_state_dict(weights)
+    merged.trained_parts = sorted(owner, key=lambda p: -1 if p == ENERGY_PART else int(p))
+    merged.postprocess_nodes = None
+    merged.training_summary = {"merged_from": [m.training_summary for m in models]}
+    return merged
+
+
+def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
+    state = model.to_json_state()
+    config = {k: v for k, v in state["config"].items() if k not in ("layers", "training")}
+    return {"geometry": model.geometry.to_dict(), "config": config,
+            **{k: v for k, v in state.items()
+               if k not in ("config", "trained_parts", "postprocess_nodes")}}
+
+
+__all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "merge_runs", "parse_parts"]

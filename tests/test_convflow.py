@@ -1,0 +1,244 @@
+"""Convolutional L2LFlows: preprocessing, train -> generate -> evaluate, layer subsets and
+merging, post-processing spline, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from caloforge.cli import main
+from caloforge.data import read_showers, write_showers
+from caloforge.errors import CaloforgeError, GeometryError, OptionError
+from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry
+from caloforge.models import load_model
+from caloforge.models.convflow import ConvL2LFlow, merge_runs, parse_parts
+from caloforge.preprocessing import MaxLogTransform
+from conftest import tiny_config, assert_resume_matches_uninterrupted, random_showers
+
+# four Cartesian layers of 4 x 4 cells; three cylindrical layers of 4 radial x 6 angular bins
+CARTESIAN = Geometry("tiny-4x4x4", tuple(CartesianLayer(i, nx=4, ny=4, dx=10.0, dy=10.0)
+                                         for i in range(4)), threshold_mev=0.01)
+CYLINDER = Geometry("tiny-cyl", tuple(CylindricalLayer(i, r_edges=(0.0, 5.0, 10.0, 20.0, 40.0),
+                                                       n_alpha=6) for i in range(3)),
+                    threshold_mev=0.01)
+
+
+def _tiny(epochs: int = 1, **options):
+    return tiny_config(ConvL2LFlow, epochs, **options)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return random_showers(CARTESIAN, 240, seed=2)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("convflow"))
+    model = ConvL2LFlow(CARTESIAN, _tiny(2))
+    model.fit(data, run_dir)
+    return model, run_dir
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.0, 0.9), st.floats(-2.0, 4.0))
+def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fraction, log_scale):
+    rng = np.random.default_rng(seed)
+    transform = MaxLogTransform(noise_mev=0.005, threshold_mev=0.015)
+    cells = rng.exponential(10.0 ** log_scale, (8, 36)) + 0.015
+    cells[rng.random(cells.shape) < empty_fraction] = 0.0
+    cells[:, 0] = 10.0 ** log_scale  # no empty layer
+    images = torch.as_tensor(cells, dtype=torch.float64)
+    noisy = transform.add_noise(images, torch.Generator().manual_seed(seed))
+    assert (noisy > 0).all() and torch.equal(noisy[images > 0], images[images > 0])
+    x = transform.forward(noisy)
+    assert torch.isfinite(x).all()
+    back = transform.inverse(x, noisy.sum(-1))
+    np.testing.assert_allclose(back.numpy(), cells, rtol=1e-6, atol=1e-9)
+
+
+def test_parts_parse_and_refuse_bad_items():
+    assert parse_parts("all", 3) == ["energy", "0", "1", "2"]
+    assert parse_parts("2, energy,0-1", 4) == ["energy", "0", "1", "2"]
+    for bad in ("0-9", "x", "3-1", ""):
+        with pytest.raises(OptionError):
+            parse_parts(bad, 4)
+
+
+def test_geometry_checks():
+    odd = Geometry("odd", tuple(CartesianLayer(i, nx=3, ny=4, dx=1.0, dy=1.0) for i in range(3)))
+    with pytest.raises(GeometryError, match="even"):
+        ConvL2LFlow(odd, _tiny())
+    mixed = Geometry("mixed", (CartesianLayer(0, 4, 4, 1.0, 1.0),
+                               CartesianLayer(1, 2, 2, 1.0, 1.0)))
+    with pytest.raises(GeometryError, match="one shape"):
+        ConvL2LFlow(mixed, _tiny())
+    with pytest.raises(OptionError, match="shared"):
+        ConvL2LFlow(CARTESIAN, _tiny(shared=True, layers="0-1"))
+
+
+def test_cylinder_images_put_the_angle_on_the_wrapping_axis():
+    model = ConvL2LFlow(CYLINDER, _tiny())
+    assert model.circular and model.image_shape == (4, 6)
+    voxels = torch.arange(2 * CYLINDER.n_voxels, dtype=torch.float32).reshape(2, -1)
+    images = model._images(voxels)
+    assert images.shape == (2, 3, 4, 6)
+    # the geometry stores a layer as (angle, radius): cell (alpha, r) at alpha * 4 + r
+    assert images[0, 1, 2, 5] == voxels[0, 24 + 5 * 4 + 2]
+    torch.testing.assert_close(model._flat(images[:, 1]), voxels[:, 24:48])
+
+
+def test_generation_is_reproducible_and_layers_sum_to_their_energies(trained, data):
+    model, _ = trained
+    energies = data.incident_energies[:60]
+    showers = model.sample(energies, seed=3, batch_size=16).showers
+    np.testing.assert_allclose(showers, model.sample(energies, seed=3, batch_size=60).showers,
+                               rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(showers, model.sample(energies, seed=3, shard=1).showers)
+    assert np.isfinite(showers).all() and (showers >= 0).all()
+    kept = showers[showers > 0]
+    assert kept.size and kept.min() >= model.voxel_transform.threshold_mev
+    # every layer is rescaled to its sampled energy before the threshold: what is missing
+    # from a layer is at most (cut cells) x threshold
+    layers = CARTESIAN.layer_energies(showers.astype(np.float64))
+    assert layers.sum(1).max() < 10 * energies.max()
+
+
+def test_likelihood_improves_round_trips_and_resumes(trained, data, tmp_path):
+    model, run_dir = trained
+    log = [json.loads(line) for line in open(f"{run_dir}/train_log.jsonl")]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    loaded = load_model(run_dir)
+    assert isinstance(loaded, ConvL2LFlow) and loaded.trained_parts == model.trained_parts
+    heldout = data.select(slice(0, 40))
+    np.testing.assert_allclose(loaded.log_prob(heldout), model.log_prob(heldout), rtol=1e-5)
+    np.testing.assert_array_equal(loaded.sample(heldout.incident_energies, seed=1).showers,
+                                  model.sample(heldout.incident_energies, seed=1).showers)
+    assert_resume_matches_uninterrupted(lambda: ConvL2LFlow(CARTESIAN, _tiny(2)),
+                                        data.select(slice(0, 120)), tmp_path, epochs=2)
+
+
+def test_layer_subsampling_estimates_the_full_likelihood(trained, data):
+    model, _ = trained
+    tensors = model._tensors(data.select(slice(0, 120)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        full = model._log_prob(tensors, torch.Generator().manual_seed(1)).mean()
+        estimates = [model._log_prob(tensors, generator, layers_per_step=2).mean()
+                     for _ in range(24)]
+    # unbiased: the average of the subsampled estimates lies near the full value
+    assert abs(float(torch.stack(estimates).mean() - full)) < 0.02 * abs(float(full)) + 1.0
+    assert float(torch.stack(estimates).std()) > 0
+
+
+def test_threshold_comes_from_the_data_when_the_geometry_has_none(tmp_path):
+    geometry = Geometry("no-threshold", CARTESIAN.layers)
+    data = random_showers(geometry, 100, seed=8)
+    data.showers[data.showers < 2.0] = 0.0  # a simulation that cut at 2 MeV
+    model = ConvL2LFlow(geometry, _tiny(1))
+    model.fit(data, str(tmp_path))
+    cut = float(data.showers[data.showers > 0].min())
+    assert model.voxel_transform.threshold_mev == pytest.approx(cut)
+    assert model.voxel_transform.noise_mev == pytest.approx(cut / 3)
+    showers = model.sample(data.incident_energies[:30], seed=0).showers
+    assert showers[showers > 0].min() >= cut
+
+
+def test_shared_flow_on_a_cylinder_trains_and_samples(tmp_path):
+    data = random_showers(CYLINDER, 160, seed=5)
+    model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True))
+    model.fit(data, str(tmp_path))
+    assert len(model.module.layer_flows) == 1
+    showers = model.sample(data.incident_energies[:20], seed=0).showers
+    assert showers.shape == (20, CYLINDER.n_voxels) and np.isfinite(showers).all()
+
+
+def test_postprocess_spline_moves_cell_spectrum_towards_reference(trained, data):
+    model, _ = trained
+    reference = data.select(slice(0, 120))
+    before = model.sample(reference.incident_energies, seed=7).showers
+    model.fit_postprocess(reference, seed=1)
+    try:
+        after = model.sample(reference.incident_energies, seed=7).showers
+        x, y = (np.asarray(v) for v in model.postprocess_nodes)
+        assert (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
+        real = np.log10(reference.showers[reference.showers > 0])
+        levels = np.linspace(0.05, 0.95, 19)
+
+        def distance(showers):
+            cells = np.log10(showers[showers > 0])
+            return np.abs(np.quantile(cells, levels) - np.quantile(real, levels)).mean()
+
+        assert distance(after) < distance(before)
+        # zero cells stay zero
+        assert np.array_equal(after == 0, before == 0)
+    finally:
+        model.postprocess_nodes = None
+
+
+def test_layer_subsets_merge_through_the_cli(tmp_path):
+    path = str(tmp_path / "train.h5")
+    write_showers(path, random_showers(CYLINDER, 160, seed=6), CYLINDER)
+    runs = []
+    for name, parts in (("a", "energy,0-1"), ("b", "2")):
+        run = str(tmp_path / name)
+        assert main(["train", "convflow", "--data", path, "--xml", _xml(tmp_path), "-o", run,
+                     "--preset", "tiny", "--epochs", "1", "--layers", parts,
+                     "--no-progress"]) == 0
+        runs.append(run)
+    assert load_model(runs[0]).trained_parts == ["energy", "0", "1"]
+    out = str(tmp_path / "partial.h5")
+    assert main(["generate", runs[1], "-n", "5", "-o", out, "--no-progress"]) == 1
+    merged = str(tmp_path / "merged")
+    assert main(["merge", *runs, "-o", merged]) == 0
+    model = load_model(merged)
+    assert model.trained_parts == ["energy", "0", "1", "2"]
+    # the merged weights are the runs' own
+    part_b = load_model(runs[1]).module.layer_flows[2].state_dict()
+    for key, value in model.module.layer_flows[2].state_dict().items():
+        assert torch.equal(value, part_b[key])
+    generated = str(tmp_path / "generated.h5")
+    assert main(["generate", merged, "--like", path, "-n", "60", "-o", generated,
+                 "--no-progress"]) == 0
+    assert read_showers(generated, CYLINDER).showers.shape == (60, CYLINDER.n_voxels)
+    assert main(["evaluate", "--reference", path, "--generated", generated, "--xml",
+                 _xml(tmp_path), "-o", str(tmp_path / "report"), "--metrics", "hist,cls-high",
+                 "--repeats", "1", "--no-progress"]) == 0
+    # overlapping parts and an existing output are refused
+    assert main(["merge", runs[0], runs[0], "-o", str(tmp_path / "again")]) == 1
+    assert main(["merge", *runs, "-o", merged]) == 1
+
+
+def test_merge_refuses_runs_with_different_preprocessing(data, tmp_path):
+    first = ConvL2LFlow(CARTESIAN, _tiny(1, layers="energy,0-1"))
+    first.fit(data.select(slice(0, 100)), str(tmp_path / "a"))
+    second = ConvL2LFlow(CARTESIAN, _tiny(1, layers="2-3"))
+    second.fit(data.select(slice(100, 200)), str(tmp_path / "b"))
+    with pytest.raises(CaloforgeError, match="fitted preprocessing"):
+        merge_runs([first, second])
+
+
+def test_convflow_options_are_checked(tmp_path, capsys):
+    path = str(tmp_path / "train.h5")
+    write_showers(path, random_showers(CYLINDER, 50, seed=7), CYLINDER)
+    base = ["train", "--data", path, "--xml", _xml(tmp_path), "-o", str(tmp_path / "run"),
+            "--preset", "tiny", "--epochs", "1", "--no-progress"]
+    assert main([base[0], "icaloflow", *base[1:], "--layers", "0-1"]) == 1
+    assert "convflow option" in capsys.readouterr().err
+    assert main([base[0], "convflow", *base[1:], "--layers", "0-7"]) == 1
+    assert "layers are 0 .. 2" in capsys.readouterr().err
+    assert main([base[0], "convflow", *base[1:], "--layers", "0-1",
+                 "--postprocess", "spline"]) == 1
+    assert "every part" in capsys.readouterr().err
+
+
+def _xml(tmp_path) -> str:
+    path = tmp_path / "tiny.xml"
+    if not path.exists():
+        path.write_text(CYLINDER.to_xml())
+    return str(path)
