@@ -52,7 +52,7 @@ def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fractio
     transform = MaxLogTransform(noise_mev=0.005, threshold_mev=0.015)
     cells = rng.exponential(10.0 ** log_scale, (8, 36)) + 0.015
     cells[rng.random(cells.shape) < empty_fraction] = 0.0
-    cells[:, 0] = 10.0 ** log_scale  # no empty layer
+    cells[:, 0] = 10.0 ** log_scale + 0.015  # no empty layer, above the threshold
     images = torch.as_tensor(cells, dtype=torch.float64)
     noisy = transform.add_noise(images, torch.Generator().manual_seed(seed))
     assert (noisy > 0).all() and torch.equal(noisy[images > 0], images[images > 0])

@@ -326,6 +326,33 @@ class LayerEnergyFlows(ConditionedModel):
                 out.append(self._log_prob(batch, generator).cpu().numpy())
         return np.concatenate(out)
 
+    # --- layer-by-layer sampling -------------------------------------------------------
+    def _sampling_contexts(self, energies: np.ndarray, conditions: dict[str, np.ndarray],
+                           batch_size: int, device: str
+                           ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """Micro-batch spans ``[(start, stop)]`` over the showers and their contexts
+        ``(stop - start, C)`` on ``device`` (layer-by-layer samplers)."""
+        n = len(energies)
+        step = self.micro_batch(batch_size)
+        spans = [(start, min(start + step, n)) for start in range(0, n, step)]
+        contexts = [self._context(self._condition_batch(energies, conditions, a, b, device))
+                    for a, b in spans]
+        return spans, contexts
+
+    def _sample_flow1(self, spans: list[tuple[int, int]], contexts: list[torch.Tensor],
+                      energies: np.ndarray, generator: torch.Generator, device: str
+                      ) -> torch.Tensor:
+        """Layer energies ``(N, L)`` MeV from the energy flow, base noise drawn first from
+        ``generator`` for the whole shard."""
+        assert self.module is not None
+        module = self.module.to(device).eval()
+        z1 = torch.randn(len(energies), self.geometry.n_layers, generator=generator)
+        e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
+        return torch.cat([
+            self.layer_transform.inverse(module.flow1(context).transform.inv(z1[a:b].to(device)),
+                                         e_inc[a:b])
+            for (a, b), context in zip(spans, contexts)])
+
     # --- training ---------------------------------------------------------------------
     def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         """Fit the preprocessing and build the flows (a resumed run has both already)."""

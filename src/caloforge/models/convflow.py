@@ -358,23 +358,16 @@ class ConvL2LFlow(LayerEnergyFlows):
         energies, conditions = self._sampling_inputs(incident_energies, conditions)
         self._require_complete()
         assert self.module is not None
-        module = self.module.to(device).eval()
+        self.module.to(device).eval()
         n, n_layers = len(energies), self.geometry.n_layers
         size = self.voxels_per_pass
         h, w = self.image_shape
         k = self.config.previous_layers
-        step = self.micro_batch(batch_size)
-        spans = [(a, min(a + step, n)) for a in range(0, n, step)]
         out = np.empty((n, n_layers * size), dtype=np.float32)
         generator = shard_generator(seed, shard)
         with torch.inference_mode():
-            contexts = [self._context(self._condition_batch(energies, conditions, a, b, device))
-                        for a, b in spans]
-            z1 = torch.randn(n, n_layers, generator=generator)
-            e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
-            layer_energies = torch.cat([self.layer_transform.inverse(
-                module.flow1(c).transform.inv(z1[a:b].to(device)), e_inc[a:b])
-                for (a, b), c in zip(spans, contexts)])
+            spans, contexts = self._sampling_contexts(energies, conditions, batch_size, device)
+            layer_energies = self._sample_flow1(spans, contexts, energies, generator, device)
             log_energies = self._layer_context(layer_energies)
             # the last k generated layers in logit space, oldest first
             recent = torch.empty(n, 0, h, w, device=device)

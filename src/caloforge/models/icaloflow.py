@@ -284,29 +284,6 @@ class ICaloFlow(LayerEnergyFlows):
                                                 shard_generator(seed, shard), device)
         return layer_energies.cpu().numpy()
 
-    def _sampling_contexts(self, energies: np.ndarray, conditions: dict[str, np.ndarray],
-                           batch_size: int, device: str
-                           ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
-        """Micro-batch spans and their contexts on ``device``."""
-        n = len(energies)
-        step = self.micro_batch(batch_size)
-        spans = [(start, min(start + step, n)) for start in range(0, n, step)]
-        contexts = [self._context(self._condition_batch(energies, conditions, a, b, device))
-                    for a, b in spans]
-        return spans, contexts
-
-    def _sample_flow1(self, spans: list[tuple[int, int]], contexts: list[torch.Tensor],
-                      energies: np.ndarray, generator: torch.Generator, device: str
-                      ) -> torch.Tensor:
-        assert self.module is not None
-        module = self.module.to(device).eval()
-        z1 = torch.randn(len(energies), self.geometry.n_layers, generator=generator)
-        e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
-        return torch.cat([
-            self.layer_transform.inverse(module.flow1(context).transform.inv(z1[a:b].to(device)),
-                                         e_inc[a:b])
-            for (a, b), context in zip(spans, contexts)])
-
     def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,
                seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
                ) -> ShowerData:
