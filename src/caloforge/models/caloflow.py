@@ -339,6 +339,21 @@ class LayerEnergyFlows(ConditionedModel):
                     for a, b in spans]
         return spans, contexts
 
+    def _start_layer_sampling(self, energies: np.ndarray, conditions: dict[str, np.ndarray],
+                              seed: int, shard: int, batch_size: int, device: str
+                              ) -> tuple[list[tuple[int, int]], list[torch.Tensor],
+                                         torch.Generator, torch.Tensor, torch.Tensor]:
+        """What a layer-by-layer sampler needs before its first layer (call under
+        ``torch.inference_mode``): micro-batch spans and contexts, the shard's generator
+        (its first draw is the energy flow's base noise), the layer energies ``(N, L)``
+        MeV and their standardised logs ``(N, L)``."""
+        assert self.module is not None
+        self.module.to(device).eval()
+        generator = shard_generator(seed, shard)
+        spans, contexts = self._sampling_contexts(energies, conditions, batch_size, device)
+        layer_energies = self._sample_flow1(spans, contexts, energies, generator, device)
+        return spans, contexts, generator, layer_energies, self._layer_context(layer_energies)
+
     def _sample_flow1(self, spans: list[tuple[int, int]], contexts: list[torch.Tensor],
                       energies: np.ndarray, generator: torch.Generator, device: str
                       ) -> torch.Tensor:

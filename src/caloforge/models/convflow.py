@@ -42,7 +42,6 @@ from ..errors import CaloforgeError, GeometryError, OptionError
 from ..geometry import Geometry
 from ..preprocessing import LogitTransform, MaxLogTransform
 from ..training import TrainingConfig
-from .base import shard_generator
 from .caloflow import FlowConfig, LayerEnergyFlows, build_maf, flows_config_from_dict
 from .conv_blocks import ConvFlow
 
@@ -357,18 +356,14 @@ class ConvL2LFlow(LayerEnergyFlows):
                ) -> ShowerData:
         energies, conditions = self._sampling_inputs(incident_energies, conditions)
         self._require_complete()
-        assert self.module is not None
-        self.module.to(device).eval()
         n, n_layers = len(energies), self.geometry.n_layers
         size = self.voxels_per_pass
         h, w = self.image_shape
         k = self.config.previous_layers
         out = np.empty((n, n_layers * size), dtype=np.float32)
-        generator = shard_generator(seed, shard)
         with torch.inference_mode():
-            spans, contexts = self._sampling_contexts(energies, conditions, batch_size, device)
-            layer_energies = self._sample_flow1(spans, contexts, energies, generator, device)
-            log_energies = self._layer_context(layer_energies)
+            spans, contexts, generator, layer_energies, log_energies = \
+                self._start_layer_sampling(energies, conditions, seed, shard, batch_size, device)
             # the last k generated layers in logit space, oldest first
             recent = torch.empty(n, 0, h, w, device=device)
             for layer in range(n_layers):

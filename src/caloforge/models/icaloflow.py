@@ -288,15 +288,12 @@ class ICaloFlow(LayerEnergyFlows):
                seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
                ) -> ShowerData:
         energies, conditions = self._sampling_inputs(incident_energies, conditions)
-        assert self.module is not None
-        module = self.module.to(device).eval()
         n, n_layers, size = len(energies), self.geometry.n_layers, self.layer_size
         out = np.empty((n, n_layers * size), dtype=np.float32)
-        generator = shard_generator(seed, shard)
         with torch.inference_mode():
-            spans, contexts = self._sampling_contexts(energies, conditions, batch_size, device)
-            layer_energies = self._sample_flow1(spans, contexts, energies, generator, device)
-            log_energies = self._layer_context(layer_energies)
+            spans, contexts, generator, layer_energies, log_energies = \
+                self._start_layer_sampling(energies, conditions, seed, shard, batch_size, device)
+            module = self.module
             previous = torch.empty(n, size, device=device)
             for layer in range(n_layers):
                 # one draw per layer for the whole shard: independent of the batch size
