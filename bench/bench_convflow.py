@@ -3,6 +3,7 @@
 Usage: python bench/bench_convflow.py [--geometry ild-ecal] [--n-train 20000] [--n-test 5000]
            [--budget 60m] [--threads 2] [--postprocess none|spline] [--config FILE]
            [--metrics cls-high,hist] [--out bench-output/convflow] [--reuse] [--tag NAME]
+           [--train FILE --test FILE] [--stream auto|on|off]
 
 Steps (each printed with its figures): simulate a training set (seed 11) and an independent
 held-out reference (seed 12); `caloforge train convflow` (CPU preset unless --config)
@@ -44,6 +45,8 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="keep data files and the trained run of an earlier invocation")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                        help="read the training file block by block (calochallenge-3)")
     args = parser.parse_args()
     exe = os.path.join(os.path.dirname(sys.executable), "caloforge")
     out, g = args.out, args.geometry
@@ -68,7 +71,8 @@ def main() -> int:
         subprocess.run(["rm", "-rf", model], check=True)
         command = [exe, "train", "convflow", "--data", train, "--geometry", g, "-o", model,
                    "--time-budget", args.budget, "--threads", args.threads,
-                   "--postprocess", args.postprocess, "--no-progress"]
+                   "--postprocess", args.postprocess, "--stream", args.stream,
+                   "--no-progress"]
         if args.config:
             command += ["--config", args.config]
         wall, peak = run(command)

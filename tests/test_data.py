@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from caloforge.data import ShowerData, ShowerFile, ShowerWriter, read_showers, write_showers
+from caloforge.data import (ShowerData, ShowerFile, ShowerStream, ShowerWriter, read_showers,
+                            write_showers)
 from caloforge.errors import OptionError, ShowerFileError
 from caloforge.geometry import get_geometry
 
@@ -55,6 +56,20 @@ def test_streaming_batches_cover_file(tmp_path):
         joined = ShowerData.concatenate(list(reader.iter_batches(25)))
     assert sizes == [25, 25, 25, 25, 3]
     np.testing.assert_array_equal(joined.showers, data.showers)
+
+
+def test_stream_blocks_bounded_by_voxel_values(tmp_path, monkeypatch):
+    geometry = get_geometry("lhcb-ecal")  # 900 voxels
+    data = random_showers(geometry, 2000)
+    path = tmp_path / "s.h5"
+    write_showers(path, data, geometry)
+    with ShowerStream(path, geometry) as stream:
+        assert stream.block_size == 63  # 32 blocks for a small file
+    monkeypatch.setattr(ShowerStream, "block_values", 40 * 900 + 5)
+    with ShowerStream(path, geometry) as stream:
+        assert stream.block_size == 40  # large showers: fewer per block
+        assert stream.n_blocks == 50
+        np.testing.assert_array_equal(stream.read_block(49).showers, data.showers[1960:])
 
 
 def test_writer_failure_leaves_nothing(tmp_path):

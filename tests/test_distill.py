@@ -66,9 +66,10 @@ def _shape_features(showers, energies) -> np.ndarray:
 def test_student_moves_towards_teacher(teacher, data, tmp_path):
     model, run_dir = teacher
     heldout = data.select(slice(0, 500))
-    untrained = CaloFlowStudent.from_teacher(model, _tiny(8), run_dir)
+    # from a random network, so that all the way comes from the distillation losses
+    untrained = CaloFlowStudent.from_teacher(model, _tiny(8, init="random"), run_dir)
     untrained._prepare_fit(data, resume=False, device="cpu")
-    trained = CaloFlowStudent.from_teacher(model, _tiny(8), run_dir)
+    trained = CaloFlowStudent.from_teacher(model, _tiny(8, init="random"), run_dir)
     summary = trained.fit(data, str(tmp_path / "student"))
     log = read_log(str(tmp_path / "student" / "train_log.jsonl"))
     # the logged validation figure is the KL estimate used to pick the epoch
@@ -165,9 +166,11 @@ def test_distill_cli_bad_inputs(teacher, data, tmp_path, capsys):
     config.write_text("student: {blocks: 1}\n")
     assert main(base + ["-o", str(tmp_path / "a"), "--config", str(config)]) == 1
     assert "guided" in capsys.readouterr().err
-    config.write_text("student: {blocks: 1, hidden: [16]}\nguided: false\n")
+    config.write_text("student: {blocks: 1, hidden: [16]}\nguided: false\ninit: auto\n")
     assert main(base + ["-o", str(tmp_path / "b"), "--config", str(config)]) == 0
     capsys.readouterr()
+    # init: auto falls back to a random network for a student of another shape
+    assert load_model(str(tmp_path / "b")).distillation.init == "random"
     # a student is not a teacher
     assert main(["distill", str(tmp_path / "b"), "-o", str(tmp_path / "c"), "--data",
                  str(train), "--no-progress"]) == 1
@@ -187,6 +190,29 @@ def test_distill_cli_bad_inputs(teacher, data, tmp_path, capsys):
     config.write_text("beta: 2\n")
     assert main(base + ["-o", str(tmp_path / "e"), "--config", str(config)]) == 1
     assert "beta" in capsys.readouterr().err
+    for text, message in (("init: copy\n", "init must be"),
+                          ("init: teacher\nguided: false\nstudent: {hidden: [16]}\n",
+                           "teacher's architecture")):
+        config.write_text(text)
+        assert main(base + ["-o", str(tmp_path / "f"), "--config", str(config)]) == 1
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "f")
+
+
+def test_student_initialised_from_teacher_starts_closer(teacher, data):
+    model, run_dir = teacher
+    heldout = data.select(slice(0, 500))
+    kl = {}
+    for init in ("random", "auto"):
+        student = CaloFlowStudent.from_teacher(model, _tiny(1, init=init), run_dir)
+        student._prepare_fit(data, resume=False, device="cpu")
+        kl[init] = kl_student_teacher(student, heldout, seed=1)
+    # each block starts as (nearly) the inverse of the teacher's block it imitates
+    assert student.distillation.init == "teacher"  # auto: same architecture
+    assert kl["auto"] < 0.5 * kl["random"], kl
+    for ours, theirs in zip(student.module.flow2.transform.transforms,
+                            model.module.flow2.transform.transforms):
+        torch.testing.assert_close(ours.transform.hyper[0].weight, theirs.hyper[0].weight)
 
 
 @settings(max_examples=40, deadline=None)

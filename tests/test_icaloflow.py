@@ -189,6 +189,24 @@ def test_student_distils_flow2_and_flow3(teacher, data, tmp_path):
     assert (missing <= cut * loaded.voxel_transform.threshold_mev + 1e-5 * flow1).all()
 
 
+def test_student_splits_batches_beyond_its_step_memory_budget(teacher, data, tmp_path,
+                                                              monkeypatch):
+    model, run_dir = teacher
+    config = ICaloFlowStudent.preset("tiny")
+    student = ICaloFlowStudent.from_teacher(model, config, run_dir)
+    student._prepare_fit(data, resume=False, device="cpu")
+    assert student.config.training.micro_batch_size is None  # tiny showers fit whole
+    values = 9 * (1 + 4)  # Flow-2's layer and Flow-3's four later layers of 3 x 3 cells
+    per_shower = (values * student.config.flow3.blocks
+                  * ICaloFlowStudent.step_bytes_per_value_and_block)
+    monkeypatch.setattr(ICaloFlowStudent, "step_memory_budget", 5.5 * per_shower)
+    student = ICaloFlowStudent.from_teacher(model, ICaloFlowStudent.preset("tiny"), run_dir)
+    student.fit(data.select(slice(0, 300)), str(tmp_path / "student"))
+    assert student.config.training.micro_batch_size == 5
+    assert load_model(str(tmp_path / "student")).config.training.micro_batch_size == 5
+    assert np.isfinite(student.training_summary["best_val_loss"])
+
+
 def test_cli_train_distill_generate_evaluate(tmp_path, capsys):
     geometry = get_geometry("calochallenge-2")
     train, test = tmp_path / "train.h5", tmp_path / "test.h5"

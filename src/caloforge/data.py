@@ -329,8 +329,11 @@ class ShowerStream:
         geometry: expected geometry (its voxel count is enforced).
         max_showers: use only the first N showers.
         block_size: showers per block (default: 1024, fewer for small files so that they
-            still have 32 blocks to split and shuffle).
+            still have 32 blocks to split and shuffle, and fewer for large showers so that
+            a block holds at most ``block_values`` voxel values: 16M, 64 MB as float32).
     """
+
+    block_values = 1 << 24
 
     def __init__(self, path: str | os.PathLike[str], geometry: Geometry | None = None,
                  max_showers: int | None = None, block_size: int | None = None) -> None:
@@ -344,7 +347,8 @@ class ShowerStream:
         if self.n_showers == 0:
             self._file.close()
             raise ShowerFileError(self.path, "file contains no showers")
-        self.block_size = block_size or min(1024, -(-self.n_showers // 32))
+        self.block_size = block_size or max(1, min(1024, -(-self.n_showers // 32),
+                                                   self.block_values // self.n_voxels))
 
     def __len__(self) -> int:
         return self.n_showers

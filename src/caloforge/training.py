@@ -23,7 +23,9 @@ lower is better) instead of the mean validation loss. The loop provides:
   ``loss_curve.png`` in the run directory;
 * training data in memory (a batch dict, :class:`TensorBatches`) or read block by block
   from a file (:class:`StreamedBatches`); ``epoch_showers`` cuts a long pass over a large
-  set into several epochs (validation, checkpoint and time-budget check after each).
+  set into several epochs (validation, checkpoint and time-budget check after each);
+* ``micro_batch_size``: a batch's gradient accumulated over micro-batches (one optimiser
+  step, the memory of one micro-batch).
 
 No global state: every random number comes from generators seeded by (seed, epoch).
 """
@@ -70,6 +72,10 @@ class TrainingConfig:
     # this size is validated, checkpointed and checked against the time budget more often
     # (each pass over the data is still one shuffled permutation, cut into parts).
     epoch_showers: int | None = None
+    # Showers per forward/backward pass; None: the whole batch. Smaller micro-batches
+    # accumulate their gradients into one optimiser step over ``batch_size`` showers (the
+    # same step, in less memory).
+    micro_batch_size: int | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -84,6 +90,8 @@ class TrainingConfig:
             raise OptionError(f"schedule must be one-cycle or constant, got {self.schedule!r}")
         if self.epoch_showers is not None and self.epoch_showers < 1:
             raise OptionError(f"epoch_showers must be >= 1, got {self.epoch_showers}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise OptionError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
 
     def parts_per_pass(self, n_train: int) -> int:
         """Epochs per pass over ``n_train`` training showers."""
@@ -232,6 +240,30 @@ def _slices(tensors: dict[str, torch.Tensor], batch_size: int,
             yield {k: v[start:start + batch_size] for k, v in tensors.items()}
         else:
             yield {k: v[order[start:start + batch_size]] for k, v in tensors.items()}
+
+
+def _accumulate_gradients(loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                          batch: dict[str, torch.Tensor], micro_batch_size: int | None
+                          ) -> torch.Tensor:
+    """Backpropagate the batch's mean loss, in micro-batches of ``micro_batch_size``
+    showers (each weighted by its share of the batch) so that only one micro-batch's
+    activations are held at a time. Returns the (detached) batch loss; a non-finite loss
+    stops before its backward pass and is returned as it is."""
+    n = len(next(iter(batch.values())))
+    if micro_batch_size is None or micro_batch_size >= n:
+        loss = loss_of(batch)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+    total = torch.zeros(())
+    for start in range(0, n, micro_batch_size):
+        part = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
+        loss = loss_of(part) * (len(next(iter(part.values()))) / n)
+        if not torch.isfinite(loss):
+            return loss.detach()
+        loss.backward()
+        total = total + loss.detach().cpu()
+    return total
 
 
 class Trainer:
@@ -436,9 +468,10 @@ class Trainer:
                         for group in optimiser.param_groups:
                             group["lr"] = lr * factor
                         optimiser.zero_grad(set_to_none=True)
-                        loss = player_loss(name, batch, generator)
+                        loss = _accumulate_gradients(
+                            lambda part: player_loss(name, part, generator), batch,
+                            config.micro_batch_size)
                         if torch.isfinite(loss):
-                            loss.backward()
                             norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
                             if torch.isfinite(norm):
                                 optimiser.step()
