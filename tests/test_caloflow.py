@@ -195,26 +195,42 @@ def test_nonfinite_steps_are_skipped_then_divergence_stops(tmp_path):
                 str(tmp_path / "b")).fit(tensors, tensors)
 
 
+class _SlowModel:
+    """A trainable whose training steps take at least ``step_seconds``."""
+
+    def __init__(self, step_seconds: float) -> None:
+        self.module = torch.nn.Linear(2, 1)
+        self.steps, self.step_seconds = 0, step_seconds
+
+    def loss(self, batch, generator):
+        if self.module.training:
+            self.steps += 1
+            time.sleep(self.step_seconds)
+        return (self.module(batch["x"]) ** 2).mean()
+
+
 def test_time_budget_ends_a_long_epoch_early(tmp_path):
-    class Slow:
-        def __init__(self):
-            self.module = torch.nn.Linear(2, 1)
-            self.steps = 0
-
-        def loss(self, batch, generator):
-            if self.module.training:
-                self.steps += 1
-                time.sleep(0.05)
-            return (self.module(batch["x"]) ** 2).mean()
-
     tensors = {"x": torch.randn(400, 2)}
-    slow = Slow()
+    slow = _SlowModel(0.05)
     # one epoch is 50 steps of >= 50 ms; the budget of 0.5 s ends it after ~10
     config = TrainingConfig(epochs=3, batch_size=8, time_budget_s=0.5)
     summary = Trainer(slow, config, str(tmp_path)).fit(tensors, tensors)
     log = read_log(str(tmp_path / "train_log.jsonl"))
     assert summary["epochs"] == 1 and log[0]["ended_by_time_budget"]
     assert 5 <= slow.steps < 50 and summary["train_seconds"] < 2.0
+
+
+def test_epoch_that_does_not_fit_runs_to_the_budget(tmp_path):
+    tensors = {"x": torch.randn(160, 2)}
+    slow = _SlowModel(0.02)
+    # an epoch is 20 steps of >= 20 ms; 1.1 s holds two and a bit: the third starts and is cut
+    config = TrainingConfig(epochs=10, batch_size=8, time_budget_s=1.1)
+    summary = Trainer(slow, config, str(tmp_path)).fit(tensors, tensors)
+    log = read_log(str(tmp_path / "train_log.jsonl"))
+    assert summary["epochs"] == 3 and log[-1]["ended_by_time_budget"]
+    assert 40 < slow.steps < 60
+    # the time-driven schedule got close to its end (one-cycle ends at base / 1e4)
+    assert log[-1]["lr"] < 0.05 * config.learning_rate
 
 
 def test_train_cli_bad_inputs(tmp_path, capsys, data):

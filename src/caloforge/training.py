@@ -431,8 +431,11 @@ class Trainer:
                             initial=state["epoch"]) if self.progress else None
         try:
             while state["epoch"] < config.epochs:
+                # another epoch starts while at least a tenth of one fits in the budget; one
+                # that does not fit ends when the budget is spent, so that the time-driven
+                # learning-rate schedule anneals to its end
                 if (config.time_budget_s is not None and epoch_seconds is not None
-                        and state["elapsed_s"] + epoch_seconds > config.time_budget_s):
+                        and state["elapsed_s"] + 0.1 * epoch_seconds > config.time_budget_s):
                     log.info("time budget reached after %d epochs", state["epoch"])
                     break
                 started = time.perf_counter()

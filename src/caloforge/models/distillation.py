@@ -52,12 +52,12 @@ class DistillationConfig:
     student: dict[str, Any] = field(default_factory=dict)
     beta: float = 0.5
     guided: bool = True
-    # "random": a fresh network (the published recipe). "teacher": each student block
-    # starts from the weights of the teacher block it imitates (same architecture needed):
-    # measured KL(student || teacher) 6.6x lower after 6 minutes, but a worse low-level
-    # AUC after 40 minutes (README), hence not the default. "auto": teacher when the
-    # architectures match, else random.
-    init: str = "random"
+    # "teacher": each student block starts from the weights of the teacher block it
+    # imitates (same architecture needed; calochallenge-1 photons, 30 minutes: KL 24.9
+    # against 100 nats from a random start, low-level AUC 0.649 against 0.846). "random":
+    # a fresh network (the published recipe). "auto": teacher when the architectures
+    # match, else random.
+    init: str = "auto"
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         epochs=1000, batch_size=256, learning_rate=1e-3, time_budget_s=30 * 60))
 
