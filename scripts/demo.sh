@@ -67,9 +67,10 @@ out = sys.argv[1]
 print(f"{'':10}{'AUC low':>10}{'AUC high':>10}{'FPD x1e3':>10}   ms/shower on 1 thread")
 for name in ("caloflow", "student", "baseline"):
     metrics = json.load(open(f"{out}/report-{name}/metrics.json"))
-    fpd = metrics.get("fpd_x1e3", {}).get("value", float("nan"))
+    fpd = metrics["fpd_x1e3"]["value"] if "fpd_x1e3" in metrics else None
     line = (f"{name:10}{metrics['cls-low']['auc_mean']:>10.3f}"
-            f"{metrics['cls-high']['auc_mean']:>10.3f}{fpd:>10.1f}")
+            f"{metrics['cls-high']['auc_mean']:>10.3f}"
+            + (f"{fpd:>10.1f}" if fpd is not None else f"{'(not run)':>10}"))
     if name != "baseline":
         rows = json.load(open(f"{out}/{name}/sampling_benchmark.json"))["results"]
         line += "   " + ", ".join(f"{r['ms_per_shower']:.2f} (batch {r['batch_size']})"
