@@ -40,6 +40,9 @@ from .geometry import Geometry, get_geometry
 FORMATS = ("calochallenge", "calogan")
 CONDITIONS_GROUP = "conditions"
 _CALOGAN_LAYERS = ("layer_0", "layer_1", "layer_2")
+# Voxel values handled at once when a file or a sample is processed block by block
+# (16M: 64 MB as float32).
+BLOCK_VALUES = 1 << 24
 
 
 @dataclass
@@ -117,7 +120,7 @@ class ShowerData:
             i = int(np.argmax(e_inc <= 0))
             return f"incident energy must be positive, shower {i} has {e_inc[i]:g} MeV"
         # blocks of rows: boolean masks of a whole 10,000 x 40,500 shard would take 0.4 GB each
-        block = max(1, (1 << 24) // max(1, self.n_voxels))
+        block = max(1, BLOCK_VALUES // max(1, self.n_voxels))
         for start in range(0, len(self.showers), block):
             rows = self.showers[start:start + block]
             finite_rows = np.isfinite(rows).all(axis=1)
@@ -333,7 +336,7 @@ class ShowerStream:
             a block holds at most ``block_values`` voxel values: 16M, 64 MB as float32).
     """
 
-    block_values = 1 << 24
+    block_values = BLOCK_VALUES
 
     def __init__(self, path: str | os.PathLike[str], geometry: Geometry | None = None,
                  max_showers: int | None = None, block_size: int | None = None) -> None:

@@ -174,6 +174,14 @@ class LayerEnergyTransform(JsonState):
 
 
 
+def uniform_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """U(0, 1) noise shaped like ``like`` on its device; drawn on the CPU from ``generator``
+    when one is given (a CPU generator keeps runs reproducible whatever the device)."""
+    noise = torch.rand(like.shape, generator=generator, dtype=like.dtype,
+                       device="cpu" if generator is not None else like.device)
+    return noise.to(like.device)
+
+
 @dataclass
 class VoxelTransform(JsonState):
     """Voxels (MeV) <-> per-layer-normalised voxels in logit space, ``(N, n_voxels)``.
@@ -201,9 +209,7 @@ class VoxelTransform(JsonState):
 
     def add_noise(self, voxels: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
-        noise = torch.rand(voxels.shape, generator=generator, dtype=voxels.dtype,
-                           device="cpu" if generator is not None else voxels.device)
-        return voxels + self.noise_mev * noise.to(voxels.device)
+        return voxels + self.noise_mev * uniform_noise(voxels, generator)
 
     def forward(self, noisy_voxels: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
         per_voxel_energy = layer_energies[:, self._index(noisy_voxels.device)]
@@ -246,9 +252,7 @@ class MaxLogTransform(JsonState):
 
     def add_noise(self, images: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
-        noise = torch.rand(images.shape, generator=generator, dtype=images.dtype,
-                           device="cpu" if generator is not None else images.device)
-        return torch.where(images > 0, images, self.noise_mev * noise.to(images.device))
+        return torch.where(images > 0, images, self.noise_mev * uniform_noise(images, generator))
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """``(..., S)`` MeV, no zeros -> ``(..., S)`` logit values."""

@@ -250,15 +250,11 @@ def _accumulate_gradients(loss_of: Callable[[dict[str, torch.Tensor]], torch.Ten
     activations are held at a time. Returns the (detached) batch loss; a non-finite loss
     stops before its backward pass and is returned as it is."""
     n = len(next(iter(batch.values())))
-    if micro_batch_size is None or micro_batch_size >= n:
-        loss = loss_of(batch)
-        if torch.isfinite(loss):
-            loss.backward()
-        return loss.detach()
+    step = micro_batch_size or n
     total = torch.zeros(())
-    for start in range(0, n, micro_batch_size):
-        part = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
-        loss = loss_of(part) * (len(next(iter(part.values()))) / n)
+    for start in range(0, n, step):
+        part = batch if step >= n else {k: v[start:start + step] for k, v in batch.items()}
+        loss = loss_of(part) * (min(step, n - start) / n)
         if not torch.isfinite(loss):
             return loss.detach()
         loss.backward()

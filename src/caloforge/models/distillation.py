@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -285,9 +285,8 @@ class DistilledStudent:
                     f"teacher's architecture ({asdict(theirs)}); use init: random")
             flows[name] = asdict(ours)
         if distillation.init == "auto":  # the run records what was done
-            distillation = DistillationConfig.from_dict({
-                **distillation.to_dict(),
-                "init": "teacher" if same_architecture else "random"})
+            distillation = replace(distillation,
+                                   init="teacher" if same_architecture else "random")
         config = type(teacher.config).from_dict({**teacher.config.to_dict(), **flows,
                                                  "training": asdict(distillation.training)})
         state = {**teacher.to_json_state(), "config": config.to_dict(),
