@@ -93,6 +93,30 @@ def test_cylinder_images_put_the_angle_on_the_wrapping_axis():
     torch.testing.assert_close(model._flat(images[:, 1]), voxels[:, 24:48])
 
 
+def test_position_channels_give_cartesian_rows_and_columns_and_cylinder_radii():
+    cartesian = ConvL2LFlow(CARTESIAN, _tiny(position_channels=True))
+    cartesian.module = cartesian._new_module()
+    previous = torch.zeros(3, 2, 4, 4)
+    condition = cartesian._layer_condition(previous, torch.zeros(3, 1), torch.zeros(3), None)
+    rows, columns = condition[:, -2], condition[:, -1]
+    assert condition.shape == (3, 2 + 1 + 1 + 2, 4, 4)
+    torch.testing.assert_close(rows[0, :, 0], torch.linspace(-1, 1, 4))
+    torch.testing.assert_close(columns[0, 0], torch.linspace(-1, 1, 4))
+    assert torch.equal(rows[:, :, :1].expand_as(rows), rows)  # rows constant along a row
+    cylinder = ConvL2LFlow(CYLINDER, _tiny(position_channels=True))
+    cylinder.module = cylinder._new_module()
+    condition = cylinder._layer_condition(torch.zeros(3, 2, 4, 6), torch.zeros(3, 1),
+                                          torch.zeros(3), None)
+    radii = condition[:, -1]
+    assert condition.shape == (3, 2 + 1 + 1 + 1, 4, 6)
+    torch.testing.assert_close(radii[0, :, 0], torch.linspace(-1, 1, 4))
+    assert torch.equal(radii[:, :, :1].expand_as(radii), radii)  # no angle: rolls commute
+    # a configuration saved before the option existed keeps its condition channels
+    saved = {k: v for k, v in _tiny(position_channels=True).to_dict().items()
+             if k != "position_channels"}
+    assert type(_tiny()).from_dict(saved).position_channels is False
+
+
 def test_generation_is_reproducible_and_layers_sum_to_their_energies(trained, data):
     model, _ = trained
     energies = data.incident_energies[:60]
@@ -151,7 +175,7 @@ def test_threshold_comes_from_the_data_when_the_geometry_has_none(tmp_path):
 
 def test_shared_flow_on_a_cylinder_trains_and_samples(tmp_path):
     data = random_showers(CYLINDER, 160, seed=5)
-    model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True))
+    model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True, position_channels=True))
     model.fit(data, str(tmp_path))
     assert len(model.module.layer_flows) == 1
     showers = model.sample(data.incident_energies[:20], seed=0).showers

@@ -58,7 +58,12 @@ class ConvFlowConfig:
     training cell); ``postprocess``: ``none`` or ``spline``;
     ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
     the term scaled to an unbiased estimate of the full likelihood: memory and time per
-    step shrink by k / L (validation always scores every layer).
+    step shrink by k / L (validation always scores every layer);
+    ``position_channels``: add the cell coordinates as condition channels (Cartesian: x
+    and y, cylinders: r; the angle stays out so that roll augmentation keeps its meaning).
+    A convolution cannot tell where in the image it is, so without them a layer flow must
+    learn the shower's position from the previous layers. Off by default: one ILD run with
+    them did not yet improve the classifier (README), and False keeps older models loadable.
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -76,6 +81,7 @@ class ConvFlowConfig:
     logit_alpha: float = 1e-6  # the energy flow's u-space logit
     roll_augmentation: bool = True
     layers_per_step: int = 0
+    position_channels: bool = False
     layers: str = "all"
     postprocess: str = "none"
     postprocess_showers: int = 2000
@@ -152,7 +158,8 @@ class ConvFlowModule(nn.Module):
         super().__init__()
         self.flow1 = build_maf(n_layers, n_context, config.energy)
         extra = config.layer_embedding if config.shared else 0
-        condition_channels = config.previous_layers + n_context + 1 + extra
+        positions = (1 if circular else 2) if config.position_channels else 0
+        condition_channels = config.previous_layers + n_context + 1 + extra + positions
 
         def layer_flow() -> ConvFlow:
             return ConvFlow(condition_channels, config.blocks, config.width, config.bins,
@@ -228,17 +235,32 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def _layer_condition(self, previous: torch.Tensor, context: torch.Tensor,
                          log_energy: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        """Condition images ``(B, k + C + 1 [+ e], H, W)``: the previous k layers in logit
-        space ``(B, k, H, W)`` (empty ones at the logit of zero), the conditions ``(B, C)``
-        and the standardised log layer energy ``(B,)`` as constant channels, the learned
-        embedding of the layer index ``(B,)`` for a shared flow."""
+        """Condition images ``(B, k + C + 1 [+ e] [+ p], H, W)``: the previous k layers in
+        logit space ``(B, k, H, W)`` (empty ones at the logit of zero), the conditions
+        ``(B, C)`` and the standardised log layer energy ``(B,)`` as constant channels, the
+        learned embedding of the layer index ``(B,)`` for a shared flow, the cell
+        coordinates with ``position_channels``."""
         assert self.module is not None
         constants = [context, log_energy[:, None]]
         if self.module.layer_embedding is not None:
             constants.append(self.module.layer_embedding(layer))
         constants_t = torch.cat(constants, dim=1)[:, :, None, None]
         h, w = self.image_shape
-        return torch.cat([previous, constants_t.expand(-1, -1, h, w)], dim=1)
+        images = [previous, constants_t.expand(-1, -1, h, w)]
+        if self.config.position_channels:
+            images.append(self._positions(previous).expand(len(previous), -1, -1, -1))
+        return torch.cat(images, dim=1)
+
+    def _positions(self, like: torch.Tensor) -> torch.Tensor:
+        """Cell coordinates ``(1, 2, H, W)`` (Cartesian: row, column) or ``(1, 1, H, W)``
+        (cylinders: radial bin), each scaled to [-1, 1] across the image."""
+        h, w = self.image_shape
+        rows = torch.linspace(-1.0, 1.0, h, dtype=like.dtype, device=like.device)
+        if self.circular:  # images are (radial, angular)
+            return rows[None, None, :, None].expand(1, 1, h, w)
+        columns = torch.linspace(-1.0, 1.0, w, dtype=like.dtype, device=like.device)
+        grid = torch.stack(torch.meshgrid(rows, columns, indexing="ij"))
+        return grid[None]
 
     def _previous(self, y: torch.Tensor, layer: int) -> torch.Tensor:
         """The k layers before ``layer`` from ``y`` ``(B, L, H, W)``, padded with empty."""
