@@ -209,28 +209,29 @@ class _SlowModel:
         return (self.module(batch["x"]) ** 2).mean()
 
 
-def test_time_budget_ends_a_long_epoch_early(tmp_path):
-    tensors = {"x": torch.randn(400, 2)}
-    slow = _SlowModel(0.05)
-    # one epoch is 50 steps of >= 50 ms; the budget of 0.5 s ends it after ~10
-    config = TrainingConfig(epochs=3, batch_size=8, time_budget_s=0.5)
+def _train_slow(tmp_path, n: int, step_seconds: float, epochs: int, budget_s: float):
+    """Train a :class:`_SlowModel` on ``n`` rows in batches of 8 within ``budget_s``."""
+    tensors = {"x": torch.randn(n, 2)}
+    slow = _SlowModel(step_seconds)
+    config = TrainingConfig(epochs=epochs, batch_size=8, time_budget_s=budget_s)
     summary = Trainer(slow, config, str(tmp_path)).fit(tensors, tensors)
-    log = read_log(str(tmp_path / "train_log.jsonl"))
+    return slow, summary, read_log(str(tmp_path / "train_log.jsonl"))
+
+
+def test_time_budget_ends_a_long_epoch_early(tmp_path):
+    # one epoch is 50 steps of >= 50 ms; the budget of 0.5 s ends it after ~10
+    slow, summary, log = _train_slow(tmp_path, 400, 0.05, epochs=3, budget_s=0.5)
     assert summary["epochs"] == 1 and log[0]["ended_by_time_budget"]
     assert 5 <= slow.steps < 50 and summary["train_seconds"] < 2.0
 
 
 def test_epoch_that_does_not_fit_runs_to_the_budget(tmp_path):
-    tensors = {"x": torch.randn(160, 2)}
-    slow = _SlowModel(0.02)
     # an epoch is 20 steps of >= 20 ms; 1.1 s holds two and a bit: the third starts and is cut
-    config = TrainingConfig(epochs=10, batch_size=8, time_budget_s=1.1)
-    summary = Trainer(slow, config, str(tmp_path)).fit(tensors, tensors)
-    log = read_log(str(tmp_path / "train_log.jsonl"))
+    slow, summary, log = _train_slow(tmp_path, 160, 0.02, epochs=10, budget_s=1.1)
     assert summary["epochs"] == 3 and log[-1]["ended_by_time_budget"]
     assert 40 < slow.steps < 60
     # the time-driven schedule got close to its end (one-cycle ends at base / 1e4)
-    assert log[-1]["lr"] < 0.05 * config.learning_rate
+    assert log[-1]["lr"] < 0.05 * TrainingConfig().learning_rate
 
 
 def test_train_cli_bad_inputs(tmp_path, capsys, data):
