@@ -168,7 +168,7 @@ def test_threshold_comes_from_the_data_when_the_geometry_has_none(tmp_path):
     model.fit(data, str(tmp_path))
     cut = float(data.showers[data.showers > 0].min())
     assert model.voxel_transform.threshold_mev == pytest.approx(cut)
-    assert model.voxel_transform.noise_mev == pytest.approx(cut / 3)
+    assert model.voxel_transform.noise_mev == pytest.approx(cut * model.noise_per_threshold)
     showers = model.sample(data.incident_energies[:30], seed=0).showers
     assert showers[showers > 0].min() >= cut
 

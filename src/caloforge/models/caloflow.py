@@ -249,6 +249,9 @@ class LayerEnergyFlows(ConditionedModel):
     # Larger micro-batches only add cache misses on a CPU: the student samples at 0.60
     # ms/shower in micro-batches of 1000 and 0.98 in batches of 3600 (368 voxels, 1 thread).
     max_micro_batch = 1000
+    # default dequantisation noise as a fraction of the readout threshold (published: 5 keV
+    # under a 15 keV cut)
+    noise_per_threshold = 1 / 3
 
     def __init__(self, geometry: Geometry, config: Any,
                  voxel_transform: VoxelTransform) -> None:
@@ -286,9 +289,9 @@ class LayerEnergyFlows(ConditionedModel):
     def _fit_threshold(self, data: ShowerData) -> None:
         """Geometries without a readout threshold (ild-ecal, lhcb-ecal) take the smallest
         non-zero cell of the training sample (the simulation's cut), the dequantisation
-        noise a third of it, unless the config sets them (a 10 keV default would let the
-        flows' values between 10 keV and the real cut, 2.4 MeV for the ILD ECAL, survive
-        as extra hits)."""
+        noise ``noise_per_threshold`` times it, unless the config sets them (a 10 keV
+        default would let the flows' values between 10 keV and the real cut, 2.4 MeV for
+        the ILD ECAL, survive as extra hits)."""
         if getattr(self.config, "threshold_mev", 0.0) is not None or \
                 self.geometry.threshold_mev > 0:
             return
@@ -297,7 +300,8 @@ class LayerEnergyFlows(ConditionedModel):
             return
         self.voxel_transform.threshold_mev = float(positive.min())
         if self.config.noise_mev is None:
-            self.voxel_transform.noise_mev = self.voxel_transform.threshold_mev / 3
+            self.voxel_transform.noise_mev = \
+                self.voxel_transform.threshold_mev * self.noise_per_threshold
 
     def _layer_context(self, layer_energies: torch.Tensor) -> torch.Tensor:
         """Standardised log10 of the layer energies ``(B, L)`` MeV -> ``(B, L)``."""

@@ -53,7 +53,7 @@ class ConvFlowConfig:
     """Architecture, preprocessing and training of the convolutional L2LFlows.
 
     ``layers``: the parts a run trains, ``"all"`` or a comma list of ``energy`` and layer
-    indices / ranges (``"energy,0-9"``); ``noise_mev`` / ``threshold_mev``: None = a third
+    indices / ranges (``"energy,0-9"``); ``noise_mev`` / ``threshold_mev``: None = a hundredth
     of / the geometry's readout threshold (geometries without one: the smallest non-zero
     training cell); ``postprocess``: ``none`` or ``spline``;
     ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
@@ -189,6 +189,12 @@ class ConvL2LFlow(LayerEnergyFlows):
     # activations of one layer image through a coupling stack, per cell (measured order)
     bytes_per_shower_voxel = 2e3
     max_micro_batch = 1000
+    # Noise two decades under the cut, not a third of it: the inverse divides each layer by
+    # the sum of all its cells, noise included. On the ILD ECAL (30 x 30 cells, cut 2.4
+    # MeV) a third of the cut put ~350 MeV of noise in every layer, a generated layer
+    # without a clear maximum spread its energy over that floor, and hundreds of cells
+    # crossed the cut (README).
+    noise_per_threshold = 1e-2
 
     def __init__(self, geometry: Geometry, config: ConvFlowConfig | None = None) -> None:
         config = config or _cpu_config()
@@ -206,7 +212,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         threshold = config.threshold_mev
         if threshold is None:
             threshold = geometry.threshold_mev if geometry.threshold_mev > 0 else 0.01
-        noise = config.noise_mev if config.noise_mev is not None else threshold / 3
+        noise = config.noise_mev if config.noise_mev is not None \
+            else threshold * self.noise_per_threshold
         super().__init__(geometry, config, MaxLogTransform(noise, threshold,
                                                            config.voxel_logit_alpha))
         self.parts = parse_parts(config.layers, geometry.n_layers)
