@@ -10,15 +10,30 @@ import pytest
 
 from caloforge.cli import main
 from caloforge.data import ShowerData, write_showers
+import torch
+
+from caloforge.errors import CaloforgeError, OptionError
 from caloforge.evaluation import (
+    PRESETS,
     EvaluationSettings,
+    benchmark_sampling,
+    build_classifier,
+    classifier_test,
     evaluate_samples,
+    format_summary,
     fpd,
     frechet_distance,
+    get_preset,
     high_level_features,
     kpd,
+    official_feature_bins,
+    prdc,
     separation_power,
-    benchmark_sampling,
+    split_sizes,
+)
+from caloforge.evaluation.features import (
+    classifier_high_level_inputs,
+    classifier_low_level_normed_inputs,
 )
 from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry, get_geometry
 from caloforge.simulator import ReferenceSimulator, SimulationPlan, iter_simulated_chunks
@@ -119,13 +134,180 @@ def test_fpd_matches_closed_form():
     expected = mu @ mu + np.sum((sd1 - sd2) ** 2)  # diagonal covariances
     assert frechet_distance(np.zeros(2), np.diag(sd1 ** 2), mu, np.diag(sd2 ** 2)) == \
         pytest.approx(expected)
-    value, error = fpd(x, y, n_points=5, n_batches=3)
-    assert value == pytest.approx(expected, rel=0.05)
-    same, _ = fpd(x, rng.normal(0, sd1, (20000, 2)), n_points=5, n_batches=3)
-    assert abs(same) < 0.01
-    k_same, k_same_err = kpd(x, rng.normal(0, sd1, (20000, 2)), n_batches=6, batch_size=2000)
-    k_diff, _ = kpd(x, y, n_batches=6, batch_size=2000)
-    assert abs(k_same) < 0.05 * k_diff and abs(k_same) < 3 * k_same_err + 1e-3
+    value, error = fpd(x, y, normalise=False)
+    assert value == pytest.approx(expected, rel=0.05) and 0 < error < 0.05 * expected
+    same, same_error = fpd(x, rng.normal(0, sd1, (20000, 2)), normalise=False)
+    assert 0 <= same < 0.01  # the fit bounds the intercept at >= 0
+
+
+def test_fpd_scales_by_the_reference_max():
+    """jetnet's normalisation: both samples divided by the reference's max |x| per feature."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, [1.0, 50.0], (20000, 2))
+    y = rng.normal([0.3, 10.0], [1.0, 50.0], (20000, 2))
+    scale = np.abs(x).max(axis=0)
+    assert fpd(x, y) == pytest.approx(fpd(x / scale, y / scale, normalise=False))
+    expected = np.sum((np.array([0.3, 10.0]) / scale) ** 2)
+    assert fpd(x, y)[0] == pytest.approx(expected, rel=0.1)
+
+
+def test_kpd_of_identical_and_shifted_samples():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, (20000, 3))
+    k_same, k_same_err = kpd(x, rng.normal(0, 1, (20000, 3)), n_batches=6, batch_size=2000)
+    k_shift, k_shift_err = kpd(x, rng.normal(0.3, 1, (20000, 3)), n_batches=6, batch_size=2000)
+    assert abs(k_same) < 3 * k_same_err + 1e-4
+    assert k_shift > 10 * max(k_shift_err, abs(k_same))
+
+
+def test_mmd_blocks_equal_the_whole_matrix():
+    from caloforge.evaluation.distances import mmd_poly_unbiased
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(0, 1, (300, 4)), rng.normal(0.2, 1, (250, 4))
+    kxx, kyy, kxy = ((a @ b.T / 4 + 1) ** 4 for a, b in ((x, x), (y, y), (x, y)))
+    whole = ((kxx.sum() - np.trace(kxx)) / (300 * 299) + (kyy.sum() - np.trace(kyy)) / (250 * 249)
+             - 2 * kxy.mean())
+    assert mmd_poly_unbiased(x, y, block=64) == pytest.approx(whole, rel=1e-10)
+
+
+def test_prdc_of_same_and_disjoint_samples():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (2000, 3))
+    same = prdc(x, rng.normal(0, 1, (2000, 3)), nearest_k=5)
+    assert same["precision"] > 0.8 and same["recall"] > 0.8 and same["coverage"] > 0.9
+    assert same["density"] == pytest.approx(1.0, abs=0.15)
+    far = prdc(x, rng.normal(50, 1, (2000, 3)), nearest_k=5)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_official_classifier_network():
+    """Three hidden layers of 2048 in float64: d*2048 + 2*2048^2 + 2048 weights plus biases."""
+    d = 368 + 1
+    model = build_classifier(d, PRESETS["official"])
+    expected = (d * 2048 + 2048) + 2 * (2048 * 2048 + 2048) + (2048 + 1)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in model) == 3
+    narrow = build_classifier(d, get_preset("official", width=256, epochs=15))
+    assert sum(p.numel() for p in narrow.parameters()) == \
+        (d * 256 + 256) + 2 * (256 * 256 + 256) + 257
+    fast = build_classifier(d, PRESETS["fast"])
+    assert next(fast.parameters()).dtype == torch.float32
+
+
+def test_official_split_sizes_and_refusal():
+    official = PRESETS["official"]
+    assert split_sizes(121_000, 130_000, official, "1-photons") == \
+        ((80_000, 20_000, 21_000),) * 2
+    assert split_sizes(120_800, 120_800, official, "1-pions")[0] == (80_000, 20_000, 20_800)
+    assert split_sizes(100_000, 100_000, official, "2")[1] == (60_000, 20_000, 20_000)
+    with pytest.raises(CaloforgeError, match="needs 121000 showers per sample.*gen.h5 has 10000"):
+        split_sizes(121_000, 10_000, official, "1-photons", labels=("ref.h5", "gen.h5"))
+    # no official sizes for other geometries: equal classes, 60/20/20
+    assert split_sizes(1000, 3000, official, None) == ((600, 200, 200),) * 2
+    assert split_sizes(1000, 3000, PRESETS["fast"], "1-photons") == \
+        ((600, 200, 200), (1800, 600, 600))
+    with pytest.raises(OptionError):
+        get_preset("official", width=0)
+
+
+def test_official_preset_runs_with_overrides():
+    """A narrow, short official classifier on samples without official sizes: equal classes,
+    60/20/20, all epochs unless the test accuracy reaches 1."""
+    rng = np.random.default_rng(5)
+    preset = get_preset("official", width=16, epochs=3)
+    result = classifier_test(rng.normal(0, 1, (500, 4)), rng.normal(0, 1, (800, 4)), preset)
+    assert result["n_train"] == 600 and result["n_test"] == 200 and result["n_val"] == 200
+    assert result["epochs_run"] == 3 and result["auc"] == pytest.approx(0.5, abs=0.1)
+    separable = classifier_test(rng.normal(0, 1, (5000, 4)), rng.normal(9, 1, (5000, 4)),
+                                get_preset("official", width=64, epochs=40), seed=1)
+    assert separable["test_accuracy"] == 1.0 and separable["epochs_run"] < 40
+    assert separable["auc"] > 0.99
+
+
+def test_official_sizes_are_refused_before_any_work(samples, tmp_path):
+    reference, generated = samples
+    settings = EvaluationSettings(metrics=("hist", "cls-low"), classifier_preset="official",
+                                  repeats=1, extra={"generated_file": "gen.h5"})
+    with pytest.raises(CaloforgeError, match="dataset 1-photons needs 121000"):
+        evaluate_samples(reference, generated, GEOMETRY, str(tmp_path / "r"), settings,
+                         log=lambda _: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_official_binning_for_calochallenge_geometries(samples, tmp_path):
+    reference, generated = samples
+    result = _evaluate(reference, generated, tmp_path, metrics=("hist",))
+    binning = result["separation_power_binning"]
+    assert binning["E_tot/E_inc"] == binning["E_L1"] == binning["EC_x_L1"] == "official"
+    assert binning["voxel_energy"] == "official" and binning["sparsity_L1"] == "quantile"
+    np.testing.assert_array_equal(
+        official_feature_bins("E_tot/E_inc", "1-photons", np.ones(3), 1.0),
+        np.linspace(0.5, 1.5, 101))
+    assert official_feature_bins("EC_x_L12", "1-pions", np.ones(3), 1.0)[0] == -500
+    assert official_feature_bins("width_y_L3", "2", np.ones(3), 0.01515)[-1] == 30
+    layer = official_feature_bins("E_L2", "1-photons", np.array([5.0, 1e4]), 1.0)
+    assert len(layer) == 40 and layer[0] == pytest.approx(1.0) and layer[-1] == pytest.approx(1e4)
+    # values outside an official range are dropped, not piled into the edge bins
+    bins = np.linspace(0.5, 1.5, 101)
+    inside = np.full(100, 1.0)
+    assert separation_power(inside, np.concatenate([inside, np.full(100, 3.0)]), bins,
+                            clip=False) == 0.0
+    # other geometries keep quantile binning
+    lhcb = get_geometry("lhcb-ecal")
+    sim = ReferenceSimulator("lhcb-ecal")
+    rng = np.random.default_rng(0)
+    a, b = (sim.simulate(np.full(300, 2e4), rng=rng) for _ in range(2))
+    other = evaluate_samples(a, b, lhcb, str(tmp_path / "lhcb"),
+                             EvaluationSettings(metrics=("hist",)), log=lambda _: None)
+    assert set(other["separation_power_binning"].values()) == {"quantile"}
+
+
+def test_low_level_normed_inputs():
+    showers = np.zeros((2, GEOMETRY.n_voxels), np.float32)
+    showers[0, 0], showers[0, 1], showers[1, 10] = 3.0, 1.0, 2.0
+    inputs = classifier_low_level_normed_inputs(showers, np.array([100.0, 1000.0]), GEOMETRY)
+    assert inputs.shape == (2, 1 + GEOMETRY.n_voxels + GEOMETRY.n_layers)
+    np.testing.assert_allclose(inputs[:, 0], [2.0, 3.0])
+    np.testing.assert_allclose(inputs[0, 1:3], [0.75, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(inputs[0, -GEOMETRY.n_layers], np.log10(4.0), rtol=1e-6)
+    assert inputs[0, -1] == pytest.approx(-8.0)  # an empty layer: log10(1e-8)
+
+
+def test_high_level_inputs_follow_the_official_order(samples):
+    reference, _ = samples
+    features = high_level_features(reference.showers[:50], reference.incident_energies[:50],
+                                   GEOMETRY)
+    inputs = classifier_high_level_inputs(features, reference.incident_energies[:50], GEOMETRY)
+    n_layers = GEOMETRY.n_layers
+    xy = [layer for layer in GEOMETRY.layers if layer.n_alpha > 1]
+    assert inputs.shape[1] == 1 + n_layers + 4 * len(xy) + 1 + n_layers + 2 * n_layers
+    v = features.values
+    tag = f"L{xy[0].layer_id}"
+    np.testing.assert_allclose(inputs[:, 1 + n_layers], v[f"EC_x_{tag}"] / 100)
+    np.testing.assert_allclose(inputs[:, 1 + n_layers + len(xy)], v[f"EC_y_{tag}"] / 100)
+    np.testing.assert_allclose(inputs[:, -1], v[f"width_r_L{GEOMETRY.layers[-1].layer_id}"] / 100)
+
+
+def test_all_metrics_are_recorded_with_their_definitions(samples, tmp_path):
+    reference, generated = samples
+    settings = EvaluationSettings(metrics=("cls-low-normed", "fpd", "kpd", "prdc"),
+                                  classifier_preset="fast", classifier_width=32,
+                                  classifier_epochs=2, repeats=1)
+    result = evaluate_samples(reference, generated, GEOMETRY, str(tmp_path), settings,
+                              log=lambda _: None)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    cls = written["cls-low-normed"]
+    assert cls["preset"]["hidden"] == 32 and cls["preset"]["max_epochs"] == 2
+    assert cls["preset"]["dtype"] == "float32" and cls["n_inputs"] == 1 + 368 + 5
+    assert written["fpd_x1e3"]["definition"]["source"] == "jetnet 0.2 fpd"
+    assert written["kpd_x1e3"]["definition"]["batch_size"] == 10_000
+    assert written["prdc"]["definition"]["nearest_k"] == 5
+    assert written["fpd_x1e3"]["n_reference"] == N and written["calochallenge_dataset"] == \
+        "1-photons"
+    assert 0.5 < result["prdc"]["coverage"] <= 1.0
+    assert "precision / recall" in format_summary(result)
 
 
 def test_timing_helper_reports_each_batch_size():

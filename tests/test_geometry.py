@@ -11,6 +11,7 @@ from caloforge.geometry import (
     CylindricalLayer,
     Geometry,
     available_geometries,
+    calochallenge_dataset,
     get_geometry,
     parse_binning_xml,
 )
@@ -54,6 +55,28 @@ def test_parser_reproduces_builtin(shared_dir, filename):
     for a, b in zip(parsed.layers, builtin.layers):
         assert a.r_edges == b.r_edges and a.n_alpha == b.n_alpha
     np.testing.assert_array_equal(parsed.voxel_centres, builtin.voxel_centres)
+    # the XML has no threshold: the official one (1 MeV / 15.15 keV) comes with the binning
+    assert parsed.threshold_mev == builtin.threshold_mev > 0
+    assert calochallenge_dataset(parsed) == calochallenge_dataset(builtin) is not None
+
+
+def test_official_thresholds_and_dataset_tags():
+    expected = {"calochallenge-1-photons": ("1-photons", 1.0),
+                "calochallenge-1-pions": ("1-pions", 1.0),
+                "calochallenge-2": ("2", 0.5e-3 / 0.033), "calochallenge-3": ("3", 0.5e-3 / 0.033)}
+    for name, (tag, threshold) in expected.items():
+        geometry = get_geometry(name)
+        assert calochallenge_dataset(geometry) == tag
+        assert geometry.threshold_mev == pytest.approx(threshold, rel=1e-3)
+    assert calochallenge_dataset(get_geometry("ild-ecal")) is None
+
+
+def test_non_official_xml_keeps_no_threshold(tmp_path):
+    layers = (CylindricalLayer(0, (0.0, 1.0, 2.0), 4), CylindricalLayer(1, (0.0, 3.0), 1))
+    path = tmp_path / "own.xml"
+    path.write_text(Geometry("own", layers, particle="electron").to_xml(pid=11))
+    parsed = parse_binning_xml(path)
+    assert parsed.threshold_mev == 0.0 and calochallenge_dataset(parsed) is None
 
 
 def test_xml_round_trip(tmp_path):

@@ -237,10 +237,21 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generated", required=True, help="generated shower file")
     add_geometry_options(parser, required=True)
     parser.add_argument("-o", "--output", required=True, help="report directory")
-    parser.add_argument("--metrics", default="hist,cls-low,cls-high,fpd,kpd",
-                        help="comma-separated subset of hist,cls-low,cls-high,fpd,kpd")
-    parser.add_argument("--classifier-preset", choices=["official", "fast"], default=None,
-                        help="official CaloChallenge settings, or fast (default on CPU)")
+    from .evaluation.classifier import PRESETS
+    from .evaluation.report import DEFAULT_METRICS, METRICS
+
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated subset of {','.join(METRICS)} "
+                             f"(default {','.join(DEFAULT_METRICS)})")
+    parser.add_argument("--classifier-preset", choices=list(PRESETS), default=None,
+                        help="official: exactly the CaloChallenge evaluate.py classifier "
+                             "(3 x 2048, float64, 50 epochs, fixed split sizes; hours on a "
+                             "CPU, default on CUDA); fast: CPU-sized (default on CPU)")
+    parser.add_argument("--classifier-width", type=int, default=None,
+                        help="override the preset's hidden width (every other rule kept, "
+                             "recorded in metrics.json), e.g. 256")
+    parser.add_argument("--classifier-epochs", type=int, default=None,
+                        help="override the preset's number of epochs, e.g. 15")
     parser.add_argument("--repeats", type=int, default=3, help="classifier seeds (default 3)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="voxel threshold in MeV (default: the geometry's)")
@@ -258,7 +269,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     preset = args.classifier_preset or ("official" if device.startswith("cuda") else "fast")
     settings = EvaluationSettings(
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-        classifier_preset=preset, repeats=args.repeats, threshold_mev=args.threshold,
+        classifier_preset=preset, classifier_width=args.classifier_width,
+        classifier_epochs=args.classifier_epochs, repeats=args.repeats,
+        threshold_mev=args.threshold,
         max_showers=args.max_showers, seed=args.seed or 0, device=device,
         extra={"reference_file": args.reference, "generated_file": args.generated})
     settings.validate()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Union
 
@@ -358,10 +358,17 @@ def parse_binning_xml(path: str | os.PathLike[str], particle: str | None = None,
             raise GeometryError(f"{path}: {exc}") from None
     label = name or os.path.splitext(os.path.basename(path))[0]
     try:
-        return Geometry(label, tuple(layers), particle=bin_.get("name"),
-                        description=f"parsed from {os.path.basename(path)}")
+        parsed = Geometry(label, tuple(layers), particle=bin_.get("name"),
+                          description=f"parsed from {os.path.basename(path)}")
     except GeometryError as exc:
         raise GeometryError(f"{path}: {exc}") from None
+    # The XML carries no threshold; an official binning keeps the official one so that
+    # `evaluate --xml` applies the same cut as `--geometry calochallenge-N`.
+    official = calochallenge_dataset(parsed)
+    if official is not None:
+        builtin = get_geometry(CALOCHALLENGE_DATASETS[official])
+        parsed = replace(parsed, threshold_mev=builtin.threshold_mev)
+    return parsed
 
 
 # --- built-in geometries ----------------------------------------------------------------
@@ -454,6 +461,24 @@ _BUILTIN: dict[str, Callable[[], Geometry]] = {
     "lhcb-ecal": _lhcb_ecal,
 }
 _CACHE: dict[str, Geometry] = {}
+
+
+# The CaloChallenge 2022 datasets by their official tag (evaluate.py's ``--dataset``).
+CALOCHALLENGE_DATASETS: dict[str, str] = {
+    "1-photons": "calochallenge-1-photons",
+    "1-pions": "calochallenge-1-pions",
+    "2": "calochallenge-2",
+    "3": "calochallenge-3",
+}
+
+
+def calochallenge_dataset(geometry: Geometry) -> str | None:
+    """The official dataset tag (``"1-photons"``, ``"1-pions"``, ``"2"``, ``"3"``) whose
+    binning ``geometry`` has, whatever its name (built-in or parsed from an XML), else None."""
+    for tag, name in CALOCHALLENGE_DATASETS.items():
+        if geometry == get_geometry(name):
+            return tag
+    return None
 
 
 def available_geometries() -> list[str]:

@@ -1,13 +1,28 @@
-"""The community-standard evaluation: features, histograms, classifier, FPD/KPD, timing."""
+"""The community-standard evaluation: features, histograms, classifier, FPD/KPD, PRDC, timing."""
 
-from .classifier import PRESETS, classifier_test, repeated_classifier_test
-from .distances import fpd, frechet_distance, kpd
+from .classifier import (
+    OFFICIAL_SPLIT_SIZES,
+    PRESETS,
+    build_classifier,
+    classifier_test,
+    get_preset,
+    repeated_classifier_test,
+    split_sizes,
+)
+from .distances import fpd, frechet_distance, kpd, prdc
 from .features import apply_threshold, high_level_features
-from .histograms import separation_power
-from .report import EvaluationSettings, evaluate_samples, format_summary, load_for_evaluation
+from .histograms import official_feature_bins, separation_power
+from .report import (
+    METRICS,
+    EvaluationSettings,
+    evaluate_samples,
+    format_summary,
+    load_for_evaluation,
+)
 from .timing import benchmark_sampling
 
-__all__ = ["PRESETS", "classifier_test", "repeated_classifier_test", "fpd", "frechet_distance",
-           "kpd", "apply_threshold", "high_level_features", "separation_power",
-           "EvaluationSettings", "evaluate_samples", "format_summary", "load_for_evaluation",
-           "benchmark_sampling"]
+__all__ = ["OFFICIAL_SPLIT_SIZES", "PRESETS", "build_classifier", "classifier_test",
+           "get_preset", "repeated_classifier_test", "split_sizes", "fpd", "frechet_distance",
+           "kpd", "prdc", "apply_threshold", "high_level_features", "official_feature_bins",
+           "separation_power", "METRICS", "EvaluationSettings", "evaluate_samples",
+           "format_summary", "load_for_evaluation", "benchmark_sampling"]

@@ -73,17 +73,23 @@ def high_level_features(showers: np.ndarray, incident_energies: np.ndarray,
 
 def classifier_high_level_inputs(features: FeatureSet, incident_energies: np.ndarray,
                                  geometry: Geometry) -> np.ndarray:
-    """The official high-level classifier input ``(N, d)``.
+    """The official high-level classifier (and FPD/KPD) input ``(N, d)``, in its order:
 
-    [log10 E_inc, log10 E_layer..., centres and widths / 100, log10 E_tot, sparsity...].
+    [log10 E_inc, log10(E_layer + 1e-8)..., centres in x..., centres in y..., widths in x...,
+    widths in y... (layers with angular bins or cells, mm / 100), log10(E_tot + 1e-8),
+    sparsity..., centres in r..., widths in r... (mm / 100)].
     """
     v = features.values
     tags = [f"L{layer.layer_id}" for layer in geometry.layers]
-    columns = [np.log10(np.asarray(incident_energies, dtype=np.float64))]
+    xy_tags = [t for t, layer in zip(tags, geometry.layers) if layer_has_xy(layer)]
+    columns = [np.log10(np.asarray(incident_energies, dtype=np.float64).reshape(-1))]
     columns += [np.log10(v[f"E_{t}"] + 1e-8) for t in tags]
-    columns += [v[name] / 100.0 for name in v if name.startswith(("EC_", "width_"))]
+    for quantity in ("EC_x", "EC_y", "width_x", "width_y"):
+        columns += [v[f"{quantity}_{t}"] / 100.0 for t in xy_tags]
     columns.append(np.log10(v["E_tot"] + 1e-8))
     columns += [v[f"sparsity_{t}"] for t in tags]
+    for quantity in ("EC_r", "width_r"):
+        columns += [v[f"{quantity}_{t}"] / 100.0 for t in tags]
     return np.stack(columns, axis=1)
 
 
@@ -94,4 +100,18 @@ def classifier_low_level_inputs(showers: np.ndarray, incident_energies: np.ndarr
     out = np.empty((len(e_inc), 1 + showers.shape[1]), dtype=np.float32)
     out[:, 0] = np.log10(e_inc[:, 0])
     out[:, 1:] = showers / e_inc
+    return out
+
+
+def classifier_low_level_normed_inputs(showers: np.ndarray, incident_energies: np.ndarray,
+                                       geometry: Geometry) -> np.ndarray:
+    """The official ``cls-low_normed`` input ``(N, 1 + n_voxels + n_layers)``:
+    [log10 E_inc, voxels / (their layer energy + 1e-16), log10(E_layer + 1e-8)...]."""
+    e_inc = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+    layer_energies = geometry.layer_energies(showers, dtype=np.float64)
+    per_voxel = np.repeat(layer_energies, geometry.layer_sizes, axis=1)
+    out = np.empty((len(e_inc), 1 + showers.shape[1] + geometry.n_layers), dtype=np.float32)
+    out[:, 0] = np.log10(e_inc)
+    out[:, 1:1 + showers.shape[1]] = showers / (per_voxel + 1e-16)
+    out[:, 1 + showers.shape[1]:] = np.log10(layer_energies + 1e-8)
     return out

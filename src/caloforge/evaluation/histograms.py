@@ -4,30 +4,63 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
 from ..atomic import atomic_output
 
 
-def separation_power(reference: np.ndarray, generated: np.ndarray, bins: np.ndarray) -> float:
+def separation_power(reference: np.ndarray, generated: np.ndarray, bins: np.ndarray,
+                     clip: bool = True) -> float:
     """S = 1/2 sum (h1 - h2)^2 / (h1 + h2) of the two normalised histograms (0 = same, 1 = disjoint).
 
-    Values outside ``bins`` are counted in the first/last bin so that a shift out of range
-    is not hidden.
+    ``clip``: values outside ``bins`` count in the first/last bin, so that a shift out of
+    range is not hidden (caloforge's quantile binning); without it they are dropped and each
+    histogram is normalised over its entries in range, as the official ``evaluate.py`` does
+    (``plt.hist(density=True)``) with its fixed ranges.
     """
-    h1 = _histogram(reference, bins)
-    h2 = _histogram(generated, bins)
+    h1 = _histogram(reference, bins, clip)
+    h2 = _histogram(generated, bins, clip)
     total = h1 + h2
     nonzero = total > 0
     return float(0.5 * np.sum((h1[nonzero] - h2[nonzero]) ** 2 / total[nonzero]))
 
 
-def _histogram(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    clipped = np.clip(values, bins[0], bins[-1])
-    counts, _ = np.histogram(clipped, bins=bins)
+def _histogram(values: np.ndarray, bins: np.ndarray, clip: bool = True) -> np.ndarray:
+    if clip:
+        values = np.clip(values, bins[0], bins[-1])
+    counts, _ = np.histogram(values, bins=bins)
     return counts / max(counts.sum(), 1)
+
+
+def official_feature_bins(name: str, dataset: str, reference: np.ndarray,
+                          threshold_mev: float) -> np.ndarray | None:
+    """The official plots' bin edges for feature ``name`` of CaloChallenge ``dataset``
+    (``evaluate_plotting_helper.py``), or None for a feature they have no fixed range for.
+
+    E_tot/E_inc: 100 bins on [0.5, 1.5]; layer energies and the voxel spectrum: 39 / 49
+    log bins from the threshold to the reference's maximum; centres of energy in x, y: 100
+    bins on +-30 mm (datasets 2, 3), +-500 mm (dataset 1 layers 12, 13), else +-100 mm;
+    widths: [0, 30], [0, 400], [0, 100] mm likewise.
+    """
+    fine = dataset in ("2", "3")
+    hadronic = name.endswith(("_L12", "_L13"))
+    if name == "E_tot/E_inc":
+        return np.linspace(0.5, 1.5, 101)
+    if name.startswith("E_L") or name == "voxel_energy":
+        top = float(np.max(reference)) if reference.size else 0.0
+        if threshold_mev <= 0 or top <= threshold_mev:
+            return None
+        return np.logspace(np.log10(threshold_mev), np.log10(top),
+                           40 if name.startswith("E_L") else 50)
+    if name.startswith(("EC_x_", "EC_y_")):
+        limit = 30.0 if fine else 500.0 if hadronic else 100.0
+        return np.linspace(-limit, limit, 101)
+    if name.startswith(("width_x_", "width_y_")):
+        limit = 30.0 if fine else 400.0 if hadronic else 100.0
+        return np.linspace(0.0, limit, 101)
+    return None
 
 
 def feature_bins(reference: np.ndarray, generated: np.ndarray, kind: str, n_bins: int = 50
@@ -54,8 +87,11 @@ def feature_bins(reference: np.ndarray, generated: np.ndarray, kind: str, n_bins
 def plot_feature_group(path: str | os.PathLike[str], title: str, names: Sequence[str],
                        reference: dict[str, np.ndarray], generated: dict[str, np.ndarray],
                        bins: dict[str, np.ndarray], separation: dict[str, float],
-                       labels: tuple[str, str] = ("reference", "generated")) -> None:
-    """One PNG with a panel per feature: normalised histograms over a ratio (gen/ref) panel."""
+                       labels: tuple[str, str] = ("reference", "generated"),
+                       unclipped: Collection[str] = ()) -> None:
+    """One PNG with a panel per feature: normalised histograms over a ratio (gen/ref) panel.
+
+    Features in ``unclipped`` drop values outside their bins (official fixed ranges)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,8 +106,9 @@ def plot_feature_group(path: str | os.PathLike[str], title: str, names: Sequence
         inner = outer[i // cols, i % cols].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
         ax, ax_ratio = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
         edges = bins[name]
-        h_ref = _histogram(reference[name], edges)
-        h_gen = _histogram(generated[name], edges)
+        clip = name not in unclipped
+        h_ref = _histogram(reference[name], edges, clip)
+        h_gen = _histogram(generated[name], edges, clip)
         ax.stairs(h_ref, edges, label=labels[0], color="black", fill=True, alpha=0.2)
         ax.stairs(h_gen, edges, label=labels[1], color="tab:red")
         ax.set_title(f"{name}\nS = {separation[name]:.4f}", fontsize=8)
