@@ -1,10 +1,11 @@
 """CaloFlow on reference data: train the CPU-default config, generate, evaluate, time sampling.
 
 Usage: python bench/bench_caloflow.py [--geometry calochallenge-1-photons] [--n-train 121000]
-           [--n-test 25000] [--time-budget 30m] [--out bench-output/caloflow]
+           [--n-test N] [--time-budget 30m] [--out bench-output/caloflow]
 
 Steps (each printed with its figures): simulate a training set (seed 11) and an independent
-held-out reference (seed 12) with the reference simulator; `caloforge train caloflow`
+held-out reference (seed 12; by default as many showers as the official classifier split of
+the dataset needs: 121,000 for dataset 1 photons) with the reference simulator; `caloforge train caloflow`
 (CPU preset) within the time budget; generate as many showers as the held-out reference with
 its incident energies; `caloforge evaluate` (fast classifier preset, 3 repeats); teacher
 sampling cost in ms/shower at batch sizes 1, 100, 10000 (median of up to 3 repeats within
@@ -35,7 +36,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", default="calochallenge-1-photons")
     parser.add_argument("--n-train", type=int, default=121_000)
-    parser.add_argument("--n-test", type=int, default=25_000)
+    parser.add_argument("--n-test", type=int, default=None,
+                        help="held-out showers (default: what the official classifier split "
+                             "of the geometry's CaloChallenge dataset needs, e.g. 121,000 "
+                             "for dataset 1 photons; else 25,000)")
     parser.add_argument("--time-budget", default="30m")
     parser.add_argument("--out", default="bench-output/caloflow")
     parser.add_argument("--skip-timing", action="store_true")
@@ -47,6 +51,12 @@ def main() -> int:
     args = parser.parse_args()
     exe = os.path.join(os.path.dirname(sys.executable), "caloforge")
     out, g = args.out, args.geometry
+    if args.n_test is None:
+        from caloforge.evaluation import OFFICIAL_SPLIT_SIZES
+        from caloforge.geometry import calochallenge_dataset, get_geometry
+
+        dataset = calochallenge_dataset(get_geometry(g))
+        args.n_test = sum(OFFICIAL_SPLIT_SIZES[dataset]) if dataset else 25_000
     os.makedirs(out, exist_ok=True)
     figures: dict = {"geometry": g}
     train, test = f"{out}/train.h5", f"{out}/heldout.h5"
@@ -76,7 +86,9 @@ def main() -> int:
         "train_seconds": training["train_seconds"],
         "auc_low": [metrics["cls-low"]["auc_mean"], metrics["cls-low"]["auc_std"]],
         "auc_high": [metrics["cls-high"]["auc_mean"], metrics["cls-high"]["auc_std"]],
-        "fpd_x1e3": metrics["fpd_x1e3"]["value"]})
+        "fpd_x1e3": metrics["fpd_x1e3"]["value"],
+        "n_reference": metrics["n_reference"], "n_generated": metrics["n_generated"],
+        "classifier": metrics["cls-low"]["preset"]["name"]})
     if not args.skip_timing:
         from caloforge.evaluation import benchmark_sampling
         from caloforge.models import load_model

@@ -81,10 +81,40 @@ def load_results(path: str) -> dict:
 
 
 def save_results(path: str, results: dict) -> None:
-    from caloforge.atomic import write_json_atomic
+    """The JSON, and beside it a Markdown table of the same figures."""
+    from caloforge.atomic import atomic_output, write_json_atomic
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, results)
+    with atomic_output(os.path.splitext(path)[0] + ".md") as tmp:
+        with open(tmp, "w", encoding="utf-8") as stream:
+            stream.write(markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    """One row per pair: AUC low / high of each scoring, FPD and KPD (fast run)."""
+    lines = ["# Classifier presets side by side (calochallenge-1-photons)", "",
+             "Written by `python bench/bench_evaluation_bridge.py` as each figure is measured; "
+             "files of 121,000 showers each from the caloforge reference simulator (not "
+             "Geant4); 2 CPU cores. `fast`: caloforge's CPU preset (60/20/20 of each "
+             "sample); `official-256x15`: the official classifier definition (3 hidden layers, "
+             "float64, 80000/20000/21000 per class, stop only at test accuracy 1) at width "
+             "256 and 15 epochs. FPD/KPD x 10^3 with the jetnet definitions on the full "
+             "samples.", "",
+             "| pair | scoring | AUC low | AUC high | best epoch low / high | FPD x 1e3 | "
+             "KPD x 1e3 | wall |", "|---|---|---|---|---|---|---|---|"]
+    for key, entry in results["pairs"].items():
+        pair, scoring = key.split("/")
+        low, high = entry["cls-low"], entry["cls-high"]
+
+        def distance(name: str) -> str:
+            return f"{entry[name][0]:.3g} ± {entry[name][1]:.2g}" if name in entry else ""
+
+        lines.append(f"| {pair} | {scoring} | {low['auc']:.4f} | {high['auc']:.4f} | "
+                     f"{low['best_epochs'][0]} / {high['best_epochs'][0]} | "
+                     f"{distance('fpd_x1e3')} | {distance('kpd_x1e3')} | {entry['wall_s']:.0f} s |")
+    lines += ["", "Commands: the `command` of each entry in evaluation-bridge.json.", ""]
+    return "\n".join(lines)
 
 
 def score(exe: str, out: str, results: dict, results_path: str, pair: str, reference: str,
