@@ -210,3 +210,101 @@ def test_cli_simulate_bad_options(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# --- the readout response: properties of real silicon calorimeters -------------------------
+def _hit_spectrum(sim, particle, energies, seed):
+    data = sim.simulate(energies, particle, rng=np.random.default_rng(seed))
+    return data.showers
+
+
+@pytest.fixture(scope="module")
+def ds2_spread(ds2):
+    """200 electrons log-uniform over 1 GeV - 1 TeV, the dataset's spectrum."""
+    rng = np.random.default_rng(21)
+    return _hit_spectrum(ds2, "electron", np.exp(rng.uniform(np.log(1e3), np.log(1e6), 200)), 22)
+
+
+def _peak_position(hits, mip):
+    """Centre of the most populated of 30 log bins between 0.3 and 10 MIP (dN/dlog E)."""
+    edges = mip * np.logspace(np.log10(0.3), 1.0, 31)
+    counts, _ = np.histogram(hits, bins=edges)
+    best = counts.argmax()
+    return np.sqrt(edges[best] * edges[best + 1]), counts
+
+
+@pytest.mark.parametrize("name,particle,expected_mip_mev",
+                         [("calochallenge-2", "electron", 0.084 / 0.033),  # scaled by 1/0.033
+                          ("ild-ecal", "photon", 0.15)])                   # visible MeV
+def test_mip_peak_in_the_hit_spectrum(name, particle, expected_mip_mev, ds2, ds2_spread):
+    if name == "calochallenge-2":
+        sim, showers = ds2, ds2_spread
+    else:
+        sim = ReferenceSimulator(name)
+        showers = _hit_spectrum(sim, particle, np.full(150, 5e4), 23)
+    hits = showers[showers > 0]
+    assert sim.detector.readout.mip_stored_mev == pytest.approx(expected_mip_mev, rel=0.01)
+    peak, counts = _peak_position(hits, expected_mip_mev)
+    assert peak == pytest.approx(expected_mip_mev, rel=0.2)
+    # a real peak: clearly above the spectrum half a decade below it
+    assert counts.max() > 1.5 * counts[np.searchsorted(np.logspace(np.log10(0.3), 1, 31),
+                                                       0.35)]
+
+
+def test_spectrum_continuous_from_threshold_to_the_mip_peak(ds2, ds2_spread):
+    hits = ds2_spread[ds2_spread > 0]
+    threshold, mip = ds2.detector.threshold_mev, ds2.detector.readout.mip_stored_mev
+    edges = threshold * 10 ** (0.25 * np.arange(0, int(np.ceil(4 * np.log10(mip / threshold)))
+                                                + 1))
+    counts, _ = np.histogram(hits, bins=edges)
+    shares = counts / len(hits)
+    assert len(shares) >= 8 and shares.min() >= 0.005, shares
+
+
+def test_soft_hits_grow_towards_periphery_and_tail(ds2, ds2_spread):
+    """Hits under 10x the threshold (soft electrons, no MIP crossing) are a larger share of
+    the hits far from the axis and deep in the shower than in the core before the maximum."""
+    geometry = ds2.geometry
+    threshold = ds2.detector.threshold_mev
+    showers = ds2_spread.reshape(len(ds2_spread), geometry.n_layers, *geometry.layers[0].shape)
+
+    def soft_share(block):
+        hits = block[block > 0]
+        return (hits < 10 * threshold).mean()
+
+    for layers in (slice(2, 8), slice(8, 15), slice(25, 45)):  # at every depth
+        inner, outer = showers[:, layers, :, :2], showers[:, layers, :, 6:]  # < 9.3, > 27.9 mm
+        assert soft_share(outer) > soft_share(inner) + 0.1
+    # at the same radius (the core, < 14 mm): before / well past the maximum
+    early, late = showers[:, 2:8, :, :3], showers[:, 25:, :, :3]
+    assert soft_share(late) > soft_share(early) + 0.05
+
+
+def test_closed_form_cell_integral_matches_numerics():
+    from scipy import integrate
+
+    from caloforge.simulator import quadrant_integral, rectangle_shares
+
+    scale = 1.3
+    density = lambda y, x: scale ** 2 / (np.pi * (x * x + y * y + scale ** 2) ** 2)  # noqa: E731
+    numeric, _ = integrate.dblquad(density, 0.4, 2.5, lambda _: -1.0, lambda _: 3.0)
+    cells = rectangle_shares(np.array([[0.4, 2.5]]), np.array([[-1.0, 3.0]]), np.array([scale]))
+    assert cells[0, 0, 0] == pytest.approx(numeric, rel=1e-9)
+    assert quadrant_integral(1e9, 1e9, scale) == pytest.approx(0.25)
+    # a fine grid around the axis holds what the radial CDF says is inside it
+    edges = np.linspace(-50, 50, 101)[None, :]
+    assert rectangle_shares(edges, edges, np.array([2.0])).sum() == pytest.approx(
+        1 - 0.0, abs=2e-3)
+
+
+def test_moyal_crossings_have_the_landau_shape():
+    from caloforge.detectors import get_detector
+
+    readout = get_detector("calochallenge-2").readout
+    deposits = readout._moyal(200_000, np.random.default_rng(0))
+    counts, edges = np.histogram(deposits, bins=np.linspace(0.05, 0.2, 151))
+    mode = edges[counts.argmax()]
+    assert mode == pytest.approx(0.084, abs=0.003)  # MeV, 0.3 mm silicon
+    assert deposits.mean() == pytest.approx(readout.crossing_mean_mev, rel=0.01)
+    # the Landau tail: a Gaussian of the same width would put ~1e-9 beyond 6 sigma
+    assert np.mean(deposits > 0.084 + 6 * readout.mip_width_mev) > 0.005

@@ -10,7 +10,16 @@ hadronic components in units of each slab's lambda_I.
 
 Energies written to files are **calibrated deposited energies** in MeV: visible energy
 divided by the sampling fraction, as in CaloChallenge datasets 2 and 3 (stored /0.033), so
-that the sum of a contained electron shower is close to its incident energy.
+that the sum of a contained electron shower is close to its incident energy; except the
+ILD ECAL, whose published showers are visible silicon energies (a 50 GeV photon leaves
+about 1.4 GeV), threshold half a MIP (0.075 MeV).
+
+Readouts (:class:`caloforge.response.Readout`): one crossing of 0.3 mm Si has its MIP peak
+at 84 keV (2.55 MeV after the 1/0.033 of datasets 2/3), of ILD's 0.5 mm sensors at 0.15 MeV
+(PDG thin-silicon most probable losses); thick LAr and scintillator gaps at 0.8 x the mean
+loss; Moyal width 1.7 xi (Landau xi = 0.1535 (Z/A) rho x MeV); visible fraction of showers
+0.033 for datasets 2/3 (the datasets' own), else GFLASH's e-hat x the MIP sampling fraction;
+soft deposits from a tenth of the (visible) threshold to twice the MIP peak.
 
 Sources of the values (see ``../shared/notes/gflash.md`` and the docs):
 
@@ -36,6 +45,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import GeometryError
+from .response import MOYAL_WIDTH_PER_XI, Readout, landau_xi_mev
 
 MOLIERE_ENERGY_MEV = 21.2  # E_s
 
@@ -190,6 +200,9 @@ class Detector:
         threshold_mev: readout threshold on calibrated voxel energies (MeV).
         max_spots: cap on the number of energy spots per shower component (speed).
         defaults: default particle, energy spectrum and conditions of the published dataset.
+        readout: the active layers' response (MIP crossings and soft electrons,
+            :mod:`caloforge.response`) for electromagnetic showers; None: the older
+            per-voxel Gamma fluctuation of spot deposits.
     """
 
     geometry_name: str
@@ -200,6 +213,7 @@ class Detector:
     threshold_mev: float
     defaults: SimulationDefaults
     max_spots: int = 4000
+    readout: Readout | None = None
 
     @cached_property
     def boundaries_mm(self) -> np.ndarray:
@@ -264,6 +278,33 @@ PB_SCINT_SHASHLIK = SamplingStructure(LEAD, 2.0, SCINTILLATOR, 4.0)
 # keep the default cap of 4000 for speed.
 FINE_GRAINED_MAX_SPOTS = 20_000
 
+def active_layer_readout(structure: SamplingStructure, stochastic_term: float,
+                         threshold_visible_mev: float, calibrated: bool = True,
+                         visible_fraction: float | None = None,
+                         mpv_mev: float | None = None) -> Readout:
+    """The response of one active layer of ``structure``.
+
+    MIP most probable value ``mpv_mev`` (default 0.8 x the mean loss dE/dx_min x thickness,
+    the ratio of thick layers); Moyal width 1.7 xi; visible fraction of showers
+    ``visible_fraction`` (default GFLASH's e-hat x the MIP sampling fraction); soft
+    deposits from a tenth of the threshold to twice the MIP peak; stored values calibrated
+    (visible / visible fraction) unless ``calibrated`` is False (visible energy).
+    """
+    active = structure.active
+    mean_loss = active.dedx_min * active.density * structure.active_mm / 10.0
+    mpv = mpv_mev if mpv_mev is not None else 0.8 * mean_loss
+    fraction = (visible_fraction if visible_fraction is not None
+                else structure.e_hat * structure.mip_sampling_fraction)
+    width = MOYAL_WIDTH_PER_XI * landau_xi_mev(active.Z / active.A, active.density,
+                                               structure.active_mm)
+    return Readout(f"{active.name} {structure.active_mm:g} mm", mip_mpv_mev=mpv,
+                   mip_width_mev=width, visible_fraction=fraction,
+                   calibration=1.0 / fraction if calibrated else 1.0,
+                   stochastic_term=stochastic_term, soft_min_mev=threshold_visible_mev / 10,
+                   soft_max_mev=2 * mpv)
+
+
+CALOCHALLENGE_SAMPLING_FRACTION = 0.033
 CALOCHALLENGE_1_ENERGIES = tuple(float(2 ** k) for k in range(8, 23))
 # Showers per energy in the published dataset 1 files (121,000 photons / 120,800 pions).
 CALOCHALLENGE_1_WEIGHTS = (10000.0,) * 11 + (5000.0, 3000.0, 2000.0, 1000.0)
@@ -272,8 +313,13 @@ CALOCHALLENGE_1_WEIGHTS = (10000.0,) * 11 + (5000.0, 3000.0, 2000.0, 1000.0)
 def _calochallenge_2_3(name: str) -> Detector:
     cell = SI_W_CALOCHALLENGE
     slabs = tuple(Slab(2 * (cell.absorber_mm + cell.active_mm), layer, cell) for layer in range(45))
+    # The datasets store silicon energy / 0.033; one crossing of 0.3 mm Si: MPV 84 keV
+    readout = active_layer_readout(cell, 0.17, threshold_visible_mev=0.5e-3,
+                                   visible_fraction=CALOCHALLENGE_SAMPLING_FRACTION,
+                                   mpv_mev=0.084)
     return Detector(name, slabs, cell, stochastic_term=0.17, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.01515, max_spots=FINE_GRAINED_MAX_SPOTS,
+                    threshold_mev=0.5e-3 / CALOCHALLENGE_SAMPLING_FRACTION,
+                    max_spots=FINE_GRAINED_MAX_SPOTS, readout=readout,
                     defaults=SimulationDefaults("electron", "log-uniform", (1e3, 1e6)))
 
 
@@ -288,8 +334,10 @@ def _atlas(name: str, particle: str, hadronic_layers: tuple[int, ...]) -> Detect
     tile = FE_SCINT_TILE
     for layer, n_lambda in zip(hadronic_layers, (1.5, 4.1, 1.8)):
         slabs.append(Slab(n_lambda * tile.lambda_mm, layer, tile))
+    readout = active_layer_readout(em, 0.10, threshold_visible_mev=0.001 * em.e_hat
+                                   * em.mip_sampling_fraction)
     return Detector(name, tuple(slabs), em, stochastic_term=0.10, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.001,
+                    threshold_mev=0.001, readout=readout,
                     defaults=SimulationDefaults(particle, "discrete",
                                                 energies_mev=CALOCHALLENGE_1_ENERGIES,
                                                 energy_weights=CALOCHALLENGE_1_WEIGHTS))
@@ -298,8 +346,10 @@ def _atlas(name: str, particle: str, hadronic_layers: tuple[int, ...]) -> Detect
 def _calogan() -> Detector:
     cell = PB_LAR_CALOGAN
     slabs = (Slab(90.0, 0, cell), Slab(347.0, 1, cell), Slab(43.0, 2, cell))
+    readout = active_layer_readout(cell, 0.10, threshold_visible_mev=0.001 * cell.e_hat
+                                   * cell.mip_sampling_fraction)
     return Detector("calogan", slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.001,
+                    threshold_mev=0.001, readout=readout,
                     defaults=SimulationDefaults("electron", "uniform", (1e3, 1e5)))
 
 
@@ -307,18 +357,23 @@ def _ild() -> Detector:
     thin, thick = SI_W_ILD_THIN, SI_W_ILD_THICK
     slabs = tuple(Slab(thin.absorber_mm + thin.active_mm, i, thin) for i in range(20)) + tuple(
         Slab(thick.absorber_mm + thick.active_mm, 20 + i, thick) for i in range(10))
-    # Threshold: half a MIP in the 0.5 mm sensor, calibrated to the full layer.
-    threshold = 0.5 * thin.mip_mev_per_mm * (thin.absorber_mm + thin.active_mm)
+    # The published showers are visible silicon energies (not calibrated); one crossing of
+    # the 0.5 mm sensor: MPV 0.15 MeV; threshold half a MIP.
+    mpv = 0.15
+    readout = active_layer_readout(thin, 0.17, threshold_visible_mev=0.5 * mpv,
+                                   calibrated=False, mpv_mev=mpv)
     return Detector("ild-ecal", slabs, thin, stochastic_term=0.17, hadronic_stochastic_term=0.5,
-                    threshold_mev=round(threshold, 3), max_spots=FINE_GRAINED_MAX_SPOTS,
+                    threshold_mev=0.5 * mpv, max_spots=FINE_GRAINED_MAX_SPOTS, readout=readout,
                     defaults=SimulationDefaults("photon", "uniform", (1e4, 1e5)))
 
 
 def _lhcb() -> Detector:
     cell = PB_SCINT_SHASHLIK
     slabs = (Slab(66 * (cell.absorber_mm + cell.active_mm), 0, cell),)
+    readout = active_layer_readout(cell, 0.10, threshold_visible_mev=0.1 * cell.e_hat
+                                   * cell.mip_sampling_fraction)
     return Detector("lhcb-ecal", slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.1,
+                    threshold_mev=0.1, readout=readout,
                     defaults=SimulationDefaults("electron", "inverse", (1e3, 1e5),
                                                 conditions="lhcb"))
 

@@ -3,22 +3,28 @@
 Electromagnetic showers follow the Grindhammer-Peters parameterisation (hep-ex/0001020) in
 the form Geant4's ``parameterisations/gflash`` uses (formulas in ``../shared/notes/gflash.md``):
 
-1. each shower draws its own longitudinal gamma profile from correlated (ln T, ln alpha);
-2. its energy is split into spots of equal energy, spot depths drawn from that profile;
-3. each spot gets a radius from the two-component (core/tail) radial profile at its shower
-   age tau, and a uniform azimuth;
-4. spots are binned into the geometry's voxels (cylindrical: r and angle about the shower
-   axis; Cartesian: cells), the axis moving with depth for inclined tracks;
-5. sampling fluctuations: each voxel's visible energy is a Gamma variate with its mean and
-   variance c^2 E (E in GeV), so the total fluctuates as c / sqrt(E); then the readout
-   threshold.
+1. each shower draws its own longitudinal gamma profile from correlated (ln T, ln alpha)
+   (photons first travel an exponential conversion depth);
+2. the energy it deposits in each voxel's region is integrated, not sampled: the gamma
+   profile over depth slices of at most 1 X0, and in each slice the two-component
+   (core/tail) radial profile at the slice's shower age tau over the voxel (cylindrical
+   bins: the closed-form radial CDF; Cartesian cells: the closed-form rectangle integral
+   of the 2-D profile, the axis moving with depth for inclined tracks);
+3. the readout response (:mod:`caloforge.response`) turns that expected deposit into what
+   the active layers see: Poisson numbers of charged-track crossings, each a Moyal (Landau)
+   deposit with the MIP peak of the active layer, plus soft Compton/photo-electrons with a
+   continuous spectrum reaching below the threshold, their share growing outside the core
+   and past the maximum; cluster fluctuations complete the stochastic term c / sqrt(E);
+   then the detector's calibration and readout threshold.
+
+Showers off the axis in cylindrical binnings (entry points or angles given for
+calochallenge-*) and pions keep the earlier model: equal-energy spots drawn from the same
+profiles, binned into voxels, each voxel a Gamma variate with mean E and variance c^2 E.
 
 Choices where the sources leave room (documented, tested in ``tests/test_simulator.py``):
 
-* Spot count: GFLASH's sampling form N = (10.3 / c) E^0.959 (E in GeV), capped at the
-  detector's ``max_spots`` (default 4000) for speed. Spots set the shower-to-shower "hit"
-  fluctuations of the lateral profile; the energy resolution comes from step 5, so the cap
-  does not change it.
+* Spot count (spot path only): GFLASH's sampling form N = (10.3 / c) E^0.959 (E in GeV),
+  capped at the detector's ``max_spots`` (default 4000) for speed.
 * Spot depths follow the shower's own profile (not GFLASH's separate spot profile), so the
   mean longitudinal profile is exactly the drawn gamma distribution.
 * Photons first travel an exponential conversion depth with mean 9/7 X0.
@@ -54,7 +60,7 @@ from . import __version__
 from .data import ShowerData, ShowerWriter
 from .detectors import CONDITION_GENERATORS, Detector, SamplingStructure, get_detector
 from .errors import OptionError
-from .geometry import Geometry, get_geometry
+from .geometry import CylindricalLayer, Geometry, get_geometry
 from .runtime import get_logger, make_rng
 
 log = get_logger("simulator")
@@ -64,6 +70,10 @@ SPECTRA = ("log-uniform", "uniform", "inverse", "discrete")
 PHOTON_CONVERSION_X0 = 9.0 / 7.0
 HADRONIC_H_OVER_E = 0.65
 MIN_SPOTS = 16
+SLICE_X0 = 1.0  # depth slices of the expected-deposit path, at most this thick (X0)
+# recorded in every simulated file: which voxel response made it (files from before the
+# readout response have no such entry)
+RESPONSE_MODEL = "readout-1: MIP crossings (Moyal) + soft electrons; pions: spots + Gamma"
 
 
 # --------------------------------------------------------------------------------------
@@ -153,6 +163,35 @@ def _radius_from_profile(scale: np.ndarray, rng: np.random.Generator) -> np.ndar
     return scale * np.sqrt(u / (1.0 - u))
 
 
+def radial_cdf(radius: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """F(r) = r^2 / (r^2 + R^2): share of the profile 2 r R^2 / (r^2 + R^2)^2 within r."""
+    r2 = radius * radius
+    return r2 / (r2 + scale * scale)
+
+
+def quadrant_integral(x: np.ndarray, y: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Integral of the 2-D density R^2 / (pi (x^2 + y^2 + R^2)^2) over [0, x] x [0, y].
+
+    Closed form (odd in x and in y, so differences of it give any rectangle):
+    (x / a) atan(y / a) + (y / b) atan(x / b), a = sqrt(x^2 + R^2), b = sqrt(y^2 + R^2),
+    divided by 2 pi. Its radial form is ``radial_cdf``.
+    """
+    a = np.sqrt(x * x + scale * scale)
+    b = np.sqrt(y * y + scale * scale)
+    return (x / a * np.arctan(y / a) + y / b * np.arctan(x / b)) / (2 * math.pi)
+
+
+def rectangle_shares(x_edges: np.ndarray, y_edges: np.ndarray, scale: np.ndarray
+                     ) -> np.ndarray:
+    """Share of the density (``quadrant_integral``) in each cell of a grid.
+
+    ``x_edges`` ``(n, nx + 1)``, ``y_edges`` ``(n, ny + 1)`` relative to the shower axis
+    (mm or any unit of ``scale`` ``(n,)``). Returns ``(n, ny, nx)``, rows (y) slow.
+    """
+    corner = quadrant_integral(x_edges[:, None, :], y_edges[:, :, None], scale[:, None, None])
+    return corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
+
+
 # --------------------------------------------------------------------------------------
 # Spots
 # --------------------------------------------------------------------------------------
@@ -206,6 +245,8 @@ class ReferenceSimulator:
             raise OptionError(f"detector {self.detector.geometry_name!r} reads out more layers "
                               f"than geometry {self.geometry.name!r} has")
         self._binning_groups = self._group_layers_by_binning()
+        self._slices = self._depth_slices()
+        self._relative_fraction = self._layer_visible_fractions()
 
     # --- depth conversions ----------------------------------------------------------------
     def _to_mm(self, depth: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
@@ -302,6 +343,114 @@ class ReferenceSimulator:
                                         np.minimum(interaction, total_lambda), rng, index)
         return track, em, hadronic
 
+    # --- expected deposits and the readout response ---------------------------------------
+    def _depth_slices(self) -> dict[str, np.ndarray]:
+        """Read-out slabs cut into slices of at most SLICE_X0: ``front``/``back`` (X0),
+        ``mid_mm`` (perpendicular depth) and ``layer`` (position) of each."""
+        fronts, backs, mids, layers = [], [], [], []
+        x0, mm = self.detector.boundaries_x0, self.detector.boundaries_mm
+        for i, slab in enumerate(self.detector.slabs):
+            if slab.layer < 0:
+                continue
+            pieces = max(1, math.ceil((x0[i + 1] - x0[i]) / SLICE_X0 - 1e-9))
+            edges = np.linspace(x0[i], x0[i + 1], pieces + 1)
+            mm_edges = np.linspace(mm[i], mm[i + 1], pieces + 1)
+            fronts.append(edges[:-1])
+            backs.append(edges[1:])
+            mids.append(0.5 * (mm_edges[1:] + mm_edges[:-1]))
+            layers.append(np.full(pieces, slab.layer))
+        return {"front": np.concatenate(fronts), "back": np.concatenate(backs),
+                "mid_mm": np.concatenate(mids), "layer": np.concatenate(layers)}
+
+    def _layer_visible_fractions(self) -> np.ndarray:
+        """Each voxel's MIP sampling fraction relative to the EM structure's, ``(n_voxels,)``
+        (1 everywhere but ILD's thick-tungsten layers)."""
+        nominal = self.detector.em_structure.mip_sampling_fraction
+        per_layer = np.ones(self.geometry.n_layers)
+        for slab in self.detector.slabs:
+            if slab.layer >= 0:
+                per_layer[slab.layer] = slab.structure.mip_sampling_fraction / nominal
+        return np.repeat(per_layer, self.geometry.layer_sizes)
+
+    def _uses_expected_field(self, axis: dict[str, np.ndarray]) -> bool:
+        """Whether EM showers take the expected-deposit path: a readout is described, and
+        the axis is the geometry's own (cylindrical binnings are centred on it) or the
+        layers are Cartesian (cells shift with the axis)."""
+        if self.detector.readout is None:
+            return False
+        on_axis = not (np.any(axis["x0"]) or np.any(axis["y0"]) or np.any(axis["unit"][:, :2]))
+        return on_axis or not any(isinstance(layer, CylindricalLayer)
+                                  for layer in self.geometry.layers)
+
+    def _expected_em_deposits(self, energy: np.ndarray, start_x0: np.ndarray,
+                              axis: dict[str, np.ndarray], rng: np.random.Generator
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Expected (track, soft) deposited energy per voxel of EM showers, ``(n, n_voxels)``
+        MeV each: the shower's own gamma profile integrated over each depth slice, its
+        core/tail radial profile at the slice's age integrated over each voxel, split by
+        the readout's soft share at the voxel's radius and the slice's age."""
+        from scipy.special import gammainc
+
+        readout = self.detector.readout
+        assert readout is not None
+        structure = self.detector.em_structure
+        n = len(energy)
+        profile = draw_longitudinal(energy, structure, rng)
+        alpha, beta = profile.alpha[:, None], profile.beta[:, None]
+        front = np.maximum(self._slices["front"][None, :] - start_x0[:, None], 0.0)
+        back = np.maximum(self._slices["back"][None, :] - start_x0[:, None], 0.0)
+        share = gammainc(alpha, beta * back) - gammainc(alpha, beta * front)  # (n, slices)
+        depth = np.maximum(0.5 * (front + back), 1e-3)
+        mean_alpha = profile.mean_alpha[:, None]
+        tau = np.minimum(depth / profile.T[:, None] * ((alpha - 1) / alpha)
+                         * (mean_alpha / (mean_alpha - 1)), 10.0)
+        r_core, r_tail, p_core = radial_parameters(tau, (energy / 1000.0)[:, None], structure)
+        moliere = structure.moliere_radius_mm
+        track = np.zeros((n, self.geometry.n_voxels))
+        soft = np.zeros((n, self.geometry.n_voxels))
+        offsets = self.geometry.layer_offsets
+        for s, position in enumerate(self._slices["layer"]):
+            slice_energy = energy * share[:, s]
+            if not np.any(slice_energy > 0):
+                continue
+            layer = self.geometry.layers[position]
+            rc, rt, p = r_core[:, s] * moliere, r_tail[:, s] * moliere, p_core[:, s]
+            if isinstance(layer, CylindricalLayer):
+                edges = np.asarray(layer.r_edges)[None, :]
+                cdf = (p[:, None] * radial_cdf(edges, rc[:, None])
+                       + (1 - p[:, None]) * radial_cdf(edges, rt[:, None]))
+                voxel_share = np.tile(np.diff(cdf, axis=1) / layer.n_alpha, layer.n_alpha)
+                radius = np.broadcast_to(layer.voxel_radii()[None, :], voxel_share.shape)
+            else:
+                depth_mm = self._slices["mid_mm"][s]
+                # the axis in this slice's plane (an inclined track moves it with depth)
+                along = depth_mm / axis["unit"][:, 2]
+                shift_x = axis["x0"] + along * axis["unit"][:, 0]
+                shift_y = axis["y0"] + along * axis["unit"][:, 1]
+                x_edges = layer.x_edges()[None, :] - shift_x[:, None]
+                y_edges = layer.y_edges()[None, :] - shift_y[:, None]
+                voxel_share = (p[:, None, None] * rectangle_shares(x_edges, y_edges, rc)
+                               + (1 - p[:, None, None]) * rectangle_shares(x_edges, y_edges, rt)
+                               ).reshape(n, -1)
+                centres = layer.voxel_centres()
+                radius = np.hypot(centres[None, :, 0] - shift_x[:, None],
+                                  centres[None, :, 1] - shift_y[:, None])
+            deposit = slice_energy[:, None] * voxel_share
+            soft_share = readout.soft_share(radius / moliere, tau[:, s, None])
+            block = slice(int(offsets[position]), int(offsets[position + 1]))
+            track[:, block] += deposit * (1 - soft_share)
+            soft[:, block] += deposit * soft_share
+        return track, soft
+
+    def _em_response(self, energy: np.ndarray, start_x0: np.ndarray,
+                     axis: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """Stored values of EM showers: expected deposits, then the readout response."""
+        readout = self.detector.readout
+        assert readout is not None
+        track, soft = self._expected_em_deposits(energy, start_x0, axis, rng)
+        return readout.draw(track, soft, rng, self.geometry.layer_offsets,
+                            self._relative_fraction[None, :])
+
     # --- binning ----------------------------------------------------------------------
     def _group_layers_by_binning(self) -> list[tuple[Any, np.ndarray]]:
         groups: dict[Any, list[int]] = {}
@@ -383,9 +532,12 @@ class ReferenceSimulator:
         else:
             start = (rng.exponential(PHOTON_CONVERSION_X0, n) if particle == "photon"
                      else np.zeros(n))
-            visible = self._sampling_fluctuation(
-                self._deposit(self._em_spots(energies, start, rng), axis, n),
-                self.detector.stochastic_term, rng)
+            if self._uses_expected_field(axis):
+                visible = self._em_response(energies, start, axis, rng)
+            else:
+                visible = self._sampling_fluctuation(
+                    self._deposit(self._em_spots(energies, start, rng), axis, n),
+                    self.detector.stochastic_term, rng)
         visible[visible < self.detector.threshold_mev] = 0.0
         return ShowerData(energies, visible.astype(np.float32), conditions,
                           dict(condition_units or {}))
@@ -585,7 +737,8 @@ def simulate_to_file(path: str | os.PathLike[str], plan: SimulationPlan, workers
         for chunk in chunks:
             writer.write(chunk)
         writer.annotate("simulation", json.dumps(
-            {**plan.__dict__, "simulator": "caloforge GFLASH reference", "version": __version__,
+            {**plan.__dict__, "simulator": "caloforge GFLASH reference",
+             "response": RESPONSE_MODEL, "version": __version__,
              "detector": get_detector(plan.geometry).describe()}))
     return writer.n_written
 
