@@ -17,9 +17,13 @@ the form Geant4's ``parameterisations/gflash`` uses (formulas in ``../shared/not
    and past the maximum; cluster fluctuations complete the stochastic term c / sqrt(E);
    then the detector's calibration and readout threshold.
 
-Showers off the axis in cylindrical binnings (entry points or angles given for
-calochallenge-*) and pions keep the earlier model: equal-energy spots drawn from the same
-profiles, binned into voxels, each voxel a Gamma variate with mean E and variance c^2 E.
+Pions go through the same two steps: their MIP track up to the first interaction (on the
+axis), the EM part (a GFLASH shower from the interaction) and the hadronic part (gamma
+profile in lambda_I, core/tail radial profile in units of the local lambda_I) are integrated
+per voxel, then drawn through the readout (the hadronic part with the hadronic stochastic
+term). Showers off the axis in cylindrical binnings (entry points or angles given for
+calochallenge-*) keep the earlier model: equal-energy spots drawn from the same profiles,
+binned into voxels, each voxel a Gamma variate with mean E and variance c^2 E.
 
 Choices where the sources leave room (documented, tested in ``tests/test_simulator.py``):
 
@@ -51,7 +55,7 @@ import os
 import re
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -73,7 +77,7 @@ MIN_SPOTS = 16
 SLICE_X0 = 1.0  # depth slices of the expected-deposit path, at most this thick (X0)
 # recorded in every simulated file: which voxel response made it (files from before the
 # readout response have no such entry)
-RESPONSE_MODEL = "readout-1: MIP crossings (Moyal) + soft electrons; pions: spots + Gamma"
+RESPONSE_MODEL = "readout-1: expected deposits per voxel, MIP crossings (Moyal) + soft electrons"
 
 
 # --------------------------------------------------------------------------------------
@@ -345,22 +349,27 @@ class ReferenceSimulator:
 
     # --- expected deposits and the readout response ---------------------------------------
     def _depth_slices(self) -> dict[str, np.ndarray]:
-        """Read-out slabs cut into slices of at most SLICE_X0: ``front``/``back`` (X0),
-        ``mid_mm`` (perpendicular depth) and ``layer`` (position) of each."""
-        fronts, backs, mids, layers = [], [], [], []
-        x0, mm = self.detector.boundaries_x0, self.detector.boundaries_mm
-        for i, slab in enumerate(self.detector.slabs):
+        """Read-out slabs cut into slices of at most SLICE_X0: ``front``/``back`` in X0,
+        ``front_lambda``/``back_lambda`` in lambda_I, ``front_mm``/``back_mm``/``mid_mm``
+        (perpendicular depth), the slab's ``lambda_mm`` and ``layer`` (position) of each."""
+        columns: dict[str, list[np.ndarray]] = {key: [] for key in (
+            "front", "back", "front_lambda", "back_lambda", "front_mm", "back_mm", "lambda_mm",
+            "layer")}
+        detector = self.detector
+        x0, lam, mm = detector.boundaries_x0, detector.boundaries_lambda, detector.boundaries_mm
+        for i, slab in enumerate(detector.slabs):
             if slab.layer < 0:
                 continue
             pieces = max(1, math.ceil((x0[i + 1] - x0[i]) / SLICE_X0 - 1e-9))
-            edges = np.linspace(x0[i], x0[i + 1], pieces + 1)
-            mm_edges = np.linspace(mm[i], mm[i + 1], pieces + 1)
-            fronts.append(edges[:-1])
-            backs.append(edges[1:])
-            mids.append(0.5 * (mm_edges[1:] + mm_edges[:-1]))
-            layers.append(np.full(pieces, slab.layer))
-        return {"front": np.concatenate(fronts), "back": np.concatenate(backs),
-                "mid_mm": np.concatenate(mids), "layer": np.concatenate(layers)}
+            for key, bounds in (("", x0), ("_lambda", lam), ("_mm", mm)):
+                edges = np.linspace(bounds[i], bounds[i + 1], pieces + 1)
+                columns["front" + key].append(edges[:-1])
+                columns["back" + key].append(edges[1:])
+            columns["lambda_mm"].append(np.full(pieces, slab.structure.lambda_mm))
+            columns["layer"].append(np.full(pieces, slab.layer))
+        slices = {key: np.concatenate(values) for key, values in columns.items()}
+        slices["mid_mm"] = 0.5 * (slices["front_mm"] + slices["back_mm"])
+        return slices
 
     def _layer_visible_fractions(self) -> np.ndarray:
         """Each voxel's MIP sampling fraction relative to the EM structure's, ``(n_voxels,)``
@@ -382,6 +391,40 @@ class ReferenceSimulator:
         return on_axis or not any(isinstance(layer, CylindricalLayer)
                                   for layer in self.geometry.layers)
 
+    def _lateral_shares(self, s: int, p_core: np.ndarray, r_core_mm: np.ndarray,
+                        r_tail_mm: np.ndarray, axis: dict[str, np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Share of a core/tail radial profile (p R_C^2/(r^2+R_C^2)^2 + ...) in each voxel of
+        slice ``s``'s layer, and each voxel's distance from the axis (mm); ``(n, voxels)``.
+
+        Cylindrical bins (centred on the axis): the closed-form radial CDF; Cartesian cells:
+        the closed-form rectangle integral about the axis, which moves with depth for
+        inclined tracks."""
+        layer = self.geometry.layers[self._slices["layer"][s]]
+        n = len(p_core)
+        if isinstance(layer, CylindricalLayer):
+            edges = np.asarray(layer.r_edges)[None, :]
+            cdf = (p_core[:, None] * radial_cdf(edges, r_core_mm[:, None])
+                   + (1 - p_core[:, None]) * radial_cdf(edges, r_tail_mm[:, None]))
+            shares = np.tile(np.diff(cdf, axis=1) / layer.n_alpha, layer.n_alpha)
+            return shares, np.broadcast_to(layer.voxel_radii()[None, :], shares.shape)
+        along = self._slices["mid_mm"][s] / axis["unit"][:, 2]
+        shift_x = axis["x0"] + along * axis["unit"][:, 0]
+        shift_y = axis["y0"] + along * axis["unit"][:, 1]
+        x_edges = layer.x_edges()[None, :] - shift_x[:, None]
+        y_edges = layer.y_edges()[None, :] - shift_y[:, None]
+        shares = (p_core[:, None, None] * rectangle_shares(x_edges, y_edges, r_core_mm)
+                  + (1 - p_core[:, None, None]) * rectangle_shares(x_edges, y_edges, r_tail_mm)
+                  ).reshape(n, -1)
+        centres = layer.voxel_centres()
+        return shares, np.hypot(centres[None, :, 0] - shift_x[:, None],
+                                centres[None, :, 1] - shift_y[:, None])
+
+    def _add_to_layer(self, target: np.ndarray, s: int, values: np.ndarray) -> None:
+        position = self._slices["layer"][s]
+        offsets = self.geometry.layer_offsets
+        target[:, int(offsets[position]):int(offsets[position + 1])] += values
+
     def _expected_em_deposits(self, energy: np.ndarray, start_x0: np.ndarray,
                               axis: dict[str, np.ndarray], rng: np.random.Generator
                               ) -> tuple[np.ndarray, np.ndarray]:
@@ -395,7 +438,11 @@ class ReferenceSimulator:
         assert readout is not None
         structure = self.detector.em_structure
         n = len(energy)
-        profile = draw_longitudinal(energy, structure, rng)
+        track = np.zeros((n, self.geometry.n_voxels))
+        soft = np.zeros((n, self.geometry.n_voxels))
+        if n == 0:
+            return track, soft
+        profile = draw_longitudinal(np.maximum(energy, 1e-3), structure, rng)
         alpha, beta = profile.alpha[:, None], profile.beta[:, None]
         front = np.maximum(self._slices["front"][None, :] - start_x0[:, None], 0.0)
         back = np.maximum(self._slices["back"][None, :] - start_x0[:, None], 0.0)
@@ -404,43 +451,94 @@ class ReferenceSimulator:
         mean_alpha = profile.mean_alpha[:, None]
         tau = np.minimum(depth / profile.T[:, None] * ((alpha - 1) / alpha)
                          * (mean_alpha / (mean_alpha - 1)), 10.0)
-        r_core, r_tail, p_core = radial_parameters(tau, (energy / 1000.0)[:, None], structure)
+        r_core, r_tail, p_core = radial_parameters(
+            tau, np.maximum(energy / 1000.0, 1e-6)[:, None], structure)
         moliere = structure.moliere_radius_mm
-        track = np.zeros((n, self.geometry.n_voxels))
-        soft = np.zeros((n, self.geometry.n_voxels))
-        offsets = self.geometry.layer_offsets
-        for s, position in enumerate(self._slices["layer"]):
+        for s in range(len(self._slices["layer"])):
             slice_energy = energy * share[:, s]
             if not np.any(slice_energy > 0):
                 continue
-            layer = self.geometry.layers[position]
-            rc, rt, p = r_core[:, s] * moliere, r_tail[:, s] * moliere, p_core[:, s]
-            if isinstance(layer, CylindricalLayer):
-                edges = np.asarray(layer.r_edges)[None, :]
-                cdf = (p[:, None] * radial_cdf(edges, rc[:, None])
-                       + (1 - p[:, None]) * radial_cdf(edges, rt[:, None]))
-                voxel_share = np.tile(np.diff(cdf, axis=1) / layer.n_alpha, layer.n_alpha)
-                radius = np.broadcast_to(layer.voxel_radii()[None, :], voxel_share.shape)
-            else:
-                depth_mm = self._slices["mid_mm"][s]
-                # the axis in this slice's plane (an inclined track moves it with depth)
-                along = depth_mm / axis["unit"][:, 2]
-                shift_x = axis["x0"] + along * axis["unit"][:, 0]
-                shift_y = axis["y0"] + along * axis["unit"][:, 1]
-                x_edges = layer.x_edges()[None, :] - shift_x[:, None]
-                y_edges = layer.y_edges()[None, :] - shift_y[:, None]
-                voxel_share = (p[:, None, None] * rectangle_shares(x_edges, y_edges, rc)
-                               + (1 - p[:, None, None]) * rectangle_shares(x_edges, y_edges, rt)
-                               ).reshape(n, -1)
-                centres = layer.voxel_centres()
-                radius = np.hypot(centres[None, :, 0] - shift_x[:, None],
-                                  centres[None, :, 1] - shift_y[:, None])
+            voxel_share, radius = self._lateral_shares(
+                s, p_core[:, s], r_core[:, s] * moliere, r_tail[:, s] * moliere, axis)
             deposit = slice_energy[:, None] * voxel_share
             soft_share = readout.soft_share(radius / moliere, tau[:, s, None])
-            block = slice(int(offsets[position]), int(offsets[position + 1]))
-            track[:, block] += deposit * (1 - soft_share)
-            soft[:, block] += deposit * soft_share
+            self._add_to_layer(track, s, deposit * (1 - soft_share))
+            self._add_to_layer(soft, s, deposit * soft_share)
         return track, soft
+
+    def _expected_pion_deposits(self, energy: np.ndarray, axis: dict[str, np.ndarray],
+                                rng: np.random.Generator
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Expected (EM track, EM soft, hadronic track, hadronic soft) deposits of pion
+        showers, ``(n, n_voxels)`` MeV each: the model of ``_pion_components`` (MIP track to
+        the first interaction, EM fraction f_em, hadronic rest x h/e) integrated per voxel
+        instead of sampled with spots. The MIP track counts as EM track energy."""
+        from scipy.special import gammainc
+
+        readout = self.detector.readout
+        assert readout is not None
+        detector, slices = self.detector, self._slices
+        n = len(energy)
+        total_lambda = detector.boundaries_lambda[-1]
+        interaction = rng.exponential(1.0, n)  # lambda_I
+        interacts = interaction < total_lambda
+        track_end = self._to_mm(np.minimum(interaction, total_lambda), detector.boundaries_lambda)
+        track_energy = np.minimum(detector.em_structure.mip_mev_per_mm * track_end, 0.5 * energy)
+        available = np.where(interacts, energy - track_energy, 0.0)
+        e_gev = np.maximum(energy / 1000.0, 1.0)
+        mean_fem = np.clip(1.0 - e_gev ** (0.82 - 1.0), 0.05, 0.95)
+        concentration = np.maximum(mean_fem * (1 - mean_fem) / 0.12 ** 2 - 1.0, 1.0)
+        f_em = rng.beta(mean_fem * concentration, (1 - mean_fem) * concentration)
+        start_x0 = self._from_mm(track_end, detector.boundaries_x0)
+        em_track, em_soft = self._expected_em_deposits(f_em * available, start_x0, axis, rng)
+        hadronic = (1 - f_em) * available * HADRONIC_H_OVER_E
+        # hadronic depth profile: gamma in lambda_I after the interaction (shape 2.2)
+        mean_depth = np.maximum(0.9 + 0.25 * np.log(np.maximum(hadronic / 1000.0, 1e-3)), 0.4)
+        mean_depth = mean_depth * np.exp(0.25 * rng.standard_normal(n))
+        shape, scale = 2.2, (mean_depth / 2.2)[:, None]
+        start = np.minimum(interaction, total_lambda)[:, None]
+        front = np.maximum(slices["front_lambda"][None, :] - start, 0.0)
+        back = np.maximum(slices["back_lambda"][None, :] - start, 0.0)
+        share = gammainc(shape, back / scale) - gammainc(shape, front / scale)
+        depth = 0.5 * (front + back)  # lambda_I after the interaction
+        had_track = np.zeros((n, self.geometry.n_voxels))
+        had_soft = np.zeros((n, self.geometry.n_voxels))
+        moliere = detector.em_structure.moliere_radius_mm
+        axis_only = (np.ones(n), np.full(n, 1e-3), np.full(n, 1e-3))  # all within 1 um
+        per_mm = np.where(track_end > 0, track_energy / np.maximum(track_end, 1e-9), 0.0)
+        for s in range(len(slices["layer"])):
+            crossed = np.clip(np.minimum(slices["back_mm"][s], track_end)
+                              - slices["front_mm"][s], 0.0, None)
+            if np.any(crossed > 0):
+                on_axis, _ = self._lateral_shares(s, *axis_only, axis)
+                self._add_to_layer(em_track, s, (per_mm * crossed)[:, None] * on_axis)
+            slice_energy = hadronic * share[:, s]
+            if not np.any(slice_energy > 0):
+                continue
+            lam = slices["lambda_mm"][s]
+            voxel_share, radius = self._lateral_shares(
+                s, np.full(n, 0.65), 0.05 * (1 + 0.5 * depth[:, s]) * lam,
+                0.25 * (1 + 0.3 * depth[:, s]) * lam, axis)
+            deposit = slice_energy[:, None] * voxel_share
+            age = (1.0 + 2.0 * depth[:, s] / mean_depth)[:, None]
+            soft_share = readout.soft_share(radius / moliere, age)
+            self._add_to_layer(had_track, s, deposit * (1 - soft_share))
+            self._add_to_layer(had_soft, s, deposit * soft_share)
+        return em_track, em_soft, had_track, had_soft
+
+    def _pion_response(self, energy: np.ndarray, axis: dict[str, np.ndarray],
+                       rng: np.random.Generator) -> np.ndarray:
+        """Stored values of pion showers: the EM part and MIP track through the EM readout,
+        the hadronic part through the same readout with the hadronic stochastic term."""
+        readout = self.detector.readout
+        assert readout is not None
+        em_track, em_soft, had_track, had_soft = self._expected_pion_deposits(energy, axis, rng)
+        hadronic_readout = replace(readout,
+                                   stochastic_term=self.detector.hadronic_stochastic_term)
+        fraction = self._relative_fraction[None, :]
+        offsets = self.geometry.layer_offsets
+        return (readout.draw(em_track, em_soft, rng, offsets, fraction)
+                + hadronic_readout.draw(had_track, had_soft, rng, offsets, fraction))
 
     def _em_response(self, energy: np.ndarray, start_x0: np.ndarray,
                      axis: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -522,7 +620,9 @@ class ReferenceSimulator:
         n = len(energies)
         conditions = dict(conditions or {})
         axis = self._axis(conditions, n)
-        if particle == "pion":
+        if particle == "pion" and self._uses_expected_field(axis):
+            visible = self._pion_response(energies, axis, rng)
+        elif particle == "pion":
             track, em, hadronic = self._pion_components(energies, rng)
             visible = self._sampling_fluctuation(
                 self._deposit(track, axis, n) + self._deposit(em, axis, n),
