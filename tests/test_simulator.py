@@ -308,3 +308,17 @@ def test_moyal_crossings_have_the_landau_shape():
     assert deposits.mean() == pytest.approx(readout.crossing_mean_mev, rel=0.01)
     # the Landau tail: a Gaussian of the same width would put ~1e-9 beyond 6 sigma
     assert np.mean(deposits > 0.084 + 6 * readout.mip_width_mev) > 0.005
+
+
+@pytest.mark.parametrize("name,particle,low,high", [
+    ("calochallenge-1-photons", "photon", 0.97, 1.02),   # calibrated, Tile layer included
+    ("calochallenge-1-pions", "pion", 0.75, 0.92),       # h/e = 0.65 on the hadronic part
+    ("calochallenge-2", "electron", 0.96, 1.01),         # calibrated (x 1/0.033)
+    ("ild-ecal", "photon", 0.015, 0.04),                 # visible silicon energy
+])
+def test_energy_scale_of_the_stored_values(name, particle, low, high):
+    """Calibrated detectors store deposited energy, in every layer whatever its sampling
+    fraction; the ILD stores visible silicon energy (~1 GeV for a 50 GeV photon)."""
+    sim = ReferenceSimulator(name)
+    showers = sim.simulate(np.full(200, 5e4), particle, rng=np.random.default_rng(9)).showers
+    assert low < showers.sum(axis=1).mean() / 5e4 < high

@@ -298,8 +298,7 @@ def active_layer_readout(structure: SamplingStructure, stochastic_term: float,
     width = MOYAL_WIDTH_PER_XI * landau_xi_mev(active.Z / active.A, active.density,
                                                structure.active_mm)
     return Readout(f"{active.name} {structure.active_mm:g} mm", mip_mpv_mev=mpv,
-                   mip_width_mev=width, visible_fraction=fraction,
-                   calibration=1.0 / fraction if calibrated else 1.0,
+                   mip_width_mev=width, visible_fraction=fraction, calibrated=calibrated,
                    stochastic_term=stochastic_term, soft_min_mev=threshold_visible_mev / 10,
                    soft_max_mev=2 * mpv)
 

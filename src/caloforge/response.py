@@ -25,8 +25,10 @@ thin active layers (silicon, liquid argon, scintillator), and it sees it in quan
 
 Sums of more than ``EXACT_SUM_LIMIT`` deposits are drawn as a Gaussian with the exact mean
 and variance (central limit; their shape no longer matters), fewer one by one. Then the
-stored value is visible x ``calibration`` (CaloChallenge 2/3: 1/0.033; ILD: 1, visible
-silicon energy) and the caller applies the readout threshold.
+stored value is the visible energy divided by the layer's visible fraction (calibrated:
+CaloChallenge 2/3 divide by 0.033) or the visible energy itself (ILD), and the caller
+applies the readout threshold. One readout per detector: layers of another structure
+(ATLAS's Tile behind the LAr calorimeter) get its response scaled to their sampling fraction.
 
 Limits: no delta-ray escape, no saturation, one Moyal width per active layer (the real
 Landau of thin silicon is broader than the Landau-Vavilov form: the width here is 1.7 xi,
@@ -65,7 +67,8 @@ class Readout:
         mip_width_mev: Moyal scale (sigma) of that deposit.
         visible_fraction: visible / deposited energy of an electromagnetic shower (the
             sampling fraction; CaloChallenge 2/3: 0.033).
-        calibration: stored value = visible energy x calibration.
+        calibrated: stored values are deposited energies (visible / visible fraction of
+            the voxel's layer); else visible energies (ILD).
         stochastic_term: c of sigma/E = c / sqrt(E / GeV) the whole response reproduces.
         soft_core_share, soft_halo_share: share of the visible energy carried by soft
             electrons on the axis before the shower maximum / far outside and in the tail.
@@ -76,7 +79,7 @@ class Readout:
     mip_mpv_mev: float
     mip_width_mev: float
     visible_fraction: float
-    calibration: float
+    calibrated: bool
     stochastic_term: float
     soft_core_share: float = 0.1
     soft_halo_share: float = 0.6
@@ -123,6 +126,11 @@ class Readout:
                              0.0))
 
     @property
+    def calibration(self) -> float:
+        """Stored value / visible energy in a layer of the nominal structure."""
+        return 1.0 / self.visible_fraction if self.calibrated else 1.0
+
+    @property
     def mip_stored_mev(self) -> float:
         """Where one crossing's MIP peak sits in stored units."""
         return self.mip_mpv_mev * self.calibration
@@ -144,12 +152,14 @@ class Readout:
         ``track_mev`` and ``soft_mev``: ``(N, n_voxels)`` MeV of deposited energy;
         ``layer_offsets``: start of each layer in the voxel vector, ``(n_layers + 1,)``;
         ``relative_fraction``: the visible fraction of each voxel's layer relative to the
-        nominal one, broadcast to them (ILD: thicker tungsten in layers 21-30). Returns the
-        stored values ``(N, n_voxels)`` before the threshold.
+        nominal one, broadcast to them (ILD's thicker tungsten in layers 21-30, ATLAS's Tile
+        layers); calibrated values divide it out again. Returns the stored values
+        ``(N, n_voxels)`` before the threshold.
         """
         track = self._clustered(np.asarray(track_mev, dtype=np.float64), layer_offsets, rng)
-        visible = self.visible_fraction * np.broadcast_to(
-            np.asarray(relative_fraction, dtype=np.float64), track.shape)
+        relative = np.broadcast_to(np.asarray(relative_fraction, dtype=np.float64),
+                                   track.shape)
+        visible = self.visible_fraction * relative
         crossings = rng.poisson(track * visible / self.crossing_mean_mev)
         electrons = rng.poisson(np.asarray(soft_mev, dtype=np.float64) * visible
                                 / self.soft_mean_mev)
@@ -157,7 +167,8 @@ class Readout:
                             self.crossing_variance, self._moyal, rng)
                + self._sum_of(electrons.reshape(-1), self.soft_mean_mev, self.soft_variance,
                               self._soft, rng))
-        return out.reshape(track.shape) * self.calibration
+        out = out.reshape(track.shape)
+        return out / visible if self.calibrated else out
 
     def _clustered(self, track: np.ndarray, layer_offsets: np.ndarray,
                    rng: np.random.Generator) -> np.ndarray:
