@@ -99,6 +99,29 @@ def test_calogan_format_needs_calogan_geometry(tmp_path):
         ShowerWriter(tmp_path / "x.h5", get_geometry("lhcb-ecal"), "calogan")
 
 
+def test_atomic_output_is_flushed_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from caloforge.atomic import atomic_output
+
+    flushed = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "out.txt"
+    with atomic_output(target) as tmp:
+        with open(tmp, "w") as stream:
+            stream.write("data")
+    assert len(flushed) == 2
+    assert os.path.basename(flushed[0]).startswith(".out.txt.")  # the file, before the rename
+    assert flushed[1] == str(tmp_path)  # then the directory holding the new name
+    assert target.read_text() == "data"
+
+
 def test_atomic_output_uses_normal_permissions(tmp_path):
     import os
 

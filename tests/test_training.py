@@ -37,3 +37,23 @@ def test_non_finite_micro_batch_stops_before_backward():
 def test_micro_batch_size_validated():
     with pytest.raises(OptionError, match="micro_batch_size"):
         TrainingConfig(micro_batch_size=0).validate()
+
+
+def test_torn_last_log_line_is_skipped_and_dropped_on_resume(tmp_path, caplog):
+    import json
+
+    from caloforge.errors import CaloforgeError
+    from caloforge.training import _truncate_log, read_log
+
+    path = tmp_path / "train_log.jsonl"
+    complete = [{"epoch": 1, "val_loss": 3.0}, {"epoch": 2, "val_loss": 2.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in complete) + '{"epoch": 3, "val_')
+    with caplog.at_level("WARNING"):
+        assert read_log(str(path)) == complete
+    assert "torn last line" in caplog.text
+    _truncate_log(str(path), 3)  # resume after epoch 3: its record was never completed
+    assert read_log(str(path)) == complete
+    assert path.read_text().endswith("}\n")
+    path.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    with pytest.raises(CaloforgeError, match="line 2 is not a JSON record"):
+        read_log(str(path))

@@ -1,7 +1,9 @@
-"""Atomic file output: write to a temporary file beside the target, then rename.
+"""Atomic, durable file output: write to a temporary file beside the target, then rename.
 
 A reader never sees a half-written file and a failed or interrupted writer leaves the
-previous file (or nothing) in place.
+previous file (or nothing) in place. The file is flushed to disk (fsync) before the rename
+and the directory after it, so that after a power loss the target is the old file or the
+complete new one, never an empty one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600: use normal permissions
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(directory)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -36,6 +40,15 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _current_umask() -> int:

@@ -537,16 +537,26 @@ def _truncate_log(path: str, epochs: int) -> None:
     """Keep the first ``epochs`` records of the log (a resumed run rewrites the rest)."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as stream:
-        records = [line for line in stream if line.strip()][:epochs]
+    records = [json.dumps(record) + "\n" for record in read_log(path)][:epochs]
     with atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as stream:
             stream.writelines(records)
 
 
 def read_log(path: str) -> list[dict[str, Any]]:
+    """The epoch records of a ``train_log.jsonl``; a torn last line (a run killed while
+    appending it) is skipped with a warning, and dropped by the next resume."""
     with open(path, encoding="utf-8") as stream:
-        return [json.loads(line) for line in stream if line.strip()]
+        lines = [line for line in stream if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise CaloforgeError(f"{path}: line {number} is not a JSON record") from None
+            log.warning("%s: ignoring a torn last line (a run killed while writing it)", path)
+    return records
 
 
 def plot_loss_curve(log_path: str, png_path: str, validation_label: str | None = None) -> None:
