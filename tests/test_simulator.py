@@ -322,3 +322,17 @@ def test_energy_scale_of_the_stored_values(name, particle, low, high):
     sim = ReferenceSimulator(name)
     showers = sim.simulate(np.full(200, 5e4), particle, rng=np.random.default_rng(9)).showers
     assert low < showers.sum(axis=1).mean() / 5e4 < high
+
+
+@pytest.mark.parametrize("name,particle,low,high", [
+    ("calochallenge-1-pions", "pion", 0.7, 0.95), ("calochallenge-2", "electron", 0.95, 1.02)])
+def test_off_axis_showers_in_cylindrical_binnings_keep_the_energy_scale(name, particle, low,
+                                                                         high):
+    """An entry point off the binning's axis takes the spot path (documented limit)."""
+    sim = ReferenceSimulator(name)
+    n = 60
+    conditions = {"entry_point": np.tile([4.0, 0.0], (n, 1)), "direction": np.zeros((n, 2))}
+    assert not sim._uses_expected_field(sim._axis(conditions, n))
+    showers = sim.simulate(np.full(n, 6.5e4), particle, conditions,
+                           rng=np.random.default_rng(4)).showers
+    assert low < showers.sum(axis=1).mean() / 6.5e4 < high

@@ -196,6 +196,24 @@ def rectangle_shares(x_edges: np.ndarray, y_edges: np.ndarray, scale: np.ndarray
     return corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
 
 
+@dataclass
+class PionStart:
+    """Where pions first interact and how their energy splits, each ``(n,)``.
+
+    ``interaction_lambda``: depth of the first interaction (lambda_I, capped at the back);
+    ``track_end_mm``: the MIP track's length and ``track_energy`` its calibrated MeV;
+    ``em_energy`` / ``hadronic_energy``: the EM part and the hadronic part (x h/e), MeV;
+    ``em_start_x0``: where the EM part starts, X0.
+    """
+
+    interaction_lambda: np.ndarray
+    track_end_mm: np.ndarray
+    track_energy: np.ndarray
+    em_energy: np.ndarray
+    hadronic_energy: np.ndarray
+    em_start_x0: np.ndarray
+
+
 # --------------------------------------------------------------------------------------
 # Spots
 # --------------------------------------------------------------------------------------
@@ -318,33 +336,40 @@ class ReferenceSimulator:
         return Spots(index[owner], path, radius * np.cos(phi), radius * np.sin(phi),
                      (energy / counts)[owner])
 
-    def _pion_components(self, energy: np.ndarray, rng: np.random.Generator
-                         ) -> tuple[Spots, Spots, Spots]:
-        """(MIP track, EM part, hadronic part) spots of pion showers."""
+    def _pion_start(self, energy: np.ndarray, rng: np.random.Generator) -> PionStart:
+        """The first interaction of pions of ``energy`` (MeV) and how their energy splits."""
         n = len(energy)
-        index = np.arange(n)
         total_lambda = self.detector.boundaries_lambda[-1]
         interaction = rng.exponential(1.0, n)  # lambda_I
         interacts = interaction < total_lambda
-        track_end = self._to_mm(np.minimum(interaction, total_lambda),
-                                self.detector.boundaries_lambda)
-        n_track = 8
+        interaction = np.minimum(interaction, total_lambda)
+        track_end = self._to_mm(interaction, self.detector.boundaries_lambda)
         mip_per_mm = self.detector.em_structure.mip_mev_per_mm
         track_energy = np.minimum(mip_per_mm * track_end, 0.5 * energy)
-        owner = np.repeat(index, n_track)
-        track = Spots(owner, rng.random(n * n_track) * track_end[owner],
-                      np.zeros(n * n_track), np.zeros(n * n_track),
-                      (track_energy / n_track)[owner])
         available = np.where(interacts, energy - track_energy, 0.0)
         e_gev = np.maximum(energy / 1000.0, 1.0)
         mean_fem = np.clip(1.0 - e_gev ** (0.82 - 1.0), 0.05, 0.95)
         sigma = 0.12
         concentration = np.maximum(mean_fem * (1 - mean_fem) / sigma ** 2 - 1.0, 1.0)
         f_em = rng.beta(mean_fem * concentration, (1 - mean_fem) * concentration)
-        start_x0 = self._from_mm(track_end, self.detector.boundaries_x0)
-        em = self._em_spots(f_em * available, start_x0, rng, index)
-        hadronic = self._hadronic_spots((1 - f_em) * available * HADRONIC_H_OVER_E,
-                                        np.minimum(interaction, total_lambda), rng, index)
+        return PionStart(interaction, track_end, track_energy, f_em * available,
+                         (1 - f_em) * available * HADRONIC_H_OVER_E,
+                         self._from_mm(track_end, self.detector.boundaries_x0))
+
+    def _pion_components(self, energy: np.ndarray, rng: np.random.Generator
+                         ) -> tuple[Spots, Spots, Spots]:
+        """(MIP track, EM part, hadronic part) spots of pion showers."""
+        n = len(energy)
+        index = np.arange(n)
+        start = self._pion_start(energy, rng)
+        n_track = 8
+        owner = np.repeat(index, n_track)
+        track = Spots(owner, rng.random(n * n_track) * start.track_end_mm[owner],
+                      np.zeros(n * n_track), np.zeros(n * n_track),
+                      (start.track_energy / n_track)[owner])
+        em = self._em_spots(start.em_energy, start.em_start_x0, rng, index)
+        hadronic = self._hadronic_spots(start.hadronic_energy, start.interaction_lambda, rng,
+                                        index)
         return track, em, hadronic
 
     # --- expected deposits and the readout response ---------------------------------------
@@ -479,26 +504,18 @@ class ReferenceSimulator:
         assert readout is not None
         detector, slices = self.detector, self._slices
         n = len(energy)
-        total_lambda = detector.boundaries_lambda[-1]
-        interaction = rng.exponential(1.0, n)  # lambda_I
-        interacts = interaction < total_lambda
-        track_end = self._to_mm(np.minimum(interaction, total_lambda), detector.boundaries_lambda)
-        track_energy = np.minimum(detector.em_structure.mip_mev_per_mm * track_end, 0.5 * energy)
-        available = np.where(interacts, energy - track_energy, 0.0)
-        e_gev = np.maximum(energy / 1000.0, 1.0)
-        mean_fem = np.clip(1.0 - e_gev ** (0.82 - 1.0), 0.05, 0.95)
-        concentration = np.maximum(mean_fem * (1 - mean_fem) / 0.12 ** 2 - 1.0, 1.0)
-        f_em = rng.beta(mean_fem * concentration, (1 - mean_fem) * concentration)
-        start_x0 = self._from_mm(track_end, detector.boundaries_x0)
-        em_track, em_soft = self._expected_em_deposits(f_em * available, start_x0, axis, rng)
-        hadronic = (1 - f_em) * available * HADRONIC_H_OVER_E
+        start = self._pion_start(energy, rng)
+        track_end, track_energy = start.track_end_mm, start.track_energy
+        em_track, em_soft = self._expected_em_deposits(start.em_energy, start.em_start_x0,
+                                                       axis, rng)
+        hadronic = start.hadronic_energy
         # hadronic depth profile: gamma in lambda_I after the interaction (shape 2.2)
         mean_depth = np.maximum(0.9 + 0.25 * np.log(np.maximum(hadronic / 1000.0, 1e-3)), 0.4)
         mean_depth = mean_depth * np.exp(0.25 * rng.standard_normal(n))
         shape, scale = 2.2, (mean_depth / 2.2)[:, None]
-        start = np.minimum(interaction, total_lambda)[:, None]
-        front = np.maximum(slices["front_lambda"][None, :] - start, 0.0)
-        back = np.maximum(slices["back_lambda"][None, :] - start, 0.0)
+        interaction = start.interaction_lambda[:, None]
+        front = np.maximum(slices["front_lambda"][None, :] - interaction, 0.0)
+        back = np.maximum(slices["back_lambda"][None, :] - interaction, 0.0)
         share = gammainc(shape, back / scale) - gammainc(shape, front / scale)
         depth = 0.5 * (front + back)  # lambda_I after the interaction
         had_track = np.zeros((n, self.geometry.n_voxels))
