@@ -167,6 +167,23 @@ def _radius_from_profile(scale: np.ndarray, rng: np.random.Generator) -> np.ndar
     return scale * np.sqrt(u / (1.0 - u))
 
 
+HADRONIC_DEPTH_SHAPE = 2.2  # gamma shape of the hadronic depth profile (lambda_I)
+HADRONIC_CORE_SHARE = 0.65  # share of the hadronic energy in the narrow radial core
+
+
+def hadronic_mean_depth(energy_mev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per shower mean depth (lambda_I after the interaction) of hadronic components of
+    ``energy_mev``: 0.9 + 0.25 ln(E/GeV), at least 0.4, with a 25 % log-normal spread."""
+    mean = np.maximum(0.9 + 0.25 * np.log(np.maximum(energy_mev / 1000.0, 1e-3)), 0.4)
+    return mean * np.exp(0.25 * rng.standard_normal(len(mean)))
+
+
+def hadronic_radii(depth_lambda: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Core and tail radii (in local lambda_I) of the hadronic radial profile at
+    ``depth_lambda`` after the interaction: both widen with depth."""
+    return 0.05 * (1 + 0.5 * depth_lambda), 0.25 * (1 + 0.3 * depth_lambda)
+
+
 def radial_cdf(radius: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """F(r) = r^2 / (r^2 + R^2): share of the profile 2 r R^2 / (r^2 + R^2)^2 within r."""
     r2 = radius * radius
@@ -318,19 +335,17 @@ class ReferenceSimulator:
         energy, start_lambda, index = energy[keep], start_lambda[keep], index[keep]
         if len(energy) == 0:
             return Spots.empty()
-        e_gev = energy / 1000.0
-        mean_depth = np.maximum(0.9 + 0.25 * np.log(np.maximum(e_gev, 1e-3)), 0.4)
-        mean_depth = mean_depth * np.exp(0.25 * rng.standard_normal(len(energy)))
+        mean_depth = hadronic_mean_depth(energy, rng)
         counts = gflash_spot_count(energy, self.detector.hadronic_stochastic_term, self.max_spots)
         owner = np.repeat(np.arange(len(energy)), counts)
-        shape = 2.2
+        shape = HADRONIC_DEPTH_SHAPE
         depth_rel = rng.gamma(shape, (mean_depth / shape)[owner])  # lambda_I after interaction
         depth = start_lambda[owner] + depth_rel
         path = self._to_mm(depth, self.detector.boundaries_lambda)
         slab = np.searchsorted(self.detector.boundaries_mm, path, side="right") - 1
         local_lambda = self.detector.slab_lambda_mm[np.clip(slab, 0, len(self.detector.slabs))]
-        core = rng.random(len(owner)) < 0.65
-        scale = np.where(core, 0.05 * (1 + 0.5 * depth_rel), 0.25 * (1 + 0.3 * depth_rel))
+        core = rng.random(len(owner)) < HADRONIC_CORE_SHARE
+        scale = np.where(core, *hadronic_radii(depth_rel))
         radius = local_lambda * _radius_from_profile(scale, rng)
         phi = rng.uniform(-math.pi, math.pi, len(owner))
         return Spots(index[owner], path, radius * np.cos(phi), radius * np.sin(phi),
@@ -510,9 +525,9 @@ class ReferenceSimulator:
                                                        axis, rng)
         hadronic = start.hadronic_energy
         # hadronic depth profile: gamma in lambda_I after the interaction (shape 2.2)
-        mean_depth = np.maximum(0.9 + 0.25 * np.log(np.maximum(hadronic / 1000.0, 1e-3)), 0.4)
-        mean_depth = mean_depth * np.exp(0.25 * rng.standard_normal(n))
-        shape, scale = 2.2, (mean_depth / 2.2)[:, None]
+        mean_depth = hadronic_mean_depth(hadronic, rng)
+        shape = HADRONIC_DEPTH_SHAPE
+        scale = (mean_depth / shape)[:, None]
         interaction = start.interaction_lambda[:, None]
         front = np.maximum(slices["front_lambda"][None, :] - interaction, 0.0)
         back = np.maximum(slices["back_lambda"][None, :] - interaction, 0.0)
@@ -533,9 +548,9 @@ class ReferenceSimulator:
             if not np.any(slice_energy > 0):
                 continue
             lam = slices["lambda_mm"][s]
+            r_core, r_tail = hadronic_radii(depth[:, s])
             voxel_share, radius = self._lateral_shares(
-                s, np.full(n, 0.65), 0.05 * (1 + 0.5 * depth[:, s]) * lam,
-                0.25 * (1 + 0.3 * depth[:, s]) * lam, axis)
+                s, np.full(n, HADRONIC_CORE_SHARE), r_core * lam, r_tail * lam, axis)
             deposit = slice_energy[:, None] * voxel_share
             age = (1.0 + 2.0 * depth[:, s] / mean_depth)[:, None]
             soft_share = readout.soft_share(radius / moliere, age)
