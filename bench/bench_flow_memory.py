@@ -39,9 +39,9 @@ for key, value in json.loads(overrides).items():
     for k, v in value.items():
         setattr(section, k, v)
 model = model_class(geometry, config)
-model._prepare_fit(data, False, "cpu")
+model.prepare_fit(data, False, "cpu")
 optimiser = torch.optim.AdamW(model.module.parameters(), lr=1e-4)
-tensors = model._tensors(data)
+tensors = model.to_tensors(data)
 generator = torch.Generator().manual_seed(0)
 batch_size = config.training.batch_size
 start = None

@@ -67,21 +67,19 @@ def killed_after_epoch(epoch: int) -> Iterator[None]:
     (its checkpoint written), like a run killed between epochs."""
     from caloforge.training import Trainer
 
-    original = Trainer.__init__
+    original = Trainer.end_epoch
 
-    def stop(record: dict) -> None:
-        if record["epoch"] == epoch:
+    def patched(self, validation, state, result, started):  # type: ignore[no-untyped-def]
+        seconds = original(self, validation, state, result, started)
+        if state.epoch == epoch:
             raise Killed
+        return seconds
 
-    def patched(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        original(self, *args, **kwargs)
-        self.on_epoch = stop
-
-    Trainer.__init__ = patched
+    Trainer.end_epoch = patched  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Trainer.__init__ = original
+        Trainer.end_epoch = original  # type: ignore[method-assign]
 
 
 def assert_resume_matches_uninterrupted(make_model, data: ShowerData, tmp_path: Path,

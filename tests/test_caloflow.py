@@ -19,7 +19,7 @@ from caloforge.evaluation import EvaluationSettings, evaluate_samples
 from caloforge.geometry import get_geometry
 from caloforge.models import load_model
 from caloforge.models.caloflow import CaloFlow
-from caloforge.training import Trainer, TrainingConfig, read_log
+from caloforge.training import Trainer, TrainingConfig, TrainingHooks, read_log
 from conftest import assert_resume_matches_uninterrupted, simulate
 
 GEOMETRY = get_geometry("calochallenge-1-photons")
@@ -117,32 +117,6 @@ def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
     assert_resume_matches_uninterrupted(make, data, tmp_path)
 
 
-def test_resume_reads_checkpoints_of_single_optimiser_format(data, tmp_path):
-    """Checkpoints written before models could have several players (optimiser tensors
-    ``optim.<index>.<name>``, one list of parameter groups) still resume."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    model = CaloFlow(GEOMETRY, CaloFlow.preset("tiny"))
-    model.config.training.epochs = 1
-    model.fit(data, str(tmp_path))
-    path = tmp_path / "checkpoint.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    old = {k.replace("optim.model.", "optim.", 1): v for k, v in tensors.items()}
-    metadata["optim_groups"] = json.dumps(json.loads(metadata["optim_groups"])["model"])
-    metadata["optim_scalars"] = json.dumps({k.split(".", 1)[1]: v for k, v in json.loads(
-        metadata["optim_scalars"]).items()})
-    save_file(old, str(path), metadata=metadata)
-    resumed = load_model(str(tmp_path))
-    resumed.config.training.epochs = 2
-    summary = resumed.fit(data, str(tmp_path), resume=True)
-    assert summary["epochs"] == 2
-
-
 def test_killed_process_resumes(tmp_path):
     geometry = get_geometry("calogan")
     path = tmp_path / "train.h5"
@@ -170,7 +144,7 @@ def test_killed_process_resumes(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_divergence_stops(tmp_path):
-    class Flaky:
+    class Flaky(TrainingHooks):
         def __init__(self, bad_every):
             self.module = torch.nn.Linear(2, 1)
             self.calls = 0
@@ -195,7 +169,7 @@ def test_nonfinite_steps_are_skipped_then_divergence_stops(tmp_path):
                 str(tmp_path / "b")).fit(tensors, tensors)
 
 
-class _SlowModel:
+class _SlowModel(TrainingHooks):
     """A trainable whose training steps take at least ``step_seconds``."""
 
     def __init__(self, step_seconds: float) -> None:

@@ -149,7 +149,7 @@ def test_likelihood_improves_round_trips_and_resumes(trained, data, tmp_path):
 
 def test_layer_subsampling_estimates_the_full_likelihood(trained, data):
     model, _ = trained
-    tensors = model._tensors(data.select(slice(0, 120)))
+    tensors = model.to_tensors(data.select(slice(0, 120)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         full = model._log_prob(tensors, torch.Generator().manual_seed(1)).mean()

@@ -68,7 +68,7 @@ def test_student_moves_towards_teacher(teacher, data, tmp_path):
     heldout = data.select(slice(0, 500))
     # from a random network, so that all the way comes from the distillation losses
     untrained = CaloFlowStudent.from_teacher(model, _tiny(8, init="random"), run_dir)
-    untrained._prepare_fit(data, resume=False, device="cpu")
+    untrained.prepare_fit(data, resume=False, device="cpu")
     trained = CaloFlowStudent.from_teacher(model, _tiny(8, init="random"), run_dir)
     summary = trained.fit(data, str(tmp_path / "student"))
     log = read_log(str(tmp_path / "student" / "train_log.jsonl"))
@@ -205,7 +205,7 @@ def test_student_initialised_from_teacher_starts_closer(teacher, data):
     kl = {}
     for init in ("random", "auto"):
         student = CaloFlowStudent.from_teacher(model, _tiny(1, init=init), run_dir)
-        student._prepare_fit(data, resume=False, device="cpu")
+        student.prepare_fit(data, resume=False, device="cpu")
         kl[init] = kl_student_teacher(student, heldout, seed=1)
     # each block starts as (nearly) the inverse of the teacher's block it imitates
     assert student.distillation.init == "teacher"  # auto: same architecture

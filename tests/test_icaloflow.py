@@ -77,7 +77,7 @@ def test_likelihood_improves_and_round_trips(teacher, data, tmp_path):
 
 def test_layer_subsampling_estimates_the_full_likelihood(teacher, data):
     model, _ = teacher
-    tensors = model._tensors(data.select(slice(0, 400)))
+    tensors = model.to_tensors(data.select(slice(0, 400)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         full = model._log_prob(tensors, torch.Generator().manual_seed(1)).mean()
@@ -93,7 +93,7 @@ def test_streamed_batches_visit_every_shower_once(data, tmp_path):
     model = ICaloFlow(GEOMETRY, _tiny())
     with ShowerStream(path, GEOMETRY, block_size=32) as stream:
         assert stream.n_blocks == 8 and stream.count(range(8)) == 250
-        source = StreamedBatches(stream, np.arange(8), model._tensors, buffer_blocks=3)
+        source = StreamedBatches(stream, np.arange(8), model.to_tensors, buffer_blocks=3)
         first = list(source.batches(20, torch.Generator().manual_seed(5)))
         again = list(source.batches(20, torch.Generator().manual_seed(5)))
         in_order = list(source.batches(20, None))
@@ -136,7 +136,7 @@ def _training(epochs: int, **options) -> TrainingConfig:
 
 def test_epochs_split_a_pass_into_parts(data):
     model = ICaloFlow(GEOMETRY, _tiny())
-    source = TensorBatches(model._tensors(data.select(slice(0, 100))))
+    source = TensorBatches(model.to_tensors(data.select(slice(0, 100))))
     order = torch.Generator().manual_seed(3)
     parts = [torch.cat([b["incident_energy"] for b in source.batches(
         16, torch.Generator().manual_seed(3), part, 3)]) for part in range(3)]
@@ -167,12 +167,12 @@ def test_student_distils_flow2_and_flow3(teacher, data, tmp_path):
     config = ICaloFlowStudent.preset("tiny")
     config.training.epochs = 4
     untrained = ICaloFlowStudent.from_teacher(model, config, run_dir)
-    untrained._prepare_fit(data, resume=False, device="cpu")
+    untrained.prepare_fit(data, resume=False, device="cpu")
     student = ICaloFlowStudent.from_teacher(model, config, run_dir)
     student.fit(data, str(tmp_path / "student"))
     for key, value in model.module.flow1.state_dict().items():
         torch.testing.assert_close(student.module.flow1.state_dict()[key], value)
-    tensors = model._tensors(data.select(slice(0, 200)))
+    tensors = model.to_tensors(data.select(slice(0, 200)))
     with torch.no_grad():
         kl = {name: float(s.validation_loss(tensors, torch.Generator().manual_seed(1)))
               for name, s in (("before", untrained), ("after", student))}
@@ -194,7 +194,7 @@ def test_student_splits_batches_beyond_its_step_memory_budget(teacher, data, tmp
     model, run_dir = teacher
     config = ICaloFlowStudent.preset("tiny")
     student = ICaloFlowStudent.from_teacher(model, config, run_dir)
-    student._prepare_fit(data, resume=False, device="cpu")
+    student.prepare_fit(data, resume=False, device="cpu")
     assert student.config.training.micro_batch_size is None  # tiny showers fit whole
     values = 9 * (1 + 4)  # Flow-2's layer and Flow-3's four later layers of 3 x 3 cells
     per_shower = (values * student.config.flow3.blocks

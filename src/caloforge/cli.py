@@ -388,7 +388,7 @@ def _run_train(args: argparse.Namespace) -> int:
     summary = model.fit(data, args.output, resume=args.resume, device=device,
                         progress=progress_bar, metadata={"data": {
                             "file": os.path.abspath(args.data), "n_showers": len(data)}})
-    label = getattr(model, "validation_label", "validation loss")
+    label = model.validation_label or "validation loss"
     print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
           f"best {label} {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
           f"; model in {os.path.join(args.output, 'model.safetensors')}")

@@ -36,8 +36,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterator, Protocol
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -112,24 +112,88 @@ def check_known_options(config_class: Any, values: dict[str, Any], what: str) ->
         raise OptionError(f"unknown {what} option(s) {unknown}; known: {sorted(known)}")
 
 
-class Trainable(Protocol):
-    module: torch.nn.Module
-
-    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        ...
-
-
 # A player: the parameters one optimiser updates, its learning-rate factor (times the
 # scheduled rate) and its Adam betas.
 Player = tuple[list[torch.nn.Parameter], float, tuple[float, float]]
 DEFAULT_BETAS = (0.9, 0.999)
 
 
-def model_players(model: Any) -> dict[str, Player]:
-    """The model's players; a plain model is one player, ``"model"``, with all parameters."""
-    if hasattr(model, "players"):
-        return model.players()
-    return {"model": (list(model.module.parameters()), 1.0, DEFAULT_BETAS)}
+class TrainingHooks:
+    """The model contract of the :class:`Trainer`: what it calls on a model, with defaults.
+
+    A model provides ``module`` (its ``torch.nn.Module``) and ``loss``; every other hook has
+    a documented default that a family overrides only where it differs (the Trainer never
+    asks whether a hook exists):
+
+    * one optimiser over all parameters (``players``), stepped at every step
+      (``player_schedule``) on ``loss`` (``player_loss``): adversarial families declare a
+      critic and a generator instead;
+    * epochs selected by the mean ``validation_loss`` (by default ``loss`` with fixed
+      noise) over batches of ``validation_batch_size``, or by ``validation_metric`` of the
+      whole validation set where it returns a figure;
+    * ``on_best`` when the validation figure improves, ``on_epoch_end`` after each epoch's
+      checkpoint (diagnostic plots), ``end_fit`` after training; all do nothing by default.
+
+    Batches are dicts of tensors (``incident_energy`` ``(B,)`` MeV, ``voxels``
+    ``(B, n_voxels)`` MeV, ``condition.<name>`` ``(B, k)``) on the training device.
+    """
+
+    module: Any  # torch.nn.Module; Any: families hold None until the module is built
+    # the y-axis label of the validation figure in loss plots and messages (None: the loss)
+    validation_label: ClassVar[str | None] = None
+    # True where ``validation_metric`` needs the whole validation set in memory
+    validates_in_memory: ClassVar[bool] = False
+    # families that train from a ShowerStream block by block (files larger than memory);
+    # the others read a stream into memory first
+    streams_training_data: ClassVar[bool] = False
+    # streamed training fits the preprocessing on a subsample of at most this many voxel
+    # values (float32: 4 bytes each), plus the conditions of every training shower
+    preprocessing_sample_values: ClassVar[int] = 250_000_000
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The mean per-shower loss to minimise (flows: negative log-likelihood, nats);
+        every random number from ``generator``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no loss")
+
+    def players(self) -> dict[str, Player]:
+        """Name -> (parameters, learning-rate factor, Adam betas), one optimiser each.
+        Default: one player, ``"model"``, with every parameter of ``module``."""
+        return {"model": (list(self.module.parameters()), 1.0, DEFAULT_BETAS)}
+
+    def player_schedule(self, step: int) -> tuple[str, ...]:
+        """The players updated at optimiser step ``step`` (default: all, in order)."""
+        return tuple(self.players())
+
+    def player_loss(self, name: str, batch: dict[str, torch.Tensor],
+                    generator: torch.Generator) -> torch.Tensor:
+        """Player ``name``'s loss on ``batch`` (default: ``loss``)."""
+        return self.loss(batch, generator)
+
+    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                        ) -> torch.Tensor:
+        """The figure averaged over the validation set, lower is better (default: ``loss``;
+        a distilled student uses its KL divergence from the teacher)."""
+        return self.loss(batch, generator)
+
+    def validation_batch_size(self, training_batch_size: int) -> int:
+        """Showers per validation batch (default: the training batch, at least 1024)."""
+        return max(training_batch_size, 1024)
+
+    def validation_metric(self, tensors: dict[str, torch.Tensor], device: str
+                          ) -> float | None:
+        """A figure of the whole validation set (lower is better), or None (default) to
+        select epochs by the mean ``validation_loss``."""
+        return None
+
+    def on_best(self, run_dir: str, state: "LoopState") -> None:
+        """Called when the validation figure improves (e.g. save the model)."""
+
+    def on_epoch_end(self, run_dir: str, record: dict[str, Any]) -> None:
+        """Called after each epoch's checkpoint with its ``train_log.jsonl`` record."""
+
+    def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
+        """Called after training (best weights loaded), before the model is saved: e.g. fit
+        a post-processing step on the training data."""
 
 
 def learning_rate(config: "TrainingConfig", progress: float) -> float:
@@ -262,45 +326,71 @@ def _accumulate_gradients(loss_of: Callable[[dict[str, torch.Tensor]], torch.Ten
     return total
 
 
-class Trainer:
-    """Runs the loop for one model in one run directory (see the module docstring)."""
+@dataclass
+class LoopState:
+    """Where a training run stands; checkpointed after every epoch (as JSON), so a resumed
+    run continues exactly."""
 
-    def __init__(self, model: Trainable, config: TrainingConfig, run_dir: str,
-                 device: str = "cpu", progress: Callable[..., Any] | None = None,
-                 on_best: Callable[[dict[str, Any]], None] | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+    epoch: int = 0            # epochs done
+    step: int = 0             # optimiser steps done (all players of one step count once)
+    elapsed_s: float = 0.0    # training time of the epochs done, validation included
+    best_val: float | None = None
+    best_epoch: int = 0
+    skipped_steps: int = 0    # steps whose loss or gradient was not finite
+    restores: int = 0         # best weights restored after a non-finite validation figure
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LoopState":
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+@dataclass
+class EpochResult:
+    """What one epoch's training steps produced (before validation)."""
+
+    player_losses: dict[str, list[float]]
+    learning_rate: float
+    ended_by_time_budget: bool
+
+
+class Trainer:
+    """Runs the loop for one model in one run directory (see the module docstring).
+
+    ``fit`` = set-up, then per epoch ``train_epoch`` (``train_step`` per batch) and
+    ``end_epoch`` (validation, selection, checkpoint, log, hooks) until the epochs or the
+    time budget are done."""
+
+    def __init__(self, model: TrainingHooks, config: TrainingConfig, run_dir: str,
+                 device: str = "cpu", progress: Callable[..., Any] | None = None) -> None:
         config.validate()
         self.model, self.config, self.run_dir = model, config, run_dir
         self.device = device
         self.progress = progress
-        self.on_best = on_best
-        self.on_epoch = on_epoch
+        self.log_path = os.path.join(run_dir, TRAIN_LOG)
+        self.consecutive_bad_steps = 0
         os.makedirs(run_dir, exist_ok=True)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def evaluate(self, source: BatchSource) -> float:
-        """Mean loss over ``source`` with fixed noise (seeded), no gradients; or the
-        model's ``validation_metric`` of the whole set where it has one."""
-        module = self.model.module
-        module.eval()
-        if hasattr(self.model, "validation_metric"):
-            if not isinstance(source, TensorBatches):
-                raise CaloforgeError("this model family validates in memory: train it "
-                                     "without streaming")
-            with torch.no_grad():
-                return float(self.model.validation_metric(source.tensors, self.device))
-        # a model may select epochs by another figure than its training loss
-        # (e.g. a distilled student by its KL divergence from the teacher)
-        loss_function = getattr(self.model, "validation_loss", self.model.loss)
-        generator = torch.Generator().manual_seed(self.config.seed + 12345)
-        total, count = 0.0, 0
+        """The model's ``validation_metric`` of the whole set where it gives one, else the
+        mean ``validation_loss`` over ``source`` with fixed noise (seeded); no gradients."""
+        self.model.module.eval()
+        if self.model.validates_in_memory and not isinstance(source, TensorBatches):
+            raise CaloforgeError("this model family validates in memory: train it "
+                                 "without streaming")
         with torch.no_grad():
-            size = getattr(self.model, "validation_batch_size", None) or max(
-                self.config.batch_size, 1024)
+            if isinstance(source, TensorBatches):
+                metric = self.model.validation_metric(source.tensors, self.device)
+                if metric is not None:
+                    return float(metric)
+            generator = torch.Generator().manual_seed(self.config.seed + 12345)
+            total, count = 0.0, 0
+            size = self.model.validation_batch_size(self.config.batch_size)
             for batch in source.batches(size, None):
-                loss = loss_function(self._to_device(batch), generator)
+                loss = self.model.validation_loss(self._to_device(batch), generator)
                 n = len(next(iter(batch.values())))
                 total += float(loss) * n
                 count += n
@@ -310,7 +400,7 @@ class Trainer:
     def _checkpoint_path(self) -> str:
         return os.path.join(self.run_dir, CHECKPOINT)
 
-    def _save_checkpoint(self, state: dict[str, Any],
+    def _save_checkpoint(self, state: LoopState,
                          optimisers: dict[str, torch.optim.Optimizer],
                          best_weights: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -330,13 +420,13 @@ class Trainer:
                     else:
                         scalars[f"{player}.{index}.{key}"] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        metadata = {"state": json.dumps(state), "optim_groups": json.dumps(groups),
+        metadata = {"state": json.dumps(asdict(state)), "optim_groups": json.dumps(groups),
                     "optim_scalars": json.dumps(scalars)}
         with atomic_output(self._checkpoint_path()) as tmp:
             save_file(tensors, tmp, metadata=metadata)
 
     def _load_checkpoint(self, optimisers: dict[str, torch.optim.Optimizer]
-                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                         ) -> tuple[LoopState, dict[str, torch.Tensor]]:
         from safetensors import SafetensorError, safe_open
 
         path = self._checkpoint_path()
@@ -344,11 +434,13 @@ class Trainer:
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata()
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            state = LoopState.from_dict(json.loads(metadata["state"]))
+            groups = json.loads(metadata["optim_groups"])
+            scalars = json.loads(metadata["optim_scalars"])
         except FileNotFoundError:
             raise CaloforgeError(f"{path}: no checkpoint to resume from") from None
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CaloforgeError(f"{path}: unreadable checkpoint ({exc})") from None
-        state = json.loads(metadata["state"])
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise CaloforgeError(f"{path}: unreadable checkpoint ({exc!r})") from None
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         try:
@@ -356,14 +448,6 @@ class Trainer:
         except RuntimeError as exc:
             raise CaloforgeError(f"{path}: checkpoint does not match this model "
                                  f"({str(exc).splitlines()[0]})") from None
-        groups = json.loads(metadata["optim_groups"])
-        scalars = json.loads(metadata["optim_scalars"])
-        if isinstance(groups, list) and list(optimisers) == ["model"]:
-            # written before models could have several players: one optimiser, no names
-            groups = {"model": groups}
-            scalars = {f"model.{key}": value for key, value in scalars.items()}
-            tensors = {f"optim.model.{k[6:]}" if k.startswith("optim.") else k: v
-                       for k, v in tensors.items()}
         if not isinstance(groups, dict) or set(groups) != set(optimisers):
             raise CaloforgeError(f"{path}: checkpoint optimisers do not match this model "
                                  "(written by another caloforge version or model family)")
@@ -389,148 +473,215 @@ class Trainer:
 
         ``train`` and ``validation``: batch dicts in memory or batch sources (streamed)."""
         config = self.config
-        if isinstance(train, dict):
-            train = TensorBatches(train)
-        if isinstance(validation, dict):
-            validation = TensorBatches(validation)
+        train = TensorBatches(train) if isinstance(train, dict) else train
+        validation = TensorBatches(validation) if isinstance(validation, dict) else validation
         module = self.model.module.to(self.device)
-        players = model_players(self.model)
-        optimisers = {name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor,
-                                              betas=betas, weight_decay=config.weight_decay)
-                      for name, (parameters, factor, betas) in players.items()}
-        schedule = getattr(self.model, "player_schedule", lambda step: tuple(players))
-        player_loss = getattr(self.model, "player_loss",
-                              lambda name, batch, generator: self.model.loss(batch, generator))
-        n_train = len(train)
-        parts = config.parts_per_pass(n_train)
-        steps_per_epoch = math.ceil(n_train / parts / config.batch_size)
-        total_steps = steps_per_epoch * config.epochs
-        state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best_val": None,
-                                 "best_epoch": 0, "skipped_steps": 0, "restores": 0,
-                                 "config": asdict(config)}
-        best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        log_path = os.path.join(self.run_dir, TRAIN_LOG)
+        self.players = self.model.players()
+        self.optimisers = {name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor,
+                                                   betas=betas, weight_decay=config.weight_decay)
+                           for name, (parameters, factor, betas) in self.players.items()}
+        self.parts = config.parts_per_pass(len(train))
+        self.total_steps = math.ceil(len(train) / self.parts / config.batch_size) * config.epochs
+        state = LoopState(config=asdict(config))
+        self.best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
         if resume:
-            state, best_weights = self._load_checkpoint(optimisers)
-            _truncate_log(log_path, state["epoch"])
+            state, self.best_weights = self._load_checkpoint(self.optimisers)
+            _truncate_log(self.log_path, state.epoch)
             log.info("resuming %s after epoch %d (best validation loss %.4f at epoch %d)",
-                     self.run_dir, state["epoch"], state["best_val"] or float("nan"),
-                     state["best_epoch"])
+                     self.run_dir, state.epoch, state.best_val or float("nan"), state.best_epoch)
         elif os.path.exists(self._checkpoint_path()):
             raise CaloforgeError(f"{self.run_dir}: already holds a training run; use --resume "
                                  "to continue it or choose another output directory")
         else:
-            _truncate_log(log_path, 0)
-        epoch_seconds = None
-        consecutive_bad = 0
-        bar = self.progress(total=config.epochs, desc="train", unit="epoch",
-                            initial=state["epoch"]) if self.progress else None
+            _truncate_log(self.log_path, 0)
+        self.bar = self.progress(total=config.epochs, desc="train", unit="epoch",
+                                 initial=state.epoch) if self.progress else None
+        epoch_seconds: float | None = None
         try:
-            while state["epoch"] < config.epochs:
+            while state.epoch < config.epochs:
                 # another epoch starts while at least a tenth of one fits in the budget; one
                 # that does not fit ends when the budget is spent, so that the time-driven
                 # learning-rate schedule anneals to its end
                 if (config.time_budget_s is not None and epoch_seconds is not None
-                        and state["elapsed_s"] + 0.1 * epoch_seconds > config.time_budget_s):
-                    log.info("time budget reached after %d epochs", state["epoch"])
+                        and state.elapsed_s + 0.1 * epoch_seconds > config.time_budget_s):
+                    log.info("time budget reached after %d epochs", state.epoch)
                     break
                 started = time.perf_counter()
-                epoch = state["epoch"]
-                pass_index, part = divmod(epoch, parts)
-                # the order of a pass comes from a generator seeded by the pass; with several
-                # epochs per pass, each epoch's noise from its own
-                generator = torch.Generator().manual_seed(config.seed * 100_003 + pass_index)
-                order = generator
-                if parts > 1:
-                    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                        [config.seed, epoch, 1]).generate_state(1)[0]))
-                module.train()
-                losses: dict[str, list[float]] = {name: [] for name in players}
-                budget_spent = False
-                for batch in train.batches(config.batch_size, order, part, parts):
-                    # an epoch longer than what is left of the budget ends early (then
-                    # validation and checkpoint as usual): the budget holds within one step
-                    if (config.time_budget_s is not None and any(losses.values())
-                            and state["elapsed_s"] + time.perf_counter() - started
-                            > config.time_budget_s):
-                        budget_spent = True
-                        break
-                    progress = state["step"] / total_steps
-                    if config.time_budget_s:
-                        progress = max(progress, (state["elapsed_s"] + time.perf_counter()
-                                                  - started) / config.time_budget_s)
-                    lr = learning_rate(config, progress)
-                    batch = self._to_device(batch)
-                    for name in schedule(state["step"]):
-                        parameters, factor, _ = players[name]
-                        optimiser = optimisers[name]
-                        for group in optimiser.param_groups:
-                            group["lr"] = lr * factor
-                        optimiser.zero_grad(set_to_none=True)
-                        loss = _accumulate_gradients(
-                            lambda part: player_loss(name, part, generator), batch,
-                            config.micro_batch_size)
-                        if torch.isfinite(loss):
-                            norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                            if torch.isfinite(norm):
-                                optimiser.step()
-                                losses[name].append(float(loss.detach()))
-                                consecutive_bad = 0
-                                continue
-                        consecutive_bad += 1
-                        state["skipped_steps"] += 1
-                        if consecutive_bad >= config.max_nonfinite_in_a_row:
-                            raise CaloforgeError(
-                                f"{self.run_dir}: training diverged ({consecutive_bad} non-finite "
-                                f"steps in a row at epoch {epoch + 1}); try a lower learning rate")
-                    state["step"] += 1
-                val_loss = self.evaluate(validation)
-                if not math.isfinite(val_loss):
-                    module.load_state_dict(best_weights)
-                    state["restores"] += 1
-                    log.warning("epoch %d: non-finite validation loss; best weights restored",
-                                epoch + 1)
-                improved = math.isfinite(val_loss) and (state["best_val"] is None
-                                                        or val_loss < state["best_val"])
-                epoch_seconds = time.perf_counter() - started
-                state["elapsed_s"] += epoch_seconds
-                state["epoch"] = epoch + 1
-                means = {name: float(np.mean(v)) if v else float("nan")
-                         for name, v in losses.items()}
-                record = {"epoch": epoch + 1, "train_loss": next(iter(means.values())),
-                          "val_loss": val_loss, "lr": lr,
-                          "seconds": round(epoch_seconds, 2),
-                          "skipped_steps": state["skipped_steps"], "best": improved}
-                if budget_spent:
-                    record["ended_by_time_budget"] = True
-                if len(means) > 1:
-                    record["player_losses"] = means
-                if improved:
-                    state["best_val"], state["best_epoch"] = val_loss, epoch + 1
-                    best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                    if self.on_best is not None:
-                        self.on_best(dict(state))
-                self._save_checkpoint(state, optimisers, best_weights)
-                with open(log_path, "a", encoding="utf-8") as stream:
-                    stream.write(json.dumps(record) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
-                if self.on_epoch is not None:
-                    self.on_epoch(record)
-                if budget_spent:
-                    log.info("time budget reached within epoch %d", epoch + 1)
+                result = self.train_epoch(train, state, started)
+                epoch_seconds = self.end_epoch(validation, state, result, started)
+                if result.ended_by_time_budget:
+                    log.info("time budget reached within epoch %d", state.epoch)
                     break
         finally:
-            if bar is not None:
-                bar.close()
-        module.load_state_dict(best_weights)
-        plot_loss_curve(log_path, os.path.join(self.run_dir, "loss_curve.png"),
-                        getattr(self.model, "validation_label", None))
-        return {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
-                "best_val_loss": state["best_val"], "train_seconds": round(state["elapsed_s"], 1),
-                "skipped_steps": state["skipped_steps"], "restores": state["restores"],
+            if self.bar is not None:
+                self.bar.close()
+        module.load_state_dict(self.best_weights)
+        plot_loss_curve(self.log_path, os.path.join(self.run_dir, "loss_curve.png"),
+                        self.model.validation_label)
+        return {"epochs": state.epoch, "best_epoch": state.best_epoch,
+                "best_val_loss": state.best_val, "train_seconds": round(state.elapsed_s, 1),
+                "skipped_steps": state.skipped_steps, "restores": state.restores,
                 "config": asdict(config)}
+
+    def _epoch_generators(self, epoch: int) -> tuple[torch.Generator, torch.Generator]:
+        """(order, noise) generators of ``epoch``: the order of a pass over the data comes
+        from a generator seeded by the pass; with several epochs per pass, each epoch's
+        noise from its own."""
+        seed = self.config.seed
+        order = torch.Generator().manual_seed(seed * 100_003 + epoch // self.parts)
+        if self.parts == 1:
+            return order, order
+        noise = torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [seed, epoch, 1]).generate_state(1)[0]))
+        return order, noise
+
+    def train_epoch(self, train: BatchSource, state: LoopState, started: float) -> EpochResult:
+        """The optimiser steps of epoch ``state.epoch + 1``; ends early when the time budget
+        is spent (the budget holds within one step)."""
+        config = self.config
+        order, noise = self._epoch_generators(state.epoch)
+        self.model.module.train()
+        losses: dict[str, list[float]] = {name: [] for name in self.players}
+        lr = learning_rate(config, state.step / self.total_steps)
+        for batch in train.batches(config.batch_size, order, state.epoch % self.parts,
+                                   self.parts):
+            spent = state.elapsed_s + time.perf_counter() - started
+            if config.time_budget_s is not None and any(losses.values()) \
+                    and spent > config.time_budget_s:
+                return EpochResult(losses, lr, ended_by_time_budget=True)
+            progress = state.step / self.total_steps
+            if config.time_budget_s:
+                progress = max(progress, spent / config.time_budget_s)
+            lr = learning_rate(config, progress)
+            self.train_step(self._to_device(batch), noise, lr, state, losses)
+        return EpochResult(losses, lr, ended_by_time_budget=False)
+
+    def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                   lr: float, state: LoopState, losses: dict[str, list[float]]) -> None:
+        """One optimiser step of each scheduled player on ``batch``; a step whose loss or
+        gradient is not finite is skipped (too many in a row stop the run)."""
+        for name in self.model.player_schedule(state.step):
+            parameters, factor, _ = self.players[name]
+            optimiser = self.optimisers[name]
+            for group in optimiser.param_groups:
+                group["lr"] = lr * factor
+            optimiser.zero_grad(set_to_none=True)
+            loss = _accumulate_gradients(
+                lambda part: self.model.player_loss(name, part, generator), batch,
+                self.config.micro_batch_size)
+            if torch.isfinite(loss):
+                norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+                if torch.isfinite(norm):
+                    optimiser.step()
+                    losses[name].append(float(loss.detach()))
+                    self.consecutive_bad_steps = 0
+                    continue
+            self.consecutive_bad_steps += 1
+            state.skipped_steps += 1
+            if self.consecutive_bad_steps >= self.config.max_nonfinite_in_a_row:
+                raise CaloforgeError(
+                    f"{self.run_dir}: training diverged ({self.consecutive_bad_steps} "
+                    f"non-finite steps in a row at epoch {state.epoch + 1}); try a lower "
+                    "learning rate")
+        state.step += 1
+
+    def end_epoch(self, validation: BatchSource, state: LoopState, result: EpochResult,
+                  started: float) -> float:
+        """Validate, select, checkpoint, log, call the model's hooks; returns the epoch's
+        seconds."""
+        module = self.model.module
+        val_loss = self.evaluate(validation)
+        if not math.isfinite(val_loss):
+            module.load_state_dict(self.best_weights)
+            state.restores += 1
+            log.warning("epoch %d: non-finite validation loss; best weights restored",
+                        state.epoch + 1)
+        improved = math.isfinite(val_loss) and (state.best_val is None
+                                                or val_loss < state.best_val)
+        epoch_seconds = time.perf_counter() - started
+        state.elapsed_s += epoch_seconds
+        state.epoch += 1
+        means = {name: float(np.mean(v)) if v else float("nan")
+                 for name, v in result.player_losses.items()}
+        record: dict[str, Any] = {
+            "epoch": state.epoch, "train_loss": next(iter(means.values())),
+            "val_loss": val_loss, "lr": result.learning_rate,
+            "seconds": round(epoch_seconds, 2), "skipped_steps": state.skipped_steps,
+            "best": improved}
+        if result.ended_by_time_budget:
+            record["ended_by_time_budget"] = True
+        if len(means) > 1:
+            record["player_losses"] = means
+        if improved:
+            state.best_val, state.best_epoch = val_loss, state.epoch
+            self.best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.model.on_best(self.run_dir, state)
+        self._save_checkpoint(state, self.optimisers, self.best_weights)
+        with open(self.log_path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
+        self.model.on_epoch_end(self.run_dir, record)
+        return epoch_seconds
+
+
+def fit_model(model: Any, data: ShowerData | ShowerStream, run_dir: str, resume: bool = False,
+              device: str = "cpu", progress: Callable[..., Any] | None = None,
+              metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything ``model.fit`` does, for every family, top to bottom: split the data
+    (showers, or the blocks of a stream) into training and validation, let the model fit
+    its preprocessing and build its module (``prepare_fit``), run the :class:`Trainer`,
+    then ``end_fit`` and save the model (best weights) into ``run_dir``.
+
+    ``model``: a :class:`~caloforge.models.base.ConditionedModel` (its ``config.training``,
+    ``geometry``, ``to_tensors``, ``save`` and the :class:`TrainingHooks`). ``metadata``
+    (e.g. the training file) is recorded in the training summary."""
+    model.geometry.check_voxels(data.n_voxels)
+    training: TrainingConfig = model.config.training
+    training.validate()
+    if isinstance(data, ShowerStream) and not model.streams_training_data:
+        data = data.read_all()
+    if isinstance(data, ShowerStream):
+        train_blocks, val_blocks = split_indices(data.n_blocks, training.val_fraction,
+                                                 training.seed)
+        n_train, n_val = data.count(train_blocks), data.count(val_blocks)
+        if len(train_blocks) < 1 or n_train < 2:
+            raise CaloforgeError(f"{data.path}: too few showers or blocks to train "
+                                 f"({len(data)} showers in {data.n_blocks} blocks)")
+        sample = _preprocessing_sample(data, train_blocks, model.preprocessing_sample_values,
+                                       training.seed)
+        model.prepare_fit(sample, resume, device)
+        if not resume:  # training range: every training shower, not the subsample
+            energies, conditions = data.read_conditions(train_blocks)
+            model.fit_condition_range(energies, conditions, data.condition_units)
+        train_source: BatchSource = StreamedBatches(data, train_blocks, model.to_tensors)
+        val_source: BatchSource = StreamedBatches(data, val_blocks, model.to_tensors)
+    else:
+        train_index, val_index = split_indices(len(data), training.val_fraction, training.seed)
+        n_train, n_val = len(train_index), len(val_index)
+        if n_train < 2:
+            raise CaloforgeError(f"too few showers to train: {len(data)}")
+        model.prepare_fit(data.select(train_index), resume, device)
+        train_source = TensorBatches(model.to_tensors(data, train_index))
+        val_source = TensorBatches(model.to_tensors(data, val_index))
+    summary = Trainer(model, training, run_dir, device, progress).fit(
+        train_source, val_source, resume=resume)
+    model.training_summary = {**summary, "n_train": n_train, "n_validation": n_val,
+                              **(metadata or {})}
+    model.end_fit(data, run_dir)
+    model.module.cpu()
+    model.save(run_dir)
+    return model.training_summary
+
+
+def _preprocessing_sample(stream: ShowerStream, blocks: np.ndarray, max_values: int,
+                          seed: int) -> ShowerData:
+    """Random blocks of ``blocks``, at most ``max_values`` voxel values in all."""
+    per_block = stream.block_size * stream.n_voxels
+    count = max(1, min(len(blocks), max_values // per_block))
+    rng = np.random.default_rng(seed)
+    return stream.read_blocks(np.sort(rng.choice(blocks, count, replace=False)))
 
 
 def _truncate_log(path: str, epochs: int) -> None:

@@ -175,6 +175,7 @@ class AdversarialModel(ConditionedModel):
     # wgan 0.21 at 256, 0.35 at 2000)
     max_micro_batch = 256
     validation_label = "mean separation power of high-level features (validation)"
+    validates_in_memory = True
 
     def __init__(self, geometry: Geometry, config: GanConfig | None = None) -> None:
         super().__init__(geometry)
@@ -222,7 +223,7 @@ class AdversarialModel(ConditionedModel):
         ...
 
     # --- training hooks ------------------------------------------------------------------
-    def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
+    def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         if not resume:
             self.conditions.fit(train.incident_energies, train.conditions, train.condition_units)
             positive = train.showers[train.showers > 0]
@@ -309,7 +310,8 @@ class AdversarialModel(ConditionedModel):
         self._last_validation = (reference, generated, energies)
         return mean_separation_power(reference, generated, energies, self.geometry)
 
-    def _after_epoch(self, run_dir: str, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, run_dir: str, record: dict[str, Any]) -> None:
+        """Plot the mean validation shower against the generated one (``diagnostics``)."""
         if not self.config.diagnostics or self._last_validation is None:
             return
         from ..plotting import plot_average_comparison

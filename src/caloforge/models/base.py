@@ -24,6 +24,7 @@ from ..atomic import atomic_output, write_json_atomic
 from ..data import ShowerData, ShowerStream
 from ..errors import CaloforgeError
 from ..geometry import Geometry
+from ..training import LoopState, TrainingHooks, fit_model
 
 if TYPE_CHECKING:
     import torch
@@ -101,96 +102,50 @@ def shard_generator(seed: int, shard: int) -> "torch.Generator":
         int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
 
 
-class ConditionedModel(ShowerModel):
+class ConditionedModel(ShowerModel, TrainingHooks):
     """A model trained by the shared :class:`~caloforge.training.Trainer`, conditioned on
     the incident energy and the file's extra conditions through a fitted
     :class:`~caloforge.preprocessing.ConditionTransform` (``self.conditions``).
 
     Subclasses provide ``config`` (with a ``training`` section), ``module`` (None until
-    built), ``_prepare_fit(train_data, resume, device)`` (fit the preprocessing and build the
-    module unless resuming) and the training hooks the Trainer uses (``loss`` or players).
+    built), ``prepare_fit(train_data, resume, device)`` (fit the preprocessing and build the
+    module unless resuming) and the hooks of :class:`~caloforge.training.TrainingHooks`
+    the Trainer calls (at least ``loss``).
     Batches are dicts of tensors: ``incident_energy`` ``(B,)`` MeV, ``voxels``
     ``(B, n_voxels)`` MeV and ``condition.<name>`` ``(B, k)``.
     """
 
     conditions: Any  # ConditionTransform
     config: Any
-    # Families that can train from a ShowerStream (files larger than memory); the others
-    # read a stream into memory first.
-    streams_training_data: ClassVar[bool] = False
-    # Streamed training fits the preprocessing on a subsample of at most this many
-    # voxel values (float32: 4 bytes each), plus the conditions of every training shower.
-    preprocessing_sample_values: ClassVar[int] = 250_000_000
-
     def fit(self, data: ShowerData | ShowerStream, run_dir: str, resume: bool = False,
             device: str = "cpu", progress: Any = None, metadata: dict[str, Any] | None = None
             ) -> dict[str, Any]:
-        """Train on ``data``: showers in memory, or a :class:`~caloforge.data.ShowerStream`
-        (read block by block where the family supports it; validation is then a random
-        subset of blocks)."""
-        from ..training import StreamedBatches, Trainer, split_indices
-
-        self.geometry.check_voxels(data.n_voxels)
-        training = self.config.training
-        training.validate()
-        if isinstance(data, ShowerStream) and not self.streams_training_data:
-            data = data.read_all()
-        if isinstance(data, ShowerStream):
-            train_blocks, val_blocks = split_indices(data.n_blocks, training.val_fraction,
-                                                     training.seed)
-            n_train, n_val = data.count(train_blocks), data.count(val_blocks)
-            if len(train_blocks) < 1 or n_train < 2:
-                raise CaloforgeError(f"{data.path}: too few showers or blocks to train "
-                                     f"({len(data)} showers in {data.n_blocks} blocks)")
-            self._prepare_fit(self._preprocessing_sample(data, train_blocks), resume, device)
-            if not resume:  # training range: every training shower, not the subsample
-                energies, conditions = data.read_conditions(train_blocks)
-                self.conditions.fit(energies, conditions, data.condition_units)
-            train_source: Any = StreamedBatches(data, train_blocks, self._tensors)
-            val_source: Any = StreamedBatches(data, val_blocks, self._tensors)
-        else:
-            train_index, val_index = split_indices(len(data), training.val_fraction,
-                                                   training.seed)
-            n_train, n_val = len(train_index), len(val_index)
-            if n_train < 2:
-                raise CaloforgeError(f"too few showers to train: {len(data)}")
-            self._prepare_fit(data.select(train_index), resume, device)
-            train_source = self._tensors(data, train_index)
-            val_source = self._tensors(data, val_index)
-        trainer = Trainer(self, training, run_dir, device, progress,
-                          on_best=lambda state: self._save_best(run_dir, state),
-                          on_epoch=lambda record: self._after_epoch(run_dir, record))
-        summary = trainer.fit(train_source, val_source, resume=resume)
-        self.training_summary = {**summary, "n_train": n_train, "n_validation": n_val,
-                                 **(metadata or {})}
-        self.module.cpu()
-        self.save(run_dir)
-        return self.training_summary
+        """Train on ``data`` (showers in memory, or a :class:`~caloforge.data.ShowerStream`
+        read block by block where the family supports it): see
+        :func:`~caloforge.training.fit_model`."""
+        return fit_model(self, data, run_dir, resume, device, progress, metadata)
 
     @abstractmethod
-    def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
+    def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         """Fit the preprocessing on ``train`` and build the module (unless resuming)."""
 
-    def _preprocessing_sample(self, stream: ShowerStream, blocks: np.ndarray) -> ShowerData:
-        """Random training blocks, at most ``preprocessing_sample_values`` voxel values."""
-        per_block = stream.block_size * stream.n_voxels
-        count = max(1, min(len(blocks), self.preprocessing_sample_values // per_block))
-        rng = np.random.default_rng(self.config.training.seed)
-        return stream.read_blocks(np.sort(rng.choice(blocks, count, replace=False)))
+    def fit_condition_range(self, incident_energies: np.ndarray,
+                            conditions: dict[str, np.ndarray], units: dict[str, str]) -> None:
+        """Record the training range of the conditions (every training shower of a stream,
+        where ``prepare_fit`` saw a subsample)."""
+        self.conditions.fit(incident_energies, conditions, units)
 
-    def _after_epoch(self, run_dir: str, record: dict[str, Any]) -> None:
-        """Per-epoch diagnostics (the Trainer's ``on_epoch``); nothing by default."""
-
-    def _save_best(self, run_dir: str, state: dict[str, Any]) -> None:
-        self.training_summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"],
-                                 "best_val_loss": state["best_val"], "in_progress": True}
+    def on_best(self, run_dir: str, state: LoopState) -> None:
+        """Save the model as it is at the best epoch so far (marked in progress)."""
+        self.training_summary = {"epochs": state.epoch, "best_epoch": state.best_epoch,
+                                 "best_val_loss": state.best_val, "in_progress": True}
         self.save(run_dir)
 
     def _require_module(self) -> None:
         if self.module is None:
             raise CaloforgeError("the model is not fitted")
 
-    def _tensors(self, data: ShowerData, index: np.ndarray | slice = slice(None)
+    def to_tensors(self, data: ShowerData, index: np.ndarray | slice = slice(None)
                  ) -> dict[str, "torch.Tensor"]:
         """A batch dict (float32 tensors) of ``data[index]``."""
         import torch

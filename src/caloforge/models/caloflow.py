@@ -319,7 +319,7 @@ class LayerEnergyFlows(ConditionedModel):
     def log_prob(self, data: ShowerData, device: str = "cpu") -> np.ndarray:
         """Log-likelihood ``(N,)`` of each shower in the flows' (preprocessed) space, nats."""
         self._require_module()
-        tensors = self._tensors(data)
+        tensors = self.to_tensors(data)
         generator = torch.Generator().manual_seed(0)
         out = []
         self.module.to(device).eval()
@@ -373,7 +373,7 @@ class LayerEnergyFlows(ConditionedModel):
             for (a, b), context in zip(spans, contexts)])
 
     # --- training ---------------------------------------------------------------------
-    def _prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
+    def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         """Fit the preprocessing and build the flows (a resumed run has both already)."""
         if not resume:
             self._fit_preprocessing(train)

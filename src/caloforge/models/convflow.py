@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import ShowerData
+from ..data import ShowerData, ShowerStream
 from ..errors import CaloforgeError, GeometryError, OptionError
 from ..geometry import Geometry
 from ..preprocessing import LogitTransform, MaxLogTransform
@@ -339,32 +339,31 @@ class ConvL2LFlow(LayerEnergyFlows):
         """The same over every layer, without augmentation."""
         return -self._log_prob(batch, generator).mean()
 
-    @property
-    def validation_batch_size(self) -> int:
-        return self.config.training.batch_size
+    def validation_batch_size(self, training_batch_size: int) -> int:
+        return training_batch_size
 
     def _new_module(self) -> ConvFlowModule:
         return ConvFlowModule(self.conditions.n_features, self.geometry.n_layers, self.config,
                               self.circular)
 
-    def fit(self, data: Any, run_dir: str, resume: bool = False, device: str = "cpu",
-            progress: Any = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         if self.config.postprocess == "spline" and len(self.parts) < self.geometry.n_layers + 1:
             raise OptionError("postprocess: spline needs every part in one run (it samples "
                               "the whole model); train without --layers")
-        summary = super().fit(data, run_dir, resume, device, progress, metadata)
+        super().prepare_fit(train, resume, device)
+
+    def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
+        """Mark the parts trained; fit the spline post-processing where configured."""
         self.trained_parts = list(self.parts)
         if self.config.postprocess == "spline":
+            wanted = self.config.postprocess_showers
             reference = data.read_blocks(np.arange(min(data.n_blocks, max(
-                1, self.config.postprocess_showers // data.block_size)))) \
-                if hasattr(data, "read_blocks") else data
-            self.fit_postprocess(reference.select(slice(0, self.config.postprocess_showers)))
-        self.save(run_dir)
-        return summary
+                1, wanted // data.block_size)))) if isinstance(data, ShowerStream) else data
+            self.fit_postprocess(reference.select(slice(0, wanted)))
 
-    def _save_best(self, run_dir: str, state: dict[str, Any]) -> None:
+    def on_best(self, run_dir: str, state: Any) -> None:
         self.trained_parts = list(self.parts)
-        super()._save_best(run_dir, state)
+        super().on_best(run_dir, state)
 
     # --- sampling ---------------------------------------------------------------------
     @property

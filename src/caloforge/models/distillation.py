@@ -311,7 +311,7 @@ class DistilledStudent:
         self.teacher = teacher
 
     # --- distillation -----------------------------------------------------------------
-    def _prepare_fit(self, data: ShowerData, resume: bool, device: str) -> None:
+    def prepare_fit(self, data: ShowerData, resume: bool, device: str) -> None:
         if self.teacher is None:
             raise CaloforgeError("a student is trained from its teacher: use "
                                  f"{type(self).__name__}.from_teacher (caloforge distill)")
@@ -340,7 +340,7 @@ class DistilledStudent:
     def _showers_per_step_budget(self, data: ShowerData) -> int:
         """Showers whose distillation step fits ``step_memory_budget`` (from the distilled
         flows' input size per shower, probed on one training shower)."""
-        probe = self._tensors(data, slice(0, 1))  # type: ignore[attr-defined]
+        probe = self.to_tensors(data, slice(0, 1))  # type: ignore[attr-defined]
         inputs = self._distillation_inputs(  # type: ignore[attr-defined]
             probe, torch.Generator().manual_seed(0))
         values = sum(inputs[name][0].numel() for name in self.distilled_flows)
@@ -386,7 +386,7 @@ class DistilledStudent:
 def kl_student_teacher(student: Any, data: ShowerData, seed: int = 0, device: str = "cpu",
                        batch_size: int = 1024) -> float:
     """KL(student || teacher) estimate (nats per shower) over the contexts of ``data``."""
-    tensors = student._tensors(data)
+    tensors = student.to_tensors(data)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     with torch.inference_mode():

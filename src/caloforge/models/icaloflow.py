@@ -258,11 +258,10 @@ class ICaloFlow(LayerEnergyFlows):
         """Mean negative joint log-likelihood per shower (nats, in the flows' space)."""
         return -self._log_prob(batch, generator, self.config.layers_per_shower).mean()
 
-    @property
-    def validation_batch_size(self) -> int:
+    def validation_batch_size(self, training_batch_size: int) -> int:
         """Validation runs every layer of a shower: showers per batch as in training (the
         Trainer's default of 1024 would hold 45,000 layers of activations at once)."""
-        return self.config.training.batch_size
+        return training_batch_size
 
     def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator
                         ) -> torch.Tensor:
