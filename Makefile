@@ -8,7 +8,7 @@ CALOFORGE := $(VENV)/bin/caloforge
 DEMO_DIR ?= demo-output
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo demo-quick clean
+.PHONY: setup test lint demo demo-quick clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# ruff (style, imports, likely bugs) and mypy (types) over the package; `make test` runs it
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
 
 demo: setup
 	DEMO_DIR=$(DEMO_DIR) CALOFORGE=$(CALOFORGE) PYTHON=$(PY) bash scripts/demo.sh
@@ -32,4 +37,4 @@ demo-quick: setup
 	    DISTILL_BUDGET=1m BENCH_BATCHES=1,100 CALOFORGE=$(CALOFORGE) PYTHON=$(PY) bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) build site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

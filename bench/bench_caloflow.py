@@ -5,7 +5,8 @@ Usage: python bench/bench_caloflow.py [--geometry calochallenge-1-photons] [--n-
 
 Steps (each printed with its figures): simulate a training set (seed 11) and an independent
 held-out reference (seed 12; by default as many showers as the official classifier split of
-the dataset needs: 121,000 for dataset 1 photons) with the reference simulator; `caloforge train caloflow`
+the dataset needs: 121,000 for dataset 1 photons) with the reference simulator;
+`caloforge train caloflow`
 (CPU preset) within the time budget; generate as many showers as the held-out reference with
 its incident energies; `caloforge evaluate` (fast classifier preset, 3 repeats); teacher
 sampling cost in ms/shower at batch sizes 1, 100, 10000 (median of up to 3 repeats within

@@ -1,7 +1,8 @@
 """The bridge between classifier presets: the same pairs of files scored by each definition.
 
 Usage: python bench/bench_evaluation_bridge.py [--out bench-output/bridge]
-           [--results docs/results/evaluation-bridge.json] [--pairs independent,distorted,student,teacher]
+           [--results docs/results/evaluation-bridge.json]
+           [--pairs independent,distorted,student,teacher]
            [--teacher-budget 20m] [--student-budget 15m] [--repeats 1]
 
 Four pairs of calochallenge-1-photons files of 121,000 showers each (the official split of
@@ -107,7 +108,7 @@ def markdown_table(results: dict) -> str:
         pair, scoring = key.split("/")
         low, high = entry["cls-low"], entry["cls-high"]
 
-        def distance(name: str) -> str:
+        def distance(name: str, entry: dict = entry) -> str:
             return f"{entry[name][0]:.3g} ± {entry[name][1]:.2g}" if name in entry else ""
 
         lines.append(f"| {pair} | {scoring} | {low['auc']:.4f} | {high['auc']:.4f} | "

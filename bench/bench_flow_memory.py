@@ -115,7 +115,8 @@ def main() -> int:
         json.dump(results, stream, indent=2)
     print(f"{args.geometry}: peak training memory iCaloFlow "
           f"{results['icaloflow-cpu'].get('peak_rss_gb')} GB vs CaloFlow (CPU preset) "
-          f"{results['caloflow-cpu'].get('peak_rss_gb', 'not run')} GB; published-width CaloFlow Flow II needs "
+          f"{results['caloflow-cpu'].get('peak_rss_gb', 'not run')} GB; "
+          "published-width CaloFlow Flow II needs "
           f"{4 * weights_gb:.0f} GB for weights, gradients and AdamW state alone "
           f"({'fits' if 4 * weights_gb < total_memory_gb else 'does not fit'} in "
           f"{total_memory_gb:.0f} GB)")

@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 
-
 GAN_BATCHES = (1, 100, 10_000)
 # The CaloFlow teacher splits batches into micro-batches of <= 1000 showers (fewer for many
 # voxels: zuko's spline inverse needs ~10 kB per shower x voxel), so batch 10,000 costs

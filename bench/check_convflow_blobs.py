@@ -16,7 +16,7 @@ import torch
 
 from caloforge.data import ShowerData
 from caloforge.geometry import CartesianLayer, Geometry
-from caloforge.models.convflow import ConvL2LFlow
+from caloforge.models.flows.convflow import ConvL2LFlow
 
 
 def blobs(n: int, seed: int = 0) -> ShowerData:

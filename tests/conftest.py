@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from caloforge.data import ShowerData
 from caloforge.geometry import Geometry
 
 os.environ.setdefault("CALOFORGE_NO_PROGRESS", "1")
+# Tiny models gain nothing from intra-op threads, and on a machine where another job holds
+# the cores, OpenMP threads spinning against it made a 3 s fit take 110 s.
+torch.set_num_threads(1)
 SHARED = Path(os.environ.get("CALOFORGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 

@@ -18,8 +18,9 @@ from caloforge.errors import CaloforgeError
 from caloforge.evaluation import EvaluationSettings, evaluate_samples
 from caloforge.geometry import get_geometry
 from caloforge.models import load_model
-from caloforge.models.caloflow import CaloFlow
+from caloforge.models.flows.caloflow import CaloFlow
 from caloforge.training import Trainer, TrainingConfig, TrainingHooks, read_log
+
 from conftest import assert_resume_matches_uninterrupted, simulate
 
 GEOMETRY = get_geometry("calochallenge-1-photons")

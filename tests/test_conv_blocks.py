@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from caloforge.models.conv_blocks import (ActNorm, ConvFlow, InvertibleConv1x1,
-                                          PaddedConv2d, SplineCoupling, UNet, squeeze,
-                                          unsqueeze)
+from caloforge.models.flows.conv_blocks import (
+    ActNorm,
+    ConvFlow,
+    InvertibleConv1x1,
+    PaddedConv2d,
+    SplineCoupling,
+    UNet,
+    squeeze,
+    unsqueeze,
+)
 
 SHAPE = (4, 3, 5)  # channels, height, width: odd sizes on purpose
 
@@ -120,7 +127,7 @@ def test_spline_inverse_leaves_no_reference_cycle():
     import gc
     import weakref
 
-    from caloforge.models.caloflow import RQSpline, inverse_spline
+    from caloforge.models.flows.toolkit import RQSpline, inverse_spline
     from caloforge.runtime import tune_allocator
 
     gc.disable()

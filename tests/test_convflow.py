@@ -16,9 +16,10 @@ from caloforge.data import read_showers, write_showers
 from caloforge.errors import CaloforgeError, GeometryError, OptionError
 from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry
 from caloforge.models import load_model
-from caloforge.models.convflow import ConvL2LFlow, merge_runs, parse_parts
+from caloforge.models.flows.convflow import ConvL2LFlow, merge_runs, parse_parts
 from caloforge.preprocessing import MaxLogTransform
-from conftest import tiny_config, assert_resume_matches_uninterrupted, random_showers
+
+from conftest import assert_resume_matches_uninterrupted, random_showers, tiny_config
 
 # four Cartesian layers of 4 x 4 cells; three cylindrical layers of 4 radial x 6 angular bins
 CARTESIAN = Geometry("tiny-4x4x4", tuple(CartesianLayer(i, nx=4, ny=4, dx=10.0, dy=10.0)

@@ -4,8 +4,14 @@ import h5py
 import numpy as np
 import pytest
 
-from caloforge.data import (ShowerData, ShowerFile, ShowerStream, ShowerWriter, read_showers,
-                            write_showers)
+from caloforge.data import (
+    ShowerData,
+    ShowerFile,
+    ShowerStream,
+    ShowerWriter,
+    read_showers,
+    write_showers,
+)
 from caloforge.errors import OptionError, ShowerFileError
 from caloforge.geometry import get_geometry
 

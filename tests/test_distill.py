@@ -18,10 +18,11 @@ from caloforge.evaluation.distances import fpd
 from caloforge.evaluation.features import high_level_features
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models import load_model
-from caloforge.models.caloflow import CaloFlow, RQSpline
-from caloforge.models.caloflow_student import (CaloFlowStudent, DistillationConfig,
-                                               kl_student_teacher)
+from caloforge.models.flows.caloflow import CaloFlow, CaloFlowStudent
+from caloforge.models.flows.distillation import DistillationConfig, kl_student_teacher
+from caloforge.models.flows.toolkit import RQSpline
 from caloforge.training import read_log
+
 from conftest import Killed, killed_after_epoch, random_showers
 
 # distillation is geometry-agnostic: a 3-layer, 27-voxel calorimeter keeps the tests fast

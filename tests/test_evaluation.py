@@ -7,11 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from caloforge.cli import main
 from caloforge.data import ShowerData, write_showers
-import torch
-
 from caloforge.errors import CaloforgeError, OptionError
 from caloforge.evaluation import (
     PRESETS,
@@ -105,7 +104,8 @@ def test_radial_shift_is_caught(samples, tmp_path):
 def test_features_of_hand_built_shower():
     geometry = Geometry("tiny", (CylindricalLayer(0, (0.0, 1.0, 3.0), 2),
                                  CartesianLayer(1, nx=2, ny=1, dx=2.0, dy=2.0)))
-    # layer 0 voxels: (alpha bin 0: r 0.5, 2.0), (alpha bin 1: r 0.5, 2.0); alpha centres -pi/2, pi/2
+    # layer 0 voxels: (alpha bin 0: r 0.5, 2.0), (alpha bin 1: r 0.5, 2.0);
+    # alpha centres -pi/2, pi/2
     shower = np.array([[1.0, 3.0, 0.0, 0.0, 2.0, 2.0]])
     features = high_level_features(shower, np.array([16.0]), geometry).values
     assert features["E_tot"][0] == 8.0 and features["E_tot/E_inc"][0] == 0.5

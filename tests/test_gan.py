@@ -17,12 +17,13 @@ from caloforge.data import read_showers, write_showers
 from caloforge.errors import CaloforgeError, OptionError
 from caloforge.geometry import get_geometry
 from caloforge.models import load_model
-from caloforge.models.adversarial import GanConfig, mean_separation_power
-from caloforge.models.calogan import CaloGan, LocallyConnected2d
-from caloforge.models.wgan import Wgan, translate
+from caloforge.models.gans.calogan import CaloGan, LocallyConnected2d
+from caloforge.models.gans.common import GanConfig, mean_separation_power
+from caloforge.models.gans.wgan import Wgan, translate
 from caloforge.preprocessing import BoxCoxTransform
 from caloforge.simulator import ReferenceSimulator
 from caloforge.training import TrainingConfig, read_log
+
 from conftest import assert_resume_matches_uninterrupted, simulate
 
 CALOGAN = get_geometry("calogan")

@@ -51,7 +51,8 @@ def test_parser_reproduces_builtin(shared_dir, filename):
     parsed = parse_binning_xml(shared_dir / "calochallenge" / filename)
     builtin = get_geometry(OFFICIAL_FILES[filename])
     assert parsed == builtin  # layer ids, radial edges (exact floats), angular bins, order
-    assert [l.layer_id for l in parsed.layers] == [l.layer_id for l in builtin.layers]
+    assert [layer.layer_id for layer in parsed.layers] == [
+        layer.layer_id for layer in builtin.layers]
     for a, b in zip(parsed.layers, builtin.layers):
         assert a.r_edges == b.r_edges and a.n_alpha == b.n_alpha
     np.testing.assert_array_equal(parsed.voxel_centres, builtin.voxel_centres)

@@ -15,9 +15,10 @@ from caloforge.data import ShowerStream, read_showers, write_showers
 from caloforge.errors import GeometryError, OptionError, ShowerFileError
 from caloforge.geometry import CartesianLayer, Geometry, get_geometry
 from caloforge.models import load_model
-from caloforge.models.icaloflow import ICaloFlow, ICaloFlowConfig, ICaloFlowStudent
+from caloforge.models.flows.icaloflow import ICaloFlow, ICaloFlowConfig, ICaloFlowStudent
 from caloforge.training import StreamedBatches, TensorBatches, TrainingConfig, read_log
-from conftest import tiny_config, assert_resume_matches_uninterrupted, random_showers, simulate
+
+from conftest import assert_resume_matches_uninterrupted, random_showers, simulate, tiny_config
 
 # five layers of 3 x 3 cells: Flow-2 for layer 0, the shared Flow-3 for layers 1-4
 GEOMETRY = Geometry("tiny-5x3x3", tuple(CartesianLayer(i, nx=3, ny=3, dx=10.0, dy=10.0)
@@ -99,7 +100,8 @@ def test_streamed_batches_visit_every_shower_once(data, tmp_path):
         in_order = list(source.batches(20, None))
     assert [len(b["incident_energy"]) for b in first][:-1] == [20] * 12
     seen = torch.cat([b["incident_energy"] for b in first]).numpy()
-    np.testing.assert_array_equal(np.sort(seen), np.sort(data.incident_energies[:250].astype(np.float32)))
+    np.testing.assert_array_equal(np.sort(seen),
+                                  np.sort(data.incident_energies[:250].astype(np.float32)))
     assert not np.array_equal(seen, data.incident_energies[:250])  # shuffled
     for a, b in zip(first, again):
         torch.testing.assert_close(a["voxels"], b["voxels"])

@@ -9,6 +9,7 @@ from scipy.optimize import curve_fit
 from scipy.special import gammainc
 
 from caloforge.cli import main
+from caloforge.errors import OptionError
 from caloforge.simulator import (
     ReferenceSimulator,
     SimulationPlan,
@@ -17,7 +18,6 @@ from caloforge.simulator import (
     sample_energies,
     simulate_to_file,
 )
-from caloforge.errors import OptionError
 
 ENERGIES = np.array([2e3, 8e3, 32e3, 128e3])  # MeV
 

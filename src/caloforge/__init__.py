@@ -9,8 +9,8 @@ The importable API mirrors the command line:
 (121000, 368)
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
+from .data import ShowerData, ShowerFile, ShowerStream, ShowerWriter, read_showers, write_showers  # noqa: E402
 from .errors import CaloforgeError, GeometryError, OptionError, ShowerFileError  # noqa: E402
 from .geometry import (  # noqa: E402
     CartesianLayer,
@@ -21,8 +21,6 @@ from .geometry import (  # noqa: E402
     parse_binning_xml,
     resolve_geometry,
 )
-from .data import (ShowerData, ShowerFile, ShowerStream, ShowerWriter,  # noqa: E402
-                   read_showers, write_showers)
 
 __all__ = [
     "__version__",

@@ -11,13 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import CaloforgeError, OptionError
 from .geometry import available_geometries, get_geometry, resolve_geometry
-from .runtime import (get_logger, parse_quantity, set_progress, set_threads, setup_logging,
-                      tune_allocator)
+from .registry import FAMILIES, get_family, student_of, trainable_families
+from .runtime import (
+    get_logger,
+    parse_quantity,
+    set_progress,
+    set_threads,
+    setup_logging,
+    tune_allocator,
+)
 
 log = get_logger("cli")
 
@@ -29,11 +37,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common_options(threads: bool = True) -> argparse.ArgumentParser:
+def _common_options(threads: bool = True) -> _Parser:
     """Options of every command (a fresh parser per command: argparse shares the actions
     of a parent parser between its children). ``threads=False`` for a command that
     defines its own ``--threads``."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     group = common.add_argument_group("common options")
     group.add_argument("--seed", type=int, default=None,
                        help="random seed (reproducible per seed and shard)")
@@ -288,19 +296,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # --- train --------------------------------------------------------------------------------
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("family",
-                        choices=["caloflow", "icaloflow", "convflow", "calogan", "wgan"],
-                        help="model family: caloflow (two normalising flows, <~1000 voxels), "
-                             "icaloflow (layer-to-layer flows, many voxels: calochallenge-2/3, "
-                             "ild-ecal), convflow (convolutional layer-to-layer flows, image "
-                             "layers: ild-ecal, calochallenge-3), calogan (CaloGAN-style GAN, "
-                             "layered Cartesian geometries), wgan (conditional WGAN-GP with "
-                             "Box-Cox, e.g. lhcb-ecal)")
+    parser.add_argument("family", choices=trainable_families(),
+                        help="model family: " + "; ".join(
+                            f"{name} ({FAMILIES[name].summary})" for name in trainable_families()))
     parser.add_argument("--data", required=True, help="training shower file")
     add_geometry_options(parser, required=True)
     parser.add_argument("-o", "--output", required=True, help="run directory")
-    add_training_options(parser, "cpu (default), tiny; caloflow also paper (published sizes)",
-                         "YAML file overriding the preset")
+    add_training_options(parser, "; ".join(
+        f"{name}: {', '.join(FAMILIES[name].presets)}" for name in trainable_families())
+        + " (cpu: the default; paper: the published sizes, for a GPU)",
+        "YAML file overriding the preset")
     parser.add_argument("--layers", default=None,
                         help="convflow: train only these parts, e.g. 0-9 or energy,0-14 "
                              "(join runs with `caloforge merge`); default all")
@@ -360,12 +365,14 @@ def parse_size(text: str) -> float:
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
-    from .models import families, load_model
+    from .models import load_model
     from .runtime import progress_bar, resolve_device
 
     device = resolve_device(args.device)
     geometry = geometry_from_args(args)
-    model_class = families()[args.family]
+    family = get_family(args.family)
+    model_class = family.model_class()
+    model: Any  # a ConditionedModel of the family
     if args.resume:
         if args.config:
             raise OptionError("--resume continues with the run's saved configuration; "
@@ -378,8 +385,10 @@ def _run_train(args: argparse.Namespace) -> int:
                                                           _read_yaml(args.config)))
         overrides = {"layers": args.layers, "postprocess": args.postprocess}
         given = {k: v for k, v in overrides.items() if v is not None}
-        if given and args.family != "convflow":
-            raise OptionError(f"--{next(iter(given))} is a convflow option")
+        foreign = [k for k in given if k not in family.train_options]
+        if foreign:
+            owners = [n for n, f in FAMILIES.items() if foreign[0] in f.train_options]
+            raise OptionError(f"--{foreign[0]} is a {' / '.join(owners)} option")
         if given:
             config = type(config).from_dict(merge_options(config.to_dict(), given))
         model = model_class(geometry, config)
@@ -436,16 +445,18 @@ def _configure_distill(parser: argparse.ArgumentParser) -> None:
 def _run_distill(args: argparse.Namespace) -> int:
     import os
 
-    from .models import STUDENT_FAMILIES, families, load_model
-    from .models.distillation import DistillationConfig
+    from .models import load_model
+    from .models.flows.distillation import DistillationConfig
     from .runtime import progress_bar, resolve_device
 
     device = resolve_device(args.device)
     teacher = load_model(args.run_dir)
-    if teacher.family not in STUDENT_FAMILIES:
+    student_family = student_of(teacher.family)
+    if student_family is None:
+        teachers = [f.teacher for f in FAMILIES.values() if f.teacher]
         raise CaloforgeError(f"{args.run_dir}: a {teacher.family!r} model has no student; "
-                             f"distil one of: {', '.join(STUDENT_FAMILIES)}")
-    student_class = families()[STUDENT_FAMILIES[teacher.family]]
+                             f"distil one of: {', '.join(teachers)}")
+    student_class = student_family.model_class()
     if args.resume:
         if args.config:
             raise OptionError("--resume continues with the run's saved configuration; "
@@ -502,7 +513,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     import os
 
     from .models import load_model
-    from .models.convflow import ConvL2LFlow, merge_runs
+    from .models.flows.convflow import ConvL2LFlow, merge_runs
 
     if os.path.exists(os.path.join(args.output, "model.json")):
         raise OptionError(f"{args.output}: already holds a model; choose a new directory")
@@ -558,7 +569,8 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_output
 from .errors import OptionError, ShowerFileError
 from .geometry import Geometry, get_geometry
@@ -86,7 +87,7 @@ class ShowerData:
     def n_voxels(self) -> int:
         return self.showers.shape[1]
 
-    def select(self, index: slice | np.ndarray | Sequence[int]) -> "ShowerData":
+    def select(self, index: slice | np.ndarray | Sequence[int]) -> ShowerData:
         """A new ShowerData with the showers picked by ``index``."""
         return ShowerData(self.incident_energies[index], self.showers[index],
                           {k: v[index] for k, v in self.conditions.items()},
@@ -94,7 +95,7 @@ class ShowerData:
                           {k: v[index] for k, v in self.auxiliary.items()})
 
     @staticmethod
-    def concatenate(parts: Sequence["ShowerData"]) -> "ShowerData":
+    def concatenate(parts: Sequence[ShowerData]) -> ShowerData:
         """Join batches with the same conditions into one."""
         if not parts:
             raise ValueError("nothing to concatenate")
@@ -193,6 +194,7 @@ class ShowerFile:
                     "neither CaloChallenge keys ('incident_energies', 'showers') nor CaloGAN "
                     f"keys ('energy', 'layer_0', ...) found; keys: {sorted(keys) or 'none'}")
         self.format = file_format
+        voxel_keys: tuple[str, ...]
         if file_format == "calochallenge":
             self._energy_key, voxel_keys = "incident_energies", ("showers",)
         else:
@@ -303,7 +305,7 @@ class ShowerFile:
     def close(self) -> None:
         self._h5.close()
 
-    def __enter__(self) -> "ShowerFile":
+    def __enter__(self) -> ShowerFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -399,7 +401,7 @@ class ShowerStream:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "ShowerStream":
+    def __enter__(self) -> ShowerStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -449,7 +451,7 @@ class ShowerWriter:
         self._atomic: contextlib.AbstractContextManager[str] | None = None
         self._h5: h5py.File | None = None
 
-    def __enter__(self) -> "ShowerWriter":
+    def __enter__(self) -> ShowerWriter:
         self._atomic = atomic_output(self.path)
         tmp = self._atomic.__enter__()
         self._h5 = h5py.File(tmp, "w")

@@ -21,7 +21,7 @@ loss; Moyal width 1.7 xi (Landau xi = 0.1535 (Z/A) rho x MeV); visible fraction 
 0.033 for datasets 2/3 (the datasets' own), else GFLASH's e-hat x the MIP sampling fraction;
 soft deposits from a tenth of the (visible) threshold to twice the MIP peak.
 
-Sources of the values (see ``../shared/notes/gflash.md`` and the docs):
+Sources of the values (see ``docs/simulator.md``):
 
 * material constants (Z, A, density, X0, critical energy): PDG tables as quoted in the notes;
   dE/dx_min of each material: PDG "Atomic and nuclear properties";
@@ -38,9 +38,9 @@ Sources of the values (see ``../shared/notes/gflash.md`` and the docs):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import numpy as np
 

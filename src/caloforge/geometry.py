@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 
@@ -175,7 +176,7 @@ class CartesianLayer:
                 "nx": self.nx, "ny": self.ny, "dx": self.dx, "dy": self.dy}
 
 
-Layer = Union[CylindricalLayer, CartesianLayer]
+Layer = CylindricalLayer | CartesianLayer
 
 
 def layer_from_dict(data: dict[str, Any]) -> Layer:
@@ -292,7 +293,7 @@ class Geometry:
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Geometry":
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
         return cls(name=str(data["name"]), layers=tuple(layer_from_dict(d) for d in data["layers"]),
                    particle=data.get("particle"), description=data.get("description", ""),
                    threshold_mev=float(data.get("threshold_mev", 0.0)))

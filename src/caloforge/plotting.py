@@ -7,7 +7,7 @@ inner bins of CaloChallenge dataset 1 stay visible; Cartesian layers as images i
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,7 +30,8 @@ def choose_layers(geometry: Geometry, mean_layer_energy: np.ndarray, max_layers:
     if geometry.n_layers <= max_layers:
         return list(range(geometry.n_layers))
     significant = np.flatnonzero(mean_layer_energy > 0.01 * mean_layer_energy.max())
-    lo, hi = (significant.min(), significant.max()) if significant.size else (0, geometry.n_layers - 1)
+    lo, hi = ((significant.min(), significant.max()) if significant.size
+              else (0, geometry.n_layers - 1))
     return sorted(set(np.linspace(lo, hi, max_layers).round().astype(int).tolist()))
 
 

@@ -77,7 +77,7 @@ class ConditionTransform(JsonState):
         return 1 + sum(len(self.condition_mean[n]) for n in self.names)
 
     def fit(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray],
-            units: dict[str, str] | None = None) -> "ConditionTransform":
+            units: dict[str, str] | None = None) -> ConditionTransform:
         log_e = np.log10(incident_energies)
         self.log_e_mean = float(log_e.mean())
         self.log_e_std = float(max(log_e.std(), 1e-3))
@@ -147,7 +147,7 @@ class LayerEnergyTransform(JsonState):
     alpha: float = 1e-6
 
     def fit(self, layer_energies: np.ndarray, incident_energies: np.ndarray
-            ) -> "LayerEnergyTransform":
+            ) -> LayerEnergyTransform:
         ratio = layer_energies.sum(axis=1) / incident_energies
         self.scale = float(max(1.1 * ratio.max(), 1e-6))
         return self
@@ -227,7 +227,7 @@ class VoxelTransform(JsonState):
 
     @classmethod
     def for_geometry(cls, geometry: Geometry, noise_mev: float, threshold_mev: float
-                     ) -> "VoxelTransform":
+                     ) -> VoxelTransform:
         return cls(list(geometry.layer_sizes), noise_mev, threshold_mev)
 
 
@@ -292,7 +292,7 @@ class BoxCoxTransform(JsonState):
     max_mev: float = 1e7  # inverse clamp: twice the largest training cell
 
     def fit(self, energies: np.ndarray, max_values: int = 500_000, seed: int = 0,
-            lam_range: tuple[float, float] = (0.0, 1.0)) -> "BoxCoxTransform":
+            lam_range: tuple[float, float] = (0.0, 1.0)) -> BoxCoxTransform:
         from scipy import stats
 
         values = np.asarray(energies, dtype=np.float64).ravel()

@@ -192,7 +192,7 @@ class Readout:
         filled = sums > 0
         factor[filled] = rng.gamma(sums[filled] / scale, scale) / sums[filled]
         sizes = np.diff(np.asarray(layer_offsets, dtype=np.int64))
-        return np.where(dense, out, sparse * np.repeat(factor, sizes, axis=-1))
+        return np.where(dense, out, sparse * np.repeat(factor, sizes.tolist(), axis=-1))
 
     @staticmethod
     def _sum_of(counts: np.ndarray, mean: float, variance: float, draw_one, rng

@@ -8,7 +8,8 @@ size, and shards can be generated on different machines and concatenated.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,8 @@ def generation_inputs(model: ShowerModel, n: int | None, like: str | None,
         raise OptionError("give -n (number of showers), --like or --energies")
     sampler = getattr(model, "conditions", None)
     if sampler is None or getattr(sampler, "names", []):
-        raise OptionError("this model needs conditions: give --like REF.h5 to take them from a file")
+        raise OptionError("this model needs conditions: give --like REF.h5 to take them "
+                          "from a file")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2 ** 31]))
     return sampler.sample_energies(n, rng), conditions, "the training energy distribution"
 

@@ -1,7 +1,8 @@
 """The reference shower simulator: GFLASH-parameterised showers for every built-in geometry.
 
 Electromagnetic showers follow the Grindhammer-Peters parameterisation (hep-ex/0001020) in
-the form Geant4's ``parameterisations/gflash`` uses (formulas in ``../shared/notes/gflash.md``):
+the form Geant4's ``parameterisations/gflash`` uses (formulas and sources in
+``docs/simulator.md``):
 
 1. each shower draws its own longitudinal gamma profile from correlated (ln T, ln alpha)
    (photons first travel an exponential conversion depth);
@@ -54,13 +55,14 @@ import math
 import os
 import re
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .data import ShowerData, ShowerWriter
 from .detectors import CONDITION_GENERATORS, Detector, SamplingStructure, get_detector
 from .errors import OptionError
@@ -250,7 +252,7 @@ class Spots:
     energy: np.ndarray
 
     @staticmethod
-    def empty() -> "Spots":
+    def empty() -> Spots:
         z = np.zeros(0)
         return Spots(np.zeros(0, dtype=np.int64), z, z, z, z)
 
@@ -771,7 +773,7 @@ class SimulationPlan:
                      energy_range_mev: Sequence[float] | None = None,
                      energies_mev: Sequence[float] | None = None,
                      seed: int | None = None, chunk_size: int | None = None,
-                     max_spots: int | None = None) -> "SimulationPlan":
+                     max_spots: int | None = None) -> SimulationPlan:
         """Fill unspecified options from the geometry's published-dataset defaults."""
         detector = get_detector(geometry)
         defaults = detector.defaults

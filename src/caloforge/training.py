@@ -36,8 +36,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, ClassVar, Iterator
+from functools import partial
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -98,7 +100,7 @@ class TrainingConfig:
         return 1 if self.epoch_showers is None else max(1, math.ceil(n_train / self.epoch_showers))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
         check_known_options(cls, values, "training")
         return cls(**values)
 
@@ -185,7 +187,7 @@ class TrainingHooks:
         select epochs by the mean ``validation_loss``."""
         return None
 
-    def on_best(self, run_dir: str, state: "LoopState") -> None:
+    def on_best(self, run_dir: str, state: LoopState) -> None:
         """Called when the validation figure improves (e.g. save the model)."""
 
     def on_epoch_end(self, run_dir: str, record: dict[str, Any]) -> None:
@@ -196,7 +198,7 @@ class TrainingHooks:
         a post-processing step on the training data."""
 
 
-def learning_rate(config: "TrainingConfig", progress: float) -> float:
+def learning_rate(config: TrainingConfig, progress: float) -> float:
     if config.schedule == "constant":
         return config.learning_rate
     return one_cycle_lr(config.learning_rate, progress, config.warmup_fraction)
@@ -270,9 +272,9 @@ class StreamedBatches:
         order = _part(order, part, parts)
         carry: dict[str, torch.Tensor] | None = None
         for first in range(0, len(order), self.buffer_blocks):
-            parts = [self.to_tensors(self.stream.read_block(int(b)))
-                     for b in order[first:first + self.buffer_blocks]]
-            buffer = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            loaded = [self.to_tensors(self.stream.read_block(int(b)))
+                      for b in order[first:first + self.buffer_blocks]]
+            buffer = {k: torch.cat([p[k] for p in loaded]) for k in loaded[0]}
             if generator is not None:
                 shuffle = torch.randperm(len(next(iter(buffer.values()))), generator=generator)
                 buffer = {k: v[shuffle] for k, v in buffer.items()}
@@ -341,7 +343,7 @@ class LoopState:
     config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "LoopState":
+    def from_dict(cls, values: dict[str, Any]) -> LoopState:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
@@ -407,7 +409,8 @@ class Trainer:
 
         tensors = {f"model.{k}": v.detach().cpu().contiguous()
                    for k, v in self.model.module.state_dict().items()}
-        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_weights.items()})
+        tensors.update({f"best.{k}": v.detach().cpu().contiguous()
+                        for k, v in best_weights.items()})
         groups: dict[str, Any] = {}
         scalars: dict[str, Any] = {}
         for player, optimiser in optimisers.items():
@@ -477,9 +480,10 @@ class Trainer:
         validation = TensorBatches(validation) if isinstance(validation, dict) else validation
         module = self.model.module.to(self.device)
         self.players = self.model.players()
-        self.optimisers = {name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor,
-                                                   betas=betas, weight_decay=config.weight_decay)
-                           for name, (parameters, factor, betas) in self.players.items()}
+        self.optimisers: dict[str, torch.optim.Optimizer] = {
+            name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor, betas=betas,
+                                    weight_decay=config.weight_decay)
+            for name, (parameters, factor, betas) in self.players.items()}
         self.parts = config.parts_per_pass(len(train))
         self.total_steps = math.ceil(len(train) / self.parts / config.batch_size) * config.epochs
         state = LoopState(config=asdict(config))
@@ -566,9 +570,9 @@ class Trainer:
             for group in optimiser.param_groups:
                 group["lr"] = lr * factor
             optimiser.zero_grad(set_to_none=True)
-            loss = _accumulate_gradients(
-                lambda part: self.model.player_loss(name, part, generator), batch,
-                self.config.micro_batch_size)
+            loss = _accumulate_gradients(partial(self.model.player_loss, name,
+                                                 generator=generator),
+                                         batch, self.config.micro_batch_size)
             if torch.isfinite(loss):
                 norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
                 if torch.isfinite(norm):
@@ -749,7 +753,8 @@ def plot_loss_curve(log_path: str, png_path: str, validation_label: str | None =
         ax.set_ylabel(validation_label or "loss (negative log-likelihood per shower)")
     best = [r for r in records if r.get("best")]
     if best:
-        ax.axvline(best[-1]["epoch"], color="grey", ls=":", label=f"best (epoch {best[-1]['epoch']})")
+        ax.axvline(best[-1]["epoch"], color="grey", ls=":",
+                   label=f"best (epoch {best[-1]['epoch']})")
     ax.set_xlabel("epoch")
     if players:
         ax.legend(handles=handles + ax.get_legend_handles_labels()[0][len(players):], fontsize=8)

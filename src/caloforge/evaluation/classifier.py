@@ -8,7 +8,7 @@ JSD = (ln 2 - BCE) / ln 2. 0.5 / 0 mean indistinguishable, 1 / 1 perfectly separ
 Two presets:
 
 * ``official``: exactly the CaloChallenge ``evaluate.py`` classifier (commit 9b41df7 of
-  2025-08-07, definitions in ``../shared/notes/anchors.md``): Linear(d, 2048) -> LeakyReLU ->
+  2025-08-07, definitions in ``docs/evaluation.md``): Linear(d, 2048) -> LeakyReLU ->
   [Linear(2048, 2048) -> LeakyReLU] x 2 -> Linear(2048, 1), float64, Adam 2e-4, batch 1000,
   50 epochs, stopping early only at test accuracy 1.0; per class fixed split sizes for the
   CaloChallenge datasets (dataset 1 photons 80000/20000/21000, pions 80000/20000/20800,
@@ -26,8 +26,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -1,4 +1,5 @@
-"""High-level shower features, CaloChallenge definitions.
+"""The classifier inputs of the CaloChallenge evaluation, from the high-level features of
+:mod:`caloforge.features` (re-exported here).
 
 For each shower (after thresholding): E_tot, E_tot/E_inc, and per layer the energy, the
 sparsity (fraction of voxels at zero), the centre of energy and width in r, and for layers
@@ -9,66 +10,10 @@ code does. Coordinates are voxel centres in mm (``Geometry.voxel_centres``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..geometry import CylindricalLayer, Geometry
-
-
-def apply_threshold(showers: np.ndarray, threshold_mev: float) -> np.ndarray:
-    """Voxels below ``threshold_mev`` set to 0 (a copy), ``(N, n_voxels)``."""
-    return np.where(showers < threshold_mev, 0.0, showers).astype(showers.dtype, copy=False)
-
-
-def layer_has_xy(layer) -> bool:
-    """Whether x/y centres and widths are meaningful for a layer (angular bins or cells)."""
-    return not (isinstance(layer, CylindricalLayer) and layer.n_alpha == 1)
-
-
-@dataclass
-class FeatureSet:
-    """Named per-shower features, each ``(N,)``, plus their kind for binning and plotting."""
-
-    values: dict[str, np.ndarray]
-    kinds: dict[str, str]  # "energy" (positive, log-binned), "fraction", "position", "width"
-
-    def names(self) -> list[str]:
-        return list(self.values)
-
-
-def high_level_features(showers: np.ndarray, incident_energies: np.ndarray,
-                        geometry: Geometry) -> FeatureSet:
-    """Features of thresholded showers ``(N, n_voxels)`` MeV with E_inc ``(N,)`` MeV."""
-    showers = np.asarray(showers, dtype=np.float64)
-    e_inc = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
-    values: dict[str, np.ndarray] = {}
-    kinds: dict[str, str] = {}
-    total = showers.sum(axis=1)
-    values["E_tot"], kinds["E_tot"] = total, "energy"
-    values["E_tot/E_inc"], kinds["E_tot/E_inc"] = total / e_inc, "fraction"
-    centres = geometry.voxel_centres
-    radii = geometry.voxel_radii
-    for position, (sl, layer) in enumerate(zip(geometry.layer_slices, geometry.layers)):
-        block = showers[:, sl]
-        energy = block.sum(axis=1)
-        tag = f"L{layer.layer_id}"
-        values[f"E_{tag}"], kinds[f"E_{tag}"] = energy, "energy"
-        values[f"sparsity_{tag}"] = (block == 0).mean(axis=1)
-        kinds[f"sparsity_{tag}"] = "fraction"
-        coordinates = {"r": radii[sl]}
-        if layer_has_xy(layer):
-            coordinates["x"], coordinates["y"] = centres[sl, 0], centres[sl, 1]
-        safe = np.where(energy > 0, energy, 1.0)
-        for axis, coordinate in coordinates.items():
-            mean = block @ coordinate / safe
-            second = block @ (coordinate ** 2) / safe
-            width = np.sqrt(np.maximum(second - mean ** 2, 0.0))
-            values[f"EC_{axis}_{tag}"] = np.where(energy > 0, mean, 0.0)
-            values[f"width_{axis}_{tag}"] = np.where(energy > 0, width, 0.0)
-            kinds[f"EC_{axis}_{tag}"] = "position"
-            kinds[f"width_{axis}_{tag}"] = "width"
-    return FeatureSet(values, kinds)
+from ..features import FeatureSet, apply_threshold, high_level_features, layer_has_xy  # noqa: F401
+from ..geometry import Geometry
 
 
 def classifier_high_level_inputs(features: FeatureSet, incident_energies: np.ndarray,
@@ -95,7 +40,8 @@ def classifier_high_level_inputs(features: FeatureSet, incident_energies: np.nda
 
 def classifier_low_level_inputs(showers: np.ndarray, incident_energies: np.ndarray
                                 ) -> np.ndarray:
-    """The official low-level classifier input ``(N, 1 + n_voxels)``: [log10 E_inc, voxels/E_inc]."""
+    """The official low-level classifier input ``(N, 1 + n_voxels)``:
+    [log10 E_inc, voxels/E_inc]."""
     e_inc = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
     out = np.empty((len(e_inc), 1 + showers.shape[1]), dtype=np.float32)
     out[:, 0] = np.log10(e_inc[:, 0])

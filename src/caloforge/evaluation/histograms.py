@@ -4,34 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
 from ..atomic import atomic_output
-
-
-def separation_power(reference: np.ndarray, generated: np.ndarray, bins: np.ndarray,
-                     clip: bool = True) -> float:
-    """S = 1/2 sum (h1 - h2)^2 / (h1 + h2) of the two normalised histograms (0 = same, 1 = disjoint).
-
-    ``clip``: values outside ``bins`` count in the first/last bin, so that a shift out of
-    range is not hidden (caloforge's quantile binning); without it they are dropped and each
-    histogram is normalised over its entries in range, as the official ``evaluate.py`` does
-    (``plt.hist(density=True)``) with its fixed ranges.
-    """
-    h1 = _histogram(reference, bins, clip)
-    h2 = _histogram(generated, bins, clip)
-    total = h1 + h2
-    nonzero = total > 0
-    return float(0.5 * np.sum((h1[nonzero] - h2[nonzero]) ** 2 / total[nonzero]))
-
-
-def _histogram(values: np.ndarray, bins: np.ndarray, clip: bool = True) -> np.ndarray:
-    if clip:
-        values = np.clip(values, bins[0], bins[-1])
-    counts, _ = np.histogram(values, bins=bins)
-    return counts / max(counts.sum(), 1)
+from ..features import _histogram, feature_bins, separation_power  # noqa: F401
 
 
 def official_feature_bins(name: str, dataset: str, reference: np.ndarray,
@@ -61,27 +39,6 @@ def official_feature_bins(name: str, dataset: str, reference: np.ndarray,
         limit = 30.0 if fine else 400.0 if hadronic else 100.0
         return np.linspace(0.0, limit, 101)
     return None
-
-
-def feature_bins(reference: np.ndarray, generated: np.ndarray, kind: str, n_bins: int = 50
-                 ) -> np.ndarray:
-    """Bin edges from the reference's 0.1-99.9 % range (log-spaced for energies)."""
-    if kind == "fraction" and reference.min() >= 0 and reference.max() <= 1:
-        lo, hi = 0.0, 1.0
-        if np.quantile(reference, 0.999) - np.quantile(reference, 0.001) < 0.5:
-            lo, hi = np.quantile(np.concatenate([reference, generated]), [0.001, 0.999])
-    else:
-        lo, hi = np.quantile(reference, [0.001, 0.999])
-    if kind == "energy" and hi > 0:
-        positive = reference[reference > 0]
-        lo = float(np.quantile(positive, 0.001)) if positive.size else hi / 1e3
-        if hi / max(lo, 1e-12) > 20:
-            return np.geomspace(lo, hi * 1.05, n_bins + 1)
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        centre = float(np.median(reference)) if reference.size else 0.0
-        lo, hi = centre - 0.5, centre + 0.5
-    pad = 0.05 * (hi - lo)
-    return np.linspace(lo - pad, hi + pad, n_bins + 1)
 
 
 def plot_feature_group(path: str | os.PathLike[str], title: str, names: Sequence[str],

@@ -11,12 +11,13 @@ import html
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_output, write_json_atomic
 from ..data import ShowerData, ShowerFile
 from ..errors import OptionError, ShowerFileError
@@ -166,18 +167,21 @@ def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geo
                                                   progress)
     if "fpd" in settings.metrics:
         log("FPD (jetnet definition) ...")
+        assert high_ref is not None and high_gen is not None
         value, error = fpd(high_ref, high_gen)
         result["fpd_x1e3"] = {"value": 1e3 * value, "error": 1e3 * error,
                               "features": HIGH_LEVEL_FEATURES, "definition": FPD_DEFINITION,
                               "n_reference": len(reference), "n_generated": len(generated)}
     if "kpd" in settings.metrics:
         log("KPD (jetnet definition) ...")
+        assert high_ref is not None and high_gen is not None
         value, error = kpd(high_ref, high_gen)
         result["kpd_x1e3"] = {"value": 1e3 * value, "error": 1e3 * error,
                               "features": HIGH_LEVEL_FEATURES, "definition": KPD_DEFINITION,
                               "n_reference": len(reference), "n_generated": len(generated)}
     if "prdc" in settings.metrics:
         log("precision / recall / density / coverage ...")
+        assert high_ref is not None and high_gen is not None
         result["prdc"] = _prdc(high_ref, high_gen, settings.seed)
     result["wall_time_s"] = round(time.perf_counter() - started, 2)
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
@@ -286,7 +290,8 @@ def format_summary(result: dict[str, Any]) -> str:
     rows = summary_rows(result)
     width = max(len(r[0]) for r in rows)
     lines = [f"{result['geometry']}: {result['n_reference']} reference vs "
-             f"{result['n_generated']} generated showers, threshold {result['threshold_mev']:g} MeV"]
+             f"{result['n_generated']} generated showers, "
+             f"threshold {result['threshold_mev']:g} MeV"]
     lines += [f"  {name:<{width}}  {value:<22} {how}" for name, value, how in rows]
     return "\n".join(lines)
 
@@ -302,7 +307,8 @@ def write_html_report(path: str, result: dict[str, Any], images: list[tuple[str,
              "img{max-width:100%;border:1px solid #eee;margin:8px 0}</style></head><body>",
              f"<h1>Evaluation: {esc(result['geometry'])}</h1>",
              f"<p>{result['n_reference']} reference vs {result['n_generated']} generated showers; "
-             f"threshold {result['threshold_mev']:g} MeV; caloforge {esc(result['caloforge_version'])}"
+             f"threshold {result['threshold_mev']:g} MeV; "
+             f"caloforge {esc(result['caloforge_version'])}"
              "</p><h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>settings</th></tr>"]
     for name, value, how in summary_rows(result):
         parts.append(f"<tr><td>{esc(name)}</td><td>{esc(value)}</td><td>{esc(how)}</td></tr>")

@@ -13,7 +13,8 @@ import os
 import statistics
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class PeakMemory:
@@ -28,6 +29,7 @@ class PeakMemory:
         self.megabytes = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._base = self._peak = 0
 
     @staticmethod
     def _rss_bytes() -> int:
@@ -43,7 +45,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self._peak = max(self._peak, self._rss_bytes())
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.startswith("cuda"):
             import torch
 
@@ -98,7 +100,7 @@ def benchmark_sampling(sample: Callable[[int], Any], threads: Sequence[int],
                     per_call = (time.perf_counter() - started) * batch_size / warmup
                     # fast settings: enough back-to-back calls for ~0.5 s per measurement
                     calls = max(1, min(50, int(0.5 / max(per_call, 1e-6))))
-                    timings = []
+                    timings: list[float] = []
                     while len(timings) < repeats and (
                             not timings or time.perf_counter() - started < max_seconds):
                         start = time.perf_counter()

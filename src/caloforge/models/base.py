@@ -15,14 +15,15 @@ import json
 import os
 import platform
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_output, write_json_atomic
 from ..data import ShowerData, ShowerStream
-from ..errors import CaloforgeError
+from ..errors import CaloforgeError, OptionError
 from ..geometry import Geometry
 from ..training import LoopState, TrainingHooks, fit_model
 
@@ -43,6 +44,8 @@ class ShowerModel(ABC):
 
     family: ClassVar[str]
     module: Any  # torch.nn.Module
+    # whether ``log_prob`` gives the likelihood of showers (the flows) or raises (the GANs)
+    has_likelihood: ClassVar[bool] = False
 
     def __init__(self, geometry: Geometry) -> None:
         self.geometry = geometry
@@ -65,9 +68,10 @@ class ShowerModel(ABC):
         """Per-shower log-likelihood ``(N,)`` where the family has one."""
         raise CaloforgeError(f"model family {self.family!r} has no likelihood")
 
-    def check_conditions(self, incident_energies: np.ndarray,
+    def check_conditions(self, incident_energies: np.ndarray,  # noqa: B027 (a no-op hook)
                          conditions: dict[str, np.ndarray], source: str) -> None:
-        """Raise a CaloforgeError if the inputs leave the training range."""
+        """Raise a CaloforgeError if the inputs leave the training range (no check by
+        default)."""
 
     @abstractmethod
     def to_json_state(self) -> dict[str, Any]:
@@ -75,7 +79,7 @@ class ShowerModel(ABC):
 
     @classmethod
     @abstractmethod
-    def from_json_state(cls, state: dict[str, Any]) -> "ShowerModel":
+    def from_json_state(cls, state: dict[str, Any]) -> ShowerModel:
         """Rebuild an untrained model (with fitted preprocessing) from ``to_json_state``."""
 
     # --- files --------------------------------------------------------------------------
@@ -94,7 +98,7 @@ class ShowerModel(ABC):
             "versions": _versions()})
 
 
-def shard_generator(seed: int, shard: int) -> "torch.Generator":
+def shard_generator(seed: int, shard: int) -> torch.Generator:
     """The torch generator all sampling noise of one (seed, shard) comes from."""
     import torch
 
@@ -117,6 +121,17 @@ class ConditionedModel(ShowerModel, TrainingHooks):
 
     conditions: Any  # ConditionTransform
     config: Any
+    # named configurations: name -> a function returning a fresh config (or, for a
+    # distilled student, a DistillationConfig)
+    PRESETS: ClassVar[dict[str, Callable[[], Any]]] = {}
+
+    @classmethod
+    def preset(cls, name: str) -> Any:
+        """A fresh copy of the named configuration (an OptionError listing the presets)."""
+        if name not in cls.PRESETS:
+            raise OptionError(f"unknown {cls.family} preset {name!r}; choose from "
+                              f"{', '.join(cls.PRESETS)}")
+        return cls.PRESETS[name]()
     def fit(self, data: ShowerData | ShowerStream, run_dir: str, resume: bool = False,
             device: str = "cpu", progress: Any = None, metadata: dict[str, Any] | None = None
             ) -> dict[str, Any]:
@@ -146,7 +161,7 @@ class ConditionedModel(ShowerModel, TrainingHooks):
             raise CaloforgeError("the model is not fitted")
 
     def to_tensors(self, data: ShowerData, index: np.ndarray | slice = slice(None)
-                 ) -> dict[str, "torch.Tensor"]:
+                 ) -> dict[str, torch.Tensor]:
         """A batch dict (float32 tensors) of ``data[index]``."""
         import torch
 
@@ -158,7 +173,7 @@ class ConditionedModel(ShowerModel, TrainingHooks):
                                                            dtype=torch.float32)
         return tensors
 
-    def _context(self, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    def _context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Standardised conditions ``(B, n_context)`` of a batch."""
         conditions = {k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith("condition.")}
         return self.conditions.forward(batch["incident_energy"], conditions)
@@ -172,7 +187,7 @@ class ConditionedModel(ShowerModel, TrainingHooks):
                 dict(conditions or {}))
 
     def _condition_batch(self, energies: np.ndarray, conditions: dict[str, np.ndarray],
-                         start: int, stop: int, device: str) -> dict[str, "torch.Tensor"]:
+                         start: int, stop: int, device: str) -> dict[str, torch.Tensor]:
         """The conditions of showers ``start:stop`` as a batch dict on ``device``."""
         import torch
 

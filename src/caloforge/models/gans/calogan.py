@@ -4,22 +4,23 @@ Generator: the latent vector, scaled by E_inc / E_ref as in CaloGAN, with the st
 conditions appended, feeds one stream per layer: dense -> (C, ny, nx) feature map ->
 3x3 convolution -> locally connected 3x3 layer (weights not shared between positions) ->
 softplus; cells below the threshold are set to zero after decoding. (CaloGAN's ReLU output
-left most cells dead after two epochs here: a dead cell gets no gradient to come back.) Layer to layer: from the second layer on, the
-previous layer's output, resized to this layer's grid, enters the convolution as an extra
-channel (CaloGAN's attention / in-painting between layers). The outputs are each cell's
-energy as a fraction of E_inc, in units of a per-layer scale fitted on the training data.
+left most cells dead after two epochs here: a dead cell gets no gradient to come back.)
+Layer to layer: from the second layer on, the previous layer's output, resized to this
+layer's grid, enters the convolution as an extra channel (CaloGAN's attention / in-painting
+between layers). The outputs are each cell's energy as a fraction of E_inc, in units of a
+per-layer scale fitted on the training data.
 
 Critic: per layer a convolution and a locally connected layer, pooled to a small grid;
 with the per-layer energies, sparsities, centres and widths (:class:`ShowerFeatures`),
 E_tot / E_inc, the energy balance |E_tot - E_inc| / E_inc, the conditions and
 minibatch-discrimination features of all of these; an MLP head gives one score.
 
-Recipe (``../shared/notes/anchors.md``): the original trains with the non-saturating loss
-(``loss: bce`` in ``--config``), Adam with beta1 = 0.5, D 2e-5 and G 2e-4. The CPU preset
-uses the Wasserstein loss with gradient penalty (3 critic steps per generator step, both at
-2e-4, batch 128): on the 50k-shower calogan set the non-saturating discriminator won
-within two epochs. Minibatch discrimination stays in the critic (as minibatch statistics
-do in ProGAN's WGAN-GP critic).
+Recipe (Paganini et al., arXiv:1712.10321, as in ``docs/gans.md``): the original trains
+with the non-saturating loss (``loss: bce`` in ``--config``), Adam with beta1 = 0.5, D 2e-5
+and G 2e-4. The CPU preset uses the Wasserstein loss with gradient penalty (3 critic steps
+per generator step, both at 2e-4, batch 128): on the 50k-shower calogan set the
+non-saturating discriminator won within two epochs. Minibatch discrimination stays in the
+critic (as minibatch statistics do in ProGAN's WGAN-GP critic).
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import ShowerData
-from ..errors import GeometryError
-from ..geometry import CartesianLayer, Geometry
-from ..training import TrainingConfig
-from .adversarial import (AdversarialModel, GanConfig, GanModule, MinibatchDiscrimination,
-                          ShowerFeatures)
+from ...data import ShowerData
+from ...errors import GeometryError
+from ...geometry import CartesianLayer, Geometry
+from ...training import TrainingConfig
+from .common import AdversarialModel, GanConfig, GanModule, MinibatchDiscrimination, ShowerFeatures
 
 LEAK = 0.2
 
@@ -91,7 +91,8 @@ class CaloGanGenerator(torch.nn.Module):
         weights scaled down."""
         sizes = [h * w for h, w in self.shapes]
         inverse_softplus = torch.log(torch.expm1(mean.clamp(min=1e-8)))
-        for local, block in zip(self.local, torch.split(inverse_softplus, sizes)):
+        layers: list[Any] = list(self.local)
+        for local, block in zip(layers, torch.split(inverse_softplus, sizes)):
             local.bias.data.copy_(block[None])
             local.weight.data.mul_(0.1)
 

@@ -1,7 +1,7 @@
 """What the GAN families share: configuration, players and losses, physics features for the
 critic, validation by separation power, per-epoch diagnostics and batched sampling.
 
-A family (:mod:`~caloforge.models.calogan`, :mod:`~caloforge.models.wgan`) provides the
+A family (:mod:`~caloforge.models.gans.calogan`, :mod:`~caloforge.models.gans.wgan`) provides the
 voxel representation the networks work in (``_fit_representation``, ``_encode``,
 ``_decode``) and the two networks (``_new_module`` returning a :class:`GanModule`). The
 shared :class:`~caloforge.training.Trainer` runs the game: the critic updates on every
@@ -25,14 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import ShowerData
-from ..errors import OptionError
-from ..evaluation.features import apply_threshold, high_level_features
-from ..evaluation.histograms import feature_bins, separation_power
-from ..geometry import CartesianLayer, Geometry
-from ..preprocessing import ConditionTransform
-from ..training import Player, TrainingConfig, check_known_options
-from .base import ConditionedModel, shard_generator
+from ...data import ShowerData
+from ...errors import OptionError
+from ...features import apply_threshold, feature_bins, high_level_features, separation_power
+from ...geometry import CartesianLayer, Geometry
+from ...preprocessing import ConditionTransform
+from ...training import Player, TrainingConfig, check_known_options
+from ..base import ConditionedModel, shard_generator
 
 VALIDATION_SEED = 20_221
 
@@ -71,7 +70,7 @@ class GanConfig:
         self.training.validate()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GanConfig":
+    def from_dict(cls, values: dict[str, Any]) -> GanConfig:
         check_known_options(cls, values, "GAN")
         values = dict(values)
         training = TrainingConfig.from_dict({**asdict(cls().training),
@@ -92,6 +91,9 @@ class GanModule(torch.nn.Module):
     """``generator(z (B, latent), context (B, c), incident_energy (B,) MeV) ->
     representation`` and ``critic(representation, voxels (B, n_voxels) MeV, context,
     incident_energy) -> (B,)`` scores."""
+
+    generator: Any  # a torch.nn.Module with start_from_mean
+    critic: torch.nn.Module
 
     def __init__(self, generator: torch.nn.Module, critic: torch.nn.Module) -> None:
         super().__init__()
@@ -118,12 +120,15 @@ class ShowerFeatures(torch.nn.Module):
     """Differentiable physics summaries of showers for a critic, ``(B, n_voxels) MeV -> (B, d)``.
 
     Per layer: log10 of the layer's share of E_inc (floored at 1e-4), the sparsity (fraction
-    of empty cells, no gradient), and for Cartesian layers the centre of energy and width in x and y in
-    units of the layer's half-extent (energy-weighted with a floor of 1e-3 E_inc, so that
+    of empty cells, no gradient), and for Cartesian layers the centre of energy and width in
+    x and y in units of the layer's half-extent (energy-weighted with a floor of 1e-3 E_inc, so that
     nearly empty layers do not give the critic huge gradients: the gradient penalty is
     taken between real and generated showers, where layers may be nearly empty); then
     log10(E_tot / E_inc) and the energy balance |E_tot - E_inc| / E_inc.
     """
+
+    layer_index: torch.Tensor  # buffers
+    coordinates: torch.Tensor
 
     def __init__(self, geometry: Geometry) -> None:
         super().__init__()
@@ -186,14 +191,6 @@ class AdversarialModel(ConditionedModel):
         self.module: GanModule | None = None
         self._last_validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    PRESETS: dict[str, Any] = {}
-
-    @classmethod
-    def preset(cls, name: str) -> GanConfig:
-        if name not in cls.PRESETS:
-            raise OptionError(f"unknown {cls.family} preset {name!r}; choose from "
-                              f"{', '.join(cls.PRESETS)}")
-        return cls.PRESETS[name]()
 
     # --- what a family provides -----------------------------------------------------------
     @abstractmethod
@@ -314,7 +311,7 @@ class AdversarialModel(ConditionedModel):
         """Plot the mean validation shower against the generated one (``diagnostics``)."""
         if not self.config.diagnostics or self._last_validation is None:
             return
-        from ..plotting import plot_average_comparison
+        from ...plotting import plot_average_comparison
 
         reference, generated, energies = self._last_validation
         path = os.path.join(run_dir, "diagnostics", f"epoch_{record['epoch']:03d}.png")
@@ -358,7 +355,7 @@ class AdversarialModel(ConditionedModel):
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry | None = None
-                        ) -> "AdversarialModel":
+                        ) -> AdversarialModel:
         assert geometry is not None
         model = cls(geometry, GanConfig.from_dict(state["config"]))
         model.conditions = ConditionTransform.from_state(state["conditions"])

@@ -36,13 +36,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import ShowerData
-from ..errors import GeometryError
-from ..geometry import CartesianLayer, Geometry
-from ..preprocessing import BoxCoxTransform
-from ..training import TrainingConfig
-from .adversarial import (AdversarialModel, GanConfig, GanModule, ShowerFeatures,
-                          condition_maps, coordinate_maps)
+from ...data import ShowerData
+from ...errors import GeometryError
+from ...geometry import CartesianLayer, Geometry
+from ...preprocessing import BoxCoxTransform
+from ...training import TrainingConfig
+from .common import (
+    AdversarialModel,
+    GanConfig,
+    GanModule,
+    ShowerFeatures,
+    condition_maps,
+    coordinate_maps,
+)
 
 LEAK = 0.2
 UPSAMPLINGS = 3
@@ -51,9 +57,10 @@ BOXCOX_SHIFT = 1e-5  # fraction of E_inc
 
 def image_shape(geometry: Geometry) -> tuple[int, int, int]:
     """(channels = layers, ny, nx) of a geometry whose layers are equal Cartesian grids."""
-    shapes = {(layer.ny, layer.nx) if isinstance(layer, CartesianLayer) else None
-              for layer in geometry.layers}
-    if None in shapes or len(shapes) != 1:
+    shapes = {(layer.ny, layer.nx) for layer in geometry.layers
+              if isinstance(layer, CartesianLayer)}
+    if len(shapes) != 1 or not all(isinstance(layer, CartesianLayer)
+                                   for layer in geometry.layers):
         raise GeometryError(f"wgan needs Cartesian layers of one shape (e.g. lhcb-ecal); "
                             f"{geometry.name} has other layers (use calogan or caloflow)")
     ny, nx = shapes.pop()
@@ -74,7 +81,7 @@ def translate(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     theta[:, 0, 0] = 1.0
     theta[:, 1, 1] = 1.0
     theta[:, :, 2] = -shift  # output pixel p samples the input at p - shift
-    grid = F.affine_grid(theta, (batch, 1, height, width), align_corners=False)
+    grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
 
@@ -88,6 +95,10 @@ class Aligner(torch.nn.Module):
     of this point and moves them there, so that its response to the entry point and
     direction is right from the first step instead of having to be learnt.
     """
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+    half_extent: torch.Tensor
 
     def __init__(self, columns: dict[str, list[int]], mean: list[float], std: list[float],
                  depth_mm: list[float], half_extent_mm: list[float]) -> None:
@@ -132,6 +143,7 @@ class WganGenerator(torch.nn.Module):
         """Output ~ the mean training image ``(layers, ny, nx)`` at initialisation."""
         self.offset.data.copy_(mean)
         self.out.weight.data.mul_(0.1)
+        assert self.out.bias is not None
         self.out.bias.data.zero_()
 
     def forward(self, z: torch.Tensor, context: torch.Tensor, incident_energy: torch.Tensor
@@ -141,8 +153,9 @@ class WganGenerator(torch.nn.Module):
         for up in self.up:
             x = torch.cat([x, condition_maps(context, *x.shape[-2:])], 1)
             x = F.leaky_relu(up(x), LEAK)
-        x = torch.cat([x, condition_maps(context, *x.shape[-2:]),
-                       coordinate_maps(len(x), *x.shape[-2:], like=x)], 1)
+        height, width = x.shape[-2:]
+        x = torch.cat([x, condition_maps(context, height, width),
+                       coordinate_maps(len(x), height, width, like=x)], 1)
         images = _centre_crop(self.out(x), *self.shape[1:]) + self.offset
         if self.aligner is not None:
             images = translate(images, self.aligner(context))
@@ -192,9 +205,13 @@ class Wgan(AdversarialModel):
 
     Example::
 
-        train = read_showers("lhcb_train.h5", get_geometry("lhcb-ecal"))
-        model = Wgan(train_geometry, Wgan.preset("cpu")).fit(train, "runs/wgan")
-        generated = model.sample(energies, {"entry_point": xy, "direction": angles})
+        geometry = get_geometry("lhcb-ecal")
+        train = read_showers("lhcb_train.h5", geometry)
+        model = Wgan(geometry, Wgan.preset("cpu"))
+        model.fit(train, "runs/wgan")
+        generated = model.sample(train.incident_energies, {
+            "entry_point": train.conditions["entry_point"],
+            "direction": train.conditions["direction"]})
     """
 
     family = "wgan"
@@ -265,6 +282,7 @@ class Wgan(AdversarialModel):
             mean += self.conditions.condition_mean[name]
             std += self.conditions.condition_std[name]
         layer = self.geometry.layers[0]
+        assert isinstance(layer, CartesianLayer)
         return Aligner(columns, mean, std, self.depth_mm,
                        [layer.nx * layer.dx / 2, layer.ny * layer.dy / 2])
 

@@ -10,19 +10,20 @@ zero-pad H; Cartesian layers zero-pad both.
 * :class:`ActNorm`: per-channel affine with data-dependent initialisation.
 * :class:`InvertibleConv1x1`: a learned channel mixing (Glow).
 * :class:`SplineCoupling`: half the channels through monotonic rational-quadratic splines
-  (zuko's maths, :class:`~caloforge.models.caloflow.RQSpline`) whose parameters a small
+  (zuko's maths, :class:`~caloforge.models.flows.toolkit.RQSpline`) whose parameters a small
   :class:`UNet` computes from the other half and the condition channels.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .caloflow import RQSpline
+from .toolkit import RQSpline
 
 
 def squeeze(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,7 @@ class UNet(nn.Module):
         self.decode = nn.ModuleList([conv(3 * width, width), conv(width, width)])
         self.out = conv(width, out_channels)
         nn.init.zeros_(self.out.conv.weight)
+        assert self.out.conv.bias is not None
         nn.init.zeros_(self.out.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +98,8 @@ class UNet(nn.Module):
 class ActNorm(nn.Module):
     """``y = (x + loc) * exp(log_scale)`` per channel; the first training batch sets loc
     and scale so that its output has zero mean and unit variance per channel."""
+
+    initialised: torch.Tensor  # a buffer
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -219,7 +223,8 @@ class ConvFlow(nn.Module):
     def inverse(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Base values ``(B, 4, H/2, W/2)`` -> images ``(B, 1, H, W)``."""
         embedded = self._condition(condition)
-        for layer in reversed(self.layers):
+        layers: list[Any] = list(self.layers)
+        for layer in reversed(layers):
             z = layer.inverse(z, embedded)
         return unsqueeze(z)
 

@@ -27,21 +27,22 @@ Flow-3 (one-pass IAFs, :class:`ICaloFlowStudent`) come from ``caloforge distill`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data import ShowerData
-from ..errors import GeometryError, OptionError
-from ..geometry import Geometry
-from ..preprocessing import LogitTransform, VoxelTransform
-from ..training import TrainingConfig
-from .base import shard_generator
-from .caloflow import (FlowConfig, LayerEnergyFlows, build_maf, flows_config_from_dict,
-                       layer_orders)
-from .distillation import DistillationConfig, DistilledStudent, distillation_preset
+from ...data import ShowerData
+from ...errors import GeometryError, OptionError
+from ...geometry import Geometry
+from ...preprocessing import LogitTransform, VoxelTransform
+from ...training import TrainingConfig
+from ..base import shard_generator
+from .distillation import DISTILLATION_PRESETS, DistillationConfig, DistilledStudent
+from .layered import LayerEnergyFlows
+from .toolkit import FlowConfig, build_maf, flows_config_from_dict, layer_orders
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ICaloFlowConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ICaloFlowConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ICaloFlowConfig:
         out = flows_config_from_dict(cls, values, "iCaloFlow")
         if out.layers_per_shower < 0:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
@@ -104,7 +105,8 @@ def _tiny_config() -> ICaloFlowConfig:
                            training=TrainingConfig(epochs=2, batch_size=32))
 
 
-PRESETS = {"cpu": _cpu_config, "paper": _paper_config, "tiny": _tiny_config}
+PRESETS: dict[str, Callable[[], Any]] = {"cpu": _cpu_config, "paper": _paper_config,
+                                       "tiny": _tiny_config}
 
 
 class ICaloFlowModule(torch.nn.Module):
@@ -164,12 +166,7 @@ class ICaloFlow(LayerEnergyFlows):
                                                           config.logit_alpha))
         self.previous_mean, self.previous_std = 0.0, 1.0
 
-    @staticmethod
-    def preset(name: str) -> ICaloFlowConfig:
-        if name not in PRESETS:
-            raise OptionError(f"unknown iCaloFlow preset {name!r}; choose from "
-                              f"{', '.join(PRESETS)}")
-        return PRESETS[name]()
+    PRESETS = PRESETS
 
     # --- preprocessing ----------------------------------------------------------------
     def _layers(self, voxels: torch.Tensor) -> torch.Tensor:
@@ -185,7 +182,7 @@ class ICaloFlow(LayerEnergyFlows):
         sample = torch.as_tensor(data.showers[:rows], dtype=torch.float64)
         x = self._normalised_layers(sample, torch.Generator().manual_seed(0))[1]
         self.previous_mean = float(x.mean())
-        self.previous_std = float(max(x.std(), 1e-3))
+        self.previous_std = max(float(x.std()), 1e-3)
 
     def _normalised_layers(self, voxels: torch.Tensor, generator: torch.Generator | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +325,19 @@ class ICaloFlow(LayerEnergyFlows):
         self.previous_std = float(state["previous_std"])
 
 
+def _cpu_student() -> DistillationConfig:
+    """The distillation preset with the teacher's batches and epochs of 20,000 showers (a
+    pass over a large set would otherwise be one epoch of ~30 minutes)."""
+    config = DISTILLATION_PRESETS["cpu"]()
+    config.training.batch_size = 64
+    config.training.val_fraction = 0.02
+    config.training.epoch_showers = 20_000
+    return config
+
+
+STUDENT_PRESETS = {**DISTILLATION_PRESETS, "cpu": _cpu_student}
+
+
 class ICaloFlowStudent(DistilledStudent, ICaloFlow):
     """An iCaloFlow whose Flow-2 and Flow-3 are IAFs distilled from a teacher (one network
     pass per block and layer when sampling); Flow-1 is the teacher's."""
@@ -336,16 +346,7 @@ class ICaloFlowStudent(DistilledStudent, ICaloFlow):
     teacher_family = "icaloflow"
     distilled_flows = ("flow2", "flow3")
 
-    @staticmethod
-    def preset(name: str) -> DistillationConfig:
-        """The distillation presets with the teacher's batches and epochs of 20,000
-        showers (a pass over a large set would otherwise be one epoch of ~30 minutes)."""
-        config = distillation_preset(name)
-        if name == "cpu":
-            config.training.batch_size = 64
-            config.training.val_fraction = 0.02
-            config.training.epoch_showers = 20_000
-        return config
+    PRESETS = STUDENT_PRESETS
 
 
 

@@ -1,7 +1,7 @@
 """Probability density distillation of MAF teachers into one-pass IAF students.
 
 A MAF teacher samples with one network pass per autoregressive group and block; its
-inverse-autoregressive twin (:func:`~caloforge.models.caloflow.build_maf` with
+inverse-autoregressive twin (:func:`~caloforge.models.flows.toolkit.build_maf` with
 ``inverse=True``) samples in one pass per block. A student learns from a trained teacher,
 never from data alone (CaloFlow II):
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -34,11 +35,11 @@ import torch
 from torch.nn.functional import mse_loss
 from zuko.utils import unpack
 
-from ..data import ShowerData
-from ..errors import CaloforgeError, OptionError
-from ..training import TrainingConfig
-from .base import MODEL_WEIGHTS
-from .caloflow import FlowConfig
+from ...data import ShowerData
+from ...errors import CaloforgeError, OptionError
+from ...training import TrainingConfig
+from ..base import MODEL_WEIGHTS
+from .toolkit import FlowConfig
 
 
 @dataclass
@@ -62,7 +63,7 @@ class DistillationConfig:
         epochs=1000, batch_size=256, learning_rate=1e-3, time_budget_s=30 * 60))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DistillationConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DistillationConfig:
         values = dict(values)
         known = {"student", "beta", "guided", "init", "training"}
         unknown = sorted(set(values) - known)
@@ -107,15 +108,8 @@ def _tiny_distillation() -> DistillationConfig:
 DISTILLATION_PRESETS = {"cpu": _cpu_distillation, "tiny": _tiny_distillation}
 
 
-def distillation_preset(name: str) -> DistillationConfig:
-    if name not in DISTILLATION_PRESETS:
-        raise OptionError(f"unknown distillation preset {name!r}; choose from "
-                          f"{', '.join(DISTILLATION_PRESETS)}")
-    return DISTILLATION_PRESETS[name]()
-
-
 # --- block chains --------------------------------------------------------------------------
-def _block(made: torch.nn.Module, h: torch.Tensor, context: torch.Tensor, with_ladj: bool = False
+def _block(made: Any, h: torch.Tensor, context: torch.Tensor, with_ladj: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One MADE-spline block in its one-pass direction.
 
@@ -130,7 +124,7 @@ def _block(made: torch.nn.Module, h: torch.Tensor, context: torch.Tensor, with_l
     return phi, out, ladj.sum(-1)
 
 
-def teacher_chain(flow: torch.nn.Module, x: torch.Tensor, context: torch.Tensor
+def teacher_chain(flow: Any, x: torch.Tensor, context: torch.Tensor
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A teacher MAF in its density direction x -> z, one pass per block.
 
@@ -144,7 +138,7 @@ def teacher_chain(flow: torch.nn.Module, x: torch.Tensor, context: torch.Tensor
     return states, params
 
 
-def student_chain(flow: torch.nn.Module, z: torch.Tensor, context: torch.Tensor,
+def student_chain(flow: Any, z: torch.Tensor, context: torch.Tensor,
                   with_ladj: bool = False
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
     """A student IAF in its sampling direction z -> x, one pass per block.
@@ -155,13 +149,18 @@ def student_chain(flow: torch.nn.Module, z: torch.Tensor, context: torch.Tensor,
     blocks = [lazy_inverse.transform for lazy_inverse in flow.transform.transforms]
     states: list[torch.Tensor] = [z]
     params: list[torch.Tensor] = []
-    total_ladj = torch.zeros(len(z), device=z.device) if with_ladj else None
+    ladjs = []
     for made in reversed(blocks):
         phi, h, ladj = _block(made, states[0], context, with_ladj)
         states.insert(0, h)
         params.insert(0, phi)
-        if with_ladj:
-            total_ladj = total_ladj + ladj
+        ladjs.append(ladj)
+    if not with_ladj:
+        return states, params, None
+    total_ladj = torch.zeros(len(z), device=z.device)
+    for ladj in ladjs:
+        assert ladj is not None
+        total_ladj = total_ladj + ladj
     return states, params, total_ladj
 
 
@@ -253,9 +252,7 @@ class DistilledStudent:
         self.teacher = None
         self.teacher_info = {}
 
-    @staticmethod
-    def preset(name: str) -> DistillationConfig:
-        return distillation_preset(name)
+    PRESETS: ClassVar[dict[str, Callable[[], Any]]] = DISTILLATION_PRESETS
 
     @classmethod
     def from_teacher(cls, teacher: Any, distillation: DistillationConfig,
@@ -291,7 +288,7 @@ class DistilledStudent:
                                                  "training": asdict(distillation.training)})
         state = {**teacher.to_json_state(), "config": config.to_dict(),
                  "distillation": distillation.to_dict(), "teacher": {}}
-        student = cls.from_json_state(state, teacher.geometry)  # type: ignore[attr-defined]
+        student = cls.from_json_state(state, teacher.geometry)
         student.teacher = teacher
         student.teacher_info = {
             name: asdict(getattr(teacher.config, name)) for name in cls.distilled_flows}
@@ -355,9 +352,9 @@ class DistilledStudent:
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Sum over the distilled flows of their distillation losses."""
         inputs = self._distillation_inputs(batch, generator)  # type: ignore[attr-defined]
-        return sum(distillation_loss(teacher, student, *inputs[name], generator,
-                                     self.distillation)
-                   for name, teacher, student in self._flow_pairs())
+        return _total([distillation_loss(teacher, student, inputs[name][0], inputs[name][1],
+                                         generator, self.distillation)
+                       for name, teacher, student in self._flow_pairs()])
 
     def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator
                         ) -> torch.Tensor:
@@ -366,9 +363,9 @@ class DistilledStudent:
         inputs = self._distillation_inputs(  # type: ignore[attr-defined]
             batch, generator, every_layer=True)
         n_showers = len(batch["incident_energy"])
-        return sum(kl_divergence(teacher, student, inputs[name][0].shape, inputs[name][1],
-                                 generator).sum() / n_showers
-                   for name, teacher, student in self._flow_pairs())
+        return _total([kl_divergence(teacher, student, inputs[name][0].shape, inputs[name][1],
+                                     generator).sum() / n_showers
+                       for name, teacher, student in self._flow_pairs()])
 
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
@@ -381,6 +378,14 @@ class DistilledStudent:
         model.distillation = DistillationConfig.from_dict(state["distillation"])
         model.teacher_info = dict(state.get("teacher", {}))
         return model
+
+
+def _total(values: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more tensors."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
 
 
 def kl_student_teacher(student: Any, data: ShowerData, seed: int = 0, device: str = "cpu",

@@ -5,9 +5,9 @@ dataset 3: 45 layers of 18 radial x 50 angular bins) masked autoregressive flows
 layer stop scaling; convolutional coupling flows scale with the image and sample in one
 pass:
 
-* the energy flow (a MADE-RQS MAF, :class:`~caloforge.models.caloflow.LayerEnergyFlows`'
+* the energy flow (a MADE-RQS MAF, :class:`~caloforge.models.flows.layered.LayerEnergyFlows`'
   Flow-1): all layer energies ``(L,)`` given the conditions;
-* one :class:`~caloforge.models.conv_blocks.ConvFlow` per layer (``shared: false``, the
+* one :class:`~caloforge.models.flows.conv_blocks.ConvFlow` per layer (``shared: false``, the
   published choice) or ONE shared by every layer with a learned layer embedding
   (``shared: true``): the layer image in logit space ``(1, H, W)`` given, as image
   channels, the previous ``previous_layers`` layers (default 5; missing ones before the
@@ -37,13 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import ShowerData, ShowerStream
-from ..errors import CaloforgeError, GeometryError, OptionError
-from ..geometry import Geometry
-from ..preprocessing import LogitTransform, MaxLogTransform
-from ..training import TrainingConfig
-from .caloflow import FlowConfig, LayerEnergyFlows, build_maf, flows_config_from_dict
+from ...data import ShowerData, ShowerStream
+from ...errors import CaloforgeError, GeometryError, OptionError
+from ...geometry import Geometry
+from ...preprocessing import LogitTransform, MaxLogTransform
+from ...training import TrainingConfig
 from .conv_blocks import ConvFlow
+from .layered import LayerEnergyFlows
+from .toolkit import FlowConfig, build_maf, flows_config_from_dict
 
 ENERGY_PART = "energy"
 
@@ -88,7 +89,7 @@ class ConvFlowConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ConvFlowConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ConvFlowConfig:
         out = flows_config_from_dict(cls, values, "convflow")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
@@ -223,11 +224,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.trained_parts: list[str] = []
         self.postprocess_nodes: list[list[float]] | None = None
 
-    @staticmethod
-    def preset(name: str) -> ConvFlowConfig:
-        if name not in PRESETS:
-            raise OptionError(f"unknown convflow preset {name!r}; choose from {', '.join(PRESETS)}")
-        return PRESETS[name]()
+    PRESETS = PRESETS
 
     # --- images -----------------------------------------------------------------------
     def _images(self, voxels: torch.Tensor) -> torch.Tensor:
@@ -241,7 +238,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         return (image.transpose(-1, -2) if self.circular else image).reshape(len(image), -1)
 
     def _layer_condition(self, previous: torch.Tensor, context: torch.Tensor,
-                         log_energy: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+                         log_energy: torch.Tensor, layer: torch.Tensor | None
+                         ) -> torch.Tensor:
         """Condition images ``(B, k + C + 1 [+ e] [+ p], H, W)``: the previous k layers in
         logit space ``(B, k, H, W)`` (empty ones at the logit of zero), the conditions
         ``(B, C)`` and the standardised log layer energy ``(B,)`` as constant channels, the

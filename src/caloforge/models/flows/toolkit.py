@@ -1,0 +1,148 @@
+"""Shared flow machinery: MADE-RQS masked autoregressive flows (zuko) and their configs.
+
+Used by every flow family (CaloFlow, iCaloFlow, the convolutional L2LFlows) and by the
+distillation of students. zuko's ``MaskedAutoregressiveTransform`` with a monotonic
+rational-quadratic spline (:class:`RQSpline`) and an explicit tail bound (the spline is the
+identity outside [-bound, bound]; zuko's NSF would fix it at 5 while logit(1e-6) = -13.8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from zuko.distributions import DiagNormal
+from zuko.flows import Flow, UnconditionalDistribution
+from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+from zuko.transforms import MonotonicRQSTransform
+
+from ...errors import OptionError
+from ...training import TrainingConfig, check_known_options
+
+
+@dataclass
+class FlowConfig:
+    """One MAF: ``blocks`` MADE-RQS transforms with ``hidden`` layer widths."""
+
+    blocks: int = 6
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    bins: int = 8
+    bound: float = 14.0
+    # Sequential passes per block when sampling. None: fully autoregressive (one pass per
+    # feature, the published MAF). k: features split into k groups in autoregressive order,
+    # each group conditioned on the previous ones (block-autoregressive, k passes).
+    passes: int | None = None
+
+
+def flows_config_from_dict(config_class: Any, values: dict[str, Any], what: str) -> Any:
+    """A flows config dataclass from (partial) options: each ``FlowConfig`` and the
+    ``TrainingConfig`` section merged onto the defaults, scalars cast to the default's type
+    (a default of None takes a float)."""
+    check_known_options(config_class, values, what)
+    out = config_class()
+    for name, value in values.items():
+        current = getattr(out, name)
+        try:
+            if isinstance(current, FlowConfig):
+                check_known_options(FlowConfig, value, f"{name}")
+                value = FlowConfig(**{**asdict(current), **value})
+            elif isinstance(current, TrainingConfig):
+                value = TrainingConfig.from_dict({**asdict(current), **value})
+            elif value is not None:
+                value = float(value) if current is None else type(current)(value)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"bad {what} option {name}: {exc}") from None
+        setattr(out, name, value)
+    return out
+
+
+def layer_orders(layer_sizes: list[int], blocks: int, seed: int) -> list[torch.Tensor]:
+    """Autoregressive orders for Flow II: layers in sequence (reversed every other block),
+    a random permutation of the voxels within each layer. Returns each voxel's rank."""
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(layer_sizes)])
+    orders = []
+    for block in range(blocks):
+        layers = range(len(layer_sizes)) if block % 2 == 0 else reversed(range(len(layer_sizes)))
+        sequence = np.concatenate([offsets[i] + rng.permutation(layer_sizes[i]) for i in layers])
+        rank = np.empty_like(sequence)
+        rank[sequence] = np.arange(len(sequence))
+        orders.append(torch.as_tensor(rank, dtype=torch.long))
+    return orders
+
+
+class RQSpline(MonotonicRQSTransform):
+    """zuko's monotonic rational-quadratic spline with a faster constructor.
+
+    Same maths as :class:`zuko.transforms.MonotonicRQSTransform` (whose ``_call``,
+    ``_inverse`` and Jacobian it uses unchanged): the soft clipping bounds the unconstrained
+    widths and heights by |log slope| / 2, so the softmax over the bins can be taken as
+    exp / sum without subtracting the maximum. ``torch.softmax`` over a last dimension of
+    8 bins is the single most expensive step of sampling on a CPU (about 30 ns per element);
+    this is 2-3x cheaper. Parameter shapes: widths, heights ``(*, K)``; derivatives
+    ``(*, K - 1)``.
+    """
+
+    def __init__(self, widths: torch.Tensor, heights: torch.Tensor,
+                 derivatives: torch.Tensor, bound: float = 5.0, slope: float = 1e-3) -> None:
+        torch.distributions.Transform.__init__(self)
+        log_slope = math.log(slope)
+        widths = torch.exp(widths / (1 + abs(2 * widths / log_slope)))
+        heights = torch.exp(heights / (1 + abs(2 * heights / log_slope)))
+        derivatives = derivatives / (1 + abs(derivatives / log_slope))
+        widths = F.pad(torch.cumsum(widths, dim=-1), (1, 0), value=0)
+        heights = F.pad(torch.cumsum(heights, dim=-1), (1, 0), value=0)
+        # cumulative sums normalised by their last entry = cumsum of the softmax
+        self.horizontal = bound * (2 * widths / widths[..., -1:] - 1)
+        self.vertical = bound * (2 * heights / heights[..., -1:] - 1)
+        self.derivatives = torch.exp(F.pad(derivatives, (1, 1), value=0))
+
+    @property
+    def inv(self) -> torch.distributions.Transform:
+        """The inverse, not cached. torch's ``Transform.inv`` keeps the inverse in
+        ``self._inv`` while the inverse refers back to ``self``: a reference cycle that
+        only the garbage collector frees, so every spline's parameters (B, S, K) stayed
+        alive for many layers of sampling (measured: 1.9 GB extra at 400 showers of
+        calochallenge-3 with a student, 0.1 GB without the cycle)."""
+        return torch.distributions.transforms._InverseTransform(self)
+
+
+def inverse_spline(widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor,
+                   bound: float) -> torch.distributions.Transform:
+    """The inverse of :class:`RQSpline` (the univariate transform of a student's block)."""
+    return RQSpline(widths, heights, derivatives, bound=bound).inv
+
+
+def build_maf(features: int, context: int, config: FlowConfig,
+              orders: list[torch.Tensor] | None = None, inverse: bool = False) -> Flow:
+    """A conditional MAF of ``config.blocks`` MADE-RQS transforms (zuko).
+
+    ``inverse=True`` builds the inverse-autoregressive twin used as a distillation student:
+    block i maps z-side values to x-side values in ONE network pass, ``h_{i-1} =
+    spline(h_i; theta(h_{i,<j}))^-1``, with the same spline parametrisation and the same
+    autoregressive order as the teacher's block i, so that every block output and spline
+    parameter can be matched to the teacher's. Its density (x -> z) is the slow,
+    sequential direction.
+    """
+    if orders is None:
+        ascending = torch.arange(features)
+        orders = [ascending if i % 2 == 0 else torch.flipud(ascending)
+                  for i in range(config.blocks)]
+    univariate = partial(inverse_spline if inverse else RQSpline, bound=config.bound)
+    transforms = [
+        MaskedAutoregressiveTransform(
+            features=features, context=context, order=orders[i], passes=config.passes,
+            univariate=univariate,
+            shapes=[(config.bins,), (config.bins,), (config.bins - 1,)],
+            hidden_features=list(config.hidden))
+        for i in range(config.blocks)]
+    if inverse:
+        transforms = [t.inv for t in transforms]
+    base = UnconditionalDistribution(DiagNormal, loc=torch.zeros(features),
+                                     scale=torch.ones(features), buffer=True)
+    return Flow(transforms, base)

@@ -1,0 +1,1 @@
+"""Adversarial families (CaloGAN, the conditional WGAN-GP) and what they share."""
