@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._version import __version__
+from .data import FORMATS
 from .errors import CaloforgeError, OptionError
 from .geometry import available_geometries, get_geometry, resolve_geometry
 from .registry import FAMILIES, get_family, student_of, trainable_families
@@ -127,7 +128,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="input shower file")
     parser.add_argument("-o", "--output", required=True, help="output file (written atomically)")
-    parser.add_argument("--to", dest="to_format", choices=["calochallenge", "calogan"],
+    parser.add_argument("--to", dest="to_format", choices=FORMATS,
                         default="calochallenge", help="output format (default calochallenge)")
     add_geometry_options(parser)
     parser.add_argument("--batch-size", type=int, default=10_000)
@@ -165,7 +166,7 @@ def _configure_simulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--energies", metavar="LIST",
                         help="discrete energies, comma-separated (e.g. 1GeV,10GeV,100GeV), "
                              "equal numbers of showers each")
-    parser.add_argument("--format", dest="file_format", choices=["calochallenge", "calogan"],
+    parser.add_argument("--format", dest="file_format", choices=FORMATS,
                         default="calochallenge", help="output format (calogan: calogan geometry)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: CPU cores, at most 2); the output "
@@ -363,45 +364,62 @@ def parse_size(text: str) -> float:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
-
     from .models import load_model
-    from .runtime import progress_bar, resolve_device
 
-    device = resolve_device(args.device)
     geometry = geometry_from_args(args)
     family = get_family(args.family)
-    model_class = family.model_class()
     model: Any  # a ConditionedModel of the family
     if args.resume:
-        if args.config:
-            raise OptionError("--resume continues with the run's saved configuration; "
-                              "drop --config")
+        _refuse_config_on_resume(args)
         model = load_model(args.output)
     else:
-        config = model_class.preset(args.preset)
-        if args.config:
-            config = type(config).from_dict(merge_options(config.to_dict(),
-                                                          _read_yaml(args.config)))
-        overrides = {"layers": args.layers, "postprocess": args.postprocess}
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = {k: v for k, v in {"layers": args.layers,
+                                   "postprocess": args.postprocess}.items() if v is not None}
         foreign = [k for k in given if k not in family.train_options]
         if foreign:
             owners = [n for n, f in FAMILIES.items() if foreign[0] in f.train_options]
             raise OptionError(f"--{foreign[0]} is a {' / '.join(owners)} option")
-        if given:
-            config = type(config).from_dict(merge_options(config.to_dict(), given))
-        model = model_class(geometry, config)
-    _apply_budget(model.config.training, args)
-    data = _training_data(args, geometry, model.streams_training_data)
-    summary = model.fit(data, args.output, resume=args.resume, device=device,
-                        progress=progress_bar, metadata={"data": {
-                            "file": os.path.abspath(args.data), "n_showers": len(data)}})
+        model_class = family.model_class()
+        model = model_class(geometry, build_config(model_class, args.preset, args.config,
+                                                   given))
+    summary = _fit_from_args(model, args, geometry)
     label = model.validation_label or "validation loss"
     print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
           f"best {label} {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
-          f"; model in {os.path.join(args.output, 'model.safetensors')}")
+          f"; model in {args.output}/model.safetensors")
     return 0
+
+
+def build_config(model_class: Any, preset: str, config_file: str | None,
+                 overrides: dict | None = None) -> Any:
+    """The one config builder of train and distill: the family's preset, then the YAML
+    file's options, then command-line overrides (each merged section by section)."""
+    config = model_class.preset(preset)
+    for values in (_read_yaml(config_file) if config_file else None, overrides):
+        if values:
+            config = type(config).from_dict(merge_options(config.to_dict(), values))
+    return config
+
+
+def _refuse_config_on_resume(args: argparse.Namespace) -> None:
+    if args.config:
+        raise OptionError("--resume continues with the run's saved configuration; "
+                          "drop --config")
+
+
+def _fit_from_args(model: Any, args: argparse.Namespace, geometry: Any) -> dict:
+    """What train and distill share after building the model: the budget and seed options,
+    the training data (in memory or streamed), ``fit`` with the data file recorded."""
+    import os
+
+    from .runtime import progress_bar, resolve_device
+
+    device = resolve_device(args.device)
+    _apply_budget(model.config.training, args)
+    data = _training_data(args, geometry, model.streams_training_data)
+    return model.fit(data, args.output, resume=args.resume, device=device,
+                     progress=progress_bar, metadata={"data": {
+                         "file": os.path.abspath(args.data), "n_showers": len(data)}})
 
 
 def merge_options(base: dict, overrides: dict) -> dict:
@@ -443,13 +461,8 @@ def _configure_distill(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    import os
-
     from .models import load_model
-    from .models.flows.distillation import DistillationConfig
-    from .runtime import progress_bar, resolve_device
 
-    device = resolve_device(args.device)
     teacher = load_model(args.run_dir)
     student_family = student_of(teacher.family)
     if student_family is None:
@@ -457,31 +470,24 @@ def _run_distill(args: argparse.Namespace) -> int:
         raise CaloforgeError(f"{args.run_dir}: a {teacher.family!r} model has no student; "
                              f"distil one of: {', '.join(teachers)}")
     student_class = student_family.model_class()
+    student: Any
     if args.resume:
-        if args.config:
-            raise OptionError("--resume continues with the run's saved configuration; "
-                              "drop --config")
+        _refuse_config_on_resume(args)
         student = load_model(args.output)
         if not isinstance(student, student_class):
             raise CaloforgeError(f"{args.output}: not a distillation run of this teacher's "
                                  "family")
         student.attach_teacher(teacher, args.run_dir)
     else:
-        distillation = student_class.preset(args.preset)
-        if args.config:
-            distillation = DistillationConfig.from_dict(
-                merge_options(distillation.to_dict(), _read_yaml(args.config)))
-        student = student_class.from_teacher(teacher, distillation, teacher_dir=args.run_dir)
-    _apply_budget(student.config.training, args)
+        student = student_class.from_teacher(
+            teacher, build_config(student_class, args.preset, args.config),
+            teacher_dir=args.run_dir)
     if args.data is None:
         args.data = teacher.training_summary.get("data", {}).get("file")
     if not args.data:
         raise OptionError(f"{args.run_dir}: the teacher does not record its training file; "
                           "pass --data")
-    data = _training_data(args, teacher.geometry, student.streams_training_data)
-    summary = student.fit(data, args.output, resume=args.resume, device=device,
-                          progress=progress_bar, metadata={"data": {
-                              "file": os.path.abspath(args.data), "n_showers": len(data)}})
+    summary = _fit_from_args(student, args, teacher.geometry)
     print(f"distilled {args.run_dir}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
           f"best KL(student||teacher) {summary['best_val_loss']:.4f} nats at epoch "
           f"{summary['best_epoch']}; student in {args.output}")

@@ -241,18 +241,9 @@ class Geometry:
         offsets = self.layer_offsets
         return [slice(int(offsets[i]), int(offsets[i + 1])) for i in range(self.n_layers)]
 
-    @cached_property
-    def voxel_layer(self) -> np.ndarray:
-        """Layer index (0-based position, not layer_id) of each voxel, ``(n_voxels,)``."""
-        return np.repeat(np.arange(self.n_layers), self.layer_sizes)
-
     @property
     def is_cylindrical(self) -> bool:
         return all(isinstance(layer, CylindricalLayer) for layer in self.layers)
-
-    @property
-    def is_cartesian(self) -> bool:
-        return all(isinstance(layer, CartesianLayer) for layer in self.layers)
 
     # --- coordinates --------------------------------------------------------------------
     @cached_property
@@ -310,11 +301,6 @@ class Geometry:
                          f'n_bin_alpha="{layer.n_alpha}" />')
         lines += ["   </Bin>", "</Bins>", ""]
         return "\n".join(lines)
-
-    def summary(self) -> str:
-        kinds = {layer.kind for layer in self.layers}
-        return (f"{self.name}: {self.n_voxels} voxels in {self.n_layers} layers "
-                f"({'/'.join(sorted(kinds))})")
 
 
 # --- CaloChallenge binning XML ------------------------------------------------------------

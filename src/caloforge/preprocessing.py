@@ -26,7 +26,11 @@ import numpy as np
 import torch
 
 from .errors import CaloforgeError
-from .geometry import Geometry
+
+
+def cut_below(values: torch.Tensor, threshold_mev: float) -> torch.Tensor:
+    """``values`` (MeV) with everything below the readout threshold set to 0."""
+    return torch.where(values < threshold_mev, torch.zeros_like(values), values)
 
 
 class JsonState:
@@ -222,13 +226,8 @@ class VoxelTransform(JsonState):
         index = self._index(x.device)
         shares = shares / sums[:, index].clamp(min=torch.finfo(x.dtype).tiny)
         voxels = shares * layer_energies[:, index]
-        return torch.where(voxels < self.threshold_mev, torch.zeros_like(voxels), voxels)
+        return cut_below(voxels, self.threshold_mev)
 
-
-    @classmethod
-    def for_geometry(cls, geometry: Geometry, noise_mev: float, threshold_mev: float
-                     ) -> VoxelTransform:
-        return cls(list(geometry.layer_sizes), noise_mev, threshold_mev)
 
 
 @dataclass
@@ -266,7 +265,7 @@ class MaxLogTransform(JsonState):
         shares = (torch.pow(10.0, (y - 1) * self.decades) - self.offset).clamp(min=0)
         total = shares.sum(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
         cells = shares * (layer_energies[:, None] / total)
-        return torch.where(cells < self.threshold_mev, torch.zeros_like(cells), cells)
+        return cut_below(cells, self.threshold_mev)
 
 
 @dataclass
@@ -331,4 +330,4 @@ class BoxCoxTransform(JsonState):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         energies = self.inverse_soft(y)
-        return torch.where(energies < self.threshold_mev, torch.zeros_like(energies), energies)
+        return cut_below(energies, self.threshold_mev)

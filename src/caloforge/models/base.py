@@ -79,8 +79,9 @@ class ShowerModel(ABC):
 
     @classmethod
     @abstractmethod
-    def from_json_state(cls, state: dict[str, Any]) -> ShowerModel:
-        """Rebuild an untrained model (with fitted preprocessing) from ``to_json_state``."""
+    def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> ShowerModel:
+        """Rebuild an untrained model (with fitted preprocessing) of ``geometry`` from
+        ``to_json_state``."""
 
     # --- files --------------------------------------------------------------------------
     def save(self, directory: str) -> None:

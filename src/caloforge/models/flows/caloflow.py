@@ -30,7 +30,7 @@ from ...preprocessing import VoxelTransform
 from ...training import TrainingConfig
 from ..base import shard_generator
 from .distillation import DistilledStudent
-from .layered import LayerEnergyFlows
+from .layered import LayerEnergyFlows, finite_logits
 from .toolkit import FlowConfig, build_maf, flows_config_from_dict, layer_orders
 
 
@@ -170,7 +170,7 @@ class CaloFlow(LayerEnergyFlows):
                 layer_energies = self.layer_transform.inverse(x1, e_inc)
                 context2 = torch.cat([context, self._layer_context(layer_energies)], dim=1)
                 x2 = module.flow2(context2).transform.inv(z2[start:stop].to(device))
-                voxels = self.voxel_transform.inverse(torch.nan_to_num(x2, nan=-20.0),
+                voxels = self.voxel_transform.inverse(finite_logits(x2),
                                                       layer_energies)
                 out[start:stop] = voxels.cpu().numpy()
         return self._sampled_data(energies, out, conditions)

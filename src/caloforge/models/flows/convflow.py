@@ -43,7 +43,7 @@ from ...geometry import Geometry
 from ...preprocessing import LogitTransform, MaxLogTransform
 from ...training import TrainingConfig
 from .conv_blocks import ConvFlow
-from .layered import LayerEnergyFlows
+from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
 from .toolkit import FlowConfig, build_maf, flows_config_from_dict
 
 ENERGY_PART = "energy"
@@ -210,11 +210,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         if self.image_shape[0] % 2 or self.image_shape[1] % 2:
             raise GeometryError(f"convflow needs even layer image sides (one 2x2 squeeze); "
                                 f"{geometry.name!r} layers are {self.image_shape}")
-        threshold = config.threshold_mev
-        if threshold is None:
-            threshold = geometry.threshold_mev if geometry.threshold_mev > 0 else 0.01
-        noise = config.noise_mev if config.noise_mev is not None \
-            else threshold * self.noise_per_threshold
+        threshold, noise = threshold_and_noise(config, geometry, self.noise_per_threshold)
         super().__init__(geometry, config, MaxLogTransform(noise, threshold,
                                                            config.voxel_logit_alpha))
         self.parts = parse_parts(config.layers, geometry.n_layers)
@@ -402,7 +398,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                     condition = self._layer_condition(previous, context,
                                                       log_energies[a:b, layer], index[a:b])
                     x = self._flow(layer).inverse(z[a:b].to(device), condition)[:, 0]
-                    generated.append(torch.nan_to_num(x, nan=-20.0))
+                    generated.append(finite_logits(x))
                 y = torch.cat(generated)
                 cells = self.voxel_transform.inverse(y.reshape(n, -1),
                                                      layer_energies[:, layer])

@@ -373,7 +373,7 @@ class DistilledStudent:
                 "distillation": self.distillation.to_dict(), "teacher": self.teacher_info}
 
     @classmethod
-    def from_json_state(cls, state: dict[str, Any], geometry: Any = None) -> Any:
+    def from_json_state(cls, state: dict[str, Any], geometry: Any) -> Any:
         model = super().from_json_state(state, geometry)  # type: ignore[misc]
         model.distillation = DistillationConfig.from_dict(state["distillation"])
         model.teacher_info = dict(state.get("teacher", {}))

@@ -41,7 +41,7 @@ from ...preprocessing import LogitTransform, VoxelTransform
 from ...training import TrainingConfig
 from ..base import shard_generator
 from .distillation import DISTILLATION_PRESETS, DistillationConfig, DistilledStudent
-from .layered import LayerEnergyFlows
+from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
 from .toolkit import FlowConfig, build_maf, flows_config_from_dict, layer_orders
 
 
@@ -156,11 +156,7 @@ class ICaloFlow(LayerEnergyFlows):
                 f"iCaloFlow needs at least two layers with the same number of cells; "
                 f"{geometry.name!r} has layer sizes {sorted(sizes)}")
         config = config or _cpu_config()
-        threshold = config.threshold_mev
-        if threshold is None:
-            threshold = geometry.threshold_mev if geometry.threshold_mev > 0 else 0.01
-        noise = config.noise_mev if config.noise_mev is not None \
-            else threshold * self.noise_per_threshold
+        threshold, noise = threshold_and_noise(config, geometry, self.noise_per_threshold)
         self.layer_size = geometry.layer_sizes[0]
         super().__init__(geometry, config, VoxelTransform([self.layer_size], noise, threshold,
                                                           config.logit_alpha))
@@ -309,7 +305,7 @@ class ICaloFlow(LayerEnergyFlows):
                         flow = module.flow3(self._flow3_context(
                             context, log_energies[a:b, layer], log_energies[a:b, layer - 1],
                             previous[a:b], index))
-                    x = torch.nan_to_num(flow.transform.inv(z[a:b].to(device)), nan=-20.0)
+                    x = finite_logits(flow.transform.inv(z[a:b].to(device)))
                     voxels = self.voxel_transform.inverse(x, layer_energies[a:b, layer:layer + 1])
                     out[a:b, layer * size:(layer + 1) * size] = voxels.cpu().numpy()
                     previous[a:b] = x

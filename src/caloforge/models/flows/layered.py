@@ -15,6 +15,28 @@ from ...geometry import Geometry
 from ...preprocessing import ConditionTransform, LayerEnergyTransform, VoxelTransform
 from ..base import ConditionedModel, shard_generator
 
+# a NaN from a spline inverse (an input far outside the flow's range) becomes a logit far
+# below any threshold: an empty voxel instead of a poisoned shower
+EMPTY_LOGIT = -20.0
+
+
+def finite_logits(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN replaced by :data:`EMPTY_LOGIT`."""
+    return torch.nan_to_num(x, nan=EMPTY_LOGIT)
+
+
+def threshold_and_noise(config: Any, geometry: Geometry, noise_per_threshold: float
+                        ) -> tuple[float, float]:
+    """(threshold, dequantisation noise) in MeV: the config's where set; else the
+    geometry's readout threshold (0.01 MeV where it has none, until ``_fit_threshold`` sees
+    the training data) and ``noise_per_threshold`` times it."""
+    threshold = config.threshold_mev
+    if threshold is None:
+        threshold = geometry.threshold_mev if geometry.threshold_mev > 0 else 0.01
+    noise = config.noise_mev if config.noise_mev is not None \
+        else threshold * noise_per_threshold
+    return threshold, noise
+
 
 class LayerEnergyFlows(ConditionedModel):
     """What CaloFlow and iCaloFlow share: a flow for the layer energies given the context
@@ -186,8 +208,7 @@ class LayerEnergyFlows(ConditionedModel):
                 "layer_log_mean": self.layer_log_mean, "layer_log_std": self.layer_log_std}
 
     @classmethod
-    def from_json_state(cls, state: dict[str, Any], geometry: Geometry | None = None) -> Any:
-        assert geometry is not None
+    def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
         family: Any = cls  # every family's constructor takes (geometry, config)
         model = family(geometry, cls.config_class.from_dict(state["config"]))
         model.conditions = ConditionTransform.from_state(state["conditions"])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ...data import ShowerData
 from ...errors import GeometryError
 from ...geometry import CartesianLayer, Geometry
+from ...preprocessing import cut_below
 from ...training import TrainingConfig
 from .common import AdversarialModel, GanConfig, GanModule, MinibatchDiscrimination, ShowerFeatures
 
@@ -202,7 +203,7 @@ class CaloGan(AdversarialModel):
     def _decode(self, representation: torch.Tensor, incident_energy: torch.Tensor
                 ) -> torch.Tensor:
         voxels = representation * self._scale_vector(representation) * incident_energy[:, None]
-        return torch.where(voxels < self.threshold_mev, torch.zeros_like(voxels), voxels)
+        return cut_below(voxels, self.threshold_mev)
 
     def _new_module(self) -> GanModule:
         n_context = self.conditions.n_features

@@ -354,9 +354,7 @@ class AdversarialModel(ConditionedModel):
                 "threshold_mev": self.threshold_mev, **self._representation_state()}
 
     @classmethod
-    def from_json_state(cls, state: dict[str, Any], geometry: Geometry | None = None
-                        ) -> AdversarialModel:
-        assert geometry is not None
+    def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> AdversarialModel:
         model = cls(geometry, GanConfig.from_dict(state["config"]))
         model.conditions = ConditionTransform.from_state(state["conditions"])
         model.threshold_mev = float(state["threshold_mev"])

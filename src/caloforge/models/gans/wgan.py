@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ...data import ShowerData
 from ...errors import GeometryError
 from ...geometry import CartesianLayer, Geometry
-from ...preprocessing import BoxCoxTransform
+from ...preprocessing import BoxCoxTransform, cut_below
 from ...training import TrainingConfig
 from .common import (
     AdversarialModel,
@@ -312,7 +312,7 @@ class Wgan(AdversarialModel):
     def _decode(self, representation: torch.Tensor, incident_energy: torch.Tensor
                 ) -> torch.Tensor:
         voxels = self.boxcox.inverse_soft(representation.flatten(1)) * incident_energy[:, None]
-        return torch.where(voxels < self.threshold_mev, torch.zeros_like(voxels), voxels)
+        return cut_below(voxels, self.threshold_mev)
 
     def _new_module(self) -> GanModule:
         n_context = self.conditions.n_features
