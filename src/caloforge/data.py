@@ -4,7 +4,8 @@ In memory a sample is a :class:`ShowerData`: incident energies ``(N,)`` in MeV (
 flat voxel energies ``(N, n_voxels)`` in MeV (float32) in the geometry's flattening order,
 and optional extra conditions (name -> ``(N, k)`` array with its units).
 
-On disk two formats are read and written:
+On disk two formats (:data:`FILE_FORMATS`, one :class:`FileFormat` each) are read and
+written:
 
 * ``calochallenge``: ``incident_energies`` (N, 1) float64 and ``showers`` (N, n_voxels)
   float32, gzip-compressed, exactly what the official CaloChallenge ``evaluate.py`` reads
@@ -38,9 +39,40 @@ from .atomic import atomic_output
 from .errors import OptionError, ShowerFileError
 from .geometry import Geometry, get_geometry
 
-FORMATS = ("calochallenge", "calogan")
 CONDITIONS_GROUP = "conditions"
-_CALOGAN_LAYERS = ("layer_0", "layer_1", "layer_2")
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """One HDF5 layout of showers: where the incident energies and the voxels are stored,
+    in which unit and type. Reading and writing ask this object instead of the name."""
+
+    name: str
+    energy_key: str
+    mev_per_unit: float         # MeV per unit of the stored incident energy (CaloGAN: GeV)
+    energy_dtype: Any
+    # None: one flat ``showers`` dataset ``(N, n_voxels)``; else one dataset per layer of
+    # the layer's shape, named by these keys
+    layer_keys: tuple[str, ...] | None
+    overflow: bool              # an ``overflow`` ``(N, 3)`` dataset (CaloGAN)
+    geometry: str | None        # the only geometry the format holds (CaloGAN), else None
+
+    @property
+    def voxel_keys(self) -> tuple[str, ...]:
+        return self.layer_keys if self.layer_keys is not None else ("showers",)
+
+    def recognises(self, keys: set[str]) -> bool:
+        """Whether a file with these top-level keys looks like this format."""
+        return bool({self.energy_key, self.voxel_keys[0]} & keys)
+
+
+FILE_FORMATS: dict[str, FileFormat] = {f.name: f for f in (
+    FileFormat("calochallenge", "incident_energies", 1.0, np.float64, None, overflow=False,
+               geometry=None),
+    FileFormat("calogan", "energy", 1000.0, np.float32, ("layer_0", "layer_1", "layer_2"),
+               overflow=True, geometry="calogan"),
+)}
+FORMATS = tuple(FILE_FORMATS)
 # Voxel values handled at once when a file or a sample is processed block by block
 # (16M: 64 MB as float32).
 BLOCK_VALUES = 1 << 24
@@ -185,22 +217,17 @@ class ShowerFile:
     def _inspect_structure(self, geometry: Geometry | None, file_format: str) -> None:
         keys = set(self._h5.keys())
         if file_format == "auto":
-            if "showers" in keys or "incident_energies" in keys:
-                file_format = "calochallenge"
-            elif "energy" in keys or "layer_0" in keys:
-                file_format = "calogan"
-            else:
+            found = next((f for f in FILE_FORMATS.values() if f.recognises(keys)), None)
+            if found is None:
                 raise self._fail(
                     "neither CaloChallenge keys ('incident_energies', 'showers') nor CaloGAN "
                     f"keys ('energy', 'layer_0', ...) found; keys: {sorted(keys) or 'none'}")
-        self.format = file_format
-        voxel_keys: tuple[str, ...]
-        if file_format == "calochallenge":
-            self._energy_key, voxel_keys = "incident_energies", ("showers",)
-        else:
-            self._energy_key, voxel_keys = "energy", _CALOGAN_LAYERS
-            if geometry is None:
-                geometry = get_geometry("calogan")
+            file_format = found.name
+        layout = FILE_FORMATS[file_format]
+        self.format, self.layout = file_format, layout
+        self._energy_key, voxel_keys = layout.energy_key, layout.voxel_keys
+        if geometry is None and layout.geometry is not None:
+            geometry = get_geometry(layout.geometry)
         missing = [k for k in (self._energy_key, *voxel_keys) if k not in keys]
         if missing:
             raise self._fail(f"missing dataset(s) {missing} for {file_format} format; "
@@ -236,7 +263,7 @@ class ShowerFile:
                                      f"has {n} showers")
                 self.conditions[name] = ds
                 self.condition_units[name] = _as_str(ds.attrs.get("units", ""))
-        self._overflow = self._h5.get("overflow") if file_format == "calogan" else None
+        self._overflow = self._h5.get("overflow") if layout.overflow else None
 
     def _dataset(self, key: str) -> h5py.Dataset:
         obj = self._h5.get(key)
@@ -265,8 +292,7 @@ class ShowerFile:
         except (OSError, RuntimeError, ValueError) as exc:
             raise self._fail(f"could not read showers {start}-{stop}: file truncated or "
                              f"corrupt ({_short(exc)})") from None
-        if self.format == "calogan":
-            energy = energy * 1000.0  # GeV -> MeV
+        energy = energy * self.layout.mev_per_unit
         showers = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         batch = ShowerData(energy, showers, conditions, dict(self.condition_units), auxiliary)
         if validate:
@@ -286,7 +312,7 @@ class ShowerFile:
         except (OSError, RuntimeError, ValueError) as exc:
             raise self._fail(f"could not read incident energies: file truncated or corrupt "
                              f"({_short(exc)})") from None
-        energy = energy.reshape(-1) * (1000.0 if self.format == "calogan" else 1.0)
+        energy = energy.reshape(-1) * self.layout.mev_per_unit
         bad = ~np.isfinite(energy) | (energy <= 0)
         if bad.any():
             raise self._fail(f"incident energy must be positive and finite (shower "
@@ -440,12 +466,13 @@ class ShowerWriter:
                  file_format: str = "calochallenge", compression: str | None = "gzip") -> None:
         if file_format not in FORMATS:
             raise OptionError(f"unknown file format {file_format!r}; choose from {FORMATS}")
-        if file_format == "calogan" and geometry != get_geometry("calogan"):
-            raise OptionError(f"the calogan format needs the calogan geometry, "
-                              f"not {geometry.name!r}")
+        layout = FILE_FORMATS[file_format]
+        if layout.geometry is not None and geometry != get_geometry(layout.geometry):
+            raise OptionError(f"the {file_format} format needs the {layout.geometry} "
+                              f"geometry, not {geometry.name!r}")
         self.path = os.fspath(path)
         self.geometry = geometry
-        self.format = file_format
+        self.format, self.layout = file_format, layout
         self.compression = compression
         self.n_written = 0
         self._atomic: contextlib.AbstractContextManager[str] | None = None
@@ -504,27 +531,31 @@ class ShowerWriter:
             raise ShowerFileError(self.path, "all batches written to one file must carry the "
                                   "same conditions")
         n = len(batch)
-        if self.format == "calochallenge":
-            self._append("incident_energies", batch.incident_energies.reshape(n, 1))
+        layout = self.layout
+        self._append(layout.energy_key,
+                     (batch.incident_energies / layout.mev_per_unit).reshape(n, 1))
+        if layout.layer_keys is None:
             self._append("showers", batch.showers)
         else:
-            self._append("energy", (batch.incident_energies / 1000.0).reshape(n, 1))
-            for name, image in zip(_CALOGAN_LAYERS, self.geometry.split_layers(batch.showers)):
+            for name, image in zip(layout.layer_keys,
+                                   self.geometry.split_layers(batch.showers)):
                 self._append(name, image)
-            overflow = batch.auxiliary.get("overflow", np.zeros((n, 3), np.float32))
-            self._append("overflow", overflow)
+        if layout.overflow:
+            self._append("overflow",
+                         batch.auxiliary.get("overflow", np.zeros((n, 3), np.float32)))
         for name in self._condition_names:
             self._append(f"{CONDITIONS_GROUP}/{name}", batch.conditions[name])
         self.n_written += n
 
     def _create_datasets(self, batch: ShowerData) -> None:
-        if self.format == "calochallenge":
-            self._create("incident_energies", (1,), np.float64, compress=False)
+        layout = self.layout
+        self._create(layout.energy_key, (1,), layout.energy_dtype, compress=False)
+        if layout.layer_keys is None:
             self._create("showers", (self.geometry.n_voxels,), np.float32)
         else:
-            self._create("energy", (1,), np.float32, compress=False)
-            for name, layer in zip(_CALOGAN_LAYERS, self.geometry.layers):
+            for name, layer in zip(layout.layer_keys, self.geometry.layers):
                 self._create(name, layer.shape, np.float32)
+        if layout.overflow:
             self._create("overflow", (3,), np.float32, compress=False)
         self._condition_names = list(batch.conditions)
         for name, values in batch.conditions.items():

@@ -245,6 +245,14 @@ class Geometry:
     def is_cylindrical(self) -> bool:
         return all(isinstance(layer, CylindricalLayer) for layer in self.layers)
 
+    @property
+    def uniform_layer_image(self) -> tuple[str, tuple[int, int]] | None:
+        """(kind, image shape) shared by every layer (``"cartesian"``, ``(ny, nx)`` or
+        ``"cylindrical"``, ``(n_alpha, n_radial)``), or None when the layers differ: what
+        the image-based families (convflow, wgan) need."""
+        images = {(layer.kind, layer.shape) for layer in self.layers}
+        return next(iter(images)) if len(images) == 1 else None
+
     # --- coordinates --------------------------------------------------------------------
     @cached_property
     def voxel_centres(self) -> np.ndarray:

@@ -199,13 +199,13 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def __init__(self, geometry: Geometry, config: ConvFlowConfig | None = None) -> None:
         config = config or _cpu_config()
-        shapes = {layer.shape for layer in geometry.layers}
-        kinds = {layer.kind for layer in geometry.layers}
-        if len(shapes) != 1 or len(kinds) != 1 or geometry.n_layers < 2:
+        image = geometry.uniform_layer_image
+        if image is None or geometry.n_layers < 2:
+            shapes = sorted({layer.shape for layer in geometry.layers})
             raise GeometryError(f"convflow needs at least two layers of one shape and kind; "
-                                f"{geometry.name!r} has shapes {sorted(shapes)}")
+                                f"{geometry.name!r} has shapes {shapes}")
         self.circular = geometry.is_cylindrical
-        rows, columns = next(iter(shapes))  # (n_alpha, n_radial) or (ny, nx)
+        rows, columns = image[1]  # (n_alpha, n_radial) or (ny, nx)
         self.image_shape = (columns, rows) if self.circular else (rows, columns)
         if self.image_shape[0] % 2 or self.image_shape[1] % 2:
             raise GeometryError(f"convflow needs even layer image sides (one 2x2 squeeze); "

@@ -57,13 +57,11 @@ BOXCOX_SHIFT = 1e-5  # fraction of E_inc
 
 def image_shape(geometry: Geometry) -> tuple[int, int, int]:
     """(channels = layers, ny, nx) of a geometry whose layers are equal Cartesian grids."""
-    shapes = {(layer.ny, layer.nx) for layer in geometry.layers
-              if isinstance(layer, CartesianLayer)}
-    if len(shapes) != 1 or not all(isinstance(layer, CartesianLayer)
-                                   for layer in geometry.layers):
+    image = geometry.uniform_layer_image
+    if image is None or image[0] != "cartesian":
         raise GeometryError(f"wgan needs Cartesian layers of one shape (e.g. lhcb-ecal); "
                             f"{geometry.name} has other layers (use calogan or caloflow)")
-    ny, nx = shapes.pop()
+    ny, nx = image[1]
     return geometry.n_layers, ny, nx
 
 
