@@ -13,6 +13,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,7 @@ from .histograms import (
     voxel_spectrum_bins,
 )
 
-METRICS = ("hist", "cls-low", "cls-low-normed", "cls-high", "fpd", "kpd", "prdc")
 DEFAULT_METRICS = ("hist", "cls-low", "cls-high", "fpd", "kpd")
-CLASSIFIER_METRICS = ("cls-low", "cls-low-normed", "cls-high")
 HIGH_LEVEL_FEATURES = "high-level classifier inputs (official order)"
 PRDC_NEAREST_K = 5
 PRDC_MAX_SHOWERS = 10_000  # per sample: distances are O(N^2)
@@ -99,6 +98,131 @@ def load_for_evaluation(path: str, geometry: Geometry, max_showers: int | None) 
         return reader.read(0, max_showers)
 
 
+@dataclass
+class _Comparison:
+    """One evaluation: the two samples and everything the metrics read, each derived
+    quantity computed once, on first use."""
+
+    reference: ShowerData
+    generated: ShowerData
+    geometry: Geometry
+    settings: EvaluationSettings
+    output_dir: str
+    progress: Callable[..., Any] | None
+    log: Callable[[str], None]
+    threshold: float
+    dataset: str | None
+    preset: Any  # ClassifierPreset
+    images: list[tuple[str, str]] = field(default_factory=list)
+
+    @cached_property
+    def showers(self) -> tuple[np.ndarray, np.ndarray]:
+        """Reference and generated showers with the threshold applied."""
+        return (apply_threshold(self.reference.showers, self.threshold),
+                apply_threshold(self.generated.showers, self.threshold))
+
+    @cached_property
+    def features(self) -> tuple[FeatureSet, FeatureSet]:
+        """The high-level features of both (thresholded) samples."""
+        return self.both(lambda showers, energies: high_level_features(
+            showers, energies, self.geometry))
+
+    @cached_property
+    def high_level(self) -> tuple[np.ndarray, np.ndarray]:
+        """The official high-level classifier inputs of both samples."""
+        ref, gen = self.features
+        return (classifier_high_level_inputs(ref, self.reference.incident_energies,
+                                             self.geometry),
+                classifier_high_level_inputs(gen, self.generated.incident_energies,
+                                             self.geometry))
+
+    def both(self, function: Callable[[np.ndarray, np.ndarray], Any]) -> tuple[Any, Any]:
+        """``function(thresholded showers, incident energies)`` of each sample."""
+        ref, gen = self.showers
+        return (function(ref, self.reference.incident_energies),
+                function(gen, self.generated.incident_energies))
+
+    def sizes(self) -> dict[str, int]:
+        return {"n_reference": len(self.reference), "n_generated": len(self.generated)}
+
+
+def _metric_histograms(pair: _Comparison) -> dict[str, Any]:
+    pair.log("histograms and separation powers ...")
+    powers, binning, pair.images = _histograms(
+        *pair.features, *pair.showers, pair.threshold, pair.dataset, pair.output_dir,
+        pair.settings.labels)
+    return {"separation_power": powers, "separation_power_binning": binning}
+
+
+def _classifier_metric(name: str, inputs: Callable[[_Comparison], tuple[np.ndarray, np.ndarray]]
+                       ) -> Callable[[_Comparison], dict[str, Any]]:
+    """The classifier test of ``name`` on the inputs ``inputs(pair)`` builds."""
+
+    def metric(pair: _Comparison) -> dict[str, Any]:
+        settings, preset = pair.settings, pair.preset
+        x_ref, x_gen = inputs(pair)
+        n_train = 2 * split_sizes(len(pair.reference), len(pair.generated), preset,
+                                  pair.dataset)[0][0]
+        expected = estimate_training_seconds(x_ref.shape[1], n_train, preset,
+                                             settings.device) * settings.repeats
+        pair.log(f"classifier {name}: preset {preset.name}, width {preset.hidden} x "
+                 f"{preset.hidden_layers} hidden layers, {preset.dtype}, up to "
+                 f"{preset.max_epochs} epochs on {n_train} training showers, "
+                 f"{settings.repeats} repeats on {settings.device}: expected up to "
+                 f"{expected / 60:.1f} min ...")
+        return {name: repeated_classifier_test(x_ref, x_gen, preset, settings.repeats,
+                                               settings.seed, settings.device, pair.dataset,
+                                               pair.progress)}
+
+    return metric
+
+
+def _low_level(pair: _Comparison) -> tuple[np.ndarray, np.ndarray]:
+    return pair.both(classifier_low_level_inputs)
+
+
+def _low_level_normed(pair: _Comparison) -> tuple[np.ndarray, np.ndarray]:
+    return pair.both(lambda showers, energies: classifier_low_level_normed_inputs(
+        showers, energies, pair.geometry))
+
+
+def _metric_fpd(pair: _Comparison) -> dict[str, Any]:
+    pair.log("FPD (jetnet definition) ...")
+    value, error = fpd(*pair.high_level)
+    return {"fpd_x1e3": {"value": 1e3 * value, "error": 1e3 * error,
+                         "features": HIGH_LEVEL_FEATURES, "definition": FPD_DEFINITION,
+                         **pair.sizes()}}
+
+
+def _metric_kpd(pair: _Comparison) -> dict[str, Any]:
+    pair.log("KPD (jetnet definition) ...")
+    value, error = kpd(*pair.high_level)
+    return {"kpd_x1e3": {"value": 1e3 * value, "error": 1e3 * error,
+                         "features": HIGH_LEVEL_FEATURES, "definition": KPD_DEFINITION,
+                         **pair.sizes()}}
+
+
+def _metric_prdc(pair: _Comparison) -> dict[str, Any]:
+    pair.log("precision / recall / density / coverage ...")
+    return {"prdc": _prdc(*pair.high_level, pair.settings.seed)}
+
+
+# Every metric ``caloforge evaluate --metrics`` offers, in the order they run: name -> a
+# function of the comparison returning its entries of metrics.json. Adding a metric is one
+# function and one line here.
+METRIC_FUNCTIONS: dict[str, Callable[[_Comparison], dict[str, Any]]] = {
+    "hist": _metric_histograms,
+    "cls-low": _classifier_metric("cls-low", _low_level),
+    "cls-low-normed": _classifier_metric("cls-low-normed", _low_level_normed),
+    "cls-high": _classifier_metric("cls-high", lambda pair: pair.high_level),
+    "fpd": _metric_fpd,
+    "kpd": _metric_kpd,
+    "prdc": _metric_prdc,
+}
+METRICS = tuple(METRIC_FUNCTIONS)
+CLASSIFIER_METRICS = ("cls-low", "cls-low-normed", "cls-high")
+
+
 def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geometry,
                      output_dir: str, settings: EvaluationSettings,
                      progress: Callable[..., Any] | None = None,
@@ -114,16 +238,13 @@ def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geo
     dataset = calochallenge_dataset(geometry)
     preset = get_preset(settings.classifier_preset, settings.classifier_width,
                         settings.classifier_epochs)
-    classifier_metrics = [m for m in CLASSIFIER_METRICS if m in settings.metrics]
-    if classifier_metrics:  # refuse too small samples before any work
+    if set(CLASSIFIER_METRICS) & set(settings.metrics):  # refuse too small samples first
         split_sizes(len(reference), len(generated), preset, dataset,
                     labels=(settings.extra.get("reference_file", "the reference"),
                             settings.extra.get("generated_file", "the generated sample")))
     threshold = geometry.threshold_mev if settings.threshold_mev is None else settings.threshold_mev
-    ref_showers = apply_threshold(reference.showers, threshold)
-    gen_showers = apply_threshold(generated.showers, threshold)
-    ref_features = high_level_features(ref_showers, reference.incident_energies, geometry)
-    gen_features = high_level_features(gen_showers, generated.incident_energies, geometry)
+    pair = _Comparison(reference, generated, geometry, settings, output_dir, progress, log,
+                       threshold, dataset, preset)
     result: dict[str, Any] = {
         "caloforge_version": __version__, "geometry": geometry.name,
         "calochallenge_dataset": dataset,
@@ -132,61 +253,14 @@ def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geo
         "settings": {k: v for k, v in settings.__dict__.items() if k != "extra"},
         **settings.extra,
     }
-    images: list[tuple[str, str]] = []
     os.makedirs(output_dir, exist_ok=True)
-    if "hist" in settings.metrics:
-        log("histograms and separation powers ...")
-        result["separation_power"], result["separation_power_binning"], images = _histograms(
-            ref_features, gen_features, ref_showers, gen_showers, threshold, dataset,
-            output_dir, settings.labels)
-    high_ref = high_gen = None
-    if {"cls-high", "fpd", "kpd", "prdc"} & set(settings.metrics):
-        high_ref = classifier_high_level_inputs(ref_features, reference.incident_energies, geometry)
-        high_gen = classifier_high_level_inputs(gen_features, generated.incident_energies, geometry)
-    for metric in classifier_metrics:
-        if metric == "cls-low":
-            inputs = (classifier_low_level_inputs(ref_showers, reference.incident_energies),
-                      classifier_low_level_inputs(gen_showers, generated.incident_energies))
-        elif metric == "cls-low-normed":
-            inputs = (classifier_low_level_normed_inputs(ref_showers, reference.incident_energies,
-                                                         geometry),
-                      classifier_low_level_normed_inputs(gen_showers, generated.incident_energies,
-                                                         geometry))
-        else:
-            assert high_ref is not None and high_gen is not None
-            inputs = (high_ref, high_gen)
-        n_train = 2 * split_sizes(len(reference), len(generated), preset, dataset)[0][0]
-        expected = estimate_training_seconds(inputs[0].shape[1], n_train, preset,
-                                             settings.device) * settings.repeats
-        log(f"classifier {metric}: preset {preset.name}, width {preset.hidden} x "
-            f"{preset.hidden_layers} hidden layers, {preset.dtype}, up to {preset.max_epochs} "
-            f"epochs on {n_train} training showers, {settings.repeats} repeats on "
-            f"{settings.device}: expected up to {expected / 60:.1f} min ...")
-        result[metric] = repeated_classifier_test(*inputs, preset, settings.repeats,
-                                                  settings.seed, settings.device, dataset,
-                                                  progress)
-    if "fpd" in settings.metrics:
-        log("FPD (jetnet definition) ...")
-        assert high_ref is not None and high_gen is not None
-        value, error = fpd(high_ref, high_gen)
-        result["fpd_x1e3"] = {"value": 1e3 * value, "error": 1e3 * error,
-                              "features": HIGH_LEVEL_FEATURES, "definition": FPD_DEFINITION,
-                              "n_reference": len(reference), "n_generated": len(generated)}
-    if "kpd" in settings.metrics:
-        log("KPD (jetnet definition) ...")
-        assert high_ref is not None and high_gen is not None
-        value, error = kpd(high_ref, high_gen)
-        result["kpd_x1e3"] = {"value": 1e3 * value, "error": 1e3 * error,
-                              "features": HIGH_LEVEL_FEATURES, "definition": KPD_DEFINITION,
-                              "n_reference": len(reference), "n_generated": len(generated)}
-    if "prdc" in settings.metrics:
-        log("precision / recall / density / coverage ...")
-        assert high_ref is not None and high_gen is not None
-        result["prdc"] = _prdc(high_ref, high_gen, settings.seed)
+    for name, metric in METRIC_FUNCTIONS.items():
+        if name in settings.metrics:
+            result.update(metric(pair))
     result["wall_time_s"] = round(time.perf_counter() - started, 2)
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
     write_json_atomic(os.path.join(output_dir, "metrics.json"), result)
-    write_html_report(os.path.join(output_dir, "report.html"), result, images)
+    write_html_report(os.path.join(output_dir, "report.html"), result, pair.images)
     return result
 
 
