@@ -37,7 +37,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -101,8 +101,29 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
-        check_known_options(cls, values, "training")
-        return cls(**values)
+        return config_from_dict(cls, values, "training")
+
+
+def config_from_dict(config_class: Any, values: dict[str, Any], what: str) -> Any:
+    """A config dataclass from (partial) options merged onto its defaults: unknown keys
+    refused with an OptionError naming them, nested config sections (dataclasses such as
+    ``training:`` or a flow's) merged section by section, scalars cast to the type of the
+    default (a None default takes the value as given). Every family's config and the
+    distillation config are read by this one function."""
+    check_known_options(config_class, values, what)
+    out = config_class()
+    for name, value in values.items():
+        current = getattr(out, name)
+        try:
+            if is_dataclass(current) and not isinstance(current, type):
+                value = config_from_dict(type(current), {**asdict(current), **(value or {})},
+                                         f"{what} {name}")
+            elif value is not None and current is not None:
+                value = type(current)(value)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"bad {what} option {name}: {exc}") from None
+        setattr(out, name, value)
+    return out
 
 
 def check_known_options(config_class: Any, values: dict[str, Any], what: str) -> None:

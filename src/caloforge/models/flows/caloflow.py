@@ -27,11 +27,11 @@ import torch
 from ...data import ShowerData
 from ...geometry import Geometry
 from ...preprocessing import VoxelTransform
-from ...training import TrainingConfig
+from ...training import TrainingConfig, config_from_dict
 from ..base import shard_generator
 from .distillation import DistilledStudent
 from .layered import LayerEnergyFlows, finite_logits
-from .toolkit import FlowConfig, build_maf, flows_config_from_dict, layer_orders
+from .toolkit import FlowConfig, build_maf, layer_orders
 
 
 @dataclass
@@ -45,7 +45,7 @@ class CaloFlowConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CaloFlowConfig:
-        return flows_config_from_dict(cls, values, "CaloFlow")
+        return config_from_dict(cls, values, "CaloFlow")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

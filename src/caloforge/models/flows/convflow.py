@@ -41,10 +41,10 @@ from ...data import ShowerData, ShowerStream
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
 from ...preprocessing import LogitTransform, MaxLogTransform
-from ...training import TrainingConfig
+from ...training import TrainingConfig, config_from_dict
 from .conv_blocks import ConvFlow
 from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
-from .toolkit import FlowConfig, build_maf, flows_config_from_dict
+from .toolkit import FlowConfig, build_maf
 
 ENERGY_PART = "energy"
 
@@ -90,7 +90,7 @@ class ConvFlowConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ConvFlowConfig:
-        out = flows_config_from_dict(cls, values, "convflow")
+        out = config_from_dict(cls, values, "convflow")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
         if out.previous_layers < 0 or out.layers_per_step < 0 or out.blocks < 1 \

@@ -37,7 +37,7 @@ from zuko.utils import unpack
 
 from ...data import ShowerData
 from ...errors import CaloforgeError, OptionError
-from ...training import TrainingConfig
+from ...training import TrainingConfig, config_from_dict
 from ..base import MODEL_WEIGHTS
 from .toolkit import FlowConfig
 
@@ -64,27 +64,12 @@ class DistillationConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistillationConfig:
-        values = dict(values)
-        known = {"student", "beta", "guided", "init", "training"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OptionError(f"unknown distillation option(s) {unknown}; known: {sorted(known)}")
-        out = cls()
-        if "student" in values:
-            student = dict(values["student"] or {})
-            bad = sorted(set(student) - {f for f in asdict(FlowConfig())})
-            if bad:
-                raise OptionError(f"unknown student option(s) {bad}; known: "
-                                  f"{sorted(asdict(FlowConfig()))}")
-            out.student = student
-        if "beta" in values:
-            out.beta = float(values["beta"])
-        if "guided" in values:
-            out.guided = bool(values["guided"])
-        if "init" in values:
-            out.init = str(values["init"])
-        if "training" in values:
-            out.training = TrainingConfig.from_dict({**asdict(out.training), **values["training"]})
+        out: DistillationConfig = config_from_dict(cls, values, "distillation")
+        out.student = dict(out.student or {})  # ``student:`` left empty in a YAML file
+        bad = sorted(set(out.student) - set(asdict(FlowConfig())))
+        if bad:
+            raise OptionError(f"unknown student option(s) {bad}; known: "
+                              f"{sorted(asdict(FlowConfig()))}")
         if not 0.0 <= out.beta <= 1.0:
             raise OptionError(f"beta must be in [0, 1], got {out.beta}")
         if out.init not in ("auto", "random", "teacher"):

@@ -38,11 +38,11 @@ from ...data import ShowerData
 from ...errors import GeometryError, OptionError
 from ...geometry import Geometry
 from ...preprocessing import LogitTransform, VoxelTransform
-from ...training import TrainingConfig
+from ...training import TrainingConfig, config_from_dict
 from ..base import shard_generator
 from .distillation import DISTILLATION_PRESETS, DistillationConfig, DistilledStudent
 from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
-from .toolkit import FlowConfig, build_maf, flows_config_from_dict, layer_orders
+from .toolkit import FlowConfig, build_maf, layer_orders
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ICaloFlowConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ICaloFlowConfig:
-        out = flows_config_from_dict(cls, values, "iCaloFlow")
+        out = config_from_dict(cls, values, "iCaloFlow")
         if out.layers_per_shower < 0:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
         return out

@@ -9,9 +9,8 @@ identity outside [-bound, bound]; zuko's NSF would fix it at 5 while logit(1e-6)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +19,6 @@ from zuko.distributions import DiagNormal
 from zuko.flows import Flow, UnconditionalDistribution
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.transforms import MonotonicRQSTransform
-
-from ...errors import OptionError
-from ...training import TrainingConfig, check_known_options
 
 
 @dataclass
@@ -37,28 +33,6 @@ class FlowConfig:
     # feature, the published MAF). k: features split into k groups in autoregressive order,
     # each group conditioned on the previous ones (block-autoregressive, k passes).
     passes: int | None = None
-
-
-def flows_config_from_dict(config_class: Any, values: dict[str, Any], what: str) -> Any:
-    """A flows config dataclass from (partial) options: each ``FlowConfig`` and the
-    ``TrainingConfig`` section merged onto the defaults, scalars cast to the default's type
-    (a default of None takes a float)."""
-    check_known_options(config_class, values, what)
-    out = config_class()
-    for name, value in values.items():
-        current = getattr(out, name)
-        try:
-            if isinstance(current, FlowConfig):
-                check_known_options(FlowConfig, value, f"{name}")
-                value = FlowConfig(**{**asdict(current), **value})
-            elif isinstance(current, TrainingConfig):
-                value = TrainingConfig.from_dict({**asdict(current), **value})
-            elif value is not None:
-                value = float(value) if current is None else type(current)(value)
-        except (TypeError, ValueError) as exc:
-            raise OptionError(f"bad {what} option {name}: {exc}") from None
-        setattr(out, name, value)
-    return out
 
 
 def layer_orders(layer_sizes: list[int], blocks: int, seed: int) -> list[torch.Tensor]:

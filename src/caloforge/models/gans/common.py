@@ -30,7 +30,7 @@ from ...errors import OptionError
 from ...features import apply_threshold, feature_bins, high_level_features, separation_power
 from ...geometry import CartesianLayer, Geometry
 from ...preprocessing import ConditionTransform
-from ...training import Player, TrainingConfig, check_known_options
+from ...training import Player, TrainingConfig, config_from_dict
 from ..base import ConditionedModel, shard_generator
 
 VALIDATION_SEED = 20_221
@@ -71,11 +71,7 @@ class GanConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GanConfig:
-        check_known_options(cls, values, "GAN")
-        values = dict(values)
-        training = TrainingConfig.from_dict({**asdict(cls().training),
-                                             **values.pop("training", {})})
-        config = cls(**values, training=training)
+        config: GanConfig = config_from_dict(cls, values, "GAN")
         config.validate()
         return config
 
