@@ -25,7 +25,7 @@ def load_model(directory: str) -> ShowerModel:
     try:
         geometry = Geometry.from_dict(description["geometry"])
         model = FAMILIES[family].model_class().from_json_state(description["state"], geometry)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CaloforgeError(f"{directory}: malformed model description ({exc!r})") from None
     model.training_summary = description.get("training", {})
     load_weights(model, directory)

@@ -230,9 +230,33 @@ def read_model_json(directory: str) -> dict[str, Any]:
                              "has training saved a model yet?)")
     try:
         with open(path, encoding="utf-8") as stream:
-            return json.load(stream)
+            description = json.load(stream)
     except (OSError, ValueError) as exc:
         raise CaloforgeError(f"{path}: unreadable model description ({exc})") from None
+    check_model_description(description, path)
+    return description
+
+
+# the fields of model.json and their JSON types
+_DESCRIPTION_FIELDS = {"format_version": int, "family": str, "geometry": dict, "state": dict,
+                       "training": dict}
+
+
+def check_model_description(description: Any, path: str) -> None:
+    """Raise a CaloforgeError naming ``path`` unless ``description`` has the fields of a
+    model.json with their types and a format version this caloforge reads."""
+    if not isinstance(description, dict):
+        raise CaloforgeError(f"{path}: a model description is a JSON object, got "
+                             f"{type(description).__name__}")
+    for name, kind in _DESCRIPTION_FIELDS.items():
+        if name not in description:
+            raise CaloforgeError(f"{path}: model description lacks {name!r}")
+        if not isinstance(description[name], kind) or isinstance(description[name], bool):
+            raise CaloforgeError(f"{path}: {name!r} must be a JSON {kind.__name__}, got "
+                                 f"{type(description[name]).__name__}")
+    if not 1 <= description["format_version"] <= FORMAT_VERSION:
+        raise CaloforgeError(f"{path}: model format version {description['format_version']} "
+                             f"(this caloforge reads 1 to {FORMAT_VERSION})")
 
 
 def load_weights(model: ShowerModel, directory: str) -> None:
@@ -247,6 +271,13 @@ def load_weights(model: ShowerModel, directory: str) -> None:
         raise CaloforgeError(f"{path}: missing model weights") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CaloforgeError(f"{path}: unreadable or truncated weights ({exc})") from None
+    expected = model.module.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tensor.dtype != expected[name].dtype:
+            raise CaloforgeError(f"{path}: weight {name!r} is {tensor.dtype}, the model "
+                                 f"needs {expected[name].dtype}")
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise CaloforgeError(f"{path}: weight {name!r} holds NaN or infinite values")
     try:
         model.module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

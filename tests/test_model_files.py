@@ -1,0 +1,112 @@
+"""Corrupt model files: one clear line naming the file and the problem, non-zero exit, no
+traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from caloforge.cli import main
+from caloforge.geometry import get_geometry
+from caloforge.models.flows.caloflow import CaloFlow
+
+from conftest import random_showers
+
+GEOMETRY = get_geometry("calogan")
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    config = CaloFlow.preset("tiny")
+    config.training.epochs = 1
+    CaloFlow(GEOMETRY, config).fit(random_showers(GEOMETRY, 200, seed=3), str(run_dir))
+    return run_dir
+
+
+def _edit_json(run_dir: Path, change) -> Path:
+    path = run_dir / "model.json"
+    description = json.loads(path.read_text())
+    path.write_text(json.dumps(change(description)))
+    return path
+
+
+def _edit_weights(run_dir: Path, change) -> Path:
+    path = run_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file(change(tensors), str(path))
+    return path
+
+
+def _first_float(tensors: dict) -> str:
+    return next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+
+
+def _nan_weight(tensors):
+    name = _first_float(tensors)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    return tensors
+
+
+def _double_weight(tensors):
+    name = _first_float(tensors)
+    tensors[name] = tensors[name].double()
+    return tensors
+
+
+def _missing_weight(tensors):
+    tensors.pop(_first_float(tensors))
+    return tensors
+
+
+CASES = {
+    "json is a list": (lambda d: _edit_json(d, lambda x: [x]), "JSON object, got list"),
+    "family is a list": (lambda d: _edit_json(d, lambda x: {**x, "family": ["caloflow"]}),
+                         "'family' must be a JSON str"),
+    "unknown family": (lambda d: _edit_json(d, lambda x: {**x, "family": "vae"}),
+                       "unknown model family 'vae'"),
+    "no geometry": (lambda d: _edit_json(d, lambda x: {k: v for k, v in x.items()
+                                                       if k != "geometry"}),
+                    "lacks 'geometry'"),
+    "future format": (lambda d: _edit_json(d, lambda x: {**x, "format_version": 99}),
+                      "format version 99"),
+    "state without config": (lambda d: _edit_json(d, lambda x: {**x, "state": {}}),
+                             "malformed model description"),
+    "not JSON": (lambda d: (d / "model.json").write_text("{not json") and d / "model.json",
+                 "unreadable model description"),
+    "NaN weight": (lambda d: _edit_weights(d, _nan_weight), "NaN or infinite"),
+    "float64 weight": (lambda d: _edit_weights(d, _double_weight),
+                       "is torch.float64, the model needs torch.float32"),
+    "missing weight": (lambda d: _edit_weights(d, _missing_weight), "do not match"),
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:200]) and d / "model.safetensors",
+        "unreadable or truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_corrupt_model_files_are_refused_cleanly(case, saved_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    corrupt, pattern = CASES[case]
+    corrupt(run_dir)
+    out = tmp_path / "generated.h5"
+    status = main(["generate", str(run_dir), "-n", "3", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert status == 1
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(run_dir) in err and re.search(pattern, err), err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_intact_model_loads(saved_run, tmp_path):
+    out = tmp_path / "generated.h5"
+    assert main(["generate", str(saved_run), "-n", "3", "-o", str(out)]) == 0
+    assert out.exists()
