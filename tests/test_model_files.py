@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from caloforge.atomic import file_sha256
 from caloforge.cli import main
 from caloforge.geometry import get_geometry
 from caloforge.models.flows.caloflow import CaloFlow
@@ -36,11 +37,32 @@ def _edit_json(run_dir: Path, change) -> Path:
     return path
 
 
-def _edit_weights(run_dir: Path, change) -> Path:
+def _edit_weights(run_dir: Path, change, record: bool = True) -> Path:
+    """Change the weights; ``record``: also record their new digest in model.json (a
+    consistent pair whose weights are bad), else leave model.json describing the old ones
+    (a save killed between the two files)."""
     path = run_dir / "model.safetensors"
     tensors = load_file(str(path))
     save_file(change(tensors), str(path))
+    if record:
+        _record_digest(run_dir)
     return path
+
+
+def _record_digest(run_dir: Path) -> None:
+    _edit_json(run_dir, lambda x: {**x, "weights_sha256": file_sha256(
+        run_dir / "model.safetensors")})
+
+
+def _truncate_weights(run_dir: Path) -> Path:
+    path = run_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+    _record_digest(run_dir)
+    return path
+
+
+def _scaled_weights(tensors):
+    return {k: v * 2 if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def _first_float(tensors: dict) -> str:
@@ -84,9 +106,11 @@ CASES = {
     "float64 weight": (lambda d: _edit_weights(d, _double_weight),
                        "is torch.float64, the model needs torch.float32"),
     "missing weight": (lambda d: _edit_weights(d, _missing_weight), "do not match"),
-    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes(
-        (d / "model.safetensors").read_bytes()[:200]) and d / "model.safetensors",
-        "unreadable or truncated"),
+    "truncated weights": (_truncate_weights, "unreadable or truncated"),
+    "weights of another save": (lambda d: _edit_weights(d, _scaled_weights, record=False),
+                                "not the weights model.json describes"),
+    "digest not a string": (lambda d: _edit_json(d, lambda x: {**x, "weights_sha256": 5}),
+                            "'weights_sha256' must be a JSON str"),
 }
 
 

@@ -9,8 +9,10 @@ complete new one, never an empty one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -25,8 +27,9 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     created = _make_dirs(directory)
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=directory)
+    remove_stale_temporaries(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+                                   suffix=".tmp", dir=directory)
     os.close(handle)
     try:
         yield tmp
@@ -41,6 +44,43 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporaries of ``path`` left by writers that no longer run (a process
+    killed with SIGKILL cannot clean up); returns the removed paths. Temporaries are named
+    ``.NAME.PID.XXXX.tmp``: one whose process is alive is another writer's, kept."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.dirname(path), os.path.basename(path)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp$")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(directory):
+            match = pattern.match(entry)
+            if match and not _process_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(directory, entry))
+                    removed.append(os.path.join(directory, entry))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_path(path: str) -> None:

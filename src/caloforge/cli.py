@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -695,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(-1 if args.quiet else args.verbose)
     set_progress(not args.no_progress)
+    previous_handler = _terminate_as_exception()
     try:
         set_threads(args.threads)
         tune_allocator()
@@ -702,6 +704,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaloforgeError as exc:
         print(f"caloforge {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"caloforge {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"caloforge {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -713,6 +718,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"caloforge {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that every ``with atomic_output`` on the way out removes
+    its temporary file (a BaseException: no ``except Exception`` swallows it)."""
+
+
+def _terminate_as_exception() -> Any:
+    """Make SIGTERM raise :class:`Terminated`; returns the previous handler (None where
+    signals cannot be set: not the main thread)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -564,7 +564,11 @@ class ShowerWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._h5 is not None and self._atomic is not None
-        self._h5.close()
+        try:
+            self._h5.close()
+        except BaseException as close_error:  # the temporary file goes with the failure
+            self._atomic.__exit__(type(close_error), close_error, None)
+            raise
         if exc_type is None and self.n_written == 0:
             exc = ShowerFileError(self.path, "no showers to write")
             self._atomic.__exit__(type(exc), exc, None)

@@ -50,10 +50,14 @@ its own random stream (seed, chunk), so output is identical whatever the number 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import math
 import os
 import re
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -838,6 +842,16 @@ def _simulate_chunk(task: tuple[SimulationPlan, int, np.ndarray, dict[str, np.nd
                               rng=make_rng(plan.seed, index + 1))
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In a worker (Linux): ask the kernel to kill this process when its parent dies, even
+    by SIGKILL, so that no orphan keeps simulating and holding memory."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def iter_simulated_chunks(plan: SimulationPlan, workers: int = 1) -> Iterator[ShowerData]:
     """Yield the plan's showers chunk by chunk, in order, with at most 2 x workers in flight."""
     energies, conditions, units = plan.draw_inputs()
@@ -848,7 +862,8 @@ def iter_simulated_chunks(plan: SimulationPlan, workers: int = 1) -> Iterator[Sh
         for task in tasks:
             yield _simulate_chunk(task)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[Future[ShowerData]] = deque()
         for task in tasks:
             pending.append(pool.submit(_simulate_chunk, task))

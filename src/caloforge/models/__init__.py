@@ -28,7 +28,7 @@ def load_model(directory: str) -> ShowerModel:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CaloforgeError(f"{directory}: malformed model description ({exc!r})") from None
     model.training_summary = description.get("training", {})
-    load_weights(model, directory)
+    load_weights(model, directory, description.get("weights_sha256"))
     return model
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from .._version import __version__
-from ..atomic import atomic_output, write_json_atomic
+from ..atomic import atomic_output, file_sha256, write_json_atomic
 from ..data import ShowerData, ShowerStream
 from ..errors import CaloforgeError, OptionError
 from ..geometry import Geometry
@@ -85,17 +85,21 @@ class ShowerModel(ABC):
 
     # --- files --------------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        """Write ``model.safetensors`` and ``model.json`` into ``directory`` (atomically)."""
+        """Write ``model.safetensors``, then ``model.json`` into ``directory``, each
+        atomically. ``model.json`` is written last and records the SHA-256 of the weights:
+        a save killed between the two files leaves a pair that loading refuses (the run's
+        checkpoint still holds the weights) instead of weights with a stale description."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         with atomic_output(os.path.join(directory, MODEL_WEIGHTS)) as tmp:
             save_file(tensors, tmp, metadata={"family": self.family})
+            weights_sha256 = file_sha256(tmp)
         write_json_atomic(os.path.join(directory, MODEL_JSON), {
             "format_version": FORMAT_VERSION, "family": self.family,
             "geometry": self.geometry.to_dict(), "state": self.to_json_state(),
-            "training": self.training_summary,
+            "training": self.training_summary, "weights_sha256": weights_sha256,
             "versions": _versions()})
 
 
@@ -254,17 +258,24 @@ def check_model_description(description: Any, path: str) -> None:
         if not isinstance(description[name], kind) or isinstance(description[name], bool):
             raise CaloforgeError(f"{path}: {name!r} must be a JSON {kind.__name__}, got "
                                  f"{type(description[name]).__name__}")
+    if not isinstance(description.get("weights_sha256", ""), str):
+        raise CaloforgeError(f"{path}: 'weights_sha256' must be a JSON str")
     if not 1 <= description["format_version"] <= FORMAT_VERSION:
         raise CaloforgeError(f"{path}: model format version {description['format_version']} "
                              f"(this caloforge reads 1 to {FORMAT_VERSION})")
 
 
-def load_weights(model: ShowerModel, directory: str) -> None:
-    """Load ``model.safetensors`` into ``model.module`` (strict: every tensor must match)."""
+def load_weights(model: ShowerModel, directory: str, sha256: str | None = None) -> None:
+    """Load ``model.safetensors`` into ``model.module`` (strict: every tensor must match
+    in name, shape and dtype, and be finite); ``sha256``: the digest model.json records."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.path.join(directory, MODEL_WEIGHTS)
+    if sha256 and os.path.exists(path) and file_sha256(path) != sha256:
+        raise CaloforgeError(f"{path}: not the weights {MODEL_JSON} describes (a save "
+                             "interrupted between the two files?); resume the run to "
+                             "rewrite them from its checkpoint")
     try:
         tensors = load_file(path)
     except FileNotFoundError:

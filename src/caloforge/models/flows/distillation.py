@@ -25,7 +25,6 @@ sequential passes are negligible) are copied from the teacher and frozen.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +34,7 @@ import torch
 from torch.nn.functional import mse_loss
 from zuko.utils import unpack
 
+from ...atomic import file_sha256
 from ...data import ShowerData
 from ...errors import CaloforgeError, OptionError
 from ...training import TrainingConfig, config_from_dict
@@ -191,14 +191,6 @@ def kl_divergence(teacher: torch.nn.Module, student: torch.nn.Module, shape: tor
     states, _, ladj = student_chain(student, z, context, with_ladj=True)
     log_q = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - ladj
     return log_q - teacher(context).log_prob(states[0])
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class DistilledStudent:
