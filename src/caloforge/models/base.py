@@ -272,16 +272,16 @@ def load_weights(model: ShowerModel, directory: str, sha256: str | None = None) 
     from safetensors.torch import load_file
 
     path = os.path.join(directory, MODEL_WEIGHTS)
-    if sha256 and os.path.exists(path) and file_sha256(path) != sha256:
-        raise CaloforgeError(f"{path}: not the weights {MODEL_JSON} describes (a save "
-                             "interrupted between the two files?); resume the run to "
-                             "rewrite them from its checkpoint")
     try:
         tensors = load_file(path)
     except FileNotFoundError:
         raise CaloforgeError(f"{path}: missing model weights") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CaloforgeError(f"{path}: unreadable or truncated weights ({exc})") from None
+    if sha256 and file_sha256(path) != sha256:
+        raise CaloforgeError(f"{path}: not the weights {MODEL_JSON} describes (a save "
+                             "interrupted between the two files?); resume the run to "
+                             "rewrite them from its checkpoint")
     expected = model.module.state_dict()
     for name, tensor in tensors.items():
         if name in expected and tensor.dtype != expected[name].dtype:
