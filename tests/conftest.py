@@ -45,6 +45,17 @@ def random_showers(geometry: Geometry, n: int, seed: int = 0, conditions: bool =
     return ShowerData(energies, voxels, extra, units)
 
 
+def train_tiny_caloflow(run_dir: Path, geometry: Geometry, n: int = 200, seed: int = 0) -> Path:
+    """A CaloFlow (tiny preset, one epoch) trained on ``n`` random showers into ``run_dir``:
+    a saved run for tests of loading, generation and model files."""
+    from caloforge.models.flows.caloflow import CaloFlow
+
+    config = CaloFlow.preset("tiny")
+    config.training.epochs = 1
+    CaloFlow(geometry, config).fit(random_showers(geometry, n, seed=seed), str(run_dir))
+    return run_dir
+
+
 def tiny_config(model_class: Any, epochs: int, **options: Any) -> Any:
     """``model_class``'s tiny preset with ``epochs`` and the given options set."""
     config = model_class.preset("tiny")

@@ -16,7 +16,7 @@ from caloforge.atomic import atomic_output, remove_stale_temporaries
 from caloforge.data import ShowerWriter
 from caloforge.geometry import get_geometry
 
-from conftest import random_showers
+from conftest import random_showers, train_tiny_caloflow
 
 GEOMETRY = get_geometry("calochallenge-1-photons")
 
@@ -66,12 +66,7 @@ def test_a_failing_close_leaves_no_temporary(tmp_path, monkeypatch):
 def test_sigterm_during_generation_leaves_no_temporary(tmp_path):
     """SIGTERM becomes an exception: the `with atomic_output` on the way out removes its
     temporary file and the previous target stays."""
-    from caloforge.models.flows.caloflow import CaloFlow
-
-    run_dir = tmp_path / "run"
-    config = CaloFlow.preset("tiny")
-    config.training.epochs = 1
-    CaloFlow(GEOMETRY, config).fit(random_showers(GEOMETRY, 200, seed=1), str(run_dir))
+    run_dir = train_tiny_caloflow(tmp_path / "run", GEOMETRY, 200, seed=1)
     target = tmp_path / "gen.h5"
     target.write_bytes(b"old")
     process = subprocess.Popen(

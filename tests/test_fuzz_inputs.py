@@ -98,15 +98,9 @@ JSON_VALUES = st.recursive(
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory) -> Path:
-    from caloforge.models.flows.caloflow import CaloFlow
+    from conftest import train_tiny_caloflow
 
-    from conftest import random_showers
-
-    run_dir = tmp_path_factory.mktemp("run")
-    config = CaloFlow.preset("tiny")
-    config.training.epochs = 1
-    CaloFlow(GEOMETRY, config).fit(random_showers(GEOMETRY, 150, seed=2), str(run_dir))
-    return run_dir
+    return train_tiny_caloflow(tmp_path_factory.mktemp("run"), GEOMETRY, 150, seed=2)
 
 
 @fuzz(20)

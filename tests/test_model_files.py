@@ -14,20 +14,15 @@ from safetensors.torch import load_file, save_file
 from caloforge.atomic import file_sha256
 from caloforge.cli import main
 from caloforge.geometry import get_geometry
-from caloforge.models.flows.caloflow import CaloFlow
 
-from conftest import random_showers
+from conftest import train_tiny_caloflow
 
 GEOMETRY = get_geometry("calogan")
 
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    config = CaloFlow.preset("tiny")
-    config.training.epochs = 1
-    CaloFlow(GEOMETRY, config).fit(random_showers(GEOMETRY, 200, seed=3), str(run_dir))
-    return run_dir
+    return train_tiny_caloflow(tmp_path_factory.mktemp("run"), GEOMETRY, 200, seed=3)
 
 
 def _edit_json(run_dir: Path, change) -> Path:
