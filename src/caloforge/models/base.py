@@ -11,6 +11,7 @@ from the files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from .._version import __version__
-from ..atomic import atomic_output, file_sha256, write_json_atomic
+from ..atomic import atomic_output, write_json_atomic
 from ..data import ShowerData, ShowerStream
 from ..errors import CaloforgeError, OptionError
 from ..geometry import Geometry
@@ -89,13 +90,15 @@ class ShowerModel(ABC):
         atomically. ``model.json`` is written last and records the SHA-256 of the weights:
         a save killed between the two files leaves a pair that loading refuses (the run's
         checkpoint still holds the weights) instead of weights with a stale description."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        weights = save(tensors, metadata={"family": self.family})
         with atomic_output(os.path.join(directory, MODEL_WEIGHTS)) as tmp:
-            save_file(tensors, tmp, metadata={"family": self.family})
-            weights_sha256 = file_sha256(tmp)
+            with open(tmp, "wb") as stream:
+                stream.write(weights)
+        weights_sha256 = hashlib.sha256(weights).hexdigest()
         write_json_atomic(os.path.join(directory, MODEL_JSON), {
             "format_version": FORMAT_VERSION, "family": self.family,
             "geometry": self.geometry.to_dict(), "state": self.to_json_state(),
@@ -269,16 +272,18 @@ def load_weights(model: ShowerModel, directory: str, sha256: str | None = None) 
     """Load ``model.safetensors`` into ``model.module`` (strict: every tensor must match
     in name, shape and dtype, and be finite); ``sha256``: the digest model.json records."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = os.path.join(directory, MODEL_WEIGHTS)
     try:
-        tensors = load_file(path)
+        with open(path, "rb") as stream:
+            raw = stream.read()  # read once: parsed and checked against the digest
+        tensors = load(raw)
     except FileNotFoundError:
         raise CaloforgeError(f"{path}: missing model weights") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CaloforgeError(f"{path}: unreadable or truncated weights ({exc})") from None
-    if sha256 and file_sha256(path) != sha256:
+    if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
         raise CaloforgeError(f"{path}: not the weights {MODEL_JSON} describes (a save "
                              "interrupted between the two files?); resume the run to "
                              "rewrite them from its checkpoint")
