@@ -9,7 +9,7 @@ Steps (each printed with its figures): simulate a training set (seed 11) and an 
 held-out reference (seed 12); `caloforge train convflow` (CPU preset unless --config)
 within the budget; generate as many showers as the held-out reference; `caloforge evaluate`
 (fast classifier preset, 3 repeats); `caloforge bench-sampling` on 1 thread at batch 100.
-Peak resident memory of each step from ``os.wait4``.
+Peak resident memory of each step from ``os.wait4``; the steps are bench/pipeline.py's.
 Targets (issue): ild-ecal high-level AUC <= 0.65 (published L2LFlows 0.63), sampling
 <= 100 ms/shower at batch 100 on one CPU thread (published 418 ms); calochallenge-3: AUCs
 and ms/shower next to iCaloFlow's.
@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
-from bench_icaloflow import read_json, run, training_figures
+from pipeline import (
+    HELDOUT_SEED,
+    TRAIN_SEED,
+    bench_sampling,
+    evaluate,
+    generate,
+    headline,
+    save_json,
+    simulate,
+    train,
+    training_summary,
+)
 
 
 def main() -> int:
@@ -43,64 +52,47 @@ def main() -> int:
     parser.add_argument("--out", default="bench-output/convflow")
     parser.add_argument("--tag", default="cpu", help="name of this configuration's run")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep data files and the trained run of an earlier invocation")
+                        help="keep data files and the trained run of an earlier invocation "
+                             "(an interrupted training is resumed)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                         help="read the training file block by block (calochallenge-3)")
     args = parser.parse_args()
-    exe = os.path.join(os.path.dirname(sys.executable), "caloforge")
     out, g = args.out, args.geometry
-    os.makedirs(out, exist_ok=True)
     name = f"{g}-{args.tag}"
     figures_path = f"{out}/figures-{name}.json"
     figures: dict = {"geometry": g, "tag": args.tag, "threads": args.threads}
 
     def save() -> None:
-        with open(figures_path, "w") as stream:
-            json.dump(figures, stream, indent=2)
+        save_json(figures_path, figures)
 
-    train = args.train or f"{out}/{g}-train.h5"
+    train_file = args.train or f"{out}/{g}-train.h5"
     test = args.test or f"{out}/{g}-test.h5"
-    for path, n, seed, given in ((train, args.n_train, 11, args.train),
-                                 (test, args.n_test, 12, args.test)):
-        if not given and not (args.reuse and os.path.exists(path)):
-            run([exe, "simulate", "--geometry", g, "-n", str(n), "--seed", str(seed), "-o",
-                 path, "--no-progress"])
+    if not args.train:
+        simulate(g, train_file, args.n_train, TRAIN_SEED, args.reuse)
+    if not args.test:
+        simulate(g, test, args.n_test, HELDOUT_SEED, args.reuse)
     model = f"{out}/{name}-model"
-    if not (args.reuse and os.path.exists(f"{model}/model.json")):
-        subprocess.run(["rm", "-rf", model], check=True)
-        command = [exe, "train", "convflow", "--data", train, "--geometry", g, "-o", model,
-                   "--time-budget", args.budget, "--threads", args.threads,
-                   "--postprocess", args.postprocess, "--stream", args.stream,
-                   "--no-progress"]
-        if args.config:
-            command += ["--config", args.config]
-        wall, peak = run(command)
-        figures["train"] = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak, 2)}
-        save()
-    training_figures(figures, "train", model)
-    generated = f"{out}/{name}-generated.h5"
-    wall, peak = run([exe, "generate", model, "--like", test, "-n", str(args.n_test), "-o",
-                      generated, "--seed", "1", "--threads", args.threads, "--no-progress"])
-    figures["generate"] = {"n": args.n_test, "wall_s": round(wall, 1),
-                           "peak_rss_gb": round(peak, 2)}
+    step = train("convflow", train_file, g, model, args.budget, args.threads, args.reuse,
+                 extra=["--postprocess", args.postprocess, "--stream", args.stream,
+                        *(["--config", args.config] if args.config else [])])
+    if step:
+        figures["train"] = step.figures()
+    figures.setdefault("train", {}).update(training_summary(model))
     save()
-    report = f"{out}/{name}-report"
-    run([exe, "evaluate", "--reference", test, "--generated", generated, "--geometry", g,
-         "-o", report, "--metrics", args.metrics, "--max-showers", str(args.n_test),
-         "--no-progress"])
-    metrics = read_json(f"{report}/metrics.json")
-    for key in ("cls-low", "cls-high"):
-        if key in metrics:
-            figures[f"auc_{key[4:]}"] = [metrics[key]["auc_mean"], metrics[key]["auc_std"]]
+    generated = f"{out}/{name}-generated.h5"
+    figures["generate"] = {"n": args.n_test,
+                           **generate(model, test, generated, args.threads, args.n_test).figures()}
+    save()
+    figures.update(headline(evaluate(test, generated, g, f"{out}/{name}-report",
+                                     ["--metrics", args.metrics, "--max-showers",
+                                      str(args.n_test)])))
     save()
     if not args.skip_timing:
-        run([exe, "bench-sampling", model, "--threads", "1", "--batch-sizes", "100",
-             "--repeats", "2", "--max-seconds", "120", "--like", test, "-o",
-             f"{out}/{name}-sampling.json", "--no-progress"])
-        rows = read_json(f"{out}/{name}-sampling.json")["results"]
-        figures["ms_per_shower_1thread"] = {f"bs{r['batch_size']}": round(r["ms_per_shower"], 2)
-                                            for r in rows}
+        timing = bench_sampling(model, f"{out}/{name}-sampling.json", threads="1",
+                                batch_sizes="100", like=test, repeats=2)
+        figures["ms_per_shower_1thread"] = {f"bs{b}": round(ms, 2)
+                                            for (_, b), ms in timing.items()}
         save()
     print(json.dumps(figures, indent=2))
     aucs = ", ".join(f"AUC {k[4:]} {v[0]:.3f}" for k, v in figures.items() if k.startswith("auc_"))

@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
+from pipeline import caloforge, distill, generate, read_json, save_json, simulate, train
 
 N_SHOWERS = 121_000
 GEOMETRY = "calochallenge-1-photons"
@@ -46,17 +45,8 @@ SCORINGS = {
 }
 
 
-def run(command: list[str]) -> float:
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return time.perf_counter() - started
-
-
-def simulate(exe: str, path: str, seed: int) -> None:
-    if not os.path.exists(path):
-        run([exe, "simulate", "--geometry", GEOMETRY, "-n", str(N_SHOWERS), "--seed", str(seed),
-             "-o", path, "--no-progress", "--threads", "2"])
+def simulate_reference(path: str, seed: int) -> None:
+    simulate(GEOMETRY, path, N_SHOWERS, seed, extra=["--threads", "2"])
 
 
 def distort(source: str, path: str) -> None:
@@ -75,18 +65,16 @@ def distort(source: str, path: str) -> None:
 
 def load_results(path: str) -> dict:
     if os.path.exists(path):
-        with open(path) as stream:
-            return json.load(stream)
+        return read_json(path)
     return {"about": __doc__.split("\n\n")[0], "machine": "2 CPU cores (reference simulator "
             "data, not Geant4)", "pairs": {}}
 
 
 def save_results(path: str, results: dict) -> None:
     """The JSON, and beside it a Markdown table of the same figures."""
-    from caloforge.atomic import atomic_output, write_json_atomic
+    from caloforge.atomic import atomic_output
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_json_atomic(path, results)
+    save_json(path, results)
     with atomic_output(os.path.splitext(path)[0] + ".md") as tmp:
         with open(tmp, "w", encoding="utf-8") as stream:
             stream.write(markdown_table(results))
@@ -118,20 +106,19 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def score(exe: str, out: str, results: dict, results_path: str, pair: str, reference: str,
+def score(out: str, results: dict, results_path: str, pair: str, reference: str,
           generated: str, repeats: int) -> None:
     for name, options in SCORINGS.items():
         key = f"{pair}/{name}"
         if key in results["pairs"]:
             continue
         report = f"{out}/report-{pair}-{name}"
-        command = [exe, "evaluate", "--reference", reference, "--generated", generated,
+        command = ["evaluate", "--reference", reference, "--generated", generated,
                    "--geometry", GEOMETRY, "-o", report, "--repeats", str(repeats),
-                   "--threads", "2", "--no-progress", *options]
-        wall = run(command)
-        with open(f"{report}/metrics.json") as stream:
-            metrics = json.load(stream)
-        entry = {"command": " ".join(command[1:]), "wall_s": round(wall, 1),
+                   "--threads", "2", *options]
+        wall = caloforge(*command).wall_s
+        metrics = read_json(f"{report}/metrics.json")
+        entry = {"command": " ".join(command + ["--no-progress"]), "wall_s": round(wall, 1),
                  "n_reference": metrics["n_reference"], "n_generated": metrics["n_generated"]}
         for level in ("cls-low", "cls-high"):
             r = metrics[level]
@@ -157,41 +144,33 @@ def main() -> int:
     parser.add_argument("--student-budget", default="15m")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    exe = os.path.join(os.path.dirname(sys.executable), "caloforge")
     out = args.out
     os.makedirs(out, exist_ok=True)
     results = load_results(args.results)
     reference = f"{out}/reference.h5"
-    simulate(exe, reference, 101)
+    simulate_reference(reference, 101)
     pairs = args.pairs.split(",")
     teacher, student = f"{out}/teacher", f"{out}/student"
     for pair in pairs:
         if pair == "independent":
             generated = f"{out}/independent.h5"
-            simulate(exe, generated, 102)
+            simulate_reference(generated, 102)
         elif pair == "distorted":
-            simulate(exe, f"{out}/distort-source.h5", 104)
+            simulate_reference(f"{out}/distort-source.h5", 104)
             generated = f"{out}/distorted.h5"
             distort(f"{out}/distort-source.h5", generated)
         elif pair in ("teacher", "student"):
-            train = f"{out}/train.h5"
-            simulate(exe, train, 103)
-            if not os.path.exists(f"{teacher}/model.json"):
-                run([exe, "train", "caloflow", "--data", train, "--geometry", GEOMETRY, "-o",
-                     teacher, "--time-budget", args.teacher_budget, "--threads", "2",
-                     "--no-progress"] + (["--resume"] if os.path.exists(teacher) else []))
-            if pair == "student" and not os.path.exists(f"{student}/model.json"):
-                run([exe, "distill", teacher, "-o", student, "--time-budget",
-                     args.student_budget, "--threads", "2", "--no-progress"]
-                    + (["--resume"] if os.path.exists(student) else []))
+            train_file = f"{out}/train.h5"
+            simulate_reference(train_file, 103)
+            train("caloflow", train_file, GEOMETRY, teacher, args.teacher_budget)
+            if pair == "student":
+                distill(teacher, student, args.student_budget)
             generated = f"{out}/{pair}-generated.h5"
             if not os.path.exists(generated):
-                run([exe, "generate", teacher if pair == "teacher" else student, "--like",
-                     reference, "-o", generated, "--seed", "1", "--threads", "2",
-                     "--no-progress"])
+                generate(teacher if pair == "teacher" else student, reference, generated)
         else:
             raise SystemExit(f"unknown pair {pair!r}")
-        score(exe, out, results, args.results, pair, reference, generated, args.repeats)
+        score(out, results, args.results, pair, reference, generated, args.repeats)
     print(json.dumps(results["pairs"], indent=2))
     return 0
 

@@ -10,7 +10,8 @@ budget on 2 threads; `caloforge distill` (students for Flow-2 and Flow-3) within
 distillation budget; generate as many showers as the held-out reference with the student;
 `caloforge evaluate` (fast classifier preset, 3 repeats); `caloforge bench-sampling` of the
 student on 1 thread at batch 100 and 10,000. The peak resident memory of every step is
-measured from the kernel's accounting of that process (``os.wait4``).
+measured from the kernel's accounting of that process (``os.wait4``); the steps are
+bench/pipeline.py's.
 Targets (issue): calochallenge-2 teacher + students <= 90 min on 2 cores, low-level and
 high-level AUC <= 0.80, student <= 20 ms/shower at batch 10,000 on 1 thread;
 calochallenge-3 training <= 8 GB, generation of 10,000 showers <= 4 GB.
@@ -21,33 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
-
-def run(command: list[str]) -> tuple[float, float]:
-    """Run a command; (wall seconds, peak resident memory in GB of its process)."""
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    process = subprocess.Popen(command)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"command failed with status {process.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024 ** 2  # Linux: kB
-
-
-def read_json(path: str) -> dict:
-    with open(path) as stream:
-        return json.load(stream)
-
-
-def training_figures(figures: dict, key: str, run_dir: str) -> None:
-    """Add the training summary saved in ``run_dir`` to ``figures[key]``."""
-    summary = read_json(f"{run_dir}/model.json")["training"]
-    figures.setdefault(key, {}).update(
-        {k: summary[k] for k in ("epochs", "best_epoch", "best_val_loss", "train_seconds")})
+from pipeline import (
+    bench_sampling,
+    distill,
+    evaluate,
+    generate,
+    headline,
+    read_json,
+    save_json,
+    simulate_pair,
+    train,
+    training_summary,
+)
 
 
 def main() -> int:
@@ -60,72 +48,49 @@ def main() -> int:
     parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--out", default="bench-output/icaloflow")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep data files and trained runs of an earlier invocation")
+                        help="keep data files and trained runs of an earlier invocation (an "
+                             "interrupted training is resumed)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-evaluation", action="store_true",
                         help="stop after generation (e.g. a memory check on calochallenge-3)")
     args = parser.parse_args()
-    exe = os.path.join(os.path.dirname(sys.executable), "caloforge")
     out, g = args.out, args.geometry
-    os.makedirs(out, exist_ok=True)
     figures_path = f"{out}/figures-{g}.json"
     figures: dict = read_json(figures_path) if args.reuse and os.path.exists(figures_path) \
         else {}
     figures["geometry"] = g
 
-    def done(path: str) -> bool:
-        return args.reuse and os.path.exists(path)
-
     def save() -> None:
-        with open(figures_path, "w") as stream:
-            json.dump(figures, stream, indent=2)
+        save_json(figures_path, figures)
 
-    train, test = f"{out}/{g}-train.h5", f"{out}/{g}-test.h5"
-    for path, n, seed in ((train, args.n_train, 11), (test, args.n_test, 12)):
-        if not done(path):
-            run([exe, "simulate", "--geometry", g, "-n", str(n), "--seed", str(seed), "-o",
-                 path, "--no-progress"])
+    train_file, test = f"{out}/{g}-train.h5", f"{out}/{g}-test.h5"
+    simulate_pair(g, train_file, test, args.n_train, args.n_test, args.reuse)
     teacher, student = f"{out}/{g}-teacher", f"{out}/{g}-student"
-    if not done(f"{teacher}/model.json"):
-        subprocess.run(["rm", "-rf", teacher], check=True)
-        wall, peak = run([exe, "train", "icaloflow", "--data", train, "--geometry", g, "-o",
-                          teacher, "--time-budget", args.teacher_budget, "--threads", "2",
-                          "--stream", args.stream, "--no-progress"])
-        figures["teacher"] = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak, 2)}
+    stream = ["--stream", args.stream]
+    for key, step in (("teacher", lambda: train("icaloflow", train_file, g, teacher,
+                                                args.teacher_budget, reuse=args.reuse,
+                                                extra=stream)),
+                      ("student", lambda: distill(teacher, student, args.distill_budget,
+                                                  reuse=args.reuse, extra=stream))):
+        measured = step()
+        if measured:
+            figures[key] = measured.figures()
+        figures.setdefault(key, {}).update(training_summary(teacher if key == "teacher"
+                                                            else student))
         save()
-    training_figures(figures, "teacher", teacher)
-    if not done(f"{student}/model.json"):
-        subprocess.run(["rm", "-rf", student], check=True)
-        wall, peak = run([exe, "distill", teacher, "-o", student, "--time-budget",
-                          args.distill_budget, "--threads", "2", "--stream", args.stream,
-                          "--no-progress"])
-        figures["student"] = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak, 2)}
-        save()
-    training_figures(figures, "student", student)
     generated = f"{out}/{g}-generated.h5"
-    wall, peak = run([exe, "generate", student, "--like", test, "-o", generated, "--seed", "1",
-                      "--threads", "2", "--no-progress"])
-    figures["generate"] = {"n": args.n_test, "wall_s": round(wall, 1),
-                           "peak_rss_gb": round(peak, 2)}
+    figures["generate"] = {"n": args.n_test, **generate(student, test, generated).figures()}
     save()
     if args.skip_evaluation:
         print(json.dumps(figures, indent=2))
         return 0
-    report = f"{out}/{g}-report"
-    run([exe, "evaluate", "--reference", test, "--generated", generated, "--geometry", g,
-         "-o", report, "--no-progress"])
-    metrics = read_json(f"{report}/metrics.json")
-    figures["auc_low"] = [metrics["cls-low"]["auc_mean"], metrics["cls-low"]["auc_std"]]
-    figures["auc_high"] = [metrics["cls-high"]["auc_mean"], metrics["cls-high"]["auc_std"]]
-    figures["fpd_x1e3"] = metrics["fpd_x1e3"]["value"]
+    figures.update(headline(evaluate(test, generated, g, f"{out}/{g}-report")))
     save()
     if not args.skip_timing:
-        run([exe, "bench-sampling", student, "--threads", "1", "--batch-sizes", "100,10000",
-             "--repeats", "2", "--max-seconds", "120", "--like", test, "-o",
-             f"{out}/{g}-student-sampling.json", "--no-progress"])
-        rows = read_json(f"{out}/{g}-student-sampling.json")["results"]
+        timing = bench_sampling(student, f"{out}/{g}-student-sampling.json", threads="1",
+                                batch_sizes="100,10000", like=test, repeats=2)
         figures["student_ms_per_shower_1thread"] = {
-            f"bs{r['batch_size']}": round(r["ms_per_shower"], 2) for r in rows}
+            f"bs{b}": round(ms, 2) for (_, b), ms in timing.items()}
         save()
     print(json.dumps(figures, indent=2))
     minutes = (figures["teacher"]["train_seconds"] + figures["student"]["train_seconds"]) / 60

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-from bench_icaloflow import read_json, run
+from pipeline import evaluate, generate, headline, read_json
 
 
 def main() -> int:
@@ -44,7 +43,6 @@ def main() -> int:
     from caloforge.models import load_model
 
     torch.set_num_threads(args.threads)
-    exe = os.path.join(os.path.dirname(sys.executable), "caloforge")
     out = args.out or f"{args.run_dir.rstrip('/')}-spline"
     model = load_model(args.run_dir)
     reference = read_showers(args.train, model.geometry, max_showers=args.showers)
@@ -55,21 +53,15 @@ def main() -> int:
     print(f"fitted the spline on {args.showers} training showers in {fit_seconds:.0f} s "
           f"-> {out}", flush=True)
     generated = f"{out}/generated.h5"
-    run([exe, "generate", out, "--like", args.test, "-n", str(args.n_test), "-o", generated,
-         "--seed", "1", "--threads", str(args.threads), "--no-progress"])
-    report = f"{out}/report"
-    run([exe, "evaluate", "--reference", args.test, "--generated", generated, "--geometry",
-         args.geometry, "-o", report, "--metrics", args.metrics, "--max-showers",
-         str(args.n_test), "--no-progress"])
-    figures = {"fit_seconds": round(fit_seconds, 1)}
-    runs = [("spline", read_json(f"{report}/metrics.json"))]
+    generate(out, args.test, generated, args.threads, args.n_test)
+    runs = [("spline", evaluate(args.test, generated, args.geometry, f"{out}/report",
+                                ["--metrics", args.metrics, "--max-showers", str(args.n_test)]))]
     if args.baseline:
         runs.insert(0, ("none", read_json(args.baseline)))
+    figures: dict = {"fit_seconds": round(fit_seconds, 1)}
     for name, metrics in runs:
-        for key in ("cls-low", "cls-high"):
-            if key in metrics:
-                figures[f"{name}_auc_{key[4:]}"] = [metrics[key]["auc_mean"],
-                                                    metrics[key]["auc_std"]]
+        figures.update({f"{name}_{key}": value for key, value in headline(metrics).items()
+                        if key.startswith("auc_")})
     print(json.dumps(figures, indent=2))
     return 0
 

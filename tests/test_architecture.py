@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "caloforge"
 # the families' modules as strings and imports none of them)
 FOUNDATIONS = ("errors", "runtime", "atomic", "geometry", "detectors", "response", "data",
                "preprocessing", "features", "plotting", "simulator", "registry", "_version")
-HIGHER = ("models", "training", "evaluation", "cli", "sampling")
+HIGHER = ("models", "training", "evaluation", "cli", "sampling", "export")
 
 
 def module_name(path: Path) -> str:
@@ -85,3 +85,35 @@ def test_the_package_does_not_import_itself_back():
         if module:
             assert "__version__" not in {n.rsplit(".", 1)[-1] for n in names
                                          if n.count(".") == 0}, module
+
+
+def test_geometry_is_below_the_simulator():
+    assert imports_from("geometry", ("detectors", "response", "simulator")) == []
+
+
+def test_every_geometry_has_exactly_one_detector():
+    """One list of geometry names (geometry.py); the detectors take name and readout
+    threshold from it rather than repeating them."""
+    from caloforge.detectors import _DETECTORS, get_detector
+    from caloforge.geometry import available_geometries, get_geometry
+
+    assert sorted(_DETECTORS) == sorted(available_geometries())
+    for name in available_geometries():
+        detector = get_detector(name)
+        assert detector.geometry_name == name
+        assert detector.threshold_mev > 0
+    for name in ("calochallenge-2", "calochallenge-3", "ild-ecal"):  # readout = evaluation cut
+        assert get_detector(name).threshold_mev == get_geometry(name).threshold_mev
+
+
+BENCH = PACKAGE.parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("bench_*.py")))
+def test_bench_scripts_run_the_cli_through_the_pipeline(script):
+    """simulate → train → generate → evaluate lives once, in bench/pipeline.py (the memory
+    benchmark runs Python children of its own, not CLI steps)."""
+    source = (BENCH / script).read_text(encoding="utf-8")
+    assert '"caloforge")' not in source, script
+    if script != "bench_flow_memory.py":
+        assert "subprocess" not in source, script

@@ -1,5 +1,6 @@
 """Every registered family through the same checks (as zuko's tests run every flow):
-fit -> files -> load -> sample reproducibly per (seed, shard) -> resume -> log_prob.
+fit -> files -> load -> sample reproducibly per (seed, shard) -> resume -> log_prob ->
+export (ONNX run by onnxruntime, TorchScript by torch.jit.load) where the family exports.
 
 A family registered in :data:`caloforge.registry.FAMILIES` is tested here without a line
 added; a student is distilled from its teacher, trained here the same way.
@@ -16,9 +17,10 @@ import torch
 
 from caloforge.data import ShowerData
 from caloforge.errors import CaloforgeError
+from caloforge.export import EXPORT_FORMATS, export_model, relative_deviation, run_onnx
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models import load_model
-from caloforge.models.base import ShowerModel
+from caloforge.models.base import ShowerModel, shard_generator, weights_path
 from caloforge.registry import FAMILIES
 from caloforge.training import read_log
 
@@ -65,8 +67,8 @@ def trained(data, tmp_path_factory) -> dict[str, Any]:
 def test_fit_writes_a_complete_run(name, trained):
     model, run_dir = trained[name]
     files = {p.name for p in Path(run_dir).iterdir()}
-    assert {"model.json", "model.safetensors", "checkpoint.safetensors", "train_log.jsonl",
-            "loss_curve.png"} <= files
+    assert {"model.json", Path(weights_path(run_dir)).name, "checkpoint.safetensors",
+            "train_log.jsonl", "loss_curve.png"} <= files
     log = read_log(str(Path(run_dir) / "train_log.jsonl"))
     assert [r["epoch"] for r in log] == list(range(1, EPOCHS + 1))
     assert all(np.isfinite(r["val_loss"]) for r in log)
@@ -130,3 +132,32 @@ def test_log_prob_where_the_family_has_a_likelihood(name, trained, data):
     values = model.log_prob(sample)
     assert values.shape == (30,) and np.isfinite(values).all()
     np.testing.assert_array_equal(values, model.log_prob(sample))
+
+
+@pytest.mark.parametrize("format", EXPORT_FORMATS)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_exported_graph_draws_the_models_showers(name, format, trained, data, tmp_path):
+    """Fed the noise ``sample`` draws for a seed, the exported graph gives the showers
+    ``sample`` gives, at batch sizes other than the one it was traced at."""
+    model, _ = trained[name]
+    output = str(tmp_path / ("model.onnx" if format == "onnx" else "model.pt"))
+    if not FAMILIES[name].exports:
+        with pytest.raises(CaloforgeError, match="cannot be exported"):
+            export_model(model, output, format)
+        assert not Path(output).exists()
+        return
+    description = export_model(model, output, format)
+    assert description["check"]["max_relative_deviation"] <= 1e-4
+    energies = data.incident_energies[:37]
+    noise = model.draw_noise(len(energies), shard_generator(6, 0)).numpy()
+    inputs = np.concatenate([noise, energies[:, None]], axis=1).astype(np.float32)
+    assert inputs.shape[1] == description["layout"]["input"]["shape"][1]
+    expected = model.sample(energies, seed=6).showers
+    for rows in (slice(0, 1), slice(0, 37)):
+        if format == "onnx":
+            produced = run_onnx(output, inputs[rows])
+        else:
+            with torch.no_grad():
+                produced = torch.jit.load(output)(torch.from_numpy(inputs[rows])).numpy()
+        assert produced.shape == expected[rows].shape
+        assert relative_deviation(produced, expected[rows]) <= 1e-4

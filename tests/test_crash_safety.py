@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caloforge.atomic import atomic_output, remove_stale_temporaries
+from caloforge.atomic import atomic_directory, atomic_output, remove_stale_temporaries
 from caloforge.data import ShowerWriter
 from caloforge.geometry import get_geometry
 
@@ -116,3 +116,46 @@ def test_simulation_workers_die_with_a_killed_parent(tmp_path):
     # the next run of the same command removes the killed run's temporary
     assert len(_temporaries(tmp_path)) == 1
     assert remove_stale_temporaries(target) and _temporaries(tmp_path) == []
+
+
+def test_a_folder_is_replaced_as_a_unit(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "old.png").write_text("old")
+    (report / "metrics.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(report) as staging:
+            (Path(staging) / "metrics.json").write_text('{"new": 1}')
+            raise RuntimeError("failed half-way")
+    assert sorted(p.name for p in report.iterdir()) == ["metrics.json", "old.png"]
+    assert (report / "metrics.json").read_text() == "{}" and _temporaries(tmp_path) == []
+    with atomic_directory(report) as staging:
+        (Path(staging) / "metrics.json").write_text('{"new": 1}')
+    assert sorted(p.name for p in report.iterdir()) == ["metrics.json"]
+    assert (report / "metrics.json").read_text() == '{"new": 1}'
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_dead_writers_staging_folder_is_removed_by_the_next_writer(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".report.{dead}.abcd1234.tmp"
+    stale.mkdir()
+    (stale / "half.png").write_text("partial")
+    with atomic_directory(tmp_path / "report") as staging:
+        (Path(staging) / "metrics.json").write_text("{}")
+    assert not stale.exists() and _temporaries(tmp_path) == []
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_report(tmp_path, capsys):
+    from caloforge.cli import main
+    from caloforge.data import write_showers
+
+    data = tmp_path / "a.h5"
+    write_showers(str(data), random_showers(GEOMETRY, 50), GEOMETRY)
+    (tmp_path / "notes.txt").write_text("mine")
+    status = main(["evaluate", "--reference", str(data), "--generated", str(data),
+                   "--geometry", GEOMETRY.name, "-o", str(tmp_path), "--metrics", "hist"])
+    err = capsys.readouterr().err
+    assert status == 1 and "not a caloforge report" in err and "Traceback" not in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from caloforge.models.base import weights_path
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 PACKAGE = ROOT / "src" / "caloforge"
@@ -32,7 +34,7 @@ def test_readme_python_quickstart_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert 0.0 <= namespace["result"]["cls-low"]["auc_mean"] <= 1.0
-    assert (tmp_path / "runs" / "cf" / "model.safetensors").exists()
+    assert Path(weights_path(str(tmp_path / "runs" / "cf"))).exists()
 
 
 def module_names() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from caloforge.data import read_showers, write_showers
 from caloforge.errors import CaloforgeError, OptionError
 from caloforge.geometry import get_geometry
 from caloforge.models import load_model
+from caloforge.models.base import weights_path
 from caloforge.models.gans.calogan import CaloGan, LocallyConnected2d
 from caloforge.models.gans.common import GanConfig, mean_separation_power
 from caloforge.models.gans.wgan import Wgan, translate
@@ -52,7 +54,8 @@ def test_cli_train_generate_evaluate(family, geometry, fixture, request, tmp_pat
     assert main(["train", family, "--data", data_file, "--geometry", geometry, "-o",
                  str(run_dir), "--preset", "tiny", "--epochs", "3", "--threads", "1"]) == 0
     assert "mean separation power" in capsys.readouterr().out
-    for name in ("model.safetensors", "model.json", "checkpoint.safetensors", "loss_curve.png",
+    assert Path(weights_path(str(run_dir))).exists()
+    for name in ("model.json", "checkpoint.safetensors", "loss_curve.png",
                  "train_log.jsonl", "diagnostics/epoch_001.png", "diagnostics/epoch_003.png"):
         assert (run_dir / name).exists(), name
     log = read_log(str(run_dir / "train_log.jsonl"))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from caloforge.atomic import file_sha256
 from caloforge.cli import main
 from caloforge.geometry import get_geometry
+from caloforge.models.base import weights_path
 
 from conftest import train_tiny_caloflow
 
@@ -36,7 +37,7 @@ def _edit_weights(run_dir: Path, change, record: bool = True) -> Path:
     """Change the weights; ``record``: also record their new digest in model.json (a
     consistent pair whose weights are bad), else leave model.json describing the old ones
     (a save killed between the two files)."""
-    path = run_dir / "model.safetensors"
+    path = Path(weights_path(str(run_dir)))
     tensors = load_file(str(path))
     save_file(change(tensors), str(path))
     if record:
@@ -46,11 +47,11 @@ def _edit_weights(run_dir: Path, change, record: bool = True) -> Path:
 
 def _record_digest(run_dir: Path) -> None:
     _edit_json(run_dir, lambda x: {**x, "weights_sha256": file_sha256(
-        run_dir / "model.safetensors")})
+        weights_path(str(run_dir)))})
 
 
 def _truncate_weights(run_dir: Path) -> Path:
-    path = run_dir / "model.safetensors"
+    path = Path(weights_path(str(run_dir)))
     path.write_bytes(path.read_bytes()[:200])
     _record_digest(run_dir)
     return path
@@ -106,6 +107,9 @@ CASES = {
                                 "not the weights model.json describes"),
     "digest not a string": (lambda d: _edit_json(d, lambda x: {**x, "weights_sha256": 5}),
                             "'weights_sha256' must be a JSON str"),
+    "weights outside the run": (lambda d: _edit_json(d, lambda x: {
+        **x, "weights": "../model-0123456789abcdef.safetensors"}), "must name a model-"),
+    "weights file gone": (lambda d: Path(weights_path(str(d))).unlink(), "missing model weights"),
 }
 
 
@@ -129,3 +133,37 @@ def test_the_intact_model_loads(saved_run, tmp_path):
     out = tmp_path / "generated.h5"
     assert main(["generate", str(saved_run), "-n", "3", "-o", str(out)]) == 0
     assert out.exists()
+
+
+def test_a_save_killed_before_its_manifest_leaves_the_previous_model(saved_run, tmp_path,
+                                                                      monkeypatch):
+    """New weights are written under a new name; until model.json (the manifest) is renamed
+    into place the previous model is what loads, and the next save removes the orphan."""
+    import torch
+
+    from caloforge.models import base, load_model
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    previous = load_model(str(run_dir))
+    changed = load_model(str(run_dir))
+    with torch.no_grad():
+        for parameter in changed.module.parameters():
+            parameter.add_(1.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the moment between the weights and the manifest
+
+    monkeypatch.setattr(base, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        changed.save(str(run_dir))
+    monkeypatch.undo()
+    assert len(list(run_dir.glob("model-*.safetensors"))) == 2  # the orphan is there
+    loaded = load_model(str(run_dir))
+    for key, value in previous.module.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[key], value)
+    changed.save(str(run_dir))
+    assert [p.name for p in run_dir.glob("model-*.safetensors")] == \
+        [Path(weights_path(str(run_dir))).name]
+    for key, value in changed.module.state_dict().items():
+        torch.testing.assert_close(load_model(str(run_dir)).module.state_dict()[key], value)

@@ -271,7 +271,7 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import EvaluationSettings, evaluate_samples, format_summary
-    from .evaluation.report import load_for_evaluation
+    from .evaluation.report import check_report_folder, load_for_evaluation
     from .runtime import progress, resolve_device
 
     geometry = geometry_from_args(args)
@@ -287,6 +287,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     settings.validate()
     if args.max_showers is not None and args.max_showers < 1:
         raise OptionError("--max-showers must be >= 1")
+    check_report_folder(args.output)
     reference = load_for_evaluation(args.reference, geometry, args.max_showers)
     generated = load_for_evaluation(args.generated, geometry, args.max_showers)
     result = evaluate_samples(reference, generated, geometry, args.output, settings,
@@ -387,7 +388,7 @@ def _run_train(args: argparse.Namespace) -> int:
     label = model.validation_label or "validation loss"
     print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
           f"best {label} {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
-          f"; model in {args.output}/model.safetensors")
+          f"; model in {args.output}")
     return 0
 
 
@@ -584,7 +585,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def _configure_bench_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory of a trained model")
+    parser.add_argument("run_dir", help="run directory of a trained model, or a graph written "
+                                        "by caloforge export (.onnx: timed with onnxruntime "
+                                        "on the CPU)")
     parser.add_argument("--threads", dest="bench_threads", type=_int_list, default=[1, 2],
                         help="comma-separated CPU thread counts (default 1,2)")
     parser.set_defaults(threads=None)  # in place of the common --threads
@@ -615,6 +618,8 @@ def _run_bench_sampling(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise OptionError(f"--repeats must be >= 1, got {args.repeats}")
+    if os.path.isfile(args.run_dir):
+        return _bench_exported(args)
     device = resolve_device(args.device)
     model = load_model(args.run_dir)
     largest = max(args.batch_sizes)
@@ -644,6 +649,94 @@ def _run_bench_sampling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_exported(args: argparse.Namespace) -> int:
+    """bench-sampling of an exported ONNX graph with onnxruntime (CPU), inputs drawn as
+    :func:`caloforge.export.example_inputs` does from the training range it records."""
+    import os
+
+    import numpy as np
+
+    from .atomic import write_json_atomic
+    from .evaluation.timing import benchmark_sampling, format_sampling_table
+    from .export import onnx_session, read_export_description
+    from .runtime import progress_bar
+
+    description = read_export_description(args.run_dir)
+    if description["format"] != "onnx":
+        raise OptionError(f"{args.run_dir}: bench-sampling times ONNX graphs (onnxruntime); "
+                          "time a TorchScript export's run directory instead")
+    if args.like:
+        raise OptionError("--like applies to run directories; an exported graph is timed "
+                          "on inputs of its training range")
+    width = description["layout"]["input"]["shape"][1]
+    low, high = description["training_range"]["incident_energy_mev"]
+    rng = np.random.default_rng(args.seed or 0)
+    largest = max(args.batch_sizes)
+    inputs = rng.standard_normal((largest, width)).astype(np.float32)
+    layout = description["layout"]
+    energy = np.exp(rng.uniform(np.log(low), np.log(high), largest)) / (
+        1000.0 if layout["units"] == "GeV" else 1.0)
+    inputs[:, layout["n_noise"]] = energy / (layout["input_energy_max"] or 1.0)
+    rows = []
+    for threads in args.bench_threads:
+        session = onnx_session(args.run_dir, threads)
+
+        def sample(n: int, session: Any = session) -> None:
+            session.run(None, {"inputs": inputs[:n]})
+
+        rows += benchmark_sampling(sample, [threads], args.batch_sizes, args.repeats, "cpu",
+                                   args.max_seconds, progress_bar)
+    print(f"{layout['family']} exported to {args.run_dir} ({layout['geometry']}, "
+          f"{layout['n_voxels']} voxels, onnxruntime, CPU):")
+    print(format_sampling_table(rows))
+    output = args.output or os.path.splitext(args.run_dir)[0] + ".sampling_benchmark.json"
+    write_json_atomic(output, {"exported": os.path.abspath(args.run_dir),
+                               "runtime": "onnxruntime", "family": layout["family"],
+                               "geometry": layout["geometry"], "device": "cpu",
+                               "results": rows})
+    log.info("wrote %s", output)
+    return 0
+
+
+# --- export --------------------------------------------------------------------------------
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    from .export import ENERGY_UNITS, EXPORT_FORMATS
+
+    parser.add_argument("run_dir", help="run directory of a trained model that samples in one "
+                                        "pass (caloflow-student, calogan, wgan)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                        help="onnx (Par04, DDML with ONNX Runtime; default) or torchscript "
+                             "(DDML with LibTorch)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="the graph file (e.g. model.onnx / model.pt); its description "
+                             "goes to OUTPUT-without-suffix.export.json")
+    parser.add_argument("--units", choices=list(ENERGY_UNITS), default="MeV",
+                        help="energy unit of the input incident energy and of the output "
+                             "voxels (DDML: GeV; default MeV)")
+    parser.add_argument("--normalise-by-einc", action="store_true",
+                        help="output voxel energy / incident energy (Par04's convention)")
+    parser.add_argument("--input-energy-max", type=float, default=None, metavar="E",
+                        help="the input energy column is E_inc / E (in --units), as Par04 "
+                             "feeds it")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_description_path, export_model
+    from .models import load_model
+
+    model = load_model(args.run_dir)
+    description = export_model(model, args.output, args.format, args.units,
+                               args.input_energy_max, args.normalise_by_einc, args.run_dir)
+    layout = description["layout"]
+    print(f"exported {model.family} ({layout['geometry']}) to {args.output} "
+          f"({args.format}): input {layout['input']['shape']}, output "
+          f"{layout['output']['shape']}; onnxruntime/TorchScript agree with torch to "
+          f"{description['check']['max_relative_deviation']:.2g} (relative) on "
+          f"{description['check']['showers']} showers; layout in "
+          f"{export_description_path(args.output)}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
@@ -664,6 +757,8 @@ COMMANDS: list[Command] = [
      _configure_merge, _run_merge),
     ("generate: sample showers from a trained model into a file", _configure_generate,
      _run_generate),
+    ("export: write a one-pass model as an ONNX or TorchScript graph for Geant4/DD4hep",
+     _configure_export, _run_export),
     ("bench-sampling: time sampling (ms/shower, showers/s, peak memory) per threads and batch",
      _configure_bench_sampling, _run_bench_sampling),
     ("evaluate: compare generated with reference showers (histograms, classifier, FPD/KPD)",

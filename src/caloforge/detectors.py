@@ -44,7 +44,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import GeometryError
+from .geometry import Geometry, get_geometry
 from .response import MOYAL_WIDTH_PER_XI, Readout, landau_xi_mev
 
 MOLIERE_ENERGY_MEV = 21.2  # E_s
@@ -309,20 +309,22 @@ CALOCHALLENGE_1_ENERGIES = tuple(float(2 ** k) for k in range(8, 23))
 CALOCHALLENGE_1_WEIGHTS = (10000.0,) * 11 + (5000.0, 3000.0, 2000.0, 1000.0)
 
 
-def _calochallenge_2_3(name: str) -> Detector:
+def _calochallenge_2_3(geometry: Geometry) -> Detector:
     cell = SI_W_CALOCHALLENGE
     slabs = tuple(Slab(2 * (cell.absorber_mm + cell.active_mm), layer, cell) for layer in range(45))
-    # The datasets store silicon energy / 0.033; one crossing of 0.3 mm Si: MPV 84 keV
-    readout = active_layer_readout(cell, 0.17, threshold_visible_mev=0.5e-3,
-                                   visible_fraction=CALOCHALLENGE_SAMPLING_FRACTION,
-                                   mpv_mev=0.084)
-    return Detector(name, slabs, cell, stochastic_term=0.17, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.5e-3 / CALOCHALLENGE_SAMPLING_FRACTION,
+    # The datasets store silicon energy / 0.033 (threshold 0.5 keV of silicon = 15.15 keV
+    # stored); one crossing of 0.3 mm Si: MPV 84 keV
+    threshold = geometry.threshold_mev
+    readout = active_layer_readout(
+        cell, 0.17, threshold_visible_mev=threshold * CALOCHALLENGE_SAMPLING_FRACTION,
+        visible_fraction=CALOCHALLENGE_SAMPLING_FRACTION, mpv_mev=0.084)
+    return Detector(geometry.name, slabs, cell, stochastic_term=0.17,
+                    hadronic_stochastic_term=0.5, threshold_mev=threshold,
                     max_spots=FINE_GRAINED_MAX_SPOTS, readout=readout,
                     defaults=SimulationDefaults("electron", "log-uniform", (1e3, 1e6)))
 
 
-def _atlas(name: str, particle: str, hadronic_layers: tuple[int, ...]) -> Detector:
+def _atlas(geometry: Geometry, hadronic_layers: tuple[int, ...]) -> Detector:
     em = PB_LAR_ATLAS
     x0 = em.x0_mm
     slabs = [Slab(0.5 * x0, -1, em),  # inner detector, solenoid, cryostat: energy lost
@@ -333,55 +335,59 @@ def _atlas(name: str, particle: str, hadronic_layers: tuple[int, ...]) -> Detect
     tile = FE_SCINT_TILE
     for layer, n_lambda in zip(hadronic_layers, (1.5, 4.1, 1.8)):
         slabs.append(Slab(n_lambda * tile.lambda_mm, layer, tile))
+    # A 1 keV readout threshold: the 1 MeV of the datasets is an evaluation cut (geometry)
     readout = active_layer_readout(em, 0.10, threshold_visible_mev=0.001 * em.e_hat
                                    * em.mip_sampling_fraction)
-    return Detector(name, tuple(slabs), em, stochastic_term=0.10, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.001, readout=readout,
-                    defaults=SimulationDefaults(particle, "discrete",
+    assert geometry.particle is not None
+    return Detector(geometry.name, tuple(slabs), em, stochastic_term=0.10,
+                    hadronic_stochastic_term=0.5, threshold_mev=0.001, readout=readout,
+                    defaults=SimulationDefaults(geometry.particle, "discrete",
                                                 energies_mev=CALOCHALLENGE_1_ENERGIES,
                                                 energy_weights=CALOCHALLENGE_1_WEIGHTS))
 
 
-def _calogan() -> Detector:
+def _calogan(geometry: Geometry) -> Detector:
     cell = PB_LAR_CALOGAN
     slabs = (Slab(90.0, 0, cell), Slab(347.0, 1, cell), Slab(43.0, 2, cell))
     readout = active_layer_readout(cell, 0.10, threshold_visible_mev=0.001 * cell.e_hat
                                    * cell.mip_sampling_fraction)
-    return Detector("calogan", slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
+    return Detector(geometry.name, slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
                     threshold_mev=0.001, readout=readout,
                     defaults=SimulationDefaults("electron", "uniform", (1e3, 1e5)))
 
 
-def _ild() -> Detector:
+def _ild(geometry: Geometry) -> Detector:
     thin, thick = SI_W_ILD_THIN, SI_W_ILD_THICK
     slabs = tuple(Slab(thin.absorber_mm + thin.active_mm, i, thin) for i in range(20)) + tuple(
         Slab(thick.absorber_mm + thick.active_mm, 20 + i, thick) for i in range(10))
     # The published showers are visible silicon energies (not calibrated); one crossing of
-    # the 0.5 mm sensor: MPV 0.15 MeV; threshold half a MIP.
-    mpv = 0.15
-    readout = active_layer_readout(thin, 0.17, threshold_visible_mev=0.5 * mpv,
-                                   calibrated=False, mpv_mev=mpv)
-    return Detector("ild-ecal", slabs, thin, stochastic_term=0.17, hadronic_stochastic_term=0.5,
-                    threshold_mev=0.5 * mpv, max_spots=FINE_GRAINED_MAX_SPOTS, readout=readout,
+    # the 0.5 mm sensor: MPV 0.15 MeV; threshold (the geometry's) half a MIP.
+    readout = active_layer_readout(thin, 0.17, threshold_visible_mev=geometry.threshold_mev,
+                                   calibrated=False, mpv_mev=0.15)
+    return Detector(geometry.name, slabs, thin, stochastic_term=0.17,
+                    hadronic_stochastic_term=0.5, threshold_mev=geometry.threshold_mev,
+                    max_spots=FINE_GRAINED_MAX_SPOTS, readout=readout,
                     defaults=SimulationDefaults("photon", "uniform", (1e4, 1e5)))
 
 
-def _lhcb() -> Detector:
+def _lhcb(geometry: Geometry) -> Detector:
     cell = PB_SCINT_SHASHLIK
     slabs = (Slab(66 * (cell.absorber_mm + cell.active_mm), 0, cell),)
     readout = active_layer_readout(cell, 0.10, threshold_visible_mev=0.1 * cell.e_hat
                                    * cell.mip_sampling_fraction)
-    return Detector("lhcb-ecal", slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
+    return Detector(geometry.name, slabs, cell, stochastic_term=0.10, hadronic_stochastic_term=0.5,
                     threshold_mev=0.1, readout=readout,
                     defaults=SimulationDefaults("electron", "inverse", (1e3, 1e5),
                                                 conditions="lhcb"))
 
 
-_DETECTORS: dict[str, Callable[[], Detector]] = {
-    "calochallenge-1-photons": lambda: _atlas("calochallenge-1-photons", "photon", (4,)),
-    "calochallenge-1-pions": lambda: _atlas("calochallenge-1-pions", "pion", (4, 5, 6)),
-    "calochallenge-2": lambda: _calochallenge_2_3("calochallenge-2"),
-    "calochallenge-3": lambda: _calochallenge_2_3("calochallenge-3"),
+# The detector behind each built-in geometry (the names, binnings, particles and evaluation
+# thresholds are the geometry registry's, :func:`caloforge.geometry.get_geometry`).
+_DETECTORS: dict[str, Callable[[Geometry], Detector]] = {
+    "calochallenge-1-photons": lambda geometry: _atlas(geometry, (4,)),
+    "calochallenge-1-pions": lambda geometry: _atlas(geometry, (4, 5, 6)),
+    "calochallenge-2": _calochallenge_2_3,
+    "calochallenge-3": _calochallenge_2_3,
     "calogan": _calogan,
     "ild-ecal": _ild,
     "lhcb-ecal": _lhcb,
@@ -389,11 +395,9 @@ _DETECTORS: dict[str, Callable[[], Detector]] = {
 
 
 def get_detector(geometry_name: str) -> Detector:
-    """The reference detector description of a built-in geometry."""
-    if geometry_name not in _DETECTORS:
-        raise GeometryError(f"no reference detector for geometry {geometry_name!r}; the "
-                            f"simulator knows {', '.join(_DETECTORS)}")
-    return _DETECTORS[geometry_name]()
+    """The reference detector description of the built-in geometry ``geometry_name``."""
+    geometry = get_geometry(geometry_name)  # an unknown name: the one list of geometries
+    return _DETECTORS[geometry.name](geometry)
 
 
 def lhcb_conditions(n: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray],

@@ -200,8 +200,10 @@ class Geometry:
         layers: readout layers in depth order; layers without voxels are not listed.
         particle: the particle the binning was made for, if the source says so.
         description: one line for listings.
-        threshold_mev: the readout/evaluation threshold in MeV that the field applies to
-            data of this geometry (1 MeV for CaloChallenge dataset 1, 15.15 keV for 2 and 3).
+        threshold_mev: the evaluation threshold in MeV that the field applies to data of
+            this geometry (1 MeV for CaloChallenge dataset 1, 15.15 keV for 2 and 3, half a
+            MIP = 75 keV for the ILD ECAL); 0: none. Where it is also the readout threshold
+            (datasets 2 and 3, ILD) the reference detector reads it from here.
 
     Only the binning counts in comparisons: two geometries with equal layers compare equal
     whatever their names.
@@ -431,8 +433,10 @@ def _calogan() -> Geometry:
 
 def _ild_ecal() -> Geometry:
     layers = tuple(CartesianLayer(i, nx=30, ny=30, dx=5.0, dy=5.0) for i in range(30))
+    # Published cells are visible silicon energies; the threshold is half a MIP (0.15 MeV).
     return Geometry("ild-ecal", layers, particle="photon",
-                    description="ILD ECAL Si-W, 30 layers of 30x30 cells of 5 mm")
+                    description="ILD ECAL Si-W, 30 layers of 30x30 cells of 5 mm",
+                    threshold_mev=0.075)
 
 
 def _lhcb_ecal() -> Geometry:

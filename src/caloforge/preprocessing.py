@@ -105,7 +105,7 @@ class ConditionTransform(JsonState):
                                    device=incident_energies.device)
             std = torch.as_tensor(self.condition_std[name], dtype=incident_energies.dtype,
                                   device=incident_energies.device)
-            columns.append((conditions[name].reshape(len(incident_energies), -1) - mean) / std)
+            columns.append((conditions[name].reshape(incident_energies.shape[0], -1) - mean) / std)
         return torch.cat(columns, dim=1)
 
     def check_range(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray],
@@ -206,8 +206,8 @@ class VoxelTransform(JsonState):
 
     def layer_sums(self, voxels: torch.Tensor) -> torch.Tensor:
         """Per-layer sums ``(N, L)`` of ``(N, n_voxels)``."""
-        index = self._index(voxels.device).expand(len(voxels), -1)
-        out = torch.zeros(len(voxels), len(self.layer_sizes), dtype=voxels.dtype,
+        index = self._index(voxels.device).expand(voxels.shape[0], -1)
+        out = torch.zeros(voxels.shape[0], len(self.layer_sizes), dtype=voxels.dtype,
                           device=voxels.device)
         return out.scatter_add_(1, index, voxels)
 

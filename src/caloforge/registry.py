@@ -31,6 +31,10 @@ class Family:
     teacher: str | None = None
     # ``caloforge train`` options only this family takes (dest names of the CLI options)
     train_options: tuple[str, ...] = ()
+    # ``caloforge export`` writes it as an ONNX / TorchScript graph (noise + conditions ->
+    # showers in one pass); else why not, for the error message
+    exports: bool = False
+    not_exported_because: str = ""
 
     @property
     def trainable(self) -> bool:
@@ -46,24 +50,33 @@ _FLOWS, _GANS = "caloforge.models.flows", "caloforge.models.gans"
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("caloflow", f"{_FLOWS}.caloflow", "CaloFlow",
            "two normalising flows (layer energies, then voxels); <~1000 voxels",
-           ("cpu", "paper", "tiny")),
+           ("cpu", "paper", "tiny"),
+           not_exported_because="its voxel flow samples autoregressively (one network pass "
+                                "per voxel); distil it (caloforge distill) and export the "
+                                "one-pass student"),
     Family("caloflow-student", f"{_FLOWS}.caloflow", "CaloFlowStudent",
            "CaloFlow II: Flow II distilled into a one-pass inverse autoregressive flow",
-           ("cpu", "tiny"), teacher="caloflow"),
+           ("cpu", "tiny"), teacher="caloflow", exports=True),
     Family("icaloflow", f"{_FLOWS}.icaloflow", "ICaloFlow",
            "layer-to-layer flows for many voxels: calochallenge-2/3, ild-ecal",
-           ("cpu", "paper", "tiny")),
+           ("cpu", "paper", "tiny"),
+           not_exported_because="its layer flows sample autoregressively; distil it "
+                                "(caloforge distill) and export the student"),
     Family("icaloflow-student", f"{_FLOWS}.icaloflow", "ICaloFlowStudent",
            "iCaloFlow's layer flows distilled into one-pass students",
-           ("cpu", "tiny"), teacher="icaloflow"),
+           ("cpu", "tiny"), teacher="icaloflow",
+           not_exported_because="the export of the layer-by-layer students is not written "
+                                "yet"),
     Family("convflow", f"{_FLOWS}.convflow", "ConvL2LFlow",
            "convolutional layer-to-layer flows (U-Net couplings) for image layers: ild-ecal, "
-           "calochallenge-3", ("cpu", "paper", "tiny"), train_options=("layers", "postprocess")),
+           "calochallenge-3", ("cpu", "paper", "tiny"), train_options=("layers", "postprocess"),
+           not_exported_because="the export of the convolutional flows is not written yet"),
     Family("calogan", f"{_GANS}.calogan", "CaloGan",
-           "CaloGAN-style GAN for layered Cartesian geometries", ("cpu", "tiny")),
+           "CaloGAN-style GAN for layered Cartesian geometries", ("cpu", "tiny"),
+           exports=True),
     Family("wgan", f"{_GANS}.wgan", "Wgan",
            "conditional WGAN-GP with a Box-Cox representation, e.g. lhcb-ecal",
-           ("cpu", "tiny")),
+           ("cpu", "tiny"), exports=True),
 )}
 
 

@@ -612,7 +612,7 @@ class Trainer:
 
     def end_epoch(self, validation: BatchSource, state: LoopState, result: EpochResult,
                   started: float) -> float:
-        """Validate, select, checkpoint, log, call the model's hooks; returns the epoch's
+        """Validate, select, log, checkpoint, call the model's hooks; returns the epoch's
         seconds."""
         module = self.model.module
         val_loss = self.evaluate(validation)
@@ -641,9 +641,11 @@ class Trainer:
             state.best_val, state.best_epoch = val_loss, state.epoch
             self.best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
             self.model.on_best(self.run_dir, state)
-        self._save_checkpoint(state, self.optimisers, self.best_weights)
+        # the log line before the checkpoint: a kill between the two leaves one record too
+        # many, which resuming truncates, rather than an epoch missing from the log
         with open(self.log_path, "a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
+        self._save_checkpoint(state, self.optimisers, self.best_weights)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")

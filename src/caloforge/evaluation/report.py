@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..atomic import atomic_output, write_json_atomic
+from ..atomic import atomic_directory, atomic_output, write_json_atomic
 from ..data import ShowerData, ShowerFile
 from ..errors import OptionError, ShowerFileError
 from ..geometry import Geometry, calochallenge_dataset
@@ -223,6 +223,18 @@ METRICS = tuple(METRIC_FUNCTIONS)
 CLASSIFIER_METRICS = ("cls-low", "cls-low-normed", "cls-high")
 
 
+def check_report_folder(output_dir: str) -> None:
+    """Refuse an output folder that a report may not replace: a file, or a folder that
+    holds anything but an earlier report (a report replaces its folder as a whole)."""
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise OptionError(f"{output_dir}: exists and is not a folder; a report is a folder")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and \
+            not os.path.exists(os.path.join(output_dir, "metrics.json")):
+        raise OptionError(f"{output_dir}: holds files that are not a caloforge report (no "
+                          "metrics.json); a report replaces its folder as a whole: name a new "
+                          "folder or an earlier report's")
+
+
 def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geometry,
                      output_dir: str, settings: EvaluationSettings,
                      progress: Callable[..., Any] | None = None,
@@ -234,6 +246,7 @@ def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geo
     sizes; the binning of each separation power).
     """
     settings.validate()
+    check_report_folder(output_dir)
     started = time.perf_counter()
     dataset = calochallenge_dataset(geometry)
     preset = get_preset(settings.classifier_preset, settings.classifier_width,
@@ -243,8 +256,6 @@ def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geo
                     labels=(settings.extra.get("reference_file", "the reference"),
                             settings.extra.get("generated_file", "the generated sample")))
     threshold = geometry.threshold_mev if settings.threshold_mev is None else settings.threshold_mev
-    pair = _Comparison(reference, generated, geometry, settings, output_dir, progress, log,
-                       threshold, dataset, preset)
     result: dict[str, Any] = {
         "caloforge_version": __version__, "geometry": geometry.name,
         "calochallenge_dataset": dataset,
@@ -253,14 +264,17 @@ def evaluate_samples(reference: ShowerData, generated: ShowerData, geometry: Geo
         "settings": {k: v for k, v in settings.__dict__.items() if k != "extra"},
         **settings.extra,
     }
-    os.makedirs(output_dir, exist_ok=True)
-    for name, metric in METRIC_FUNCTIONS.items():
-        if name in settings.metrics:
-            result.update(metric(pair))
-    result["wall_time_s"] = round(time.perf_counter() - started, 2)
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
-    write_json_atomic(os.path.join(output_dir, "metrics.json"), result)
-    write_html_report(os.path.join(output_dir, "report.html"), result, pair.images)
+    # the report replaces an earlier one in output_dir as a unit: never old and new files mixed
+    with atomic_directory(output_dir) as staging:
+        pair = _Comparison(reference, generated, geometry, settings, staging, progress, log,
+                           threshold, dataset, preset)
+        for name, metric in METRIC_FUNCTIONS.items():
+            if name in settings.metrics:
+                result.update(metric(pair))
+        result["wall_time_s"] = round(time.perf_counter() - started, 2)
+        result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+        write_json_atomic(os.path.join(staging, "metrics.json"), result)
+        write_html_report(os.path.join(staging, "report.html"), result, pair.images)
     return result
 
 

@@ -17,7 +17,7 @@ def families() -> dict[str, Any]:
 
 
 def load_model(directory: str) -> ShowerModel:
-    """Load a saved model (``model.json`` + ``model.safetensors``) of any family."""
+    """Load a saved model (``model.json`` and the weights file it names) of any family."""
     description = read_model_json(directory)
     family = description.get("family")
     if family not in FAMILIES:
@@ -28,7 +28,7 @@ def load_model(directory: str) -> ShowerModel:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CaloforgeError(f"{directory}: malformed model description ({exc!r})") from None
     model.training_summary = description.get("training", {})
-    load_weights(model, directory, description.get("weights_sha256"))
+    load_weights(model, directory, description)
     return model
 
 

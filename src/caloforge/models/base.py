@@ -4,9 +4,12 @@ A model is an estimator: ``fit`` on a :class:`~caloforge.data.ShowerData`, ``sam
 for given incident energies (and conditions), ``log_prob`` where a likelihood exists,
 ``save`` / ``load`` a directory. Training, generation and evaluation only use this interface.
 
-Model files: ``model.safetensors`` (weights; no pickle) and ``model.json`` (family, config,
-geometry, fitted preprocessing, training summary, versions). Loading never executes code
-from the files.
+Model files: ``model-<digest>.safetensors`` (weights; no pickle) and ``model.json`` (family,
+config, geometry, fitted preprocessing, training summary, versions, and the name and SHA-256
+of the weights file). ``model.json`` is the manifest: it is renamed into place last, so a
+save killed at any moment leaves either the previous model or the new one, never a mix.
+Loading reads only the weights file the manifest names and never executes code from the
+files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,8 +36,14 @@ if TYPE_CHECKING:
     import torch
 
 MODEL_JSON = "model.json"
-MODEL_WEIGHTS = "model.safetensors"
+LEGACY_MODEL_WEIGHTS = "model.safetensors"  # before versioned names: a manifest without "weights"
+_WEIGHTS_NAME = re.compile(r"model(-[0-9a-f]{16})?\.safetensors")
 FORMAT_VERSION = 1
+
+
+def weights_file_name(sha256: str) -> str:
+    """The versioned name of the weights whose SHA-256 is ``sha256``."""
+    return f"model-{sha256[:16]}.safetensors"
 
 
 class ShowerModel(ABC):
@@ -86,24 +96,30 @@ class ShowerModel(ABC):
 
     # --- files --------------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        """Write ``model.safetensors``, then ``model.json`` into ``directory``, each
-        atomically. ``model.json`` is written last and records the SHA-256 of the weights:
-        a save killed between the two files leaves a pair that loading refuses (the run's
-        checkpoint still holds the weights) instead of weights with a stale description."""
+        """Replace the model in ``directory`` as a unit: the weights go to a new file named
+        by their digest (``model-<sha256[:16]>.safetensors``), then ``model.json``, which
+        names that file and its SHA-256, is renamed into place (the commit), then weights
+        files it does not name are removed. A save killed before the commit leaves the
+        previous model loadable; after it, the new one; a stray weights file is removed by
+        the next save."""
         from safetensors.torch import save
 
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         weights = save(tensors, metadata={"family": self.family})
-        with atomic_output(os.path.join(directory, MODEL_WEIGHTS)) as tmp:
+        weights_sha256 = hashlib.sha256(weights).hexdigest()
+        weights_name = weights_file_name(weights_sha256)
+        with atomic_output(os.path.join(directory, weights_name)) as tmp:
             with open(tmp, "wb") as stream:
                 stream.write(weights)
-        weights_sha256 = hashlib.sha256(weights).hexdigest()
         write_json_atomic(os.path.join(directory, MODEL_JSON), {
             "format_version": FORMAT_VERSION, "family": self.family,
             "geometry": self.geometry.to_dict(), "state": self.to_json_state(),
-            "training": self.training_summary, "weights_sha256": weights_sha256,
-            "versions": _versions()})
+            "training": self.training_summary, "weights": weights_name,
+            "weights_sha256": weights_sha256, "versions": _versions()})
+        for name in os.listdir(directory):
+            if _WEIGHTS_NAME.fullmatch(name) and name != weights_name:
+                os.remove(os.path.join(directory, name))
 
 
 def shard_generator(seed: int, shard: int) -> torch.Generator:
@@ -180,6 +196,59 @@ class ConditionedModel(ShowerModel, TrainingHooks):
             tensors[f"condition.{name}"] = torch.as_tensor(data.conditions[name][index],
                                                            dtype=torch.float32)
         return tensors
+
+    # --- sampling from noise: what `sample` runs and `caloforge export` traces -----------
+    def noise_features(self) -> int | None:
+        """Standard-normal numbers one shower is drawn from when the family maps noise to a
+        shower with :meth:`showers_from_noise`; None: it samples otherwise."""
+        return None
+
+    def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """All the noise of ``n`` showers, ``(n, noise_features)``, drawn up front from the
+        shard's generator (so that showers do not depend on the batch size)."""
+        import torch
+
+        features = self.noise_features()
+        assert features is not None
+        return torch.randn(n, features, generator=generator)
+
+    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                           ) -> torch.Tensor:
+        """Showers ``(B, n_voxels)`` MeV from noise ``(B, noise_features)`` and the
+        conditions of ``batch``, in torch operations only (the exported graph is this
+        function traced)."""
+        raise CaloforgeError(f"{self.family} does not map noise to showers in one function")
+
+    def micro_batch(self, batch_size: int) -> int:
+        """Showers per network call for a caller's ``batch_size`` (families cap it by
+        memory)."""
+        return max(1, batch_size)
+
+    def _sample_from_noise(self, incident_energies: np.ndarray,
+                           conditions: dict[str, np.ndarray] | None, seed: int, shard: int,
+                           batch_size: int, device: str) -> ShowerData:
+        """``sample`` for a family with :meth:`showers_from_noise`: the noise of the shard
+        drawn up front, then micro-batches under ``torch.inference_mode``."""
+        import torch
+
+        energies, conditions = self._sampling_inputs(incident_energies, conditions)
+        assert self.module is not None
+        n, batch_size = len(energies), self.micro_batch(batch_size)
+        noise = self.draw_noise(n, shard_generator(seed, shard))
+        out = np.empty((n, self.geometry.n_voxels), dtype=np.float32)
+        module = self.module.to(device)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, n, batch_size):
+                    stop = min(start + batch_size, n)
+                    batch = self._condition_batch(energies, conditions, start, stop, device)
+                    showers = self.showers_from_noise(noise[start:stop].to(device), batch)
+                    out[start:stop] = showers.cpu().numpy()
+        finally:
+            module.train(was_training)
+        return self._sampled_data(energies, out, conditions)
 
     def _context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Standardised conditions ``(B, n_context)`` of a batch."""
@@ -261,20 +330,43 @@ def check_model_description(description: Any, path: str) -> None:
         if not isinstance(description[name], kind) or isinstance(description[name], bool):
             raise CaloforgeError(f"{path}: {name!r} must be a JSON {kind.__name__}, got "
                                  f"{type(description[name]).__name__}")
-    if not isinstance(description.get("weights_sha256", ""), str):
-        raise CaloforgeError(f"{path}: 'weights_sha256' must be a JSON str")
+    for name in ("weights", "weights_sha256"):
+        if not isinstance(description.get(name, ""), str):
+            raise CaloforgeError(f"{path}: {name!r} must be a JSON str")
+    if not _WEIGHTS_NAME.fullmatch(description.get("weights", LEGACY_MODEL_WEIGHTS)):
+        raise CaloforgeError(f"{path}: 'weights' must name a model-<digest>.safetensors file "
+                             f"beside it, got {description['weights']!r}")
     if not 1 <= description["format_version"] <= FORMAT_VERSION:
         raise CaloforgeError(f"{path}: model format version {description['format_version']} "
                              f"(this caloforge reads 1 to {FORMAT_VERSION})")
 
 
-def load_weights(model: ShowerModel, directory: str, sha256: str | None = None) -> None:
-    """Load ``model.safetensors`` into ``model.module`` (strict: every tensor must match
-    in name, shape and dtype, and be finite); ``sha256``: the digest model.json records."""
+def weights_path(directory: str, description: dict[str, Any] | None = None) -> str:
+    """The weights file the manifest (``model.json``, read unless ``description`` is given)
+    of ``directory`` names."""
+    if description is None:
+        description = read_model_json(directory)
+    return os.path.join(directory, description.get("weights", LEGACY_MODEL_WEIGHTS))
+
+
+def recorded_weights_sha256(directory: str) -> str:
+    """The SHA-256 of the weights in ``directory``: as its manifest records it (computed
+    from the file for a manifest that predates recording it)."""
+    from ..atomic import file_sha256
+
+    description = read_model_json(directory)
+    return description.get("weights_sha256") or file_sha256(weights_path(directory, description))
+
+
+def load_weights(model: ShowerModel, directory: str, description: dict[str, Any]) -> None:
+    """Load the weights file ``description`` (the run's model.json) names into
+    ``model.module`` (strict: every tensor must match in name, shape and dtype, and be
+    finite; the file must have the SHA-256 the description records)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = os.path.join(directory, MODEL_WEIGHTS)
+    path = weights_path(directory, description)
+    sha256 = description.get("weights_sha256")
     try:
         with open(path, "rb") as stream:
             raw = stream.read()  # read once: parsed and checked against the digest
@@ -284,9 +376,9 @@ def load_weights(model: ShowerModel, directory: str, sha256: str | None = None) 
     except (SafetensorError, OSError, ValueError) as exc:
         raise CaloforgeError(f"{path}: unreadable or truncated weights ({exc})") from None
     if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
-        raise CaloforgeError(f"{path}: not the weights {MODEL_JSON} describes (a save "
-                             "interrupted between the two files?); resume the run to "
-                             "rewrite them from its checkpoint")
+        raise CaloforgeError(f"{path}: not the weights {MODEL_JSON} describes (changed "
+                             "after saving?); resume the run to rewrite them from its "
+                             "checkpoint")
     expected = model.module.state_dict()
     for name, tensor in tensors.items():
         if name in expected and tensor.dtype != expected[name].dtype:

@@ -28,7 +28,6 @@ from ...data import ShowerData
 from ...geometry import Geometry
 from ...preprocessing import VoxelTransform
 from ...training import TrainingConfig, config_from_dict
-from ..base import shard_generator
 from .distillation import DistilledStudent
 from .layered import LayerEnergyFlows, finite_logits
 from .toolkit import FlowConfig, build_maf, layer_orders
@@ -149,31 +148,30 @@ class CaloFlow(LayerEnergyFlows):
     def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,
                seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
                ) -> ShowerData:
-        energies, conditions = self._sampling_inputs(incident_energies, conditions)
-        assert self.module is not None
-        module = self.module.to(device).eval()
-        n = len(energies)
-        batch_size = self.micro_batch(batch_size)
-        out = np.empty((n, self.geometry.n_voxels), dtype=np.float32)
-        # All base noise of the shard comes from one (seed, shard) generator, drawn up front,
-        # so the showers do not depend on the batch size.
-        generator = shard_generator(seed, shard)
+        return self._sample_from_noise(incident_energies, conditions, seed, shard, batch_size,
+                                       device)
+
+    def noise_features(self) -> int:
+        return self.geometry.n_layers + self.geometry.n_voxels
+
+    def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Flow I's noise ``(n, L)``, then Flow II's ``(n, V)``, side by side."""
         z1 = torch.randn(n, self.geometry.n_layers, generator=generator)
-        z2 = torch.randn(n, self.geometry.n_voxels, generator=generator)
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                batch = self._condition_batch(energies, conditions, start, stop, device)
-                e_inc = batch["incident_energy"]
-                context = self._context(batch)
-                x1 = module.flow1(context).transform.inv(z1[start:stop].to(device))
-                layer_energies = self.layer_transform.inverse(x1, e_inc)
-                context2 = torch.cat([context, self._layer_context(layer_energies)], dim=1)
-                x2 = module.flow2(context2).transform.inv(z2[start:stop].to(device))
-                voxels = self.voxel_transform.inverse(finite_logits(x2),
-                                                      layer_energies)
-                out[start:stop] = voxels.cpu().numpy()
-        return self._sampled_data(energies, out, conditions)
+        return torch.cat([z1, torch.randn(n, self.geometry.n_voxels, generator=generator)], 1)
+
+    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                           ) -> torch.Tensor:
+        """Flow I maps the first L numbers to layer energies, Flow II the other V to the
+        voxels' shares of them; ``(B, V)`` MeV."""
+        assert self.module is not None
+        n_layers = self.geometry.n_layers
+        e_inc = batch["incident_energy"]
+        context = self._context(batch)
+        x1 = self.module.flow1(context).transform.inv(noise[:, :n_layers])
+        layer_energies = self.layer_transform.inverse(x1, e_inc)
+        context2 = torch.cat([context, self._layer_context(layer_energies)], dim=1)
+        x2 = self.module.flow2(context2).transform.inv(noise[:, n_layers:])
+        return self.voxel_transform.inverse(finite_logits(x2), layer_energies)
 
 
 class CaloFlowStudent(DistilledStudent, CaloFlow):

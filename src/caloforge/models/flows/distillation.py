@@ -34,11 +34,10 @@ import torch
 from torch.nn.functional import mse_loss
 from zuko.utils import unpack
 
-from ...atomic import file_sha256
 from ...data import ShowerData
 from ...errors import CaloforgeError, OptionError
 from ...training import TrainingConfig, config_from_dict
-from ..base import MODEL_WEIGHTS
+from ..base import recorded_weights_sha256
 from .toolkit import FlowConfig
 
 
@@ -272,14 +271,13 @@ class DistilledStudent:
         student.teacher_info["best_val_loss"] = teacher.training_summary.get("best_val_loss")
         if teacher_dir is not None:
             student.teacher_info["run_dir"] = os.path.abspath(teacher_dir)
-            student.teacher_info["weights_sha256"] = file_sha256(
-                os.path.join(teacher_dir, MODEL_WEIGHTS))
+            student.teacher_info["weights_sha256"] = recorded_weights_sha256(teacher_dir)
         return student
 
     def attach_teacher(self, teacher: Any, teacher_dir: str) -> None:
         """Re-attach the teacher to a saved student (to resume its distillation)."""
         recorded = self.teacher_info.get("weights_sha256")
-        if recorded and recorded != file_sha256(os.path.join(teacher_dir, MODEL_WEIGHTS)):
+        if recorded and recorded != recorded_weights_sha256(teacher_dir):
             raise CaloforgeError(f"{teacher_dir}: not the teacher this student was distilled "
                                  "from (its weights differ)")
         self.teacher = teacher

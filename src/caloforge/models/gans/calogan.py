@@ -57,7 +57,7 @@ class LocallyConnected2d(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(x, self.kernel, padding=self.kernel // 2)  # (B, fan_in, H*W)
         out = torch.einsum("bfp,pfo->bop", patches, self.weight) + self.bias
-        return out.view(len(x), -1, self.height, self.width)
+        return out.view(x.shape[0], -1, self.height, self.width)
 
 
 def _layer_shapes(geometry: Geometry) -> list[tuple[int, int]]:
@@ -68,6 +68,18 @@ def _layer_shapes(geometry: Geometry) -> list[tuple[int, int]]:
                                 f"{layer.layer_id} is cylindrical (use caloflow)")
         shapes.append((layer.ny, layer.nx))
     return shapes
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)``: row i averages the input cells ``[floor(i n_in / n_out),
+    ceil((i + 1) n_in / n_out))``, the windows of adaptive average pooling. Pooling a
+    ``(B, C, H, W)`` image is then ``P_h x P_w^T`` (the windows are rectangles), which ONNX
+    exports with its sizes fixed where ``adaptive_avg_pool2d`` needs them known at runtime."""
+    matrix = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, stop = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
 
 
 class CaloGanGenerator(torch.nn.Module):
@@ -85,6 +97,11 @@ class CaloGanGenerator(torch.nn.Module):
             torch.nn.Conv2d(width + (1 if i else 0), width, 3, padding=1)
             for i in range(len(shapes)))
         self.local = torch.nn.ModuleList(LocallyConnected2d(width, 1, h, w) for h, w in shapes)
+        # each layer's image pooled to the next layer's shape (not saved: fixed by the shapes)
+        for i in range(1, len(shapes)):
+            (h0, w0), (h, w) = shapes[i - 1], shapes[i]
+            self.register_buffer(f"pool_rows_{i}", adaptive_pool_matrix(h0, h), persistent=False)
+            self.register_buffer(f"pool_cols_{i}", adaptive_pool_matrix(w0, w), persistent=False)
 
     def start_from_mean(self, mean: torch.Tensor) -> None:
         """Output ~ the mean training fractions ``(n_voxels,)`` at initialisation: each
@@ -104,9 +121,11 @@ class CaloGanGenerator(torch.nn.Module):
         h = torch.cat([z * scale, context], dim=1)
         outputs, previous = [], None
         for i, (height, width) in enumerate(self.shapes):
-            x = F.leaky_relu(self.dense[i](h), LEAK).view(len(z), self.width, height, width)
+            x = F.leaky_relu(self.dense[i](h), LEAK).view(z.shape[0], self.width, height, width)
             if previous is not None:
-                x = torch.cat([x, F.adaptive_avg_pool2d(previous, (height, width))], dim=1)
+                pooled = torch.einsum("hk,bckl,wl->bchw", getattr(self, f"pool_rows_{i}"),
+                                      previous, getattr(self, f"pool_cols_{i}"))
+                x = torch.cat([x, pooled], dim=1)
             x = F.leaky_relu(self.conv[i](x), LEAK)
             previous = F.softplus(self.local[i](x))
             outputs.append(previous.flatten(1))
@@ -140,7 +159,7 @@ class CaloGanCritic(torch.nn.Module):
                 incident_energy: torch.Tensor) -> torch.Tensor:
         streams = []
         for i, block in enumerate(torch.split(fractions, self.sizes, dim=1)):
-            x = block.view(len(block), 1, *self.shapes[i])
+            x = block.view(block.shape[0], 1, *self.shapes[i])
             x = F.leaky_relu(self.conv[i](x), LEAK)
             x = F.leaky_relu(self.local[i](x), LEAK)
             x = F.adaptive_avg_pool2d(x, self.pooled[i]).flatten(1)

@@ -31,7 +31,7 @@ from ...features import apply_threshold, feature_bins, high_level_features, sepa
 from ...geometry import CartesianLayer, Geometry
 from ...preprocessing import ConditionTransform
 from ...training import Player, TrainingConfig, config_from_dict
-from ..base import ConditionedModel, shard_generator
+from ..base import ConditionedModel
 
 VALIDATION_SEED = 20_221
 
@@ -145,7 +145,7 @@ class ShowerFeatures(torch.nn.Module):
         self.n_features = 2 * self.n_layers + 4 * len(self.xy_layers) + 2
 
     def _per_layer(self, values: torch.Tensor) -> torch.Tensor:
-        out = values.new_zeros(len(values), self.n_layers)
+        out = values.new_zeros(values.shape[0], self.n_layers)
         return out.index_add_(1, self.layer_index, values)
 
     def forward(self, voxels: torch.Tensor, incident_energy: torch.Tensor) -> torch.Tensor:
@@ -320,29 +320,21 @@ class AdversarialModel(ConditionedModel):
     def sample(self, incident_energies: np.ndarray, conditions: dict[str, np.ndarray] | None = None,
                seed: int = 0, shard: int = 0, batch_size: int = 10_000, device: str = "cpu",
                ) -> ShowerData:
-        energies, conditions = self._sampling_inputs(incident_energies, conditions)
+        return self._sample_from_noise(incident_energies, conditions, seed, shard, batch_size,
+                                       device)
+
+    def noise_features(self) -> int:
+        return self.config.latent_dim
+
+    def micro_batch(self, batch_size: int) -> int:
+        return max(1, min(batch_size, self.max_micro_batch))
+
+    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                           ) -> torch.Tensor:
+        """The generator's showers ``(B, n_voxels)`` MeV for latent ``noise`` ``(B, latent)``."""
         assert self.module is not None
-        n = len(energies)
-        batch_size = max(1, min(batch_size, self.max_micro_batch))
-        out = np.empty((n, self.geometry.n_voxels), dtype=np.float32)
-        # all latent noise of the shard drawn up front: showers do not depend on batch size
-        z = torch.randn(n, self.config.latent_dim, generator=shard_generator(seed, shard))
-        generator = self.module.generator.to(device)
-        was_training = generator.training
-        generator.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, n, batch_size):
-                    stop = min(start + batch_size, n)
-                    batch = self._condition_batch(energies, conditions, start, stop, device)
-                    e_inc = batch["incident_energy"]
-                    representation = generator(z[start:stop].to(device), self._context(batch),
-                                               e_inc)
-                    voxels = self._decode(representation, e_inc)
-                    out[start:stop] = voxels.cpu().numpy()
-        finally:
-            generator.train(was_training)
-        return self._sampled_data(energies, out, conditions)
+        e_inc = batch["incident_energy"]
+        return self._decode(self.module.generator(noise, self._context(batch), e_inc), e_inc)
 
     # --- persistence -----------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class Aligner(torch.nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         raw = context * self.std + self.mean
-        shift = context.new_zeros(len(context), 2)
+        shift = context.new_zeros(context.shape[0], 2)
         if "entry_point" in self.columns:
             shift = shift + raw[:, self.columns["entry_point"]]
         if "direction" in self.columns:
@@ -147,13 +147,13 @@ class WganGenerator(torch.nn.Module):
     def forward(self, z: torch.Tensor, context: torch.Tensor, incident_energy: torch.Tensor
                 ) -> torch.Tensor:
         x = F.leaky_relu(self.dense(torch.cat([z, context], 1)), LEAK)
-        x = x.view(len(z), self.widths[0], self.start, self.start)
+        x = x.view(z.shape[0], self.widths[0], self.start, self.start)
         for up in self.up:
             x = torch.cat([x, condition_maps(context, *x.shape[-2:])], 1)
             x = F.leaky_relu(up(x), LEAK)
         height, width = x.shape[-2:]
         x = torch.cat([x, condition_maps(context, height, width),
-                       coordinate_maps(len(x), height, width, like=x)], 1)
+                       coordinate_maps(x.shape[0], height, width, like=x)], 1)
         images = _centre_crop(self.out(x), *self.shape[1:]) + self.offset
         if self.aligner is not None:
             images = translate(images, self.aligner(context))
@@ -189,7 +189,7 @@ class WganCritic(torch.nn.Module):
     def forward(self, images: torch.Tensor, voxels: torch.Tensor, context: torch.Tensor,
                 incident_energy: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        x = torch.cat([images, coordinate_maps(len(images), height, width, like=images),
+        x = torch.cat([images, coordinate_maps(images.shape[0], height, width, like=images),
                        condition_maps(context, height, width)], 1)
         parts = [self._convolve(x), context]
         if self.features is not None:

@@ -1,0 +1,99 @@
+"""Exported graphs against the torch model: agreement on 10,000 showers and sampling cost.
+
+Usage: python bench/bench_export.py RUN_DIR [RUN_DIR ...] [--n 10000] [--out bench-output/export]
+           [--batch-sizes 1,100,10000]
+
+For every run directory (a model that exports: caloflow-student, calogan, wgan):
+`caloforge export` to ONNX and to TorchScript; the exported graphs and the torch model
+(`SamplingGraph`, i.e. what `caloforge generate` computes) on the same --n inputs of the
+training range: largest deviation relative to each shower's largest voxel for onnxruntime
+and for torch.jit.load; then `caloforge bench-sampling` of the run directory (torch) and of
+the ONNX file (onnxruntime), 1 thread, at --batch-sizes. Prints one table and writes
+OUT/figures.json.
+Targets (issue): agreement within 1e-4 relative on 10,000 showers; onnxruntime on 1 thread
+at batch 1 no slower than torch at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from pipeline import bench_sampling, caloforge, save_json, verdict
+
+
+def agreement(run_dir: str, onnx_file: str, torchscript_file: str, n: int) -> dict:
+    """Largest relative deviation of each exported graph from the torch graph on ``n``
+    showers (in chunks of 1000)."""
+    import torch
+
+    from caloforge.export import (
+        SamplingGraph,
+        example_inputs,
+        layout_for,
+        relative_deviation,
+        run_onnx,
+    )
+    from caloforge.models import load_model
+
+    model = load_model(run_dir)
+    graph = SamplingGraph(model, layout_for(model)).eval()
+    scripted = torch.jit.load(torchscript_file)
+    inputs = example_inputs(model, graph.layout, n, seed=3)
+    worst = {"onnxruntime": 0.0, "torchscript": 0.0}
+    with torch.no_grad():
+        for start in range(0, n, 1000):
+            chunk = inputs[start:start + 1000]
+            expected = graph(torch.from_numpy(chunk)).numpy()
+            produced = {"onnxruntime": run_onnx(onnx_file, chunk),
+                        "torchscript": scripted(torch.from_numpy(chunk)).numpy()}
+            for name, values in produced.items():
+                worst[name] = max(worst[name], relative_deviation(values, expected))
+    return {"family": model.family, "geometry": model.geometry.name, "showers": n,
+            "max_relative_deviation": worst}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--out", default="bench-output/export")
+    parser.add_argument("--batch-sizes", default="1,100,10000")
+    args = parser.parse_args()
+    rows = []
+    for run_dir in args.run_dirs:
+        name = os.path.basename(os.path.normpath(run_dir))
+        onnx_file, torchscript_file = f"{args.out}/{name}.onnx", f"{args.out}/{name}.pt"
+        os.makedirs(args.out, exist_ok=True)
+        caloforge("export", run_dir, "--format", "onnx", "-o", onnx_file)
+        caloforge("export", run_dir, "--format", "torchscript", "-o", torchscript_file)
+        row = agreement(run_dir, onnx_file, torchscript_file, args.n)
+        row["torch_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
+            run_dir, f"{args.out}/{name}-torch.json", "1", args.batch_sizes).items()}
+        row["onnxruntime_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
+            onnx_file, f"{args.out}/{name}-onnxruntime.json", "1", args.batch_sizes).items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save_json(f"{args.out}/figures.json", rows)
+    print("\n| model | geometry | max rel. deviation ORT / TorchScript | ms/shower torch | "
+          "ms/shower onnxruntime | (1 thread, batch " + args.batch_sizes + ") |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        worst = row["max_relative_deviation"]
+        torch_ms, ort_ms = row["torch_ms_per_shower"], row["onnxruntime_ms_per_shower"]
+        print(f"| {row['family']} | {row['geometry']} | {worst['onnxruntime']:.2g} / "
+              f"{worst['torchscript']:.2g} | {' / '.join(f'{v:.3g}' for v in torch_ms.values())}"
+              f" | {' / '.join(f'{v:.3g}' for v in ort_ms.values())} | |")
+        smallest = min(torch_ms)
+        print(f"  agreement {verdict(max(worst.values()), 1e-4)} (<= 1e-4); onnxruntime at "
+              f"batch {smallest} {ort_ms[smallest]:.3g} ms vs torch {torch_ms[smallest]:.3g} "
+              f"ms: {verdict(ort_ms[smallest], torch_ms[smallest])}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

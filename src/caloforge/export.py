@@ -1,0 +1,263 @@
+"""Export a trained generator as one graph for an experiment's simulation: ONNX (Geant4's
+Par04 example and Key4hep's DDML with ONNX Runtime) or TorchScript (DDML with LibTorch).
+
+The graph is the family's :meth:`~caloforge.models.base.ConditionedModel.showers_from_noise`
+traced, so it computes what ``caloforge generate`` computes for the same noise. It has one
+float32 input and one float32 output, both with a dynamic batch axis:
+
+* ``inputs`` ``(B, n_noise + 1 + n_condition_columns)``: standard-normal noise, then the
+  incident energy (in ``units``; divided by ``input_energy_max`` when that is given, Par04's
+  E / E_max), then the extra conditions (e.g. lhcb-ecal's entry point in mm and direction in
+  rad), in the order and units ``<output>.export.json`` lists;
+* ``showers`` ``(B, n_voxels)``: the voxel energies in ``units`` (divided by the incident
+  energy with ``normalise_by_einc``, Par04's convention), flat in the geometry's voxel order
+  (layer by layer; within a layer radial bin-major for cylindrical layers, row-major y, x
+  for Cartesian ones), zero below the readout threshold.
+
+The layout is written into the ONNX file's metadata (``caloforge.layout``) and into
+``<output>.export.json`` beside it (with the geometry, the training range and a digest of the
+graph). Every export is checked before it is kept: the exported graph run by onnxruntime (or
+``torch.jit.load``) must reproduce the torch model on showers of the training range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import atomic_output, write_json_atomic
+from .errors import CaloforgeError, OptionError
+from .registry import get_family
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+ENERGY_UNITS = {"MeV": 1.0, "GeV": 1000.0}  # MeV per unit
+CHECK_SHOWERS = 256
+CHECK_RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """What the exported graph's input and output columns mean (see the module docstring).
+
+    ``conditions``: (name, columns, unit) of each extra condition after the incident energy.
+    """
+
+    family: str
+    geometry: str
+    n_noise: int
+    conditions: tuple[tuple[str, int, str], ...]
+    n_voxels: int
+    units: str = "MeV"
+    input_energy_max: float | None = None  # in ``units``
+    normalise_by_einc: bool = False
+    noise: str = "standard normal, independent"
+
+    @property
+    def n_inputs(self) -> int:
+        return self.n_noise + 1 + sum(columns for _, columns, _ in self.conditions)
+
+    def describe(self) -> dict[str, Any]:
+        energy = (f"incident energy / {self.input_energy_max:g} {self.units}"
+                  if self.input_energy_max else f"incident energy in {self.units}")
+        columns = [f"0-{self.n_noise - 1}: noise ({self.noise})", f"{self.n_noise}: {energy}"]
+        start = self.n_noise + 1
+        for name, width, unit in self.conditions:
+            columns.append(f"{start}-{start + width - 1}: {name} ({unit or 'no unit'})")
+            start += width
+        output = (f"voxel energy / incident energy ({self.n_voxels} voxels)"
+                  if self.normalise_by_einc else
+                  f"voxel energies in {self.units} ({self.n_voxels} voxels)")
+        return {**asdict(self), "input": {"name": "inputs", "shape": ["batch", self.n_inputs],
+                                          "dtype": "float32", "columns": columns},
+                "output": {"name": "showers", "shape": ["batch", self.n_voxels],
+                           "dtype": "float32", "meaning": output}}
+
+
+class SamplingGraph(torch.nn.Module):
+    """``inputs (B, n_inputs)`` -> ``showers (B, n_voxels)`` for one model (see
+    :class:`ExportLayout`)."""
+
+    def __init__(self, model: Any, layout: ExportLayout) -> None:
+        super().__init__()
+        self.model = model
+        self.module = model.module  # registered, so tracing sees the parameters
+        self.layout = layout
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        unit_mev = ENERGY_UNITS[layout.units]
+        noise = inputs[:, :layout.n_noise]
+        energy = inputs[:, layout.n_noise]
+        if layout.input_energy_max:
+            energy = energy * layout.input_energy_max
+        batch = {"incident_energy": energy * unit_mev}
+        start = layout.n_noise + 1
+        for name, width, _ in layout.conditions:
+            batch[f"condition.{name}"] = inputs[:, start:start + width]
+            start += width
+        showers = self.model.showers_from_noise(noise, batch)
+        if layout.normalise_by_einc:
+            return showers / batch["incident_energy"][:, None]
+        return showers / unit_mev
+
+
+def layout_for(model: Any, units: str = "MeV", input_energy_max: float | None = None,
+               normalise_by_einc: bool = False) -> ExportLayout:
+    """The layout of ``model``'s graph; an error naming the reason if it cannot export."""
+    family = get_family(model.family)
+    if not family.exports:
+        raise CaloforgeError(f"a {model.family} model cannot be exported: "
+                             f"{family.not_exported_because}")
+    if units not in ENERGY_UNITS:
+        raise OptionError(f"--units must be one of {', '.join(ENERGY_UNITS)}, got {units!r}")
+    if input_energy_max is not None and not (np.isfinite(input_energy_max)
+                                             and input_energy_max > 0):
+        raise OptionError(f"--input-energy-max must be a positive energy, got "
+                          f"{input_energy_max}")
+    conditions = model.conditions
+    return ExportLayout(
+        family=model.family, geometry=model.geometry.name, n_noise=model.noise_features(),
+        conditions=tuple((name, len(conditions.condition_mean[name]),
+                          conditions.units.get(name, "")) for name in conditions.names),
+        n_voxels=model.geometry.n_voxels, units=units, input_energy_max=input_energy_max,
+        normalise_by_einc=normalise_by_einc)
+
+
+def example_inputs(model: Any, layout: ExportLayout, n: int, seed: int = 0) -> np.ndarray:
+    """``(n, n_inputs)`` float32 inputs within the model's training range: fresh noise,
+    incident energies drawn from the training spectrum, conditions uniform in their
+    training range."""
+    rng = np.random.default_rng(seed)
+    energies = model.conditions.sample_energies(n, rng) / ENERGY_UNITS[layout.units]
+    if layout.input_energy_max:
+        energies = energies / layout.input_energy_max
+    columns = [rng.standard_normal((n, layout.n_noise)), energies[:, None]]
+    for name, width, _ in layout.conditions:
+        low, high = (np.asarray(v, dtype=np.float64).reshape(width)
+                     for v in model.conditions.condition_range[name])
+        columns.append(rng.uniform(low, high, (n, width)))
+    return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+def export_model(model: Any, output: str, format: str = "onnx", units: str = "MeV",
+                 input_energy_max: float | None = None, normalise_by_einc: bool = False,
+                 run_dir: str | None = None) -> dict[str, Any]:
+    """Write ``model``'s sampling graph to ``output`` (``format``: onnx or torchscript) and
+    its description to ``<output>.export.json``; returns the description.
+
+    The graph is checked before it is kept: run by onnxruntime (or reloaded TorchScript) on
+    :data:`CHECK_SHOWERS` showers of the training range, it must agree with the torch
+    model within :data:`CHECK_RELATIVE_TOLERANCE` (relative to the largest voxel of each
+    shower); the agreement is recorded. Nothing is written if it does not."""
+    if format not in EXPORT_FORMATS:
+        raise OptionError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got "
+                          f"{format!r}")
+    layout = layout_for(model, units, input_energy_max, normalise_by_einc)
+    model.module.cpu()
+    graph = SamplingGraph(model, layout).eval()
+    trace_inputs = torch.from_numpy(example_inputs(model, layout, 2, seed=1))
+    check_inputs = example_inputs(model, layout, CHECK_SHOWERS, seed=2)
+    with torch.no_grad():
+        expected = graph(torch.from_numpy(check_inputs)).numpy()
+    description_path = export_description_path(output)
+    with atomic_output(output) as tmp:
+        if format == "onnx":
+            _write_onnx(graph, trace_inputs, tmp, layout)
+            produced = run_onnx(tmp, check_inputs, threads=1)
+        else:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the tracer's notes on constants and jit
+                traced = torch.jit.trace(graph, (trace_inputs,), check_trace=False)
+                torch.jit.save(traced, tmp)
+            with torch.no_grad():
+                produced = torch.jit.load(tmp)(torch.from_numpy(check_inputs)).numpy()
+        deviation = relative_deviation(produced, expected)
+        if not deviation <= CHECK_RELATIVE_TOLERANCE:
+            raise CaloforgeError(f"{output}: the exported graph does not reproduce the model "
+                                 f"(largest relative deviation {deviation:.3g} on "
+                                 f"{CHECK_SHOWERS} showers); nothing written")
+        with open(tmp, "rb") as stream:
+            digest = hashlib.sha256(stream.read()).hexdigest()
+        description = {"format": format, "file": os.path.basename(output), "sha256": digest,
+                       "run_dir": os.path.abspath(run_dir) if run_dir else None,
+                       "layout": layout.describe(),
+                       "geometry": model.geometry.to_dict(),
+                       "training_range": {"incident_energy_mev": model.conditions.energy_range,
+                                          "conditions": model.conditions.condition_range},
+                       "check": {"showers": CHECK_SHOWERS,
+                                 "max_relative_deviation": float(deviation)}}
+        write_json_atomic(description_path, description)
+    return description
+
+
+def export_description_path(output: str) -> str:
+    """``model.onnx`` -> ``model.export.json`` (beside the exported file)."""
+    return os.path.splitext(output)[0] + ".export.json"
+
+
+def relative_deviation(produced: np.ndarray, expected: np.ndarray) -> float:
+    """The largest |produced - expected| relative to the largest |expected| voxel of the
+    same shower (a voxel near zero is compared on the scale of its shower)."""
+    scale = np.maximum(np.abs(expected).max(axis=1, keepdims=True), 1e-30)
+    return float(np.max(np.abs(produced - expected) / scale)) if expected.size else 0.0
+
+
+def _write_onnx(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str,
+                layout: ExportLayout) -> None:
+    import onnx
+
+    # The TorchScript-based exporter: seconds instead of the dynamo exporter's tens of
+    # seconds, and the graphs here (MLPs, splines, convolutions) need nothing newer.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (trace_inputs,), path, input_names=["inputs"],
+                          output_names=["showers"], opset_version=17, dynamo=False,
+                          dynamic_axes={"inputs": {0: "batch"}, "showers": {0: "batch"}})
+    exported = onnx.load(path)
+    entry = exported.metadata_props.add()
+    entry.key, entry.value = "caloforge.layout", json.dumps(layout.describe())
+    onnx.save(exported, path)
+
+
+def run_onnx(path: str, inputs: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Run an exported ONNX graph with onnxruntime on the CPU."""
+    return onnx_session(path, threads).run(None, {"inputs": inputs})[0]
+
+
+def onnx_session(path: str, threads: int = 1) -> Any:
+    """An onnxruntime CPU session of ``path`` on ``threads`` threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise CaloforgeError(f"{path}: not a loadable ONNX graph "
+                             f"({str(exc).splitlines()[0]})") from None
+
+
+def read_export_description(path: str) -> dict[str, Any]:
+    """The ``.export.json`` of an exported file, checked against the file's digest."""
+    description_path = export_description_path(path)
+    try:
+        with open(description_path, encoding="utf-8") as stream:
+            description = json.load(stream)
+        with open(path, "rb") as stream:
+            digest = hashlib.sha256(stream.read()).hexdigest()
+    except FileNotFoundError as exc:
+        raise CaloforgeError(f"{exc.filename}: missing (an exported model is the file and "
+                             "its .export.json)") from None
+    except (OSError, ValueError) as exc:
+        raise CaloforgeError(f"{description_path}: unreadable ({exc})") from None
+    if not isinstance(description, dict) or description.get("sha256") != digest:
+        raise CaloforgeError(f"{path}: not the file {description_path} describes")
+    return description
