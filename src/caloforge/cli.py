@@ -703,7 +703,8 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
     from .export import ENERGY_UNITS, EXPORT_FORMATS
 
     parser.add_argument("run_dir", help="run directory of a trained model that samples in one "
-                                        "pass (caloflow-student, calogan, wgan)")
+                                        "pass (caloflow-student, icaloflow-student, calogan, "
+                                        "wgan)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
                         help="onnx (Par04, DDML with ONNX Runtime; default) or torchscript "
                              "(DDML with LibTorch)")

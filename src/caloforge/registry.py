@@ -64,13 +64,12 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
                                 "(caloforge distill) and export the student"),
     Family("icaloflow-student", f"{_FLOWS}.icaloflow", "ICaloFlowStudent",
            "iCaloFlow's layer flows distilled into one-pass students",
-           ("cpu", "tiny"), teacher="icaloflow",
-           not_exported_because="the export of the layer-by-layer students is not written "
-                                "yet"),
+           ("cpu", "tiny"), teacher="icaloflow", exports=True),
     Family("convflow", f"{_FLOWS}.convflow", "ConvL2LFlow",
            "convolutional layer-to-layer flows (U-Net couplings) for image layers: ild-ecal, "
            "calochallenge-3", ("cpu", "paper", "tiny"), train_options=("layers", "postprocess"),
-           not_exported_because="the export of the convolutional flows is not written yet"),
+           not_exported_because="the export of the convolutional flows is not written yet "
+                                "(their post-processing spline runs in scipy)"),
     Family("calogan", f"{_GANS}.calogan", "CaloGan",
            "CaloGAN-style GAN for layered Cartesian geometries", ("cpu", "tiny"),
            exports=True),

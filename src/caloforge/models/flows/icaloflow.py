@@ -311,6 +311,47 @@ class ICaloFlow(LayerEnergyFlows):
                     previous[a:b] = x
         return self._sampled_data(energies, out, conditions)
 
+    # --- sampling from given noise (the exported graph) --------------------------------
+    # `sample` above keeps its layer-major loop (one layer of the whole shard at a time:
+    # the noise of a calochallenge-3 shard at once would not fit in memory); these give the
+    # same showers for the same draws, shower by shower, for `caloforge export`.
+    def noise_features(self) -> int:
+        return self.geometry.n_layers * (1 + self.layer_size)
+
+    def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Flow-1's noise ``(n, L)``, then each layer's ``(n, S)`` in order: the draws
+        :meth:`sample` makes."""
+        draws = [torch.randn(n, self.geometry.n_layers, generator=generator)]
+        draws += [torch.randn(n, self.layer_size, generator=generator)
+                  for _ in range(self.geometry.n_layers)]
+        return torch.cat(draws, dim=1)
+
+    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                           ) -> torch.Tensor:
+        """Flow-1, then Flow-2 for layer 0 and Flow-3 for each next layer given the one
+        before; ``(B, L * S)`` MeV."""
+        assert self.module is not None
+        n_layers, size = self.geometry.n_layers, self.layer_size
+        context = self._context(batch)
+        layer_energies = self.layer_transform.inverse(
+            self.module.flow1(context).transform.inv(noise[:, :n_layers]),
+            batch["incident_energy"])
+        log_energies = self._layer_context(layer_energies)
+        index = torch.zeros_like(batch["incident_energy"], dtype=torch.long)  # (B,) per layer
+        layers, previous = [], log_energies  # `previous` is set by layer 0 before use
+        for layer in range(n_layers):
+            z = noise[:, n_layers + layer * size:n_layers + (layer + 1) * size]
+            if layer == 0:
+                flow = self.module.flow2(torch.cat([context, log_energies[:, :1]], dim=1))
+            else:
+                flow = self.module.flow3(self._flow3_context(
+                    context, log_energies[:, layer], log_energies[:, layer - 1], previous,
+                    index + layer))
+            previous = finite_logits(flow.transform.inv(z))
+            layers.append(self.voxel_transform.inverse(previous,
+                                                       layer_energies[:, layer:layer + 1]))
+        return torch.cat(layers, dim=1)
+
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "previous_mean": self.previous_mean,
