@@ -104,8 +104,8 @@ def test_killed_simulation(tmp_path):
 
 def test_killed_generation(teacher, tmp_path):
     target = tmp_path / "gen.h5"
-    check_file_command(tmp_path, caloforge("generate", str(teacher[0]), "-n", "20000",
-                                           "--seed", "1", "-o", str(target)), target, 20000)
+    check_file_command(tmp_path, caloforge("generate", str(teacher[0]), "-n", "5000",
+                                           "--seed", "1", "-o", str(target)), target, 5000)
 
 
 def test_killed_evaluation(workspace, tmp_path):

@@ -55,7 +55,11 @@ class LogitTransform:
         return torch.log(p) - torch.log1p(-p)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return ((torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
+        # sigmoid written as 1 / (1 + exp(-y)): near the floor, sigmoid(y) - alpha cancels
+        # to a few ulps, and onnxruntime's Sigmoid kernel is less exact there than its Exp
+        # (an exported flow then zeroed layers the torch model kept at ~1e-2 MeV)
+        sigmoid = torch.reciprocal(1.0 + torch.exp(-y))
+        return ((sigmoid - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -166,13 +170,16 @@ class LayerEnergyTransform(JsonState):
         return LogitTransform(self.alpha).forward(torch.cat([u0, ratios], dim=1))
 
     def inverse(self, x: torch.Tensor, incident_energies: torch.Tensor) -> torch.Tensor:
-        u = LogitTransform(self.alpha).inverse(x)
+        logit = LogitTransform(self.alpha)
+        u, one_minus_u = logit.inverse(x), logit.inverse(-x)
         remaining = u[:, 0] * self.scale * incident_energies
         layers = []
         for i in range(self.n_layers - 1):
-            layer = u[:, i + 1] * remaining
-            layers.append(layer)
-            remaining = remaining - layer
+            layers.append(u[:, i + 1] * remaining)
+            # remaining * (1 - u) with 1 - u from the logit itself: `remaining - layer`
+            # cancels when u ~ 1 and left the last layers a few float32 ulps of the shower,
+            # whose relative error then reached the next flow through log(layer energy)
+            remaining = remaining * one_minus_u[:, i + 1]
         layers.append(remaining)
         return torch.stack(layers, dim=1).clamp(min=0.0)
 
