@@ -689,7 +689,7 @@ def _bench_exported(args: argparse.Namespace) -> int:
     print(f"{layout['family']} exported to {args.run_dir} ({layout['geometry']}, "
           f"{layout['n_voxels']} voxels, onnxruntime, CPU):")
     print(format_sampling_table(rows))
-    output = args.output or os.path.splitext(args.run_dir)[0] + ".sampling_benchmark.json"
+    output = args.output or args.run_dir + ".sampling_benchmark.json"
     write_json_atomic(output, {"exported": os.path.abspath(args.run_dir),
                                "runtime": "onnxruntime", "family": layout["family"],
                                "geometry": layout["geometry"], "device": "cpu",
@@ -710,7 +710,7 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
                              "(DDML with LibTorch)")
     parser.add_argument("-o", "--output", required=True,
                         help="the graph file (e.g. model.onnx / model.pt); its description "
-                             "goes to OUTPUT-without-suffix.export.json")
+                             "goes to OUTPUT.export.json")
     parser.add_argument("--units", choices=list(ENERGY_UNITS), default="MeV",
                         help="energy unit of the input incident energy and of the output "
                              "voxels (DDML: GeV; default MeV)")

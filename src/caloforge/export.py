@@ -198,8 +198,9 @@ def export_model(model: Any, output: str, format: str = "onnx", units: str = "Me
 
 
 def export_description_path(output: str) -> str:
-    """``model.onnx`` -> ``model.export.json`` (beside the exported file)."""
-    return os.path.splitext(output)[0] + ".export.json"
+    """``model.onnx`` -> ``model.onnx.export.json`` (beside the exported file; one per
+    file, so an ONNX and a TorchScript export of the same name do not share one)."""
+    return output + ".export.json"
 
 
 def relative_deviation(produced: np.ndarray, expected: np.ndarray) -> float:
