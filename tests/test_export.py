@@ -110,3 +110,21 @@ def test_a_changed_graph_file_is_refused(gan_run, tmp_path, capsys):
                  "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not the file" in err
+
+
+def test_a_wgan_conditioned_on_entry_point_and_angles_exports(tmp_path):
+    """lhcb-ecal's WGAN moves its image to the entry point (AffineGrid: ONNX opset 20);
+    the condition columns follow the energy in the graph's input."""
+    geometry = get_geometry("lhcb-ecal")
+    data = tmp_path / "lhcb.h5"
+    write_showers(str(data), random_showers(geometry, 300, seed=6, conditions=True), geometry)
+    run_dir = tmp_path / "wgan"
+    assert main(["train", "wgan", "--data", str(data), "--geometry", geometry.name, "-o",
+                 str(run_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+                 "--no-progress"]) == 0
+    target = tmp_path / "wgan.onnx"
+    assert main(["export", str(run_dir), "-o", str(target)]) == 0
+    description = json.loads(Path(export_description_path(str(target))).read_text())
+    columns = description["layout"]["input"]["columns"]
+    assert [c.split(": ")[1].split(" (")[0] for c in columns[2:]] == ["direction", "entry_point"]
+    assert description["check"]["max_relative_deviation"] <= 1e-4

@@ -38,6 +38,7 @@ from .registry import get_family
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 ENERGY_UNITS = {"MeV": 1.0, "GeV": 1000.0}  # MeV per unit
+ONNX_OPSETS = (17, 20)  # tried in order
 CHECK_SHOWERS = 256
 CHECK_RELATIVE_TOLERANCE = 1e-4
 
@@ -215,15 +216,29 @@ def _write_onnx(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str,
     import onnx
 
     # The TorchScript-based exporter: seconds instead of the dynamo exporter's tens of
-    # seconds, and the graphs here (MLPs, splines, convolutions) need nothing newer.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (trace_inputs,), path, input_names=["inputs"],
-                          output_names=["showers"], opset_version=17, dynamo=False,
-                          dynamic_axes={"inputs": {0: "batch"}, "showers": {0: "batch"}})
+    # seconds. The lowest opset that holds the graph, for older runtimes in experiments'
+    # software stacks: 17 (onnxruntime >= 1.14) for flows and CaloGAN, 20 (>= 1.17) where a
+    # WGAN moves its image to the entry point (AffineGrid).
+    for opset in ONNX_OPSETS:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph, (trace_inputs,), path, input_names=["inputs"],
+                                  output_names=["showers"], opset_version=opset,
+                                  dynamo=False, dynamic_axes={"inputs": {0: "batch"},
+                                                              "showers": {0: "batch"}})
+            break
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            if opset == ONNX_OPSETS[-1]:
+                raise CaloforgeError(f"a {layout.family} model holds an operator ONNX opset "
+                                     f"{opset} cannot express ({str(exc).splitlines()[0]})"
+                                     ) from None
     exported = onnx.load(path)
     entry = exported.metadata_props.add()
     entry.key, entry.value = "caloforge.layout", json.dumps(layout.describe())
+    # the opset the graph needs, for the reader (also in the graph's own opset_import)
+    entry = exported.metadata_props.add()
+    entry.key, entry.value = "caloforge.opset", str(exported.opset_import[0].version)
     onnx.save(exported, path)
 
 
