@@ -1,13 +1,15 @@
 """Exported graphs against the torch model: agreement on 10,000 showers and sampling cost.
 
 Usage: python bench/bench_export.py RUN_DIR [RUN_DIR ...] [--n 10000] [--out bench-output/export]
-           [--batch-sizes 1,100,10000]
+           [--batch-sizes 1,100,10000] [--like REF.h5]
 
 For every run directory (a model that exports: caloflow-student, calogan, wgan):
 `caloforge export` to ONNX and to TorchScript; the exported graphs and the torch model
 (`SamplingGraph`, i.e. what `caloforge generate` computes) on the same --n inputs of the
 training range: largest deviation relative to each shower's largest voxel for onnxruntime
-and for torch.jit.load; then `caloforge bench-sampling` of the run directory (torch) and of
+and for torch.jit.load, how many showers exceed 1e-4, and how many voxels rounding moved
+across the readout threshold (zero on one side only); then `caloforge bench-sampling` of
+the run directory (torch; --like gives the conditions of a model that needs them) and of
 the ONNX file (onnxruntime), 1 thread, at --batch-sizes. Prints one table and writes
 OUT/figures.json.
 Targets (issue): agreement within 1e-4 relative on 10,000 showers; onnxruntime on 1 thread
@@ -44,6 +46,8 @@ def agreement(run_dir: str, onnx_file: str, torchscript_file: str, n: int) -> di
     scripted = torch.jit.load(torchscript_file)
     inputs = example_inputs(model, graph.layout, n, seed=3)
     worst = {"onnxruntime": 0.0, "torchscript": 0.0}
+    over = {"onnxruntime": 0, "torchscript": 0}  # showers beyond 1e-4
+    flips = {"onnxruntime": 0, "torchscript": 0}  # voxels zero on one side only
     with torch.no_grad():
         for start in range(0, n, 1000):
             chunk = inputs[start:start + 1000]
@@ -52,8 +56,12 @@ def agreement(run_dir: str, onnx_file: str, torchscript_file: str, n: int) -> di
                         "torchscript": scripted(torch.from_numpy(chunk)).numpy()}
             for name, values in produced.items():
                 worst[name] = max(worst[name], relative_deviation(values, expected))
+                over[name] += sum(relative_deviation(values[i:i + 1], expected[i:i + 1])
+                                  > 1e-4 for i in range(len(chunk)))
+                flips[name] += int(((values == 0) != (expected == 0)).sum())
     return {"family": model.family, "geometry": model.geometry.name, "showers": n,
-            "max_relative_deviation": worst}
+            "max_relative_deviation": worst, "showers_beyond_1e-4": over,
+            "voxels_across_the_threshold": flips}
 
 
 def main() -> int:
@@ -62,6 +70,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--out", default="bench-output/export")
     parser.add_argument("--batch-sizes", default="1,100,10000")
+    parser.add_argument("--like", default=None,
+                        help="shower file whose conditions the torch timing uses (models "
+                             "conditioned on more than the energy)")
     args = parser.parse_args()
     rows = []
     for run_dir in args.run_dirs:
@@ -72,7 +83,8 @@ def main() -> int:
         caloforge("export", run_dir, "--format", "torchscript", "-o", torchscript_file)
         row = agreement(run_dir, onnx_file, torchscript_file, args.n)
         row["torch_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
-            run_dir, f"{args.out}/{name}-torch.json", "1", args.batch_sizes).items()}
+            run_dir, f"{args.out}/{name}-torch.json", "1", args.batch_sizes,
+            like=args.like).items()}
         row["onnxruntime_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
             onnx_file, f"{args.out}/{name}-onnxruntime.json", "1", args.batch_sizes).items()}
         rows.append(row)
