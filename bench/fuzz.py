@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=50.0,
                         help="cases per test = the suite's number x this (default 50)")
     parser.add_argument("--kill-seeds", type=int, default=10,
-                        help="random kill moments per command (the suite: 1; default 10)")
+                        help="random kill moments per command (the suite: 2; default 10)")
     args = parser.parse_args()
     env = {**os.environ, "CALOFORGE_FUZZ_SCALE": str(args.scale),
            "CALOFORGE_KILL_SEEDS": str(args.kill_seeds)}

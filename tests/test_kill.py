@@ -6,7 +6,7 @@ resumes from its last checkpoint to the weights of an uninterrupted run.
 Each command first runs uninterrupted: its duration T sets the range of kill moments and
 its output is the previous target. Then, per seed, the same command is started again and
 killed with SIGKILL after U(0.2, 1.0) x T seconds (the moment is drawn from the seed; where
-the process is at that moment depends on the machine). ``CALOFORGE_KILL_SEEDS`` (default 1)
+the process is at that moment depends on the machine). ``CALOFORGE_KILL_SEEDS`` (default 2)
 sets how many moments per command; ``python bench/fuzz.py --kill-seeds 10`` runs more.
 """
 
@@ -32,7 +32,7 @@ from caloforge.training import read_log
 from conftest import random_showers
 
 GEOMETRY = get_geometry("calochallenge-1-photons")
-SEEDS = range(int(os.environ.get("CALOFORGE_KILL_SEEDS", "1")))
+SEEDS = range(int(os.environ.get("CALOFORGE_KILL_SEEDS", "2")))
 EPOCHS = 4
 
 
