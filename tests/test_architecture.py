@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "caloforge"
 
 # foundations: import nothing from models, training, evaluation or cli (the registry names
 # the families' modules as strings and imports none of them)
-FOUNDATIONS = ("errors", "runtime", "atomic", "geometry", "detectors", "response", "data",
-               "preprocessing", "features", "plotting", "simulator", "registry", "_version")
+FOUNDATIONS = ("errors", "runtime", "distributed", "atomic", "geometry", "detectors",
+               "response", "data", "preprocessing", "features", "plotting", "simulator",
+               "registry", "_version")
 HIGHER = ("models", "training", "evaluation", "cli", "sampling", "export")
 
 

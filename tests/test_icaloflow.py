@@ -150,14 +150,13 @@ def test_epochs_split_a_pass_into_parts(data):
 
 def test_generation_streams_shards(teacher, data, tmp_path, monkeypatch):
     model, _ = teacher
-    monkeypatch.setattr(sampling, "SHARD_SIZE", 40)
     sizes = []
     original = ICaloFlow.sample
     monkeypatch.setattr(ICaloFlow, "sample", lambda self, energies, *a, **k: (
         sizes.append(len(energies)) or original(self, energies, *a, **k)))
     energies = data.incident_energies[:100]
     sampling.generate_to_file(model, str(tmp_path / "gen.h5"), energies, {}, seed=2,
-                              batch_size=16)
+                              batch_size=16, shard_size=40)
     assert sizes == [40, 40, 20]
     written = read_showers(tmp_path / "gen.h5", GEOMETRY)
     np.testing.assert_allclose(written.showers[40:80], original(

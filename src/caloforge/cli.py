@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from .runtime import (
 )
 
 log = get_logger("cli")
+SHARD_SIZE = 10_000  # caloforge.sampling.SHARD_SIZE (not imported: it imports torch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,7 +180,6 @@ def _configure_simulate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    import os
 
     from .runtime import progress_bar
     from .simulator import SimulationPlan, parse_energy, simulate_to_file
@@ -219,7 +220,6 @@ def _configure_plot(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    import os
 
     from .data import ShowerFile
     from .plotting import plot_showers
@@ -386,9 +386,9 @@ def _run_train(args: argparse.Namespace) -> int:
                                                    given))
     summary = _fit_from_args(model, args, geometry)
     label = model.validation_label or "validation loss"
-    print(f"trained {args.family}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
-          f"best {label} {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
-          f"; model in {args.output}")
+    _main_prints(f"trained {args.family}: {summary['epochs']} epochs in "
+                 f"{summary['train_seconds']} s, best {label} {summary['best_val_loss']:.4f} "
+                 f"at epoch {summary['best_epoch']}; model in {args.output}")
     return 0
 
 
@@ -412,16 +412,36 @@ def _refuse_config_on_resume(args: argparse.Namespace) -> None:
 def _fit_from_args(model: Any, args: argparse.Namespace, geometry: Any) -> dict:
     """What train and distill share after building the model: the budget and seed options,
     the training data (in memory or streamed), ``fit`` with the data file recorded."""
-    import os
 
     from .runtime import progress_bar, resolve_device
 
-    device = resolve_device(args.device)
+    device = _join_processes(resolve_device(args.device))
     _apply_budget(model.config.training, args)
     data = _training_data(args, geometry, model.streams_training_data)
     return model.fit(data, args.output, resume=args.resume, device=device,
                      progress=progress_bar, metadata={"data": {
                          "file": os.path.abspath(args.data), "n_showers": len(data)}})
+
+
+def _join_processes(device: str) -> str:
+    """Under ``torchrun``: join the job (see :mod:`caloforge.distributed`) and return this
+    process's device; ranks other than 0 then log warnings only and draw no progress
+    bars. Alone: ``device`` unchanged."""
+    from .distributed import init_from_environment
+
+    world, device = init_from_environment(device)
+    if not world.is_main:
+        setup_logging(-1)
+        set_progress(False)
+    return device
+
+
+def _main_prints(message: str) -> None:
+    """Print on rank 0 only (every process of a torchrun job runs the command)."""
+    from .distributed import current_world
+
+    if current_world().is_main:
+        print(message)
 
 
 def merge_options(base: dict, overrides: dict) -> dict:
@@ -490,9 +510,10 @@ def _run_distill(args: argparse.Namespace) -> int:
         raise OptionError(f"{args.run_dir}: the teacher does not record its training file; "
                           "pass --data")
     summary = _fit_from_args(student, args, teacher.geometry)
-    print(f"distilled {args.run_dir}: {summary['epochs']} epochs in {summary['train_seconds']} s, "
-          f"best KL(student||teacher) {summary['best_val_loss']:.4f} nats at epoch "
-          f"{summary['best_epoch']}; student in {args.output}")
+    _main_prints(f"distilled {args.run_dir}: {summary['epochs']} epochs in "
+                 f"{summary['train_seconds']} s, best KL(student||teacher) "
+                 f"{summary['best_val_loss']:.4f} nats at epoch {summary['best_epoch']}; "
+                 f"student in {args.output}")
     return 0
 
 
@@ -518,7 +539,6 @@ def _configure_merge(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    import os
 
     from .models import load_model
     from .models.flows.convflow import ConvL2LFlow, merge_runs
@@ -550,25 +570,79 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--allow-extrapolation", action="store_true",
                         help="generate for conditions outside the training range")
+    parser.add_argument("--shard", metavar="K/N", default=None,
+                        help="write only part K (from 0) of N of this generation; the parts "
+                             "joined in order by merge-showers are the showers of the whole "
+                             "(under torchrun each process takes a part by itself)")
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+                        help=f"showers per random stream (default {SHARD_SIZE:,}); the "
+                             "showers depend on the seed and this size, not on --batch-size "
+                             "or the number of parts")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from .distributed import barrier, current_world, launched_by_torchrun
     from .models import load_model
     from .runtime import progress_bar, resolve_device
-    from .sampling import generate_to_file, generation_inputs
+    from .sampling import generate_to_file, generation_inputs, parse_part, part_range
 
-    device = resolve_device(args.device)
+    if args.shard is not None and launched_by_torchrun():
+        raise OptionError("under torchrun each process takes its part: drop --shard")
+    part = parse_part(args.shard) if args.shard is not None else (0, 1)
+    device = _join_processes(resolve_device(args.device))
+    world = current_world()
+    if world.distributed:
+        part = (world.rank, world.size)
     if args.n_showers is not None and args.n_showers < 1:
         raise OptionError(f"-n must be >= 1, got {args.n_showers}")
     model = load_model(args.run_dir)
     seed = args.seed if args.seed is not None else 0
     energies, conditions, source = generation_inputs(model, args.n_showers, args.like,
                                                      args.energies, seed)
+    part_range(len(energies), *part, args.shard_size)  # refuse impossible parts up front
     if not args.allow_extrapolation:
         model.check_conditions(energies, conditions, source)
-    n = generate_to_file(model, args.output, energies, conditions, seed, args.batch_size,
-                         device, progress_bar)
-    log.info("wrote %d showers from %s to %s", n, args.run_dir, args.output)
+    output = _part_file(args.output, world.rank, world.size) if world.distributed \
+        else args.output
+    n = generate_to_file(model, output, energies, conditions, seed, args.batch_size,
+                         device, progress_bar, part=part, shard_size=args.shard_size)
+    log.info("wrote %d showers from %s to %s", n, args.run_dir, output)
+    if world.distributed:  # rank 0 joins the parts once all are written
+        barrier()
+        if world.is_main:
+            from .data import merge_shower_files
+
+            parts = [_part_file(args.output, rank, world.size) for rank in range(world.size)]
+            total = merge_shower_files(parts, args.output, model.geometry,
+                                       progress=progress_bar)
+            for path in parts:
+                os.remove(path)
+            log.info("merged %d parts (%d showers) into %s", world.size, total, args.output)
+        barrier()
+    return 0
+
+
+def _part_file(output: str, rank: int, size: int) -> str:
+    """Where process ``rank`` of a torchrun generation writes its part (beside the output,
+    removed once merged)."""
+    folder, name = os.path.split(output)
+    return os.path.join(folder, f".{name}.part-{rank}-of-{size}")
+
+
+# --- merge-showers -------------------------------------------------------------------------
+def _configure_merge_showers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", help="shower files, joined in this order")
+    parser.add_argument("-o", "--output", required=True, help="merged shower file (atomic)")
+    add_geometry_options(parser)
+
+
+def _run_merge_showers(args: argparse.Namespace) -> int:
+    from .data import merge_shower_files
+    from .runtime import progress_bar
+
+    total = merge_shower_files(args.files, args.output, geometry_from_args(args),
+                               progress=progress_bar)
+    print(f"merged {len(args.files)} files ({total} showers) into {args.output}")
     return 0
 
 
@@ -605,7 +679,6 @@ def _configure_bench_sampling(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_bench_sampling(args: argparse.Namespace) -> int:
-    import os
     import platform
 
     import numpy as np
@@ -653,7 +726,6 @@ def _bench_exported(args: argparse.Namespace) -> int:
     """bench-sampling of an exported ONNX graph with onnxruntime (CPU). Inputs: standard-
     normal noise (and condition columns: the cost does not depend on their values), incident
     energies log-uniform in the training range its description records."""
-    import os
 
     import numpy as np
 
@@ -759,6 +831,8 @@ COMMANDS: list[Command] = [
      _configure_merge, _run_merge),
     ("generate: sample showers from a trained model into a file", _configure_generate,
      _run_generate),
+    ("merge-showers: join shower files of one geometry into one file (streamed, atomic)",
+     _configure_merge_showers, _run_merge_showers),
     ("export: write a one-pass model as an ONNX or TorchScript graph for Geant4/DD4hep",
      _configure_export, _run_export),
     ("bench-sampling: time sampling (ms/shower, showers/s, peak memory) per threads and batch",
@@ -818,6 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+        if "torch.distributed" in sys.modules:
+            from .distributed import shutdown
+
+            shutdown()
 
 
 class Terminated(BaseException):

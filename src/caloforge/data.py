@@ -658,3 +658,81 @@ def _short(exc: BaseException) -> str:
 def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
+
+
+# --------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------
+def stored_geometry_name(path: str | os.PathLike[str]) -> str | None:
+    """The geometry name caloforge recorded in a shower file it wrote (None: not recorded
+    or unreadable; opening the file for reading reports the latter)."""
+    try:
+        with h5py.File(os.fspath(path), "r") as handle:
+            value = handle.attrs.get("geometry")
+    except OSError:
+        return None
+    return None if value is None else _as_str(value)
+
+
+def merge_shower_files(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
+                       geometry: Geometry | None = None, batch_size: int = 10_000,
+                       progress: Any = None) -> int:
+    """Concatenate shower files, in the given order, into ``output`` (streamed, atomic:
+    the file appears complete or not at all). Returns the number of showers.
+
+    Every input must have the same geometry (the one given, else the one caloforge
+    recorded in the files), file format and extra conditions with the same units; a
+    mismatch is a :class:`ShowerFileError` naming the file and what differs, before
+    anything is written."""
+    if len(paths) < 1:
+        raise OptionError("give at least one shower file to merge")
+    output = os.fspath(output)
+    inputs = [os.fspath(p) for p in paths]
+    for path in inputs:
+        if os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
+            raise OptionError(f"{output}: the output is one of the inputs")
+    names = {path: stored_geometry_name(path) for path in inputs}
+    if geometry is None:
+        recorded = {n for n in names.values() if n is not None}
+        if len(recorded) > 1:
+            one = next(p for p in inputs if names[p] is not None)
+            other = next(p for p in inputs if names[p] not in (None, names[one]))
+            raise ShowerFileError(other, f"geometry {names[other]!r} differs from "
+                                  f"{names[one]!r} of {one}")
+        if not recorded:
+            raise OptionError("the files do not record their geometry; give --geometry "
+                              "or --xml")
+        geometry = get_geometry(recorded.pop())
+    for path, name in names.items():
+        if name is not None and name != geometry.name:
+            raise ShowerFileError(path, f"geometry {name!r}, not {geometry.name!r}")
+    readers: list[ShowerFile] = []
+    try:
+        for path in inputs:
+            readers.append(ShowerFile(path, geometry))
+        first = readers[0]
+        for reader in readers[1:]:
+            if reader.format != first.format:
+                raise ShowerFileError(reader.path, f"{reader.format} format, but "
+                                      f"{first.path} is {first.format}")
+            if reader.condition_units != first.condition_units:
+                raise ShowerFileError(reader.path, f"conditions {reader.condition_units} "
+                                      f"differ from {first.condition_units} of {first.path}")
+        total = sum(len(r) for r in readers)
+        bar = progress(total=total, desc="merge", unit="shower") if progress else None
+        with ShowerWriter(output, geometry, first.format) as writer:
+            for reader in readers:
+                for batch in reader.iter_batches(batch_size):
+                    writer.write(batch)
+                    if bar is not None:
+                        bar.update(len(batch))
+            generated_by = first._h5.attrs.get("generated_by")
+            if generated_by is not None:
+                writer.annotate("generated_by", _as_str(generated_by))
+            writer.annotate("merged_from", "\n".join(os.path.basename(p) for p in inputs))
+        if bar is not None:
+            bar.close()
+        return total
+    finally:
+        for reader in readers:
+            reader.close()

@@ -2,7 +2,10 @@
 
 Showers are produced in shards of ``SHARD_SIZE``; shard ``k`` of a run with seed ``s``
 always comes from the random stream (s, k), so a file is reproducible whatever the batch
-size, and shards can be generated on different machines and concatenated.
+size, and shards can be generated on different machines and concatenated. A generation
+cut into ``parts`` (``caloforge generate --shard K/N``, or one part per process under
+``torchrun``) gives each part a consecutive run of whole shards: the parts concatenated in
+order (``caloforge merge-showers``) are the same showers as the generation in one piece.
 """
 
 from __future__ import annotations
@@ -65,27 +68,55 @@ def generation_inputs(model: ShowerModel, n: int | None, like: str | None,
     return sampler.sample_energies(n, rng), conditions, "the training energy distribution"
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N): part K (counted from 0) of N."""
+    try:
+        part, parts = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise OptionError(f"--shard must be K/N (part K of N, from 0), got {text!r}") from None
+    if parts < 1 or not 0 <= part < parts:
+        raise OptionError(f"--shard {text}: need 0 <= K < N")
+    return part, parts
+
+
+def part_range(n: int, part: int, parts: int, shard_size: int = SHARD_SIZE
+               ) -> tuple[int, int, int]:
+    """(first shard, first shower, end shower) of ``part`` of ``parts`` of a generation of
+    ``n`` showers: a consecutive run of whole shards of ``shard_size`` showers."""
+    if shard_size < 1:
+        raise OptionError(f"--shard-size must be >= 1, got {shard_size}")
+    n_shards = -(-n // shard_size)
+    if parts > n_shards:
+        raise OptionError(f"{n} showers are {n_shards} shard(s) of {shard_size}: they cannot "
+                          f"be cut into {parts} parts (lower --shard-size or N)")
+    first, end = part * n_shards // parts, (part + 1) * n_shards // parts
+    return first, first * shard_size, min(end * shard_size, n)
+
+
 def generate_to_file(model: ShowerModel, path: str, incident_energies: np.ndarray,
                      conditions: dict[str, np.ndarray], seed: int = 0, batch_size: int = 10_000,
                      device: str = "cpu", progress: Callable[..., Any] | None = None,
-                     file_format: str = "calochallenge") -> int:
-    """Sample one shower per incident energy into ``path`` (atomic); returns the count."""
+                     file_format: str = "calochallenge", part: tuple[int, int] = (0, 1),
+                     shard_size: int = SHARD_SIZE) -> int:
+    """Sample one shower per incident energy into ``path`` (atomic): all of them, or part
+    ``part[0]`` of ``part[1]`` (see :func:`part_range`). Returns the count written."""
     if batch_size < 1:
         raise OptionError(f"--batch-size must be >= 1, got {batch_size}")
-    n = len(incident_energies)
-    bar = progress(total=n, desc="generate", unit="shower") if progress else None
+    first_shard, begin, end = part_range(len(incident_energies), *part, shard_size)
+    bar = progress(total=end - begin, desc="generate", unit="shower") if progress else None
     try:
         with ShowerWriter(path, model.geometry, file_format) as writer:
-            for shard, start in enumerate(range(0, n, SHARD_SIZE)):
-                stop = min(start + SHARD_SIZE, n)
-                part = model.sample(incident_energies[start:stop],
-                                    {k: v[start:stop] for k, v in conditions.items()},
-                                    seed=seed, shard=shard, batch_size=batch_size, device=device)
-                writer.write(part)
+            for shard, start in enumerate(range(begin, end, shard_size), start=first_shard):
+                stop = min(start + shard_size, end)
+                showers = model.sample(incident_energies[start:stop],
+                                       {k: v[start:stop] for k, v in conditions.items()},
+                                       seed=seed, shard=shard, batch_size=batch_size,
+                                       device=device)
+                writer.write(showers)
                 if bar is not None:
                     bar.update(stop - start)
             writer.annotate("generated_by", f"{model.family} (seed {seed})")
     finally:
         if bar is not None:
             bar.close()
-    return n
+    return end - begin

@@ -25,7 +25,13 @@ lower is better) instead of the mean validation loss. The loop provides:
   from a file (:class:`StreamedBatches`); ``epoch_showers`` cuts a long pass over a large
   set into several epochs (validation, checkpoint and time-budget check after each);
 * ``micro_batch_size``: a batch's gradient accumulated over micro-batches (one optimiser
-  step, the memory of one micro-batch).
+  step, the memory of one micro-batch);
+* data-parallel training under ``torchrun`` (:mod:`caloforge.distributed`): each process
+  trains on its own fixed share of the training set with ``batch_size`` showers per step,
+  the gradients are averaged over the processes before every optimiser step (so the
+  weights stay the same everywhere; a step holds ``batch_size`` × processes showers),
+  validation is summed over the processes, and only rank 0 writes the checkpoint, the
+  log, the plots and the model.
 
 No global state: every random number comes from generators seeded by (seed, epoch).
 """
@@ -44,6 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from . import distributed
 from .atomic import atomic_output
 from .data import ShowerData, ShowerStream
 from .errors import CaloforgeError, OptionError
@@ -262,7 +269,9 @@ class TensorBatches:
         if parts == 1:
             yield from _slices(self.tensors, batch_size, generator)
             return
-        order = _part(torch.randperm(len(self), generator=generator), part, parts)
+        everything = torch.arange(len(self)) if generator is None else torch.randperm(
+            len(self), generator=generator)
+        order = _part(everything, part, parts)
         yield from _slices({k: v[order] for k, v in self.tensors.items()}, batch_size, None)
 
 
@@ -361,6 +370,7 @@ class LoopState:
     best_epoch: int = 0
     skipped_steps: int = 0    # steps whose loss or gradient was not finite
     restores: int = 0         # best weights restored after a non-finite validation figure
+    world_size: int = 1       # processes of the run (a resumed run may change it)
     config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -392,7 +402,9 @@ class Trainer:
         self.progress = progress
         self.log_path = os.path.join(run_dir, TRAIN_LOG)
         self.consecutive_bad_steps = 0
-        os.makedirs(run_dir, exist_ok=True)
+        self.world = distributed.current_world()
+        if self.world.is_main:
+            os.makedirs(run_dir, exist_ok=True)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -406,17 +418,22 @@ class Trainer:
                                  "without streaming")
         with torch.no_grad():
             if isinstance(source, TensorBatches):
-                metric = self.model.validation_metric(source.tensors, self.device)
+                # a figure of the whole set: computed once, by rank 0, for every process
+                metric = distributed.from_main(self.model.validation_metric, source.tensors,
+                                               self.device)
                 if metric is not None:
                     return float(metric)
-            generator = torch.Generator().manual_seed(self.config.seed + 12345)
-            total, count = 0.0, 0
+            # each process its share of the set, summed over the processes
+            world = self.world
+            generator = torch.Generator().manual_seed(self.config.seed + 12345 + world.rank)
+            total, count = 0.0, 0.0
             size = self.model.validation_batch_size(self.config.batch_size)
-            for batch in source.batches(size, None):
+            for batch in source.batches(size, None, world.rank, world.size):
                 loss = self.model.validation_loss(self._to_device(batch), generator)
                 n = len(next(iter(batch.values())))
                 total += float(loss) * n
                 count += n
+            total, count = distributed.all_reduce_sum([total, count])
         return total / max(count, 1)
 
     # --- checkpoints -----------------------------------------------------------------
@@ -451,18 +468,20 @@ class Trainer:
 
     def _load_checkpoint(self, optimisers: dict[str, torch.optim.Optimizer]
                          ) -> tuple[LoopState, dict[str, torch.Tensor]]:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
         path = self._checkpoint_path()
+        # rank 0 reads the file, every process parses the same bytes (no shared file
+        # system needed between nodes)
+        distributed.from_main(_readable, path)  # a missing file: one error everywhere
+        raw = distributed.broadcast_bytes(_read_bytes(path) if self.world.is_main else None)
         try:
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata()
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            tensors = load(raw)
+            metadata = _safetensors_metadata(raw)
             state = LoopState.from_dict(json.loads(metadata["state"]))
             groups = json.loads(metadata["optim_groups"])
             scalars = json.loads(metadata["optim_scalars"])
-        except FileNotFoundError:
-            raise CaloforgeError(f"{path}: no checkpoint to resume from") from None
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
             raise CaloforgeError(f"{path}: unreadable checkpoint ({exc!r})") from None
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -505,22 +524,38 @@ class Trainer:
             name: torch.optim.AdamW(parameters, lr=config.learning_rate * factor, betas=betas,
                                     weight_decay=config.weight_decay)
             for name, (parameters, factor, betas) in self.players.items()}
-        self.parts = config.parts_per_pass(len(train))
-        self.total_steps = math.ceil(len(train) / self.parts / config.batch_size) * config.epochs
-        state = LoopState(config=asdict(config))
+        world = self.world
+        # every process starts from rank 0's weights; the showers of a step are the
+        # per-process batch times the number of processes
+        distributed.broadcast_module(module)
+        n_train = int(distributed.all_reduce_sum([len(train)])[0])
+        self.parts = config.parts_per_pass(n_train)
+        self.total_steps = math.ceil(
+            n_train / self.parts / (config.batch_size * world.size)) * config.epochs
+        state = LoopState(config=asdict(config), world_size=world.size)
         self.best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
         if resume:
             state, self.best_weights = self._load_checkpoint(self.optimisers)
-            _truncate_log(self.log_path, state.epoch)
+            if world.is_main:
+                _truncate_log(self.log_path, state.epoch)
             log.info("resuming %s after epoch %d (best validation loss %.4f at epoch %d)",
                      self.run_dir, state.epoch, state.best_val or float("nan"), state.best_epoch)
-        elif os.path.exists(self._checkpoint_path()):
-            raise CaloforgeError(f"{self.run_dir}: already holds a training run; use --resume "
-                                 "to continue it or choose another output directory")
+            if state.world_size != world.size:
+                log.info("the run had %d process(es), it goes on with %d: the data are "
+                         "shared out anew", state.world_size, world.size)
+                state.world_size = world.size
         else:
-            _truncate_log(self.log_path, 0)
+            distributed.from_main(_refuse_existing_run, self.run_dir, self._checkpoint_path())
+            if world.is_main:
+                _truncate_log(self.log_path, 0)
+        if world.distributed:
+            log.info("data-parallel training on %d processes: %d showers per process and "
+                     "step, %d per step in all (learning rate %g, not scaled with the number "
+                     "of processes)", world.size, config.batch_size,
+                     config.batch_size * world.size, config.learning_rate)
         self.bar = self.progress(total=config.epochs, desc="train", unit="epoch",
-                                 initial=state.epoch) if self.progress else None
+                                 initial=state.epoch) if self.progress and world.is_main \
+            else None
         epoch_seconds: float | None = None
         try:
             while state.epoch < config.epochs:
@@ -540,9 +575,11 @@ class Trainer:
         finally:
             if self.bar is not None:
                 self.bar.close()
+        distributed.check_in_sync(module)
         module.load_state_dict(self.best_weights)
-        plot_loss_curve(self.log_path, os.path.join(self.run_dir, "loss_curve.png"),
-                        self.model.validation_label)
+        if world.is_main:
+            plot_loss_curve(self.log_path, os.path.join(self.run_dir, "loss_curve.png"),
+                            self.model.validation_label)
         return {"epochs": state.epoch, "best_epoch": state.best_epoch,
                 "best_val_loss": state.best_val, "train_seconds": round(state.elapsed_s, 1),
                 "skipped_steps": state.skipped_steps, "restores": state.restores,
@@ -553,6 +590,9 @@ class Trainer:
         from a generator seeded by the pass; with several epochs per pass, each epoch's
         noise from its own."""
         seed = self.config.seed
+        if self.world.distributed:  # each process shuffles its own share, with its own noise
+            seed = int(np.random.SeedSequence([seed, self.world.rank, self.world.size])
+                       .generate_state(1)[0]) % 2 ** 31
         order = torch.Generator().manual_seed(seed * 100_003 + epoch // self.parts)
         if self.parts == 1:
             return order, order
@@ -568,9 +608,19 @@ class Trainer:
         self.model.module.train()
         losses: dict[str, list[float]] = {name: [] for name in self.players}
         lr = learning_rate(config, state.step / self.total_steps)
-        for batch in train.batches(config.batch_size, order, state.epoch % self.parts,
-                                   self.parts):
+        batches = train.batches(config.batch_size, order, state.epoch % self.parts, self.parts)
+        while True:
+            batch = next(batches, None)
             spent = state.elapsed_s + time.perf_counter() - started
+            has_batch = batch is not None
+            if self.world.distributed:
+                # every process takes a step, or none does (the epoch ends for all when one
+                # runs out of batches), with the slowest process's clock for the budget
+                # and the learning-rate schedule
+                missing, spent = distributed.all_reduce_max([float(not has_batch), spent])
+                has_batch = missing == 0
+            if not has_batch or batch is None:
+                break
             if config.time_budget_s is not None and any(losses.values()) \
                     and spent > config.time_budget_s:
                 return EpochResult(losses, lr, ended_by_time_budget=True)
@@ -594,6 +644,8 @@ class Trainer:
             loss = _accumulate_gradients(partial(self.model.player_loss, name,
                                                  generator=generator),
                                          batch, self.config.micro_batch_size)
+            loss = distributed.average_gradients(
+                [p for p in parameters if p.requires_grad], loss)
             if torch.isfinite(loss):
                 norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
                 if torch.isfinite(norm):
@@ -615,6 +667,8 @@ class Trainer:
         """Validate, select, log, checkpoint, call the model's hooks; returns the epoch's
         seconds."""
         module = self.model.module
+        world = self.world
+        distributed.broadcast_module(module, buffers_only=True)
         val_loss = self.evaluate(validation)
         if not math.isfinite(val_loss):
             module.load_state_dict(self.best_weights)
@@ -623,7 +677,9 @@ class Trainer:
                         state.epoch + 1)
         improved = math.isfinite(val_loss) and (state.best_val is None
                                                 or val_loss < state.best_val)
-        epoch_seconds = time.perf_counter() - started
+        # the slowest process's time, so that every process takes the same time-budget
+        # decisions
+        epoch_seconds = distributed.all_reduce_max([time.perf_counter() - started])[0]
         state.elapsed_s += epoch_seconds
         state.epoch += 1
         means = {name: float(np.mean(v)) if v else float("nan")
@@ -640,16 +696,18 @@ class Trainer:
         if improved:
             state.best_val, state.best_epoch = val_loss, state.epoch
             self.best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            self.model.on_best(self.run_dir, state)
-        # the log line before the checkpoint: a kill between the two leaves one record too
-        # many, which resuming truncates, rather than an epoch missing from the log
-        with open(self.log_path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
-        self._save_checkpoint(state, self.optimisers, self.best_weights)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
-        self.model.on_epoch_end(self.run_dir, record)
+            if world.is_main:
+                self.model.on_best(self.run_dir, state)
+        if world.is_main:  # only rank 0 writes
+            # the log line before the checkpoint: a kill between the two leaves one record
+            # too many, which resuming truncates, rather than an epoch missing from the log
+            with open(self.log_path, "a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
+            self._save_checkpoint(state, self.optimisers, self.best_weights)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
+            self.model.on_epoch_end(self.run_dir, record)
         return epoch_seconds
 
 
@@ -667,6 +725,7 @@ def fit_model(model: Any, data: ShowerData | ShowerStream, run_dir: str, resume:
     model.geometry.check_voxels(data.n_voxels)
     training: TrainingConfig = model.config.training
     training.validate()
+    world = distributed.current_world()
     if isinstance(data, ShowerStream) and not model.streams_training_data:
         data = data.read_all()
     if isinstance(data, ShowerStream):
@@ -682,6 +741,11 @@ def fit_model(model: Any, data: ShowerData | ShowerStream, run_dir: str, resume:
         if not resume:  # training range: every training shower, not the subsample
             energies, conditions = data.read_conditions(train_blocks)
             model.fit_condition_range(energies, conditions, data.condition_units)
+        if len(train_blocks) < world.size:
+            raise CaloforgeError(f"{data.path}: {len(train_blocks)} training blocks for "
+                                 f"{world.size} processes; use fewer processes or smaller "
+                                 "blocks")
+        train_blocks = rank_share(train_blocks, world, training.seed)
         train_source: BatchSource = StreamedBatches(data, train_blocks, model.to_tensors)
         val_source: BatchSource = StreamedBatches(data, val_blocks, model.to_tensors)
     else:
@@ -690,16 +754,80 @@ def fit_model(model: Any, data: ShowerData | ShowerStream, run_dir: str, resume:
         if n_train < 2:
             raise CaloforgeError(f"too few showers to train: {len(data)}")
         model.prepare_fit(data.select(train_index), resume, device)
-        train_source = TensorBatches(model.to_tensors(data, train_index))
+        train_source = TensorBatches(model.to_tensors(
+            data, rank_share(train_index, world, training.seed)))
         val_source = TensorBatches(model.to_tensors(data, val_index))
+    _check_same_preprocessing(model)
     summary = Trainer(model, training, run_dir, device, progress).fit(
         train_source, val_source, resume=resume)
     model.training_summary = {**summary, "n_train": n_train, "n_validation": n_val,
                               **(metadata or {})}
-    model.end_fit(data, run_dir)
-    model.module.cpu()
-    model.save(run_dir)
+    if world.distributed:
+        model.training_summary["processes"] = world.size
+    if world.is_main:
+        model.end_fit(data, run_dir)
+        model.module.cpu()
+        model.save(run_dir)
+    distributed.barrier()  # the model is on disk before any process reports success
     return model.training_summary
+
+
+def rank_share(index: np.ndarray, world: distributed.World, seed: int) -> np.ndarray:
+    """This process's fixed share of the training ``index`` (shower or block numbers),
+    sorted: the index shuffled by ``seed`` and cut into ``world.size`` near-equal parts,
+    disjoint and together the whole set (one process: all of it, unshuffled)."""
+    if not world.distributed:
+        return index
+    order = np.random.default_rng(np.random.SeedSequence([seed, 7])).permutation(index)
+    return np.sort(distributed.rank_part(order, world))
+
+
+def _check_same_preprocessing(model: Any) -> None:
+    """Every process fitted its preprocessing from the same data (deterministic): refuse
+    to go on if any differs from rank 0's, so that every process transforms alike."""
+    if not distributed.current_world().distributed:
+        return
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(model.to_json_state(), sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    differs = digest != distributed.broadcast_object(digest)
+    if distributed.any_rank(differs):
+        raise CaloforgeError("the processes fitted different preprocessing from the same "
+                             "training data; train with one process")
+
+
+def _refuse_existing_run(run_dir: str, checkpoint: str) -> None:
+    if os.path.exists(checkpoint):
+        raise CaloforgeError(f"{run_dir}: already holds a training run; use --resume "
+                             "to continue it or choose another output directory")
+
+
+def _readable(path: str) -> bool:
+    """True, or a CaloforgeError naming why ``path`` cannot be read."""
+    if not os.path.exists(path):
+        raise CaloforgeError(f"{path}: no checkpoint to resume from")
+    if not os.access(path, os.R_OK):
+        raise CaloforgeError(f"{path}: checkpoint not readable")
+    return True
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (an 8-byte little-endian header
+    length, then the JSON header)."""
+    if len(raw) < 8:
+        raise ValueError("shorter than a safetensors header")
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict):
+        raise ValueError("no metadata in the safetensors header")
+    return metadata
 
 
 def _preprocessing_sample(stream: ShowerStream, blocks: np.ndarray, max_values: int,
