@@ -50,9 +50,14 @@ def run(command: Sequence[str]) -> Step:
     return Step(time.perf_counter() - started, usage.ru_maxrss / 1024 ** 2)  # Linux: kB
 
 
-def caloforge(*arguments: str) -> Step:
-    """Run one ``caloforge`` subcommand (progress bars off)."""
-    return run([CALOFORGE, *arguments, "--no-progress"])
+def caloforge(*arguments: str, processes: int = 1) -> Step:
+    """Run one ``caloforge`` subcommand (progress bars off); with ``processes`` > 1 under
+    ``torchrun --standalone`` on this machine (the step's memory is then the launcher's)."""
+    if processes == 1:
+        return run([CALOFORGE, *arguments, "--no-progress"])
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}", "-m", "caloforge", *arguments,
+                "--no-progress"])
 
 
 def read_json(path: str) -> dict:
@@ -91,21 +96,24 @@ def is_finished(run_dir: str) -> bool:
         "in_progress", False)
 
 
-def _fit(arguments: list[str], run_dir: str, reuse: bool) -> Step | None:
+def _fit(arguments: list[str], run_dir: str, reuse: bool, processes: int = 1) -> Step | None:
     if reuse and is_finished(run_dir):
         return None
     resume = reuse and os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return caloforge(*arguments, *(["--resume"] if resume else []))
+    return caloforge(*arguments, *(["--resume"] if resume else []), processes=processes)
 
 
-def train(family: str, data: str, geometry: str, run_dir: str, time_budget: str,
-          threads: int | str = 2, reuse: bool = True, extra: Sequence[str] = ()) -> Step | None:
-    """``caloforge train FAMILY`` within ``time_budget``; None when a finished run is kept."""
+def train(family: str, data: str, geometry: str, run_dir: str, time_budget: str | None,
+          threads: int | str = 2, reuse: bool = True, extra: Sequence[str] = (),
+          processes: int = 1) -> Step | None:
+    """``caloforge train FAMILY`` within ``time_budget`` (None: the epochs ``extra`` or the
+    preset sets) on ``processes`` processes of ``threads`` threads each; None when a
+    finished run is kept."""
+    budget = ["--time-budget", time_budget] if time_budget else []
     return _fit(["train", family, "--data", data, "--geometry", geometry, "-o", run_dir,
-                 "--time-budget", time_budget, "--threads", str(threads), *extra],
-                run_dir, reuse)
+                 *budget, "--threads", str(threads), *extra], run_dir, reuse, processes)
 
 
 def distill(teacher: str, student: str, time_budget: str, threads: int | str = 2,
