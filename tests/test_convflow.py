@@ -16,7 +16,13 @@ from caloforge.data import read_showers, write_showers
 from caloforge.errors import CaloforgeError, GeometryError, OptionError
 from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry
 from caloforge.models import load_model
-from caloforge.models.flows.convflow import ConvL2LFlow, merge_runs, parse_parts
+from caloforge.models.base import shard_generator
+from caloforge.models.flows.convflow import (
+    ConvL2LFlow,
+    merge_runs,
+    monotone_log_map,
+    parse_parts,
+)
 from caloforge.preprocessing import MaxLogTransform
 
 from conftest import assert_resume_matches_uninterrupted, random_showers, tiny_config
@@ -204,6 +210,59 @@ def test_postprocess_spline_moves_cell_spectrum_towards_reference(trained, data)
         assert np.array_equal(after == 0, before == 0)
     finally:
         model.postprocess_nodes = None
+
+
+def _scipy_log_map(cells: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The post-processing as it was first written (scipy, float64): the reference."""
+    from scipy.interpolate import PchipInterpolator
+
+    spline = PchipInterpolator(x, y, extrapolate=True)
+    out = cells.astype(np.float64).copy()
+    above = cells > 0
+    logs = np.log10(out[above])
+    out[above] = 10.0 ** np.where(logs < x[0], logs + (y[0] - x[0]), np.where(
+        logs > x[-1], logs + (y[-1] - x[-1]), spline(logs)))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 130), st.integers(0, 10_000))
+def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
+    rng = np.random.default_rng(seed)
+    x = np.sort(rng.uniform(-3, 3, nodes))
+    x = x[np.concatenate([[True], np.diff(x) > 1e-3])]
+    y = np.sort(rng.uniform(-3, 3, len(x)))
+    if len(x) < 2:
+        return
+    cells = 10.0 ** rng.uniform(-4, 4, 2000)  # inside and beyond both ends
+    cells[rng.random(2000) < 0.3] = 0.0
+    cells[:len(x)] = 10.0 ** x  # exactly on the nodes
+    produced = monotone_log_map(torch.tensor(cells, dtype=torch.float64), x.tolist(),
+                                y.tolist()).numpy()
+    np.testing.assert_allclose(produced, _scipy_log_map(cells, x, y), rtol=1e-9)
+    single = monotone_log_map(torch.tensor(cells, dtype=torch.float32), x.tolist(), y.tolist())
+    # float32 (what export runs): log10 to ~1e-7, amplified by steep random segments
+    np.testing.assert_allclose(single.numpy(), _scipy_log_map(cells, x, y), rtol=1e-4)
+    assert np.array_equal(produced == 0, cells == 0)
+
+
+def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
+    """Circular padding, a shared flow with position channels and the post-processing
+    spline: onnxruntime gives the showers ``sample`` gives for the same noise."""
+    from caloforge.export import export_model, relative_deviation, run_onnx
+
+    data = random_showers(CYLINDER, 160, seed=5)
+    model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True, position_channels=True))
+    model.fit(data, str(tmp_path / "run"))
+    model.fit_postprocess(data.select(slice(0, 100)), nodes=32)
+    output = str(tmp_path / "cyl.onnx")
+    description = export_model(model, output)
+    assert description["check"]["max_relative_deviation"] <= 1e-4
+    energies = data.incident_energies[:25]
+    noise = model.draw_noise(len(energies), shard_generator(3, 0)).numpy()
+    inputs = np.concatenate([noise, energies[:, None]], axis=1).astype(np.float32)
+    expected = model.sample(energies, seed=3).showers
+    assert relative_deviation(run_onnx(output, inputs), expected) <= 1e-4
 
 
 def test_layer_subsets_merge_through_the_cli(tmp_path):

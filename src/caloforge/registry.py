@@ -68,8 +68,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("convflow", f"{_FLOWS}.convflow", "ConvL2LFlow",
            "convolutional layer-to-layer flows (U-Net couplings) for image layers: ild-ecal, "
            "calochallenge-3", ("cpu", "paper", "tiny"), train_options=("layers", "postprocess"),
-           not_exported_because="the export of the convolutional flows is not written yet "
-                                "(their post-processing spline runs in scipy)"),
+           exports=True),
     Family("calogan", f"{_GANS}.calogan", "CaloGan",
            "CaloGAN-style GAN for layered Cartesian geometries", ("cpu", "tiny"),
            exports=True),

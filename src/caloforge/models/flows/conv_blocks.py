@@ -140,7 +140,40 @@ class InvertibleConv1x1(nn.Module):
         return y, ladj.expand(len(x))
 
     def inverse(self, y: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return F.conv2d(y, torch.linalg.inv(self.weight)[:, :, None, None])
+        return F.conv2d(y, cofactor_inverse(self.weight)[:, :, None, None])
+
+
+def cofactor_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse of a small square matrix ``(n, n)`` (n <= 4) as its adjugate over its
+    determinant, in elementwise operations only: unlike ``torch.linalg.inv`` it exports to
+    ONNX (where it is folded into a constant)."""
+    n = matrix.shape[0]
+    if n > 4:
+        raise ValueError(f"cofactor_inverse is meant for n <= 4, got {n}")
+    cofactors = torch.stack([torch.stack([
+        (-1) ** (i + j) * _determinant(_minor(matrix, i, j)) for j in range(n)])
+        for i in range(n)])
+    determinant = (matrix[0] * cofactors[0]).sum()
+    return cofactors.T / determinant
+
+
+def _minor(matrix: torch.Tensor, row: int, column: int) -> torch.Tensor:
+    n = matrix.shape[0]
+    rows = [r for r in range(n) if r != row]
+    columns = [c for c in range(n) if c != column]
+    return matrix[rows][:, columns]
+
+
+def _determinant(matrix: torch.Tensor) -> torch.Tensor:
+    """Laplace expansion along the first row (n <= 3 here)."""
+    n = matrix.shape[0]
+    if n == 0:
+        return matrix.new_ones(())
+    if n == 1:
+        return matrix[0, 0]
+    if n == 2:
+        return matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]
+    return sum((-1) ** j * matrix[0, j] * _determinant(_minor(matrix, 0, j)) for j in range(n))
 
 
 class SplineCoupling(nn.Module):
@@ -230,4 +263,4 @@ class ConvFlow(nn.Module):
 
 
 __all__ = ["ActNorm", "ConvFlow", "InvertibleConv1x1", "PaddedConv2d", "SplineCoupling",
-           "UNet", "squeeze", "unsqueeze"]
+           "UNet", "cofactor_inverse", "squeeze", "unsqueeze"]

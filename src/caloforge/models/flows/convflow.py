@@ -231,7 +231,7 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def _flat(self, image: torch.Tensor) -> torch.Tensor:
         """One layer ``(B, H, W)`` -> its cells ``(B, S)`` in the geometry's order."""
-        return (image.transpose(-1, -2) if self.circular else image).reshape(len(image), -1)
+        return (image.transpose(-1, -2) if self.circular else image).flatten(1)
 
     def _layer_condition(self, previous: torch.Tensor, context: torch.Tensor,
                          log_energy: torch.Tensor, layer: torch.Tensor | None
@@ -249,7 +249,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         h, w = self.image_shape
         images = [previous, constants_t.expand(-1, -1, h, w)]
         if self.config.position_channels:
-            images.append(self._positions(previous).expand(len(previous), -1, -1, -1))
+            images.append(self._positions(previous).expand(previous.shape[0], -1, -1, -1))
         return torch.cat(images, dim=1)
 
     def _positions(self, like: torch.Tensor) -> torch.Tensor:
@@ -402,10 +402,55 @@ class ConvL2LFlow(LayerEnergyFlows):
                 y = torch.cat(generated)
                 cells = self.voxel_transform.inverse(y.reshape(n, -1),
                                                      layer_energies[:, layer])
-                cells = self._flat(cells.reshape(n, h, w))
-                out[:, layer * size:(layer + 1) * size] = self._postprocess(cells.cpu().numpy())
+                cells = self._postprocess(self._flat(cells.reshape(n, h, w)))
+                out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
         return self._sampled_data(energies, out, conditions)
+
+    def noise_features(self) -> int:
+        h, w = self.image_shape
+        return self.geometry.n_layers * (1 + h * w)
+
+    def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The energy flow's noise ``(n, L)``, then each layer's ``(n, 4 * H/2 * W/2)`` in
+        order: the draws :meth:`sample` makes (which draws layer by layer instead of all at
+        once, to hold one layer's noise at a time)."""
+        h, w = self.image_shape
+        draws = [torch.randn(n, self.geometry.n_layers, generator=generator)]
+        draws += [torch.randn(n, 4, h // 2, w // 2, generator=generator).flatten(1)
+                  for _ in range(self.geometry.n_layers)]
+        return torch.cat(draws, dim=1)
+
+    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                           ) -> torch.Tensor:
+        """The energy flow, then each layer's flow given the k layers before it, then the
+        post-processing: ``(B, n_voxels)`` MeV (what :meth:`sample` computes, in one
+        function that ``caloforge export`` traces)."""
+        assert self.module is not None
+        self._require_complete()
+        n_layers, (h, w) = self.geometry.n_layers, self.image_shape
+        k, size = self.config.previous_layers, h * w
+        context = self._context(batch)
+        layer_energies = self.layer_transform.inverse(
+            self.module.flow1(context).transform.inv(noise[:, :n_layers]),
+            batch["incident_energy"])
+        log_energies = self._layer_context(layer_energies)
+        index = torch.zeros_like(batch["incident_energy"], dtype=torch.long)
+        empty = float(LogitTransform(self.voxel_transform.alpha).forward(torch.zeros(())))
+        # the last k layers in logit space, oldest first; before the first, empty layers
+        recent = torch.zeros_like(noise[:, :1, None, None]).expand(-1, k, h, w) + empty
+        cells = []
+        for layer in range(n_layers):
+            z = noise[:, n_layers + layer * size:n_layers + (layer + 1) * size]
+            condition = self._layer_condition(recent, context, log_energies[:, layer],
+                                              index + layer)
+            y = finite_logits(self._flow(layer).inverse(z.reshape(-1, 4, h // 2, w // 2),
+                                                        condition)[:, 0])
+            image = self.voxel_transform.inverse(y.flatten(1), layer_energies[:, layer])
+            cells.append(self._postprocess(self._flat(image.reshape(-1, h, w))))
+            if k:
+                recent = torch.cat([recent[:, 1:], y[:, None]], dim=1)
+        return torch.cat(cells, dim=1)
 
     # --- post-processing --------------------------------------------------------------
     def fit_postprocess(self, reference: ShowerData, nodes: int = 128, seed: int = 1) -> None:
@@ -425,22 +470,13 @@ class ConvL2LFlow(LayerEnergyFlows):
         keep = np.concatenate([[True], np.diff(x) > 1e-9])
         self.postprocess_nodes = [x[keep].tolist(), y[keep].tolist()]
 
-    def _postprocess(self, cells: np.ndarray) -> np.ndarray:
+    def _postprocess(self, cells: torch.Tensor) -> torch.Tensor:
         """Apply the fitted spline to the cells above threshold ``(B, S)`` MeV (identity
         without one); the ends extrapolate linearly in log10."""
         if self.postprocess_nodes is None:
             return cells
-        from scipy.interpolate import PchipInterpolator
-
-        x, y = (np.asarray(v) for v in self.postprocess_nodes)
-        spline = PchipInterpolator(x, y, extrapolate=True)
-        above = cells > 0
-        logs = np.log10(cells[above].astype(np.float64))
-        mapped = np.where(logs < x[0], logs + (y[0] - x[0]),
-                          np.where(logs > x[-1], logs + (y[-1] - x[-1]), spline(logs)))
-        out = cells.copy()
-        out[above] = np.power(10.0, mapped)
-        return out
+        x, y = self.postprocess_nodes
+        return monotone_log_map(cells, x, y)
 
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
@@ -451,6 +487,42 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.trained_parts = [str(p) for p in state.get("trained_parts", [])]
         nodes = state.get("postprocess_nodes")
         self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
+
+
+def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> torch.Tensor:
+    """Cells ``(...)`` MeV mapped through the monotone PCHIP interpolant of the nodes
+    (``x``, ``y``) in log10 MeV (strictly increasing ``x``), linear with slope 1 beyond the
+    ends; cells <= 0 stay as they are.
+
+    Evaluated in torch operations that export to ONNX: the node slopes come from scipy's
+    PCHIP (constants), the interval of each value from a binary search of log2(nodes)
+    comparisons (ONNX has no ``searchsorted``), then the cubic Hermite polynomial."""
+    from scipy.interpolate import PchipInterpolator
+
+    nodes_x = np.asarray(x, dtype=np.float64)
+    slopes = PchipInterpolator(nodes_x, np.asarray(y, dtype=np.float64)).derivative()(nodes_x)
+    xs, ys, ds = (torch.tensor(values, dtype=cells.dtype, device=cells.device)
+                  for values in (x, y, slopes))
+    above = cells > 0
+    logs = torch.log10(torch.where(above, cells, torch.ones_like(cells)))
+    m = len(x) - 2  # interior nodes: the interval is the count of those <= the value
+    interval = torch.zeros_like(logs, dtype=torch.long)
+    step = 1 << max(m.bit_length() - 1, 0)
+    while step >= 1 and m > 0:
+        probe = interval + step
+        inside = probe <= m
+        fits = xs[1:-1][(probe - 1).clamp(0, m - 1)] <= logs
+        interval = torch.where(inside & fits, probe, interval)
+        step //= 2
+    x0, x1 = xs[interval], xs[interval + 1]
+    width = x1 - x0
+    t = (logs - x0) / width
+    t2, t3 = t * t, t * t * t
+    hermite = ((2 * t3 - 3 * t2 + 1) * ys[interval] + (t3 - 2 * t2 + t) * width * ds[interval]
+               + (3 * t2 - 2 * t3) * ys[interval + 1] + (t3 - t2) * width * ds[interval + 1])
+    mapped = torch.where(logs < xs[0], logs + (ys[0] - xs[0]),
+                         torch.where(logs > xs[-1], logs + (ys[-1] - xs[-1]), hermite))
+    return torch.where(above, torch.pow(10.0, mapped), cells)
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -493,4 +565,5 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
                if k not in ("config", "trained_parts", "postprocess_nodes")}}
 
 
-__all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "merge_runs", "parse_parts"]
+__all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "merge_runs", "monotone_log_map",
+           "parse_parts"]
