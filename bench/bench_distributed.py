@@ -26,7 +26,7 @@ import os
 
 import h5py
 import numpy as np
-from pipeline import TRAIN_SEED, caloforge, save_json, simulate, train
+from pipeline import TRAIN_SEED, caloforge, read_json, save_json, simulate, train
 
 from caloforge.training import read_log
 
@@ -43,9 +43,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-output/distributed")
     parser.add_argument("--results", default="docs/results/distributed.json")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument("--skip-generation", action="store_true",
+                        help="keep the generation figures already in --results")
     args = parser.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(args.results):  # the last figures, for --skip-generation
+        save_json(args.results + ".previous", read_json(args.results))
     data = os.path.join(args.out, "train.h5")
     simulate(args.geometry, data, args.n_train, TRAIN_SEED)
     results: dict = {"what": "reference simulator (not Geant4), "
@@ -92,6 +96,11 @@ def main() -> None:
     results["speed_up_2_processes_vs_2_threads"] = round(
         two["showers_per_s"] / one["showers_per_s"], 2)
     save_json(args.results, results)
+    if args.skip_generation:
+        results["generation"] = read_json(args.results + ".previous")["generation"] \
+            if os.path.exists(args.results + ".previous") else {}
+        save_json(args.results, results)
+        return
 
     model = os.path.join(args.out, "p1t2")
     files = {}
