@@ -48,8 +48,9 @@ def main() -> None:
     args = parser.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
+    previous = os.path.join(args.out, "previous-results.json")
     if os.path.exists(args.results):  # the last figures, for --skip-generation
-        save_json(args.results + ".previous", read_json(args.results))
+        save_json(previous, read_json(args.results))
     data = os.path.join(args.out, "train.h5")
     simulate(args.geometry, data, args.n_train, TRAIN_SEED)
     results: dict = {"what": "reference simulator (not Geant4), "
@@ -97,8 +98,8 @@ def main() -> None:
         two["showers_per_s"] / one["showers_per_s"], 2)
     save_json(args.results, results)
     if args.skip_generation:
-        results["generation"] = read_json(args.results + ".previous")["generation"] \
-            if os.path.exists(args.results + ".previous") else {}
+        results["generation"] = read_json(previous).get("generation", {}) \
+            if os.path.exists(previous) else {}
         save_json(args.results, results)
         return
 
