@@ -53,10 +53,13 @@ def trained(data, tmp_path_factory):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10_000), st.floats(0.0, 0.9), st.floats(-2.0, 4.0))
-def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fraction, log_scale):
+@given(st.integers(0, 10_000), st.floats(0.0, 0.9), st.floats(-2.0, 4.0),
+       st.sampled_from(["max", "energy"]))
+def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fraction, log_scale,
+                                                             normalise_by):
     rng = np.random.default_rng(seed)
-    transform = MaxLogTransform(noise_mev=0.005, threshold_mev=0.015)
+    transform = MaxLogTransform(noise_mev=0.005, threshold_mev=0.015,
+                                normalise_by=normalise_by)
     cells = rng.exponential(10.0 ** log_scale, (8, 36)) + 0.015
     cells[rng.random(cells.shape) < empty_fraction] = 0.0
     cells[:, 0] = 10.0 ** log_scale + 0.015  # no empty layer, above the threshold
@@ -67,6 +70,19 @@ def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fractio
     assert torch.isfinite(x).all()
     back = transform.inverse(x, noisy.sum(-1))
     np.testing.assert_allclose(back.numpy(), cells, rtol=1e-6, atol=1e-9)
+
+
+def test_energy_normalisation_leaves_no_cell_at_the_top():
+    """Divided by its maximum, every layer has one cell at exactly the top of the range (a
+    point mass); divided by its energy, none has."""
+    cells = torch.rand(50, 36, generator=torch.Generator().manual_seed(1)) + 0.01
+    top = MaxLogTransform(normalise_by="max").forward(cells).amax(-1)
+    assert torch.allclose(top, top[0].expand_as(top))  # the same value in every image
+    shares = MaxLogTransform(normalise_by="energy").forward(cells).amax(-1)
+    assert shares.std() > 0.05 and (shares < top[0] - 0.5).all()
+    assert MaxLogTransform.from_state({"noise_mev": 0.01}).normalise_by == "max"  # old files
+    with pytest.raises(ValueError, match="normalise_by"):
+        MaxLogTransform(normalise_by="median")
 
 
 def test_parts_parse_and_refuse_bad_items():
@@ -319,6 +335,10 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     assert main([base[0], "convflow", *base[1:], "--layers", "0-1",
                  "--postprocess", "spline"]) == 1
     assert "every part" in capsys.readouterr().err
+    config = tmp_path / "median.yaml"
+    config.write_text("normalise_by: median\n")
+    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+    assert "normalise_by must be max or energy" in capsys.readouterr().err
 
 
 def _xml(tmp_path) -> str:

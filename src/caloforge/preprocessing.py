@@ -243,11 +243,16 @@ class MaxLogTransform(JsonState):
 
     Works on the last axis of ``(..., S)`` tensors (S = one layer's cells). Forward: every
     exactly-zero cell gets U(0, ``noise_mev``) (dequantisation of empty cells, below the
-    readout threshold), the layer is divided by its maximum, ``y = log10(x + offset) /
-    decades + 1`` maps [0, 1] onto about [0, 1] (10^-7 of the maximum -> 0), then logit with
-    ``alpha`` (1e-2 as published). Inverse: sigmoid, undo the log, clip at zero, rescale the
-    layer so that it sums to the requested layer energy, zero the cells below
-    ``threshold_mev``.
+    readout threshold), the layer is divided by its maximum (``normalise_by="max"``, as
+    published) or by its energy (``"energy"``), ``y = log10(x + offset) / decades + 1`` maps
+    [0, 1] onto about [0, 1] (10^-7 of the scale -> 0), then logit with ``alpha`` (1e-2 as
+    published). Inverse: sigmoid, undo the log, clip at zero, rescale the layer so that it
+    sums to the requested layer energy (so the inverse is the same for both scales), zero
+    the cells below ``threshold_mev``.
+
+    Dividing by the maximum puts one cell of every image at exactly 1: a point mass at the
+    top of the range that a flow's likelihood can exploit (docs/convflow.md, issue 28);
+    dividing by the energy leaves every cell a continuous share below 1.
     """
 
     noise_mev: float = 5e-3
@@ -255,6 +260,13 @@ class MaxLogTransform(JsonState):
     alpha: float = 1e-2
     offset: float = 1e-7
     decades: float = 7.0
+    # "max" is the default of the saved state: models saved before the option load as
+    # they were trained
+    normalise_by: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.normalise_by not in ("max", "energy"):
+            raise ValueError(f"normalise_by must be max or energy, got {self.normalise_by!r}")
 
     def add_noise(self, images: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
@@ -262,7 +274,9 @@ class MaxLogTransform(JsonState):
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """``(..., S)`` MeV, no zeros -> ``(..., S)`` logit values."""
-        scale = noisy.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(noisy.dtype).tiny)
+        scale = (noisy.sum(dim=-1, keepdim=True) if self.normalise_by == "energy"
+                 else noisy.amax(dim=-1, keepdim=True))
+        scale = scale.clamp(min=torch.finfo(noisy.dtype).tiny)
         y = torch.log10(noisy / scale + self.offset) / self.decades + 1
         return LogitTransform(self.alpha).forward(y)
 

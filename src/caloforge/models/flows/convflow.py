@@ -79,6 +79,7 @@ class ConvFlowConfig:
     noise_mev: float | None = None
     threshold_mev: float | None = None
     voxel_logit_alpha: float = 1e-2
+    normalise_by: str = "max"
     logit_alpha: float = 1e-6  # the energy flow's u-space logit
     roll_augmentation: bool = True
     layers_per_step: int = 0
@@ -93,6 +94,8 @@ class ConvFlowConfig:
         out = config_from_dict(cls, values, "convflow")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
+        if out.normalise_by not in ("max", "energy"):
+            raise OptionError(f"normalise_by must be max or energy, got {out.normalise_by!r}")
         if out.previous_layers < 0 or out.layers_per_step < 0 or out.blocks < 1 \
                 or out.width < 1:
             raise OptionError("previous_layers and layers_per_step must be >= 0, blocks and "
@@ -211,8 +214,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             raise GeometryError(f"convflow needs even layer image sides (one 2x2 squeeze); "
                                 f"{geometry.name!r} layers are {self.image_shape}")
         threshold, noise = threshold_and_noise(config, geometry, self.noise_per_threshold)
-        super().__init__(geometry, config, MaxLogTransform(noise, threshold,
-                                                           config.voxel_logit_alpha))
+        super().__init__(geometry, config, MaxLogTransform(
+            noise, threshold, config.voxel_logit_alpha, normalise_by=config.normalise_by))
         self.parts = parse_parts(config.layers, geometry.n_layers)
         if config.shared and self.parts != parse_parts("all", geometry.n_layers):
             raise OptionError("a shared layer flow trains every layer at once; "
