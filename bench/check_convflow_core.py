@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--normalise-by", choices=["max", "energy"], default="max")
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--out", default=None, help="JSON file of the figures")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -110,6 +111,7 @@ def main() -> int:
     config.width, config.blocks, config.bins, config.embedding = 16, 4, 8, 8
     config.previous_layers, config.normalise_by = 2, args.normalise_by
     config.training.epochs, config.training.batch_size = args.epochs, 64
+    config.training.seed = args.seed
     model = ConvL2LFlow(geometry, config)
     start = time.perf_counter()
     model.fit(train, tempfile.mkdtemp())
@@ -117,7 +119,8 @@ def main() -> int:
     generated = model.sample(heldout.incident_energies, seed=1).showers
     real, fake = layer_figures(heldout.showers), layer_figures(generated)
     figures = {
-        "normalise_by": args.normalise_by, "train_seconds": round(seconds, 1),
+        "normalise_by": args.normalise_by, "seed": args.seed,
+        "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],
         **base_space_of_hottest(model, heldout),
         "hottest_cell_generated_over_reference": np.round(

@@ -14,7 +14,8 @@ pass:
   first layer read as empty), the standardised log layer energy and the conditions.
 
 Preprocessing (:class:`~caloforge.preprocessing.MaxLogTransform`): noise on empty cells,
-divide by the layer maximum, ``log10(x + 1e-7) / 7 + 1``, logit (alpha 1e-2). After
+divide by the layer energy (the published recipe divides by the layer maximum:
+``normalise_by: max``), ``log10(x + 1e-7) / 7 + 1``, logit (alpha 1e-2). After
 generation each layer is rescaled to its sampled energy and cut at the readout threshold;
 optionally (``postprocess: spline``) a monotone 1-D spline fitted between generated and
 reference cell-energy quantiles corrects the cell spectrum.
@@ -60,6 +61,10 @@ class ConvFlowConfig:
     ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
     the term scaled to an unbiased estimate of the full likelihood: memory and time per
     step shrink by k / L (validation always scores every layer);
+    ``normalise_by``: each layer image is divided by its ``energy`` (default) or by its
+    ``max`` (the published preprocessing: it puts one cell of every image at exactly the top
+    of the range, a point mass that left generated cores ~20 % too faint in the issue-28
+    experiment, docs/convflow.md);
     ``position_channels``: add the cell coordinates as condition channels (Cartesian: x
     and y, cylinders: r; the angle stays out so that roll augmentation keeps its meaning).
     A convolution cannot tell where in the image it is, so without them a layer flow must
@@ -79,7 +84,7 @@ class ConvFlowConfig:
     noise_mev: float | None = None
     threshold_mev: float | None = None
     voxel_logit_alpha: float = 1e-2
-    normalise_by: str = "max"
+    normalise_by: str = "energy"
     logit_alpha: float = 1e-6  # the energy flow's u-space logit
     roll_augmentation: bool = True
     layers_per_step: int = 0
