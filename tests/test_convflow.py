@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from caloforge.cli import main
-from caloforge.data import read_showers, write_showers
+from caloforge.data import ShowerData, read_showers, write_showers
 from caloforge.errors import CaloforgeError, GeometryError, OptionError
 from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry
 from caloforge.models import load_model
@@ -79,7 +79,7 @@ def test_energy_normalisation_leaves_no_cell_at_the_top():
     top = MaxLogTransform(normalise_by="max").forward(cells).amax(-1)
     assert torch.allclose(top, top[0].expand_as(top))  # the same value in every image
     shares = MaxLogTransform(normalise_by="energy").forward(cells).amax(-1)
-    assert shares.std() > 0.05 and (shares < top[0] - 0.5).all()
+    assert shares.std() > 0.01 and (shares < top[0] - 0.5).all()
     assert MaxLogTransform.from_state({"noise_mev": 0.01}).normalise_by == "max"  # old files
     with pytest.raises(ValueError, match="normalise_by"):
         MaxLogTransform(normalise_by="median")
@@ -346,3 +346,66 @@ def _xml(tmp_path) -> str:
     if not path.exists():
         path.write_text(CYLINDER.to_xml())
     return str(path)
+
+
+SIDE = 8
+CORES = Geometry("cores-8x8", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=5.0, dy=5.0)
+                                    for i in range(3)), threshold_mev=0.5)
+
+
+def _core_showers(n: int, seed: int) -> ShowerData:
+    """Sharp Gaussian cores (0.6-1.0 cells wide, widening with depth) with a faint tail,
+    gamma-fluctuated cells, a 0.5 MeV cut (bench/check_convflow_core.py, smaller)."""
+    rng = np.random.default_rng(seed)
+    energies = rng.uniform(1e3, 1e4, n)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+    centre = rng.normal(0, 0.5, (n, 2))
+    layers = []
+    for layer in range(3):
+        width = rng.uniform(0.6, 1.0, n)[:, None, None] * (1 + 0.25 * layer)
+        distance2 = (xx[None] - centre[:, 0, None, None]) ** 2 + \
+            (yy[None] - centre[:, 1, None, None]) ** 2
+        share = np.exp(-distance2 / (2 * width ** 2)) + 0.02 * np.exp(-np.sqrt(distance2))
+        image = share / share.sum((1, 2), keepdims=True) * energies[:, None, None] * 0.15
+        image *= rng.gamma(8, 1 / 8, share.shape)
+        image[image < 0.5] = 0
+        layers.append(image.reshape(n, -1))
+    return ShowerData(energies, np.concatenate(layers, 1).astype(np.float32), {}, {})
+
+
+def test_generated_cores_are_as_hot_as_the_data(tmp_path):
+    """Issue 28's core defect on a tiny case. With each layer divided by its maximum, the
+    hottest cell of every image sat at one point of the flow's input space; in the base
+    space its block was atypical (mean z^2 ~1.6 against ~1.0 elsewhere) and the generated
+    cores were ~24 % too faint here. Divided by the layer energy (the default), the hottest
+    cells must look typical to the flow and the generated cores must be about as hot as
+    the data's."""
+    config = tiny_config(ConvL2LFlow, 5, width=8, blocks=3, bins=8, embedding=4,
+                         previous_layers=1)
+    assert config.normalise_by == "energy"
+    config.training.batch_size = 64
+    model = ConvL2LFlow(CORES, config)
+    model.fit(_core_showers(1500, seed=1), str(tmp_path))
+    reference = _core_showers(500, seed=2)
+    generated = model.sample(reference.incident_energies, seed=1).showers
+
+    def hottest(showers):
+        return showers.reshape(len(showers), 3, -1).max(-1).mean(0)
+
+    ratio = hottest(generated) / hottest(reference.showers)
+    assert 0.85 < ratio.mean() < 1.45, ratio  # the max-normalised model: 0.76
+    batch = model.to_tensors(reference)
+    with torch.no_grad():
+        images = model._images(batch["voxels"])
+        noisy = model.voxel_transform.add_noise(images, torch.Generator().manual_seed(0))
+        y = model.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape)
+        log_energies = model._layer_context(noisy.sum(dim=(-2, -1)))
+        for layer in range(3):
+            condition = model._layer_condition(model._previous(y, layer),
+                                               model._context(batch),
+                                               log_energies[:, layer], None)
+            z, _ = model._flow(layer)(y[:, layer:layer + 1], condition)
+            block = (z ** 2).mean(1)
+            flat = noisy[:, layer].flatten(1).argmax(1)
+            at_hottest = block[torch.arange(len(z)), flat // SIDE // 2, flat % SIDE // 2]
+            assert at_hottest.mean() < 1.3 * block.mean(), layer
