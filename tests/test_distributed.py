@@ -22,7 +22,7 @@ from caloforge.cli import main
 from caloforge.data import merge_shower_files, read_showers, write_showers
 from caloforge.distributed import World, rank_part
 from caloforge.errors import ShowerFileError
-from caloforge.geometry import get_geometry
+from caloforge.geometry import CylindricalLayer, Geometry, get_geometry
 from caloforge.models import load_model
 from caloforge.training import TensorBatches, rank_share, read_log
 
@@ -97,6 +97,23 @@ def test_gan_trains_on_two_processes(tmp_path):
     _one_writer(tmp_path / "wgan", 2)
     record = read_log(str(tmp_path / "wgan" / "train_log.jsonl"))[-1]
     assert set(record["player_losses"]) == {"critic", "generator"}
+
+
+def test_convflow_trains_on_two_processes(tmp_path):
+    """convflow's ActNorm layers initialise from the first batch they see, and a step
+    trains a random subset of layers: the processes must still end with one set of
+    weights (training checks it, and fails otherwise)."""
+    cylinder = Geometry("tiny-cyl", tuple(CylindricalLayer(
+        i, r_edges=(0.0, 5.0, 10.0, 20.0, 40.0), n_alpha=6) for i in range(3)),
+        threshold_mev=0.01)
+    xml, data = tmp_path / "tiny.xml", tmp_path / "cyl.h5"
+    xml.write_text(cylinder.to_xml())
+    write_showers(data, random_showers(cylinder, 300, seed=2), cylinder)
+    (tmp_path / "c.yaml").write_text("layers_per_step: 2\n")
+    run(torchrun("train", "convflow", "--data", str(data), "--xml", str(xml), "--preset",
+                 "tiny", "--epochs", "2", "--config", str(tmp_path / "c.yaml"),
+                 "-o", str(tmp_path / "conv")))
+    _one_writer(tmp_path / "conv", 2)
 
 
 def test_killed_distributed_run_resumes(photons, tmp_path):

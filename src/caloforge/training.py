@@ -548,6 +548,8 @@ class Trainer:
             distributed.from_main(_refuse_existing_run, self.run_dir, self._checkpoint_path())
             if world.is_main:
                 _truncate_log(self.log_path, 0)
+            if world.distributed:
+                self._initialise_alike(train)
         if world.distributed:
             log.info("data-parallel training on %d processes: %d showers per process and "
                      "step, %d per step in all (learning rate %g, not scaled with the number "
@@ -584,6 +586,21 @@ class Trainer:
                 "best_val_loss": state.best_val, "train_seconds": round(state.elapsed_s, 1),
                 "skipped_steps": state.skipped_steps, "restores": state.restores,
                 "config": asdict(config)}
+
+    def _initialise_alike(self, train: BatchSource) -> None:
+        """Data-dependent initialisations (e.g. convflow's ActNorm layers, set by the first
+        batch a layer sees in training) would differ between processes, which see
+        different batches, and at different steps where a step trains a random subset of
+        layers. So before training every process runs the validation loss (every part of
+        the model) on its first batch in training mode, and then takes rank 0's weights."""
+        module = self.model.module
+        batch = next(iter(train.batches(self.config.batch_size, None)))
+        module.train()
+        with torch.enable_grad():
+            self.model.validation_loss(self._to_device(batch),
+                                       torch.Generator().manual_seed(self.config.seed))
+        module.zero_grad(set_to_none=True)
+        distributed.broadcast_module(module)
 
     def _epoch_generators(self, epoch: int) -> tuple[torch.Generator, torch.Generator]:
         """(order, noise) generators of ``epoch``: the order of a pass over the data comes
