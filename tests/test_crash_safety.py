@@ -159,3 +159,21 @@ def test_evaluate_refuses_a_folder_that_is_not_a_report(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 1 and "not a caloforge report" in err and "Traceback" not in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_lost_sigterm_is_raised_again_at_the_next_safe_point(monkeypatch):
+    """A SIGTERM handled while Python runs a finaliser raises there, and Python drops that
+    exception (the race that once left a terminated generation running): the request is
+    remembered and the next safe point between batches raises it."""
+    from caloforge import runtime
+
+    monkeypatch.setattr(runtime, "_termination_requested", False)
+
+    class Finaliser:
+        def __del__(self) -> None:
+            runtime.request_termination()
+
+    Finaliser()  # its __del__ raises Terminated; Python ignores it
+    with pytest.raises(runtime.Terminated):
+        runtime.stop_if_terminated()

@@ -22,8 +22,10 @@ from .errors import CaloforgeError, OptionError
 from .geometry import available_geometries, get_geometry, resolve_geometry
 from .registry import FAMILIES, get_family, student_of, trainable_families
 from .runtime import (
+    Terminated,
     get_logger,
     parse_quantity,
+    request_termination,
     set_progress,
     set_threads,
     setup_logging,
@@ -898,16 +900,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown()
 
 
-class Terminated(BaseException):
-    """SIGTERM as an exception, so that every ``with atomic_output`` on the way out removes
-    its temporary file (a BaseException: no ``except Exception`` swallows it)."""
-
-
 def _terminate_as_exception() -> Any:
     """Make SIGTERM raise :class:`Terminated`; returns the previous handler (None where
     signals cannot be set: not the main thread)."""
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated
+        request_termination()
 
     try:
         return signal.signal(signal.SIGTERM, handler)

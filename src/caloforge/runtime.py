@@ -20,6 +20,30 @@ from .errors import OptionError
 T = TypeVar("T")
 LOGGER_NAME = "caloforge"
 _progress_enabled = True
+_termination_requested = False
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that every ``with atomic_output`` on the way out removes
+    its temporary file (a BaseException: no ``except Exception`` swallows it)."""
+
+
+def request_termination() -> None:
+    """Record a SIGTERM and raise :class:`Terminated` (the command line's signal handler).
+
+    A signal handler's exception can be lost: Python drops an exception raised while it
+    runs an object's ``__del__`` (printing "Exception ignored"), and the work would go on.
+    So the request is also remembered, and :func:`stop_if_terminated`, called between
+    batches by the long loops (generation, training, simulation), raises it again."""
+    global _termination_requested
+    _termination_requested = True
+    raise Terminated
+
+
+def stop_if_terminated() -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived (a safe point between batches)."""
+    if _termination_requested:
+        raise Terminated
 
 
 def parse_quantity(text: str, units: dict[str, float], what: str, examples: str) -> float:

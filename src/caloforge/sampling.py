@@ -19,6 +19,7 @@ import numpy as np
 from .data import ShowerFile, ShowerWriter
 from .errors import CaloforgeError, OptionError
 from .models.base import ShowerModel
+from .runtime import stop_if_terminated
 
 SHARD_SIZE = 10_000
 
@@ -107,6 +108,7 @@ def generate_to_file(model: ShowerModel, path: str, incident_energies: np.ndarra
     try:
         with ShowerWriter(path, model.geometry, file_format) as writer:
             for shard, start in enumerate(range(begin, end, shard_size), start=first_shard):
+                stop_if_terminated()
                 stop = min(start + shard_size, end)
                 showers = model.sample(incident_energies[start:stop],
                                        {k: v[start:stop] for k, v in conditions.items()},

@@ -54,7 +54,7 @@ from . import distributed
 from .atomic import atomic_output
 from .data import ShowerData, ShowerStream
 from .errors import CaloforgeError, OptionError
-from .runtime import get_logger, parse_quantity
+from .runtime import get_logger, parse_quantity, stop_if_terminated
 
 log = get_logger("training")
 CHECKPOINT = "checkpoint.safetensors"
@@ -627,6 +627,7 @@ class Trainer:
         lr = learning_rate(config, state.step / self.total_steps)
         batches = train.batches(config.batch_size, order, state.epoch % self.parts, self.parts)
         while True:
+            stop_if_terminated()
             batch = next(batches, None)
             spent = state.elapsed_s + time.perf_counter() - started
             has_batch = batch is not None

@@ -30,6 +30,7 @@ from ..atomic import atomic_output, write_json_atomic
 from ..data import ShowerData, ShowerStream
 from ..errors import CaloforgeError, OptionError
 from ..geometry import Geometry
+from ..runtime import stop_if_terminated
 from ..training import LoopState, TrainingHooks, fit_model
 
 if TYPE_CHECKING:
@@ -242,6 +243,7 @@ class ConditionedModel(ShowerModel, TrainingHooks):
         try:
             with torch.inference_mode():
                 for start in range(0, n, batch_size):
+                    stop_if_terminated()
                     stop = min(start + batch_size, n)
                     batch = self._condition_batch(energies, conditions, start, stop, device)
                     showers = self.showers_from_noise(noise[start:stop].to(device), batch)
