@@ -264,6 +264,8 @@ class ShowerFile:
                 self.conditions[name] = ds
                 self.condition_units[name] = _as_str(ds.attrs.get("units", ""))
         self._overflow = self._h5.get("overflow") if layout.overflow else None
+        # file-level attributes (caloforge records "geometry", "generated_by", ...)
+        self.attributes = {str(k): _as_str(v) for k, v in self._h5.attrs.items()}
 
     def _dataset(self, key: str) -> h5py.Dataset:
         obj = self._h5.get(key)
@@ -663,17 +665,6 @@ def _as_str(value: Any) -> str:
 # --------------------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------------------
-def stored_geometry_name(path: str | os.PathLike[str]) -> str | None:
-    """The geometry name caloforge recorded in a shower file it wrote (None: not recorded
-    or unreadable; opening the file for reading reports the latter)."""
-    try:
-        with h5py.File(os.fspath(path), "r") as handle:
-            value = handle.attrs.get("geometry")
-    except OSError:
-        return None
-    return None if value is None else _as_str(value)
-
-
 def merge_shower_files(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
                        geometry: Geometry | None = None, batch_size: int = 10_000,
                        progress: Any = None) -> int:
@@ -691,27 +682,30 @@ def merge_shower_files(paths: Sequence[str | os.PathLike[str]], output: str | os
     for path in inputs:
         if os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
             raise OptionError(f"{output}: the output is one of the inputs")
-    names = {path: stored_geometry_name(path) for path in inputs}
-    if geometry is None:
-        recorded = {n for n in names.values() if n is not None}
-        if len(recorded) > 1:
-            one = next(p for p in inputs if names[p] is not None)
-            other = next(p for p in inputs if names[p] not in (None, names[one]))
-            raise ShowerFileError(other, f"geometry {names[other]!r} differs from "
-                                  f"{names[one]!r} of {one}")
-        if not recorded:
-            raise OptionError("the files do not record their geometry; give --geometry "
-                              "or --xml")
-        geometry = get_geometry(recorded.pop())
-    for path, name in names.items():
-        if name is not None and name != geometry.name:
-            raise ShowerFileError(path, f"geometry {name!r}, not {geometry.name!r}")
     readers: list[ShowerFile] = []
     try:
         for path in inputs:
             readers.append(ShowerFile(path, geometry))
+        names = {r.path: r.attributes.get("geometry") for r in readers}
+        if geometry is None:
+            recorded = {n for n in names.values() if n is not None}
+            if len(recorded) > 1:
+                one = next(p for p in inputs if names[p] is not None)
+                other = next(p for p in inputs if names[p] not in (None, names[one]))
+                raise ShowerFileError(other, f"geometry {names[other]!r} differs from "
+                                      f"{names[one]!r} of {one}")
+            if not recorded:
+                raise OptionError("the files do not record their geometry; give --geometry "
+                                  "or --xml")
+            geometry = get_geometry(recorded.pop())
         first = readers[0]
-        for reader in readers[1:]:
+        for reader in readers:
+            name = names[reader.path]
+            if name is not None and name != geometry.name:
+                raise ShowerFileError(reader.path, f"geometry {name!r}, not {geometry.name!r}")
+            if reader.n_voxels != geometry.n_voxels:
+                raise ShowerFileError(reader.path, f"{reader.n_voxels} voxels, but geometry "
+                                      f"{geometry.name!r} has {geometry.n_voxels}")
             if reader.format != first.format:
                 raise ShowerFileError(reader.path, f"{reader.format} format, but "
                                       f"{first.path} is {first.format}")
@@ -726,9 +720,8 @@ def merge_shower_files(paths: Sequence[str | os.PathLike[str]], output: str | os
                     writer.write(batch)
                     if bar is not None:
                         bar.update(len(batch))
-            generated_by = first._h5.attrs.get("generated_by")
-            if generated_by is not None:
-                writer.annotate("generated_by", _as_str(generated_by))
+            if "generated_by" in first.attributes:
+                writer.annotate("generated_by", first.attributes["generated_by"])
             writer.annotate("merged_from", "\n".join(os.path.basename(p) for p in inputs))
         if bar is not None:
             bar.close()

@@ -136,25 +136,22 @@ def _collective_device() -> str:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """The element-wise sum of ``values`` over the processes (float64)."""
-    import torch
-    import torch.distributed as dist
-
-    if not current_world().distributed:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor)
-    return [float(v) for v in tensor.cpu()]
+    return _all_reduce(values, "SUM")
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
     """The element-wise maximum of ``values`` over the processes."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: list[float], operation: str) -> list[float]:
     import torch
     import torch.distributed as dist
 
     if not current_world().distributed:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, operation))
     return [float(v) for v in tensor.cpu()]
 
 

@@ -31,6 +31,7 @@ disjoint parts into one model, the unit of parallel training.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -505,10 +506,7 @@ def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> tor
     Evaluated in torch operations that export to ONNX: the node slopes come from scipy's
     PCHIP (constants), the interval of each value from a binary search of log2(nodes)
     comparisons (ONNX has no ``searchsorted``), then the cubic Hermite polynomial."""
-    from scipy.interpolate import PchipInterpolator
-
-    nodes_x = np.asarray(x, dtype=np.float64)
-    slopes = PchipInterpolator(nodes_x, np.asarray(y, dtype=np.float64)).derivative()(nodes_x)
+    slopes = _pchip_slopes(tuple(x), tuple(y))
     xs, ys, ds = (torch.tensor(values, dtype=cells.dtype, device=cells.device)
                   for values in (x, y, slopes))
     above = cells > 0
@@ -531,6 +529,16 @@ def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> tor
     mapped = torch.where(logs < xs[0], logs + (ys[0] - xs[0]),
                          torch.where(logs > xs[-1], logs + (ys[-1] - xs[-1]), hermite))
     return torch.where(above, torch.pow(10.0, mapped), cells)
+
+
+@functools.lru_cache(maxsize=8)
+def _pchip_slopes(x: tuple[float, ...], y: tuple[float, ...]) -> list[float]:
+    """scipy's PCHIP slopes at the nodes (once per node set: sampling calls the map for
+    every layer of every shard)."""
+    from scipy.interpolate import PchipInterpolator
+
+    nodes = np.asarray(x, dtype=np.float64)
+    return PchipInterpolator(nodes, np.asarray(y, dtype=np.float64)).derivative()(nodes).tolist()
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
