@@ -21,16 +21,11 @@ Each takes a few minutes on one thread.
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
-import time
-
 import numpy as np
 import torch
+from pipeline import fit_and_generate, report_figures, square_layers, toy_experiment_parser
 
 from caloforge.data import ShowerData
-from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models.flows.convflow import ConvL2LFlow
 
 SIDE, LAYERS, CUT_MEV = 12, 5, 0.5
@@ -96,16 +91,11 @@ def base_space_of_hottest(model: ConvL2LFlow, data: ShowerData) -> dict[str, flo
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = toy_experiment_parser(__doc__.splitlines()[0], n_train=4000, epochs=6)
     parser.add_argument("--normalise-by", choices=["max", "energy"], default="max")
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--out", default=None, help="JSON file of the figures")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    geometry = Geometry("cores", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=5.0, dy=5.0)
-                                       for i in range(LAYERS)), threshold_mev=CUT_MEV)
+    geometry = square_layers("cores", SIDE, LAYERS, CUT_MEV)
     train, heldout = core_showers(args.n_train, seed=1), core_showers(1000, seed=2)
     config = ConvL2LFlow.preset("tiny")
     config.width, config.blocks, config.bins, config.embedding = 16, 4, 8, 8
@@ -113,10 +103,7 @@ def main() -> int:
     config.training.epochs, config.training.batch_size = args.epochs, 64
     config.training.seed = args.seed
     model = ConvL2LFlow(geometry, config)
-    start = time.perf_counter()
-    model.fit(train, tempfile.mkdtemp())
-    seconds = time.perf_counter() - start
-    generated = model.sample(heldout.incident_energies, seed=1).showers
+    seconds, generated = fit_and_generate(model, train, heldout)
     real, fake = layer_figures(heldout.showers), layer_figures(generated)
     figures = {
         "normalise_by": args.normalise_by, "seed": args.seed,
@@ -133,10 +120,7 @@ def main() -> int:
         "radial_width_generated_over_reference": np.round(
             fake["radial_width"] / real["radial_width"], 3).tolist(),
     }
-    print(json.dumps(figures, indent=1))
-    if args.out:
-        with open(args.out, "w") as stream:
-            json.dump(figures, stream, indent=1)
+    report_figures(figures, args.out)
     return 0
 
 

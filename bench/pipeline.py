@@ -12,6 +12,7 @@ their own choices: which steps, which settings, which figures and targets to pri
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -171,3 +172,42 @@ def bench_sampling(run_dir: str, output: str, threads: str, batch_sizes: str,
 def verdict(value: float, target: float, lower_is_better: bool = True) -> str:
     """``meets`` or ``MISSES`` for printing next to a figure and its target."""
     return "meets" if (value <= target if lower_is_better else value >= target) else "MISSES"
+
+
+# --- toy experiments (bench/check_*.py) -------------------------------------------------
+def toy_experiment_parser(description: str, n_train: int, epochs: int
+                          ) -> argparse.ArgumentParser:
+    """The options every toy experiment has: --n-train, --epochs, --seed (training) and
+    --out (a JSON file of the figures); the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n-train", type=int, default=n_train)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--out", default=None, help="JSON file of the figures")
+    return parser
+
+
+def square_layers(name: str, side: int, layers: int, threshold_mev: float):  # -> Geometry
+    """A toy geometry of ``layers`` square layers of ``side`` x ``side`` 5 mm cells."""
+    from caloforge.geometry import CartesianLayer, Geometry
+
+    return Geometry(name, tuple(CartesianLayer(i, nx=side, ny=side, dx=5.0, dy=5.0)
+                                for i in range(layers)), threshold_mev=threshold_mev)
+
+
+def fit_and_generate(model, train, heldout):  # -> tuple[float, np.ndarray]
+    """Train ``model`` on ``train`` (a throw-away run folder), then generate ``heldout``'s
+    incident energies (seed 1): (training seconds, generated showers)."""
+    import tempfile
+
+    start = time.perf_counter()
+    model.fit(train, tempfile.mkdtemp())
+    seconds = time.perf_counter() - start
+    return seconds, model.sample(heldout.incident_energies, seed=1).showers
+
+
+def report_figures(figures: dict, path: str | None) -> None:
+    """Print the figures and write them to ``path`` (atomically) if given."""
+    print(json.dumps(figures, indent=1))
+    if path:
+        save_json(path, figures)

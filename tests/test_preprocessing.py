@@ -14,6 +14,7 @@ from caloforge.preprocessing import (
     LayerEnergyTransform,
     LogitTransform,
     VoxelTransform,
+    occupancy_cuts,
 )
 
 positive = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -58,6 +59,39 @@ def test_voxel_threshold_and_state_round_trip():
     np.testing.assert_allclose(transform.inverse(x, layers).numpy(), [[0.0, 0.8, 5.0, 5.0]],
                                rtol=1e-5)
     assert VoxelTransform.from_state(transform.state()) == transform
+
+
+def test_layer_cuts_empty_faint_voxels_and_keep_the_layer_energy():
+    transform = VoxelTransform([3, 2], noise_mev=1e-3, threshold_mev=0.01)
+    layers = torch.tensor([[6.0, 2.0]])
+    x = transform.forward(torch.tensor([[0.5, 1.5, 4.0, 0.02, 1.98]]), layers)
+    voxels = transform.inverse(x, layers, torch.tensor([1.0, 0.01]))
+    # a layer whose voxels are all under its cut is empty, not NaN
+    assert transform.inverse(x, layers, torch.tensor([9.0, 0.01]))[0, :3].eq(0).all()
+    # 0.5 MeV is below layer 0's cut of 1 MeV: emptied, its energy shared by the others
+    np.testing.assert_allclose(voxels.numpy(), [[0.0, 1.5 * 6 / 5.5, 4.0 * 6 / 5.5, 0.02, 1.98]],
+                               rtol=1e-5)
+    np.testing.assert_allclose(transform.layer_sums(voxels).numpy(), layers.numpy(), rtol=1e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 0.9), st.floats(0.0, 0.9))
+def test_occupancy_cuts_leave_no_more_hits_than_the_reference(seed, real_empty, fake_empty):
+    rng = np.random.default_rng(seed)
+    sizes, threshold = [5, 3], 0.01
+    real = rng.exponential(1.0, (40, 8)) * (rng.random((40, 8)) > real_empty)
+    fake = rng.exponential(1.0, (60, 8)) * (rng.random((60, 8)) > fake_empty)
+    real[real < threshold] = fake[fake < threshold] = 0.0
+    cuts = occupancy_cuts(real, fake, sizes, threshold)
+    start = 0
+    for size, cut in zip(sizes, cuts):
+        assert cut >= threshold
+        wanted = np.count_nonzero(real[:, start:start + size]) * 60 / 40
+        kept = np.count_nonzero(fake[:, start:start + size] >= cut)
+        assert kept <= wanted
+        if cut > threshold:  # only what had to go went (no ties in continuous draws)
+            assert kept >= int(wanted)
+        start += size
 
 
 def test_condition_transform_standardises_and_records_range():

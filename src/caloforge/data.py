@@ -436,6 +436,14 @@ class ShowerStream:
         self.close()
 
 
+def first_showers(data: ShowerData | ShowerStream, n: int) -> ShowerData:
+    """The first ``n`` showers (fewer if there are not so many) in memory, from showers in
+    memory or a stream (only the blocks that hold them are read)."""
+    if isinstance(data, ShowerStream):
+        data = data.read_blocks(np.arange(min(data.n_blocks, -(-n // data.block_size))))
+    return data.select(slice(0, n))
+
+
 def _offset_problem(problem: str, offset: int) -> str:
     """Rewrite 'shower i' in a batch-relative problem statement to the file index."""
     return re.sub(r"shower (\d+)", lambda m: f"shower {int(m.group(1)) + offset}", problem)

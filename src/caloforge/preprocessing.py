@@ -227,13 +227,49 @@ class VoxelTransform(JsonState):
         normalised = noisy_voxels / per_voxel_energy.clamp(min=torch.finfo(noisy_voxels.dtype).tiny)
         return LogitTransform(self.alpha).forward(normalised)
 
-    def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
+    def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor,
+                layer_cuts: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(B, n_voxels)`` logit space and ``layer_energies`` ``(B, L)`` MeV ->
+        voxels ``(B, n_voxels)`` MeV.
+
+        ``layer_cuts`` ``(L,)`` MeV (each >= the threshold; see :func:`occupancy_cuts`):
+        voxels below their layer's cut are emptied and the layer's other voxels scaled up
+        to keep its energy (the layer energy is the better-modelled quantity)."""
         shares = LogitTransform(self.alpha).inverse(x)
         sums = self.layer_sums(shares)
         index = self._index(x.device)
         shares = shares / sums[:, index].clamp(min=torch.finfo(x.dtype).tiny)
         voxels = shares * layer_energies[:, index]
-        return cut_below(voxels, self.threshold_mev)
+        if layer_cuts is None:
+            return cut_below(voxels, self.threshold_mev)
+        kept = torch.where(voxels >= layer_cuts[index], voxels, torch.zeros_like(voxels))
+        kept_sums = self.layer_sums(kept)
+        # a layer with nothing left stays empty (0 x an infinite scale would be NaN)
+        scale = torch.where(kept_sums > 0, layer_energies / kept_sums.clamp(
+            min=torch.finfo(x.dtype).tiny), torch.zeros_like(kept_sums))
+        return kept * scale[:, index]
+
+
+def occupancy_cuts(reference: np.ndarray, generated: np.ndarray, layer_sizes: list[int],
+                   threshold_mev: float) -> list[float]:
+    """Per layer, the lowest cut (MeV, >= ``threshold_mev``) that leaves the ``generated``
+    showers ``(N_g, n_voxels)`` no more hits per shower on average than the ``reference``
+    showers ``(N_r, n_voxels)`` have (the same incident energies): a hit/no-hit boundary
+    calibrated on training data, for models that make too many faint voxels."""
+    cuts, start = [], 0
+    for size in layer_sizes:
+        real = reference[:, start:start + size]
+        fake = generated[:, start:start + size]
+        start += size
+        wanted = int(np.count_nonzero(real > 0) * len(fake) / max(len(real), 1))
+        hits = np.sort(fake[fake >= threshold_mev])[::-1]
+        if wanted >= len(hits):
+            cuts.append(threshold_mev)
+            continue
+        # keep the `wanted` largest: the cut lies just above the largest value that goes
+        largest_removed = np.float32(hits[wanted])
+        cuts.append(max(threshold_mev, float(np.nextafter(largest_removed, np.float32(np.inf)))))
+    return cuts
 
 
 

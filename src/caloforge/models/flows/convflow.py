@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...data import ShowerData, ShowerStream
+from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
 from ...preprocessing import LogitTransform, MaxLogTransform
@@ -359,10 +359,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         """Mark the parts trained; fit the spline post-processing where configured."""
         self.trained_parts = list(self.parts)
         if self.config.postprocess == "spline":
-            wanted = self.config.postprocess_showers
-            reference = data.read_blocks(np.arange(min(data.n_blocks, max(
-                1, wanted // data.block_size)))) if isinstance(data, ShowerStream) else data
-            self.fit_postprocess(reference.select(slice(0, wanted)))
+            self.fit_postprocess(first_showers(data, self.config.postprocess_showers))
 
     def on_best(self, run_dir: str, state: Any) -> None:
         self.trained_parts = list(self.parts)

@@ -13,7 +13,9 @@ with a layer, not with the shower:
 
 Voxels: uniform dequantisation noise (default a thirtieth of the geometry's readout
 threshold: 0.5 keV for the CaloChallenge 15 keV), each layer divided by its energy, logit; after
-generation each layer is renormalised, scaled by its Flow-1 energy and cut at the threshold.
+generation each layer is renormalised, scaled by its Flow-1 energy and cut at the threshold,
+or at a higher cut per layer calibrated after training so that the model makes as many hits
+per layer as the training data has (``hit_calibration_showers``, :meth:`ICaloFlow.calibrate_hits`).
 All three flows are MADE-RQS MAFs (zuko) trained together on the joint log-likelihood of a
 shower, ``log p1 + log p2 + sum_n log p3(layer n)``; the epoch with the best validation
 likelihood is kept. Every layer must have the same number of cells (true of the
@@ -34,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data import ShowerData
+from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import GeometryError, OptionError
 from ...geometry import Geometry
-from ...preprocessing import LogitTransform, VoxelTransform
+from ...preprocessing import LogitTransform, VoxelTransform, occupancy_cuts
 from ...training import TrainingConfig, config_from_dict
 from ..base import shard_generator
 from .distillation import DISTILLATION_PRESETS, DistillationConfig, DistilledStudent
@@ -54,6 +56,10 @@ class ICaloFlowConfig:
     ``layers_per_shower``: Flow-3 terms per shower in a training step (0 = every layer; k:
     k random layers, the term scaled to an unbiased estimate), to bound memory on very
     large layers.
+    ``hit_calibration_showers``: after training, the model samples the conditions of this
+    many training showers and sets a cut per layer (>= the threshold) that leaves it as
+    many hits per layer as those showers have (0: the readout threshold only; see
+    :meth:`ICaloFlow.calibrate_hits`).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
@@ -65,6 +71,7 @@ class ICaloFlowConfig:
     threshold_mev: float | None = None
     logit_alpha: float = 1e-6
     layers_per_shower: int = 0
+    hit_calibration_showers: int = 1000
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -72,6 +79,9 @@ class ICaloFlowConfig:
         out = config_from_dict(cls, values, "iCaloFlow")
         if out.layers_per_shower < 0:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
+        if out.hit_calibration_showers < 0:
+            raise OptionError(f"hit_calibration_showers must be >= 0, got "
+                              f"{out.hit_calibration_showers}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +171,7 @@ class ICaloFlow(LayerEnergyFlows):
         super().__init__(geometry, config, VoxelTransform([self.layer_size], noise, threshold,
                                                           config.logit_alpha))
         self.previous_mean, self.previous_std = 0.0, 1.0
+        self.hit_cuts_mev: list[float] | None = None  # see calibrate_hits
 
     PRESETS = PRESETS
 
@@ -265,6 +276,35 @@ class ICaloFlow(LayerEnergyFlows):
         return ICaloFlowModule(self.conditions.n_features, self.geometry.n_layers,
                                self.layer_size, self.config, student=self.inverse_autoregressive)
 
+    # --- hit/no-hit calibration --------------------------------------------------------
+    def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
+        """Calibrate the hit cuts on the first training showers (where configured)."""
+        if self.config.hit_calibration_showers:
+            self.calibrate_hits(first_showers(data, self.config.hit_calibration_showers))
+
+    def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
+        """Set a cut per layer (MeV, >= the readout threshold) so that the model, sampling
+        ``reference``'s conditions, makes no more hits per layer than ``reference`` has.
+
+        Why: the flows put empty voxels (dequantisation noise, far below the threshold)
+        and the faintest real deposits a few logit units apart, and sampling puts too much
+        mass between them: voxels just above the threshold, too many in sparse layers
+        (docs/icaloflow.md). The cut removes the faintest generated voxels of a layer
+        until its hit count is the data's; the layer keeps its Flow-1 energy."""
+        self.hit_cuts_mev = None
+        device = next(self.module.parameters()).device.type
+        generated = self.sample(reference.incident_energies, reference.conditions, seed=seed,
+                                device=device)
+        self.hit_cuts_mev = occupancy_cuts(reference.showers, generated.showers,
+                                           list(self.geometry.layer_sizes),
+                                           self.voxel_transform.threshold_mev)
+
+    def _layer_cuts(self, device: torch.device | str) -> torch.Tensor | None:
+        """The calibrated cuts ``(L,)`` MeV, or None (threshold only)."""
+        if self.hit_cuts_mev is None:
+            return None
+        return torch.tensor(self.hit_cuts_mev, dtype=torch.float32, device=device)
+
     # --- sampling ---------------------------------------------------------------------
     @property
     def voxels_per_pass(self) -> int:
@@ -293,6 +333,7 @@ class ICaloFlow(LayerEnergyFlows):
             spans, contexts, generator, layer_energies, log_energies = \
                 self._start_layer_sampling(energies, conditions, seed, shard, batch_size, device)
             module = self.module
+            cuts = self._layer_cuts(device)
             previous = torch.empty(n, size, device=device)
             for layer in range(n_layers):
                 # one draw per layer for the whole shard: independent of the batch size
@@ -306,7 +347,9 @@ class ICaloFlow(LayerEnergyFlows):
                             context, log_energies[a:b, layer], log_energies[a:b, layer - 1],
                             previous[a:b], index))
                     x = finite_logits(flow.transform.inv(z[a:b].to(device)))
-                    voxels = self.voxel_transform.inverse(x, layer_energies[a:b, layer:layer + 1])
+                    voxels = self.voxel_transform.inverse(
+                        x, layer_energies[a:b, layer:layer + 1],
+                        None if cuts is None else cuts[layer:layer + 1])
                     out[a:b, layer * size:(layer + 1) * size] = voxels.cpu().numpy()
                     previous[a:b] = x
         return self._sampled_data(energies, out, conditions)
@@ -338,6 +381,7 @@ class ICaloFlow(LayerEnergyFlows):
             batch["incident_energy"])
         log_energies = self._layer_context(layer_energies)
         index = torch.zeros_like(batch["incident_energy"], dtype=torch.long)  # (B,) per layer
+        cuts = self._layer_cuts(noise.device)
         layers, previous = [], log_energies  # `previous` is set by layer 0 before use
         for layer in range(n_layers):
             z = noise[:, n_layers + layer * size:n_layers + (layer + 1) * size]
@@ -348,18 +392,21 @@ class ICaloFlow(LayerEnergyFlows):
                     context, log_energies[:, layer], log_energies[:, layer - 1], previous,
                     index + layer))
             previous = finite_logits(flow.transform.inv(z))
-            layers.append(self.voxel_transform.inverse(previous,
-                                                       layer_energies[:, layer:layer + 1]))
+            layers.append(self.voxel_transform.inverse(
+                previous, layer_energies[:, layer:layer + 1],
+                None if cuts is None else cuts[layer:layer + 1]))
         return torch.cat(layers, dim=1)
 
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "previous_mean": self.previous_mean,
-                "previous_std": self.previous_std}
+                "previous_std": self.previous_std, "hit_cuts_mev": self.hit_cuts_mev}
 
     def _restore_extra_state(self, state: dict[str, Any]) -> None:
         self.previous_mean = float(state["previous_mean"])
         self.previous_std = float(state["previous_std"])
+        cuts = state.get("hit_cuts_mev")  # models saved before the calibration: None
+        self.hit_cuts_mev = None if cuts is None else [float(c) for c in cuts]
 
 
 def _cpu_student() -> DistillationConfig:

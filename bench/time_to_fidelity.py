@@ -1,0 +1,167 @@
+"""Time to fidelity: classifier AUCs after 30, 60 and 120 minutes of training, one line per
+family and geometry, for the CPU default (``cpu`` preset) of each family.
+
+    python bench/time_to_fidelity.py --family convflow --geometry ild-ecal \\
+        --train ild-train.h5 --test ild-test.h5 --stages 30,60,120 --threads 1
+    python bench/time_to_fidelity.py --plot   # the plot and table from the recorded stages
+
+One run grows through the stages: `caloforge train --time-budget 30m`, then `--resume
+--time-budget 60m`, then 120m (the budget counts the run's whole training time). The
+learning-rate schedule follows the budget, so each stage anneals to its end and the next
+restarts it from the middle (a warm restart; the best validation epoch is kept). After each
+stage the model generates the held-out incident energies (``--n-eval`` showers, seed 1)
+and `caloforge evaluate` runs the separation powers and both classifiers (fast preset, 3
+repeats). Each stage's figures go into ``--results`` as soon as they exist, and a stage
+already recorded there is skipped, so the script can be stopped at any point and run again
+(also in a later session: the run directory holds the checkpoint). Figures are measured on
+the reference simulator, not Geant4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from pipeline import caloforge, evaluate, generate, headline, read_json, save_json, training_summary
+
+RESULTS = "docs/results/time-to-fidelity.json"  # the table goes beside it, as .md
+PLOT = "docs/images/time-to-fidelity.png"
+FEATURE_GROUPS = {"layer energies": "E_L", "centres": "EC_", "widths": "width_",
+                  "sparsity": "sparsity_", "E_tot/E_inc": "E_tot/E_inc"}
+
+
+def separation_summary(powers: dict[str, float]) -> dict[str, float]:
+    """The largest separation power of each feature group (layers pooled)."""
+    summary = {}
+    for group, prefix in FEATURE_GROUPS.items():
+        values = [v for k, v in powers.items() if k.startswith(prefix)]
+        if values:
+            summary[group] = round(max(values), 3)
+    return summary
+
+
+def line_key(family: str, geometry: str, tag: str) -> str:
+    return f"{family} / {geometry}" + (f" ({tag})" if tag != "cpu" else "")
+
+
+def run_stage(args: argparse.Namespace, minutes: int) -> dict:
+    """Train the run up to ``minutes`` of training, generate, evaluate; the stage's figures."""
+    run_dir = os.path.join(args.work, "run")
+    resume = os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
+    started = time.perf_counter()
+    caloforge("train", args.family, "--data", args.train, "--geometry", args.geometry,
+              "-o", run_dir, "--time-budget", f"{minutes}m", "--threads", str(args.threads),
+              *(["--resume"] if resume else []),
+              *(["--config", args.config] if args.config and not resume else []))
+    train_wall = time.perf_counter() - started
+    summary = training_summary(run_dir)
+    generated = os.path.join(args.work, f"generated-{minutes}m.h5")
+    step = generate(run_dir, args.test, generated, args.threads, args.n_eval)
+    metrics = evaluate(args.test, generated, args.geometry,
+                       os.path.join(args.work, f"report-{minutes}m"),
+                       ["--metrics", "hist,cls-low,cls-high", "--max-showers", str(args.n_eval)])
+    os.remove(generated)  # hundreds of MB per stage; the report keeps the figures
+    return {"stage_min": minutes, "train_min": round(summary["train_seconds"] / 60, 1),
+            "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+            "best_val_loss": summary["best_val_loss"],
+            "train_call_wall_s": round(train_wall, 1),
+            "generation_ms_per_shower": round(1e3 * step.wall_s / args.n_eval, 1),
+            "n_eval": args.n_eval, **headline(metrics),
+            "max_separation_power": separation_summary(metrics.get("separation_power", {})),
+            "threads": args.threads, "measured": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                time.gmtime()),
+            "commit": _commit()}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_plot_and_table(results: dict, plot: str, table: str) -> None:
+    """The plot (AUC against training minutes, one line per family and geometry, low- and
+    high-level panels) and the markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    rows = ["| family / geometry | training (min) | epochs | AUC low | AUC high | largest "
+            "separation power (group) | held-out showers |", "|---|---|---|---|---|---|---|"]
+    for key, line in sorted(results.get("lines", {}).items()):
+        stages = sorted(line["stages"], key=lambda s: s["stage_min"])
+        for axis, name in zip(axes, ("auc_low", "auc_high")):
+            points = [(s["train_min"], s[name][0], s[name][1]) for s in stages if name in s]
+            if points:
+                x, y, error = zip(*points)
+                axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=key)
+        for s in stages:
+            worst = max(s["max_separation_power"].items(), key=lambda kv: kv[1],
+                        default=("-", 0.0))
+            rows.append(f"| {key} | {s['train_min']} | {s['epochs']} | "
+                        f"{s['auc_low'][0]:.3f} ± {s['auc_low'][1]:.3f} | "
+                        f"{s['auc_high'][0]:.3f} ± {s['auc_high'][1]:.3f} | "
+                        f"{worst[1]:.2f} ({worst[0]}) | {s['n_eval']} |")
+    for axis, title in zip(axes, ("low-level classifier", "high-level classifier")):
+        axis.set_title(title)
+        axis.set_xlabel("training time on the CPU default (minutes)")
+        axis.axhline(0.5, color="grey", lw=0.5)
+        axis.set_xlim(0, 130)
+    axes[0].set_ylabel("AUC (fast preset, 3 repeats; 0.5 = indistinguishable)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Time to fidelity (reference simulator, 2-core CPU)")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
+    figure.savefig(plot, dpi=110)
+    with open(table, "w") as stream:
+        stream.write("Time to fidelity (`python bench/time_to_fidelity.py`; reference "
+                     "simulator, not Geant4)\n\n" + "\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family")
+    parser.add_argument("--geometry")
+    parser.add_argument("--train", help="training shower file")
+    parser.add_argument("--test", help="held-out shower file (its first --n-eval showers)")
+    parser.add_argument("--stages", default="30,60,120", help="training minutes, ascending")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-eval", type=int, default=5000)
+    parser.add_argument("--config", default=None, help="YAML over the cpu preset (first stage)")
+    parser.add_argument("--tag", default="cpu", help="names a line that is not the default")
+    parser.add_argument("--work", default=None, help="run folder (default bench-output/ttf/..)")
+    parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--plot-file", default=PLOT)
+    parser.add_argument("--plot", action="store_true", help="only redraw plot and table")
+    args = parser.parse_args()
+    results = read_json(args.results) if os.path.exists(args.results) else {"lines": {}}
+    if not args.plot:
+        if not (args.family and args.geometry and args.train and args.test):
+            parser.error("--family, --geometry, --train and --test are needed to measure")
+        key = line_key(args.family, args.geometry, args.tag)
+        args.work = args.work or os.path.join("bench-output", "ttf",
+                                              f"{args.family}-{args.geometry}-{args.tag}")
+        line = results["lines"].setdefault(key, {"family": args.family,
+                                                 "geometry": args.geometry, "stages": []})
+        for minutes in sorted(int(m) for m in args.stages.split(",")):
+            if any(s["stage_min"] == minutes for s in line["stages"]):
+                print(f"{key}: {minutes} min already measured")
+                continue
+            line["stages"].append(run_stage(args, minutes))
+            save_json(args.results, results)
+            print(json.dumps(line["stages"][-1]), flush=True)
+    write_plot_and_table(results, args.plot_file, os.path.splitext(args.results)[0] + ".md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
