@@ -20,8 +20,9 @@ Variants: ``threshold-only`` (the recipe before the fix: cut at the readout thre
 ``noise-1000`` (dequantisation noise a thousandth of the cut instead of a thirtieth: a wider
 gap between empty cells and the threshold), ``bins-16`` (twice the spline bins), ``band``
 (a prototype: empty cells dequantised in a band just below the faintest real deposits,
-no gap to bridge) and ``calibrated`` (the default now: a cut per layer calibrated after
-training, :meth:`ICaloFlow.calibrate_hits`).
+no gap to bridge), ``calibrated`` (the default now: a cut per layer calibrated after
+training, :meth:`ICaloFlow.calibrate_hits`) and ``calibrated-spline`` (and the voxel
+spectrum mapped onto the training data's, ``postprocess: spline``).
 
     python bench/check_icaloflow_threshold.py --variant threshold-only --out r-before.json
     python bench/check_icaloflow_threshold.py --variant calibrated --epochs 24 --out r.json
@@ -49,6 +50,7 @@ VARIANTS: dict[str, dict] = {
     "bins-16": {"bins": 16, "hit_calibration_showers": 0},
     "band": {"hit_calibration_showers": 0},
     "calibrated": {},  # the default: a cut per layer calibrated on 1,000 training showers
+    "calibrated-spline": {"postprocess": "spline"},  # and the voxel spectrum mapped
 }
 
 

@@ -20,10 +20,9 @@ from caloforge.models.base import shard_generator
 from caloforge.models.flows.convflow import (
     ConvL2LFlow,
     merge_runs,
-    monotone_log_map,
     parse_parts,
 )
-from caloforge.preprocessing import MaxLogTransform
+from caloforge.preprocessing import MaxLogTransform, monotone_log_map
 
 from conftest import assert_resume_matches_uninterrupted, random_showers, tiny_config
 

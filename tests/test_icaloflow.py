@@ -339,5 +339,19 @@ def test_hit_calibration_keeps_sparse_layers_sparse(tmp_path):
     np.testing.assert_array_less(np.abs(calibrated - 1), 0.15)
     np.testing.assert_allclose(energy, raw_energy, rtol=0.03)  # energy moved, not lost
     model.hit_cuts_mev = cuts
+    # the spectrum spline (postprocess: spline) lifts the faint hits the cut leaves
+    calibrated_showers = model.sample(held_out.incident_energies, seed=1).showers
+    model.fit_postprocess(train)
+    mapped_showers = model.sample(held_out.incident_energies, seed=1).showers
+    mapped, mapped_energy = hits_and_energy(mapped_showers)
+    assert faint_share(mapped_showers) < 0.5 * faint_share(calibrated_showers)
+    np.testing.assert_array_less(np.abs(mapped - 1), 0.15)
+    np.testing.assert_allclose(mapped_energy, energy, rtol=0.02)
     model.save(str(tmp_path / "saved"))
-    assert load_model(str(tmp_path / "saved")).hit_cuts_mev == cuts
+    loaded = load_model(str(tmp_path / "saved"))
+    assert loaded.hit_cuts_mev == cuts and loaded.postprocess_nodes == model.postprocess_nodes
+
+
+def faint_share(showers: np.ndarray, below_mev: float = 0.1) -> float:
+    """Share of the hits under ``below_mev``."""
+    return float(((showers > 0) & (showers < below_mev)).sum() / (showers > 0).sum())

@@ -315,8 +315,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
                         help="convflow: train only these parts, e.g. 0-9 or energy,0-14 "
                              "(join runs with `caloforge merge`); default all")
     parser.add_argument("--postprocess", choices=["none", "spline"], default=None,
-                        help="convflow: fit a monotone spline from generated to reference cell "
-                             "energies after training (default: the config's, none)")
+                        help="convflow, icaloflow: fit a monotone spline from generated to "
+                             "reference cell energies after training (default: the config's, "
+                             "none)")
 
 
 def add_training_options(parser: argparse.ArgumentParser, presets: str, config_help: str

@@ -18,6 +18,7 @@ plain JSON (``state`` / ``from_state``) that travels with the model.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -388,3 +389,62 @@ class BoxCoxTransform(JsonState):
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         energies = self.inverse_soft(y)
         return cut_below(energies, self.threshold_mev)
+
+
+def quantile_map_nodes(reference: np.ndarray, generated: np.ndarray, nodes: int = 128
+                       ) -> list[list[float]]:
+    """Nodes ``[x, y]`` (log10 MeV, ``x`` strictly increasing) of the monotone map that
+    takes the quantiles of the ``generated`` cells above threshold to the ``reference``
+    cells' (any shapes; zeros ignored), for :func:`monotone_log_map`."""
+    real = reference[reference > 0]
+    fake = generated[generated > 0]
+    if real.size < nodes or fake.size < nodes:
+        raise CaloforgeError("too few cells above threshold to fit the post-processing spline")
+    levels = np.linspace(0.0, 1.0, nodes)
+    x = np.quantile(np.log10(fake.astype(np.float64)), levels)
+    y = np.quantile(np.log10(real.astype(np.float64)), levels)
+    keep = np.concatenate([[True], np.diff(x) > 1e-9])
+    return [x[keep].tolist(), y[keep].tolist()]
+
+
+def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> torch.Tensor:
+    """Cells ``(...)`` MeV mapped through the monotone PCHIP interpolant of the nodes
+    (``x``, ``y``) in log10 MeV (strictly increasing ``x``), linear with slope 1 beyond the
+    ends; cells <= 0 stay as they are.
+
+    Evaluated in torch operations that export to ONNX: the node slopes come from scipy's
+    PCHIP (constants), the interval of each value from a binary search of log2(nodes)
+    comparisons (ONNX has no ``searchsorted``), then the cubic Hermite polynomial."""
+    slopes = _pchip_slopes(tuple(x), tuple(y))
+    xs, ys, ds = (torch.tensor(values, dtype=cells.dtype, device=cells.device)
+                  for values in (x, y, slopes))
+    above = cells > 0
+    logs = torch.log10(torch.where(above, cells, torch.ones_like(cells)))
+    m = len(x) - 2  # interior nodes: the interval is the count of those <= the value
+    interval = torch.zeros_like(logs, dtype=torch.long)
+    step = 1 << max(m.bit_length() - 1, 0)
+    while step >= 1 and m > 0:
+        probe = interval + step
+        inside = probe <= m
+        fits = xs[1:-1][(probe - 1).clamp(0, m - 1)] <= logs
+        interval = torch.where(inside & fits, probe, interval)
+        step //= 2
+    x0, x1 = xs[interval], xs[interval + 1]
+    width = x1 - x0
+    t = (logs - x0) / width
+    t2, t3 = t * t, t * t * t
+    hermite = ((2 * t3 - 3 * t2 + 1) * ys[interval] + (t3 - 2 * t2 + t) * width * ds[interval]
+               + (3 * t2 - 2 * t3) * ys[interval + 1] + (t3 - t2) * width * ds[interval + 1])
+    mapped = torch.where(logs < xs[0], logs + (ys[0] - xs[0]),
+                         torch.where(logs > xs[-1], logs + (ys[-1] - xs[-1]), hermite))
+    return torch.where(above, torch.pow(10.0, mapped), cells)
+
+
+@functools.lru_cache(maxsize=8)
+def _pchip_slopes(x: tuple[float, ...], y: tuple[float, ...]) -> list[float]:
+    """scipy's PCHIP slopes at the nodes (once per node set: sampling calls the map for
+    every layer of every shard)."""
+    from scipy.interpolate import PchipInterpolator
+
+    nodes = np.asarray(x, dtype=np.float64)
+    return PchipInterpolator(nodes, np.asarray(y, dtype=np.float64)).derivative()(nodes).tolist()

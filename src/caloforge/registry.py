@@ -59,7 +59,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            ("cpu", "tiny"), teacher="caloflow", exports=True),
     Family("icaloflow", f"{_FLOWS}.icaloflow", "ICaloFlow",
            "layer-to-layer flows for many voxels: calochallenge-2/3, ild-ecal",
-           ("cpu", "paper", "tiny"),
+           ("cpu", "paper", "tiny"), train_options=("postprocess",),
            not_exported_because="its layer flows sample autoregressively; distil it "
                                 "(caloforge distill) and export the student"),
     Family("icaloflow-student", f"{_FLOWS}.icaloflow", "ICaloFlowStudent",

@@ -39,7 +39,13 @@ import torch
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import GeometryError, OptionError
 from ...geometry import Geometry
-from ...preprocessing import LogitTransform, VoxelTransform, occupancy_cuts
+from ...preprocessing import (
+    LogitTransform,
+    VoxelTransform,
+    monotone_log_map,
+    occupancy_cuts,
+    quantile_map_nodes,
+)
 from ...training import TrainingConfig, config_from_dict
 from ..base import shard_generator
 from .distillation import DISTILLATION_PRESETS, DistillationConfig, DistilledStudent
@@ -60,6 +66,9 @@ class ICaloFlowConfig:
     many training showers and sets a cut per layer (>= the threshold) that leaves it as
     many hits per layer as those showers have (0: the readout threshold only; see
     :meth:`ICaloFlow.calibrate_hits`).
+    ``postprocess``: ``none`` or ``spline``: after the hit calibration, a monotone map of
+    the voxel spectrum fitted between generated and training voxels (the L2LFlows
+    post-processing, on ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_postprocess`).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
@@ -72,6 +81,8 @@ class ICaloFlowConfig:
     logit_alpha: float = 1e-6
     layers_per_shower: int = 0
     hit_calibration_showers: int = 1000
+    postprocess: str = "none"
+    postprocess_showers: int = 2000
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -79,6 +90,8 @@ class ICaloFlowConfig:
         out = config_from_dict(cls, values, "iCaloFlow")
         if out.layers_per_shower < 0:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
+        if out.postprocess not in ("none", "spline"):
+            raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
@@ -172,6 +185,7 @@ class ICaloFlow(LayerEnergyFlows):
                                                           config.logit_alpha))
         self.previous_mean, self.previous_std = 0.0, 1.0
         self.hit_cuts_mev: list[float] | None = None  # see calibrate_hits
+        self.postprocess_nodes: list[list[float]] | None = None  # see fit_postprocess
 
     PRESETS = PRESETS
 
@@ -278,9 +292,16 @@ class ICaloFlow(LayerEnergyFlows):
 
     # --- hit/no-hit calibration --------------------------------------------------------
     def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
-        """Calibrate the hit cuts on the first training showers (where configured)."""
-        if self.config.hit_calibration_showers:
-            self.calibrate_hits(first_showers(data, self.config.hit_calibration_showers))
+        """Calibrate the hit cuts, then fit the spectrum map, on the first training showers
+        (each where configured)."""
+        config = self.config
+        reference = first_showers(data, max(config.hit_calibration_showers,
+                                            config.postprocess_showers
+                                            if config.postprocess == "spline" else 0))
+        if config.hit_calibration_showers:
+            self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
+        if config.postprocess == "spline":
+            self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
 
     def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
         """Set a cut per layer (MeV, >= the readout threshold) so that the model, sampling
@@ -291,13 +312,40 @@ class ICaloFlow(LayerEnergyFlows):
         mass between them: voxels just above the threshold, too many in sparse layers
         (docs/icaloflow.md). The cut removes the faintest generated voxels of a layer
         until its hit count is the data's; the layer keeps its Flow-1 energy."""
-        self.hit_cuts_mev = None
-        device = next(self.module.parameters()).device.type
-        generated = self.sample(reference.incident_energies, reference.conditions, seed=seed,
-                                device=device)
-        self.hit_cuts_mev = occupancy_cuts(reference.showers, generated.showers,
+        self.hit_cuts_mev = self.postprocess_nodes = None
+        generated = self._sample_like(reference, seed)
+        self.hit_cuts_mev = occupancy_cuts(reference.showers, generated,
                                            list(self.geometry.layer_sizes),
                                            self.voxel_transform.threshold_mev)
+
+    def fit_postprocess(self, reference: ShowerData, seed: int = 4) -> None:
+        """Fit the monotone map (PCHIP in log10 MeV through 128 quantiles) from the voxels
+        this model generates for ``reference``'s conditions (hit cuts applied) to
+        ``reference``'s own voxels above threshold. At generation each layer is mapped
+        through it, then scaled back to its Flow-1 energy."""
+        self.postprocess_nodes = None
+        self.postprocess_nodes = quantile_map_nodes(reference.showers,
+                                                    self._sample_like(reference, seed))
+
+    def _sample_like(self, reference: ShowerData, seed: int) -> np.ndarray:
+        """Showers ``(N, n_voxels)`` for ``reference``'s conditions, on the module's device."""
+        device = next(self.module.parameters()).device.type
+        return self.sample(reference.incident_energies, reference.conditions, seed=seed,
+                           device=device).showers
+
+    def _generated_layer(self, x: torch.Tensor, layer_energy: torch.Tensor,
+                         cut: torch.Tensor | None) -> torch.Tensor:
+        """Voxels ``(B, S)`` MeV of one layer from its flow output ``x`` ``(B, S)`` and its
+        Flow-1 energy ``(B, 1)``: renormalised, cut, mapped through the spectrum spline
+        (where fitted) and scaled back to the layer energy."""
+        voxels = self.voxel_transform.inverse(x, layer_energy, cut)
+        if self.postprocess_nodes is None:
+            return voxels
+        mapped = monotone_log_map(voxels, *self.postprocess_nodes)
+        sums = mapped.sum(-1, keepdim=True)
+        scale = torch.where(sums > 0, layer_energy / sums.clamp(min=torch.finfo(x.dtype).tiny),
+                            torch.zeros_like(sums))
+        return mapped * scale
 
     def _layer_cuts(self, device: torch.device | str) -> torch.Tensor | None:
         """The calibrated cuts ``(L,)`` MeV, or None (threshold only)."""
@@ -347,7 +395,7 @@ class ICaloFlow(LayerEnergyFlows):
                             context, log_energies[a:b, layer], log_energies[a:b, layer - 1],
                             previous[a:b], index))
                     x = finite_logits(flow.transform.inv(z[a:b].to(device)))
-                    voxels = self.voxel_transform.inverse(
+                    voxels = self._generated_layer(
                         x, layer_energies[a:b, layer:layer + 1],
                         None if cuts is None else cuts[layer:layer + 1])
                     out[a:b, layer * size:(layer + 1) * size] = voxels.cpu().numpy()
@@ -392,7 +440,7 @@ class ICaloFlow(LayerEnergyFlows):
                     context, log_energies[:, layer], log_energies[:, layer - 1], previous,
                     index + layer))
             previous = finite_logits(flow.transform.inv(z))
-            layers.append(self.voxel_transform.inverse(
+            layers.append(self._generated_layer(
                 previous, layer_energies[:, layer:layer + 1],
                 None if cuts is None else cuts[layer:layer + 1]))
         return torch.cat(layers, dim=1)
@@ -400,13 +448,16 @@ class ICaloFlow(LayerEnergyFlows):
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "previous_mean": self.previous_mean,
-                "previous_std": self.previous_std, "hit_cuts_mev": self.hit_cuts_mev}
+                "previous_std": self.previous_std, "hit_cuts_mev": self.hit_cuts_mev,
+                "postprocess_nodes": self.postprocess_nodes}
 
     def _restore_extra_state(self, state: dict[str, Any]) -> None:
         self.previous_mean = float(state["previous_mean"])
         self.previous_std = float(state["previous_std"])
         cuts = state.get("hit_cuts_mev")  # models saved before the calibration: None
         self.hit_cuts_mev = None if cuts is None else [float(c) for c in cuts]
+        nodes = state.get("postprocess_nodes")
+        self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
 
 
 def _cpu_student() -> DistillationConfig:
