@@ -2,7 +2,8 @@
 Par04 example and Key4hep's DDML with ONNX Runtime) or TorchScript (DDML with LibTorch).
 
 The graph is the family's :meth:`~caloforge.models.base.ConditionedModel.showers_from_noise`
-traced, so it computes what ``caloforge generate`` computes for the same noise. It has one
+traced (for families that split it into steps, each step exported on its own and the
+graphs joined), so it computes what ``caloforge generate`` computes for the same noise. It has one
 float32 input and one float32 output, both with a dynamic batch axis:
 
 * ``inputs`` ``(B, n_noise + 1 + n_condition_columns)``: standard-normal noise, then the
@@ -92,21 +93,56 @@ class SamplingGraph(torch.nn.Module):
         self.layout = layout
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        noise, batch = self.parse(inputs)
+        return self.model.showers_from_noise(noise, batch) * self.output_scale(batch)
+
+    def parse(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The noise ``(B, n_noise)`` and the model's batch of conditions (MeV)."""
         layout = self.layout
-        unit_mev = ENERGY_UNITS[layout.units]
         noise = inputs[:, :layout.n_noise]
         energy = inputs[:, layout.n_noise]
         if layout.input_energy_max:
             energy = energy * layout.input_energy_max
-        batch = {"incident_energy": energy * unit_mev}
+        batch = {"incident_energy": energy * ENERGY_UNITS[layout.units]}
         start = layout.n_noise + 1
         for name, width, _ in layout.conditions:
             batch[f"condition.{name}"] = inputs[:, start:start + width]
             start += width
-        showers = self.model.showers_from_noise(noise, batch)
-        if layout.normalise_by_einc:
-            return showers / batch["incident_energy"][:, None]
-        return showers / unit_mev
+        return noise, batch
+
+    def output_scale(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, 1)``: MeV -> the output's unit (or fraction of the incident energy)."""
+        if self.layout.normalise_by_einc:
+            return torch.reciprocal(batch["incident_energy"][:, None])
+        return torch.full_like(batch["incident_energy"][:, None],
+                               1.0 / ENERGY_UNITS[self.layout.units])
+
+
+class _PrologueGraph(SamplingGraph):
+    """``inputs`` -> (noise, output scale, the model's prologue state in ``names`` order)."""
+
+    def __init__(self, model: Any, layout: ExportLayout, names: list[str]) -> None:
+        super().__init__(model, layout)
+        self.names = names
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        noise, batch = self.parse(inputs)
+        state = self.model.noise_prologue(noise, batch)
+        return (noise, self.output_scale(batch), *(state[name] for name in self.names))
+
+
+class _StepGraph(torch.nn.Module):
+    """(noise, state in ``names`` order) -> (step ``step``'s voxels, the changed state in
+    ``changed`` order)."""
+
+    def __init__(self, model: Any, step: int, names: list[str], changed: list[str]) -> None:
+        super().__init__()
+        self.model, self.module = model, model.module
+        self.step, self.names, self.changed = step, names, changed
+
+    def forward(self, noise: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cells, changed = self.model.noise_step(self.step, noise, dict(zip(self.names, state)))
+        return (cells, *(changed[name] for name in self.changed))
 
 
 def layout_for(model: Any, units: str = "MeV", input_energy_max: float | None = None,
@@ -216,17 +252,16 @@ def _write_onnx(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str,
     import onnx
 
     # The TorchScript-based exporter: seconds instead of the dynamo exporter's tens of
-    # seconds. The lowest opset that holds the graph, for older runtimes in experiments'
-    # software stacks: 17 (onnxruntime >= 1.14) for flows and CaloGAN, 20 (>= 1.17) where a
-    # WGAN moves its image to the entry point (AffineGrid).
+    # seconds (which also fails on the flows' data-dependent branches). The lowest opset
+    # that holds the graph, for older runtimes in experiments' software stacks: 17
+    # (onnxruntime >= 1.14) for flows and CaloGAN, 20 (>= 1.17) where a WGAN moves its
+    # image to the entry point (AffineGrid).
     for opset in ONNX_OPSETS:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(graph, (trace_inputs,), path, input_names=["inputs"],
-                                  output_names=["showers"], opset_version=opset,
-                                  dynamo=False, dynamic_axes={"inputs": {0: "batch"},
-                                                              "showers": {0: "batch"}})
+            if graph.model.noise_steps:
+                _export_in_steps(graph, trace_inputs, path, opset)
+            else:
+                _export_graph(graph, (trace_inputs,), path, opset, ["inputs"], ["showers"])
             break
         except torch.onnx.errors.UnsupportedOperatorError as exc:
             if opset == ONNX_OPSETS[-1]:
@@ -240,6 +275,69 @@ def _write_onnx(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str,
     entry = exported.metadata_props.add()
     entry.key, entry.value = "caloforge.opset", str(exported.opset_import[0].version)
     onnx.save(exported, path)
+
+
+def _export_graph(module: torch.nn.Module, arguments: tuple[torch.Tensor, ...], path: str,
+                  opset: int, input_names: list[str], output_names: list[str]) -> None:
+    """One module to ONNX, every input and output with a dynamic batch axis."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, arguments, path, input_names=input_names,
+                          output_names=output_names, opset_version=opset, dynamo=False,
+                          dynamic_axes={name: {0: "batch"}
+                                        for name in input_names + output_names})
+
+
+def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str,
+                     opset: int) -> None:
+    """The model's prologue and each of its steps exported as graphs of their own, then
+    joined into one graph (inputs -> showers): a 30-layer ILD convflow took over 16 minutes
+    as one graph (unfinished), and about 11 s per layer this way."""
+    import tempfile
+
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    model = graph.model
+    with torch.no_grad():
+        noise, batch = graph.parse(trace_inputs)
+        state = model.noise_prologue(noise, batch)
+    names = sorted(state)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as folder:
+        part = os.path.join(folder, "part.onnx")
+        _export_graph(_PrologueGraph(model, graph.layout, names), (trace_inputs,), part, opset,
+                      ["inputs"], ["noise", "output_scale", *names])
+        prologue = onnx.load(part)
+        nodes, initializers = list(prologue.graph.node), list(prologue.graph.initializer)
+        source = {name: name for name in ["noise", *names]}  # state name -> graph value
+        cells = []
+        for step in range(model.noise_steps):
+            with torch.no_grad():
+                step_cells, changed = model.noise_step(step, noise, dict(state))
+            changed_names = sorted(changed)
+            _export_graph(_StepGraph(model, step, names, changed_names),
+                          (noise, *(state[name] for name in names)), part, opset,
+                          ["noise", *names], ["cells", *(f"new_{n}" for n in changed_names)])
+            prefix = f"step{step}/"
+            piece = compose.add_prefix(onnx.load(part), prefix)
+            wiring = {prefix + name: value for name, value in source.items()}
+            for node in piece.graph.node:
+                node.input[:] = [wiring.get(value, value) for value in node.input]
+            nodes += piece.graph.node
+            initializers += piece.graph.initializer
+            cells.append(prefix + "cells")
+            source.update({name: f"{prefix}new_{name}" for name in changed_names})
+            state.update(changed)
+        nodes += [helper.make_node("Concat", cells, ["voxels_mev"], axis=1),
+                  helper.make_node("Mul", ["voxels_mev", "output_scale"], ["showers"])]
+        output = helper.make_tensor_value_info("showers", TensorProto.FLOAT,
+                                               ["batch", graph.layout.n_voxels])
+        joined = helper.make_model(
+            helper.make_graph(nodes, "caloforge", list(prologue.graph.input), [output],
+                              initializers), opset_imports=list(prologue.opset_import))
+        joined.ir_version = prologue.ir_version
+        onnx.checker.check_model(joined)
+        onnx.save(joined, path)
 
 
 def run_onnx(path: str, inputs: np.ndarray, threads: int = 1) -> np.ndarray:

@@ -220,6 +220,24 @@ class ConditionedModel(ShowerModel, TrainingHooks):
         function traced)."""
         raise CaloforgeError(f"{self.family} does not map noise to showers in one function")
 
+    # Families whose showers_from_noise is a long chain of similar steps (convflow: one
+    # flow per layer) also split it into steps, so that `caloforge export` can export each
+    # step as its own small ONNX graph and join them (the ONNX exporter slows down far more
+    # than linearly with the size of one graph). showers_from_noise must equal
+    # noise_prologue, then noise_step for steps 0 .. noise_steps - 1, cells concatenated.
+    noise_steps = 0
+
+    def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """The named tensors ``(B, ...)`` the first step needs."""
+        raise CaloforgeError(f"{self.family} does not split showers_from_noise into steps")
+
+    def noise_step(self, step: int, noise: torch.Tensor, state: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Step ``step``'s voxels ``(B, n_step_voxels)`` MeV and the state entries it
+        changes."""
+        raise CaloforgeError(f"{self.family} does not split showers_from_noise into steps")
+
     def micro_batch(self, batch_size: int) -> int:
         """Showers per network call for a caller's ``batch_size`` (families cap it by
         memory)."""

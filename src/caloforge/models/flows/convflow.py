@@ -426,36 +426,63 @@ class ConvL2LFlow(LayerEnergyFlows):
                   for _ in range(self.geometry.n_layers)]
         return torch.cat(draws, dim=1)
 
+    @property
+    def noise_steps(self) -> int:  # type: ignore[override]
+        return self.geometry.n_layers
+
     def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
                            ) -> torch.Tensor:
         """The energy flow, then each layer's flow given the k layers before it, then the
         post-processing: ``(B, n_voxels)`` MeV (what :meth:`sample` computes, in one
-        function that ``caloforge export`` traces)."""
+        function that ``caloforge export`` traces, or exports step by step)."""
+        state = self.noise_prologue(noise, batch)
+        cells = []
+        for layer in range(self.noise_steps):
+            layer_cells, changed = self.noise_step(layer, noise, state)
+            cells.append(layer_cells)
+            state.update(changed)
+        return torch.cat(cells, dim=1)
+
+    def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """The context ``(B, C)``, the energy flow's layer energies ``(B, L)`` MeV, their
+        standardised logs ``(B, L)`` and (k > 0) the k layers before the first, empty
+        ``(B, k, H, W)`` in logit space."""
         assert self.module is not None
         self._require_complete()
         n_layers, (h, w) = self.geometry.n_layers, self.image_shape
-        k, size = self.config.previous_layers, h * w
         context = self._context(batch)
         layer_energies = self.layer_transform.inverse(
             self.module.flow1(context).transform.inv(noise[:, :n_layers]),
             batch["incident_energy"])
-        log_energies = self._layer_context(layer_energies)
-        index = torch.zeros_like(batch["incident_energy"], dtype=torch.long)
-        empty = float(LogitTransform(self.voxel_transform.alpha).forward(torch.zeros(())))
-        # the last k layers in logit space, oldest first; before the first, empty layers
-        recent = torch.zeros_like(noise[:, :1, None, None]).expand(-1, k, h, w) + empty
-        cells = []
-        for layer in range(n_layers):
-            z = noise[:, n_layers + layer * size:n_layers + (layer + 1) * size]
-            condition = self._layer_condition(recent, context, log_energies[:, layer],
-                                              index + layer)
-            y = finite_logits(self._flow(layer).inverse(z.reshape(-1, 4, h // 2, w // 2),
-                                                        condition)[:, 0])
-            image = self.voxel_transform.inverse(y.flatten(1), layer_energies[:, layer])
-            cells.append(self._postprocess(self._flat(image.reshape(-1, h, w))))
-            if k:
-                recent = torch.cat([recent[:, 1:], y[:, None]], dim=1)
-        return torch.cat(cells, dim=1)
+        state = {"context": context, "layer_energies": layer_energies,
+                 "log_energies": self._layer_context(layer_energies)}
+        k = self.config.previous_layers
+        if k:
+            empty = float(LogitTransform(self.voxel_transform.alpha).forward(torch.zeros(())))
+            state["recent"] = torch.zeros_like(noise[:, :1, None, None]).expand(
+                -1, k, h, w) + empty
+        return state
+
+    def noise_step(self, step: int, noise: torch.Tensor, state: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer ``step``'s cells ``(B, H * W)`` MeV from its noise and the k layers before
+        it (oldest first; updated to end with this one)."""
+        n_layers, (h, w) = self.geometry.n_layers, self.image_shape
+        k, size = self.config.previous_layers, h * w
+        z = noise[:, n_layers + step * size:n_layers + (step + 1) * size]
+        log_energies = state["log_energies"]
+        index = torch.zeros_like(log_energies[:, 0], dtype=torch.long) + step
+        recent = state["recent"] if k else noise[:, :0, None, None].expand(-1, 0, h, w)
+        condition = self._layer_condition(recent, state["context"], log_energies[:, step],
+                                          index)
+        y = finite_logits(self._flow(step).inverse(z.reshape(-1, 4, h // 2, w // 2),
+                                                   condition)[:, 0])
+        image = self.voxel_transform.inverse(y.flatten(1), state["layer_energies"][:, step])
+        cells = self._postprocess(self._flat(image.reshape(-1, h, w)))
+        if not k:
+            return cells, {}
+        return cells, {"recent": torch.cat([recent[:, 1:], y[:, None]], dim=1)}
 
     # --- post-processing --------------------------------------------------------------
     def fit_postprocess(self, reference: ShowerData, nodes: int = 128, seed: int = 1) -> None:
