@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("--plot", action="store_true", help="only redraw plot and table")
     args = parser.parse_args()
     results = read_json(args.results) if os.path.exists(args.results) else {"lines": {}}
+    table = os.path.splitext(args.results)[0] + ".md"
     if not args.plot:
         if not (args.family and args.geometry and args.train and args.test):
             parser.error("--family, --geometry, --train and --test are needed to measure")
@@ -159,7 +160,8 @@ def main() -> int:
             line["stages"].append(run_stage(args, minutes))
             save_json(args.results, results)
             print(json.dumps(line["stages"][-1]), flush=True)
-    write_plot_and_table(results, args.plot_file, os.path.splitext(args.results)[0] + ".md")
+            write_plot_and_table(results, args.plot_file, table)
+    write_plot_and_table(results, args.plot_file, table)
     return 0
 
 

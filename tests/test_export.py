@@ -128,3 +128,15 @@ def test_a_wgan_conditioned_on_entry_point_and_angles_exports(tmp_path):
     columns = description["layout"]["input"]["columns"]
     assert [c.split(": ")[1].split(" (")[0] for c in columns[2:]] == ["direction", "entry_point"]
     assert description["check"]["max_relative_deviation"] <= 1e-4
+
+
+def test_agreement_forgives_only_voxels_rounded_across_the_cut():
+    from caloforge.export import agreement
+
+    expected = np.array([[50.0, 0.0750001, 0.0, 3.0], [20.0, 0.08, 0.0, 0.0]], dtype=np.float32)
+    produced = expected.copy()
+    produced[0, 1] = 0.0  # the shower's smallest kept voxel, rounded below the cut
+    assert agreement(produced, expected) == (0.0, 1)
+    produced[1, 2] = 5.0  # a bright voxel one graph makes and the other does not: a bug
+    deviation, flips = agreement(produced, expected)
+    assert deviation == pytest.approx(5.0 / 20.0) and flips == 1

@@ -808,7 +808,8 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"exported {model.family} ({layout['geometry']}) to {args.output} "
           f"({args.format}): input {layout['input']['shape']}, output "
           f"{layout['output']['shape']}; onnxruntime/TorchScript agree with torch to "
-          f"{description['check']['max_relative_deviation']:.2g} (relative) on "
+          f"{description['check']['max_relative_deviation']:.2g} (relative; "
+          f"{description['check']['cut_flips']} voxels rounded across the cut) on "
           f"{description['check']['showers']} showers; layout in "
           f"{export_description_path(args.output)}")
     return 0
