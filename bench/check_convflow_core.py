@@ -59,7 +59,11 @@ def layer_figures(showers: np.ndarray) -> dict[str, np.ndarray]:
     centre = (images * radius).sum(-1) / total
     width = np.sqrt(np.maximum((images * radius ** 2).sum(-1) / total - centre ** 2, 0))
     hits = images > 0
+    # spread of the centre of energy along x (cells): how far the showers wander
+    x = np.broadcast_to(xx, (SIDE, SIDE)).ravel()
+    centre_x = (images * x).sum(-1) / total
     return {"hottest_cell_mev": images.max(-1).mean(0), "radial_centre": centre.mean(0),
+            "centre_x_spread": centre_x.std(0),
             "radial_width": width.mean(0), "hits_per_shower": hits.sum((1, 2)).mean(),
             "halo_share": float(((images > 0) & (images < 3 * CUT_MEV)).sum() / hits.sum())}
 
@@ -93,6 +97,8 @@ def base_space_of_hottest(model: ConvL2LFlow, data: ShowerData) -> dict[str, flo
 def main() -> int:
     parser = toy_experiment_parser(__doc__.splitlines()[0], n_train=4000, epochs=6)
     parser.add_argument("--normalise-by", choices=["max", "energy"], default="max")
+    parser.add_argument("--position-channels", action="store_true",
+                        help="the cell coordinates as condition channels")
     args = parser.parse_args()
     torch.set_num_threads(1)
     geometry = square_layers("cores", SIDE, LAYERS, CUT_MEV)
@@ -100,6 +106,7 @@ def main() -> int:
     config = ConvL2LFlow.preset("tiny")
     config.width, config.blocks, config.bins, config.embedding = 16, 4, 8, 8
     config.previous_layers, config.normalise_by = 2, args.normalise_by
+    config.position_channels = args.position_channels
     config.training.epochs, config.training.batch_size = args.epochs, 64
     config.training.seed = args.seed
     model = ConvL2LFlow(geometry, config)
@@ -115,6 +122,9 @@ def main() -> int:
         "hits_per_shower": [round(float(real["hits_per_shower"]), 1),
                             round(float(fake["hits_per_shower"]), 1)],
         "halo_share": [round(real["halo_share"], 3), round(fake["halo_share"], 3)],
+        "position_channels": args.position_channels,
+        "centre_x_spread_reference": np.round(real["centre_x_spread"], 3).tolist(),
+        "centre_x_spread_generated": np.round(fake["centre_x_spread"], 3).tolist(),
         "radial_centre_generated_over_reference": np.round(
             fake["radial_centre"] / real["radial_centre"], 3).tolist(),
         "radial_width_generated_over_reference": np.round(
