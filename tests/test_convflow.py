@@ -328,7 +328,7 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     base = ["train", "--data", path, "--xml", _xml(tmp_path), "-o", str(tmp_path / "run"),
             "--preset", "tiny", "--epochs", "1", "--no-progress"]
     assert main([base[0], "icaloflow", *base[1:], "--layers", "0-1"]) == 1
-    assert "convflow option" in capsys.readouterr().err
+    assert "--layers is an option of convflow only" in capsys.readouterr().err
     assert main([base[0], "convflow", *base[1:], "--layers", "0-7"]) == 1
     assert "layers are 0 .. 2" in capsys.readouterr().err
     assert main([base[0], "convflow", *base[1:], "--layers", "0-1",

@@ -383,7 +383,7 @@ def _run_train(args: argparse.Namespace) -> int:
         foreign = [k for k in given if k not in family.train_options]
         if foreign:
             owners = [n for n, f in FAMILIES.items() if foreign[0] in f.train_options]
-            raise OptionError(f"--{foreign[0]} is a {' / '.join(owners)} option")
+            raise OptionError(f"--{foreign[0]} is an option of {' / '.join(owners)} only")
         model_class = family.model_class()
         model = model_class(geometry, build_config(model_class, args.preset, args.config,
                                                    given))
