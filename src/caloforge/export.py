@@ -342,7 +342,7 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
         cells = []
         for step in range(model.noise_steps):
             with torch.no_grad():
-                step_cells, changed = model.noise_step(step, noise, dict(state))
+                _, changed = model.noise_step(step, noise, dict(state))
             changed_names = sorted(changed)
             _export_graph(_StepGraph(model, step, names, changed_names),
                           (noise, *(state[name] for name in names)), part, opset,
