@@ -31,13 +31,14 @@ from caloforge.models.flows.convflow import ConvL2LFlow
 SIDE, LAYERS, CUT_MEV = 12, 5, 0.5
 
 
-def core_showers(n: int, seed: int) -> ShowerData:
-    """Sharp Gaussian cores (0.6-1.1 cells wide, widening with depth) at a jittered
-    centre, cell energies gamma-fluctuated, cells below the cut zeroed."""
+def core_showers(n: int, seed: int, side: int = SIDE, jitter: float = 0.6) -> ShowerData:
+    """Sharp Gaussian cores (0.6-1.1 cells wide, widening with depth) at the image centre
+    jittered by ``jitter`` cells (0: every core in the same central 2 x 2 cells, as on the
+    ILD ECAL), cell energies gamma-fluctuated, cells below the cut zeroed."""
     rng = np.random.default_rng(seed)
     energies = rng.uniform(1e3, 1e4, n)
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
-    centre = rng.normal(0, 0.6, (n, 2))
+    yy, xx = np.mgrid[0:side, 0:side] - (side - 1) / 2
+    centre = rng.normal(0, jitter, (n, 2))
     layers = []
     for layer in range(LAYERS):
         width = rng.uniform(0.6, 1.1, n)[:, None, None] * (1 + 0.25 * layer)
@@ -51,18 +52,21 @@ def core_showers(n: int, seed: int) -> ShowerData:
     return ShowerData(energies, np.concatenate(layers, 1).astype(np.float32), {}, {})
 
 
-def layer_figures(showers: np.ndarray) -> dict[str, np.ndarray]:
-    images = showers.reshape(len(showers), LAYERS, SIDE * SIDE).astype(np.float64)
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+def layer_figures(showers: np.ndarray, side: int = SIDE) -> dict[str, np.ndarray]:
+    images = showers.reshape(len(showers), LAYERS, side * side).astype(np.float64)
+    yy, xx = np.mgrid[0:side, 0:side] - (side - 1) / 2
     radius = np.sqrt(xx ** 2 + yy ** 2).ravel()
     total = np.maximum(images.sum(-1), 1e-9)
     centre = (images * radius).sum(-1) / total
     width = np.sqrt(np.maximum((images * radius ** 2).sum(-1) / total - centre ** 2, 0))
     hits = images > 0
     # spread of the centre of energy along x (cells): how far the showers wander
-    x = np.broadcast_to(xx, (SIDE, SIDE)).ravel()
+    x = np.broadcast_to(xx, (side, side)).ravel()
     centre_x = (images * x).sum(-1) / total
+    # where the hottest cell is: its mean distance from the image centre (cells)
+    hottest_distance = radius[images.argmax(-1)]
     return {"hottest_cell_mev": images.max(-1).mean(0), "radial_centre": centre.mean(0),
+            "hottest_cell_distance": hottest_distance.mean(0),
             "centre_x_spread": centre_x.std(0),
             "radial_width": width.mean(0), "hits_per_shower": hits.sum((1, 2)).mean(),
             "halo_share": float(((images > 0) & (images < 3 * CUT_MEV)).sum() / hits.sum())}
@@ -82,10 +86,12 @@ def base_space_of_hottest(model: ConvL2LFlow, data: ShowerData) -> dict[str, flo
         for layer in range(LAYERS):
             condition = model._layer_condition(model._previous(y, layer), context,
                                                log_energies[:, layer], None)
-            z, _ = model._flow(layer)(y[:, layer:layer + 1], condition)
+            z, _ = model._flow(layer)(model._standardised(y[:, layer:layer + 1], layer),
+                                      condition)
             block_z2 = (z ** 2).mean(1)  # (B, H/2, W/2)
             flat = noisy[:, layer].flatten(1).argmax(1)
-            rows, columns = flat // SIDE // 2, flat % SIDE // 2
+            side = model.image_shape[1]
+            rows, columns = flat // side // 2, flat % side // 2
             hottest.append(block_z2[torch.arange(len(z)), rows, columns].mean())
             everywhere.append(block_z2.mean())
     return {"hottest_block_z2": float(torch.stack(hottest).mean()),
@@ -99,21 +105,32 @@ def main() -> int:
     parser.add_argument("--normalise-by", choices=["max", "energy"], default="max")
     parser.add_argument("--position-channels", action="store_true",
                         help="the cell coordinates as condition channels")
+    parser.add_argument("--standardise-cells", choices=["on", "off"], default="on",
+                        help="cell-by-cell standardisation (off: as before issue 28's "
+                             "ild-ecal fix)")
+    parser.add_argument("--side", type=int, default=SIDE, help="image side (cells, even)")
+    parser.add_argument("--jitter", type=float, default=0.6,
+                        help="spread of the shower centre (cells); 0: fixed, as on ild-ecal")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    geometry = square_layers("cores", SIDE, LAYERS, CUT_MEV)
-    train, heldout = core_showers(args.n_train, seed=1), core_showers(1000, seed=2)
+    geometry = square_layers("cores", args.side, LAYERS, CUT_MEV)
+    train = core_showers(args.n_train, seed=1, side=args.side, jitter=args.jitter)
+    heldout = core_showers(1000, seed=2, side=args.side, jitter=args.jitter)
     config = ConvL2LFlow.preset("tiny")
     config.width, config.blocks, config.bins, config.embedding = 16, 4, 8, 8
     config.previous_layers, config.normalise_by = 2, args.normalise_by
     config.position_channels = args.position_channels
+    config.standardise_cells = args.standardise_cells == "on"
     config.training.epochs, config.training.batch_size = args.epochs, 64
     config.training.seed = args.seed
     model = ConvL2LFlow(geometry, config)
     seconds, generated = fit_and_generate(model, train, heldout)
-    real, fake = layer_figures(heldout.showers), layer_figures(generated)
+    real = layer_figures(heldout.showers, args.side)
+    fake = layer_figures(generated, args.side)
     figures = {
         "normalise_by": args.normalise_by, "seed": args.seed,
+        "standardise_cells": config.standardise_cells, "side": args.side,
+        "jitter": args.jitter,
         "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],
         **base_space_of_hottest(model, heldout),
@@ -125,6 +142,8 @@ def main() -> int:
         "position_channels": args.position_channels,
         "centre_x_spread_reference": np.round(real["centre_x_spread"], 3).tolist(),
         "centre_x_spread_generated": np.round(fake["centre_x_spread"], 3).tolist(),
+        "hottest_cell_distance_reference": np.round(real["hottest_cell_distance"], 2).tolist(),
+        "hottest_cell_distance_generated": np.round(fake["hottest_cell_distance"], 2).tolist(),
         "radial_centre_generated_over_reference": np.round(
             fake["radial_centre"] / real["radial_centre"], 3).tolist(),
         "radial_width_generated_over_reference": np.round(

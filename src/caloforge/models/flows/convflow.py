@@ -15,8 +15,9 @@ pass:
 
 Preprocessing (:class:`~caloforge.preprocessing.MaxLogTransform`): noise on empty cells,
 divide by the layer energy (the published recipe divides by the layer maximum:
-``normalise_by: max``), ``log10(x + 1e-7) / 7 + 1``, logit (alpha 1e-2). After
-generation each layer is rescaled to its sampled energy and cut at the readout threshold;
+``normalise_by: max``), ``log10(x + 1e-7) / 7 + 1``, logit (alpha 1e-2), then
+(``standardise_cells``) minus the training data's mean of that cell over one pooled spread
+per layer. After generation each layer is rescaled to its sampled energy and cut at the readout threshold;
 optionally (``postprocess: spline``) a monotone 1-D spline fitted between generated and
 reference cell-energy quantiles corrects the cell spectrum.
 
@@ -69,7 +70,13 @@ class ConvFlowConfig:
     and y, cylinders: r; the angle stays out so that roll augmentation keeps its meaning).
     A convolution cannot tell where in the image it is, so without them a layer flow must
     learn the shower's position from the previous layers. Off by default: one ILD run with
-    them did not yet improve the classifier (README), and False keeps older models loadable.
+    them did not yet improve the classifier (README), and False keeps older models loadable;
+    ``standardise_cells``: each layer flow sees its image in logit space standardised cell
+    by cell with the training data's mean and standard deviation of that cell in that layer
+    (cylinders: averaged over the angle), so that the untrained flow already samples a
+    shower where the data has it. Without it the ILD flows learnt a position-free picture
+    in which the core, always in the same central cells, was a 2.6-sigma event per value
+    (docs/convflow.md). Models saved before the option load without it.
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -89,6 +96,7 @@ class ConvFlowConfig:
     roll_augmentation: bool = True
     layers_per_step: int = 0
     position_channels: bool = False
+    standardise_cells: bool = True
     layers: str = "all"
     postprocess: str = "none"
     postprocess_showers: int = 2000
@@ -163,7 +171,7 @@ class ConvFlowModule(nn.Module):
     """The energy flow and the layer flows (one per layer, or one shared)."""
 
     def __init__(self, n_context: int, n_layers: int, config: ConvFlowConfig,
-                 circular: bool) -> None:
+                 circular: bool, image_shape: tuple[int, int]) -> None:
         super().__init__()
         self.flow1 = build_maf(n_layers, n_context, config.energy)
         extra = config.layer_embedding if config.shared else 0
@@ -177,6 +185,13 @@ class ConvFlowModule(nn.Module):
         self.layer_flows = nn.ModuleList([layer_flow() for _ in range(
             1 if config.shared else n_layers)])
         self.layer_embedding = nn.Embedding(n_layers, extra) if config.shared else None
+        # per layer and cell in logit space (L, H, W), fitted on the training data and saved
+        # with the weights; None (not in the weights) without standardise_cells
+        standardise = config.standardise_cells
+        self.register_buffer("cell_mean", torch.zeros(n_layers, *image_shape)
+                             if standardise else None)
+        self.register_buffer("cell_std", torch.ones(n_layers, *image_shape)
+                             if standardise else None)
 
 
 class ConvL2LFlow(LayerEnergyFlows):
@@ -322,14 +337,67 @@ class ConvL2LFlow(LayerEnergyFlows):
             conditions = torch.cat([self._layer_condition(
                 self._previous(y, i), context, log_energies[:, i], index[i].expand(n))
                 for i in layers])
-            images_all = torch.cat([y[:, i:i + 1] for i in layers])
+            images_all = torch.cat([self._standardised(y[:, i:i + 1], i) for i in layers])
             per_image = self._flow(0).log_prob(images_all, conditions)
-            return log_p + weight * per_image.reshape(len(layers), n).sum(0)
+            jacobian = sum(self._standardising_ladj(i) for i in layers)
+            return log_p + weight * (per_image.reshape(len(layers), n).sum(0) + jacobian)
         for i in layers:
             condition = self._layer_condition(self._previous(y, i), context,
                                               log_energies[:, i], None)
-            log_p = log_p + weight * self._flow(i).log_prob(y[:, i:i + 1], condition)
+            log_p = log_p + weight * (self._flow(i).log_prob(
+                self._standardised(y[:, i:i + 1], i), condition) + self._standardising_ladj(i))
         return log_p
+
+    def _standardised(self, image: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s image in logit space ``(B, 1, H, W)`` -> the flow's input (cell
+        by cell standardised with ``standardise_cells``, else unchanged)."""
+        assert self.module is not None
+        if self.module.cell_mean is None:
+            return image
+        return (image - self.module.cell_mean[layer]) / self.module.cell_std[layer]
+
+    def _unstandardised(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The inverse of :meth:`_standardised` on ``(B, H, W)``."""
+        assert self.module is not None
+        if self.module.cell_mean is None:
+            return x
+        return x * self.module.cell_std[layer] + self.module.cell_mean[layer]
+
+    def _standardising_ladj(self, layer: int) -> torch.Tensor | float:
+        """log|det| of :meth:`_standardised` for one image (nats)."""
+        assert self.module is not None
+        if self.module.cell_std is None:
+            return 0.0
+        return -torch.log(self.module.cell_std[layer]).sum()
+
+    def _fit_cell_statistics(self, data: ShowerData, max_showers: int = 20_000,
+                             chunk: int = 500) -> None:
+        """Mean and standard deviation ``(L, H, W)`` of every cell in logit space (noise on
+        empty cells as in training; cylinders averaged over the angle, which training
+        rolls) over the first ``max_showers`` of ``data``."""
+        assert self.module is not None and self.module.cell_mean is not None
+        generator = torch.Generator().manual_seed(self.config.training.seed)
+        total = torch.zeros(self.geometry.n_layers, *self.image_shape, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        n = min(len(data), max_showers)
+        for start in range(0, n, chunk):
+            images = self._images(torch.as_tensor(data.showers[start:min(start + chunk, n)],
+                                                  dtype=torch.float32))
+            noisy = self.voxel_transform.add_noise(images, generator)
+            y = self.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape).double()
+            total += y.sum(0)
+            squares += (y ** 2).sum(0)
+        if self.circular:
+            total = total.mean(-1, keepdim=True).expand_as(total)
+            squares = squares.mean(-1, keepdim=True).expand_as(squares)
+        mean = total / max(n, 1)
+        variance = (squares / max(n, 1) - mean ** 2).clamp(min=0)
+        # one scale per layer (the cells' pooled spread), not one per cell: a cell the core
+        # only sometimes reaches has a small spread, and dividing by it made those showers
+        # atypical to the flow
+        std = variance.mean(dim=(1, 2), keepdim=True).sqrt().clamp(min=0.05)
+        self.module.cell_mean.copy_(mean.float())
+        self.module.cell_std.copy_(std.expand_as(mean).float())
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Mean negative log-likelihood per shower of the trained parts (nats)."""
@@ -346,13 +414,15 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def _new_module(self) -> ConvFlowModule:
         return ConvFlowModule(self.conditions.n_features, self.geometry.n_layers, self.config,
-                              self.circular)
+                              self.circular, self.image_shape)
 
     def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         if self.config.postprocess == "spline" and len(self.parts) < self.geometry.n_layers + 1:
             raise OptionError("postprocess: spline needs every part in one run (it samples "
                               "the whole model); train without --layers")
         super().prepare_fit(train, resume, device)
+        if not resume and self.config.standardise_cells:
+            self._fit_cell_statistics(train)
 
     def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
         """Mark the parts trained; fit the spline post-processing where configured."""
@@ -403,7 +473,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                     condition = self._layer_condition(previous, context,
                                                       log_energies[a:b, layer], index[a:b])
                     x = self._flow(layer).inverse(z[a:b].to(device), condition)[:, 0]
-                    generated.append(finite_logits(x))
+                    generated.append(finite_logits(self._unstandardised(x, layer)))
                 y = torch.cat(generated)
                 cells = self.voxel_transform.inverse(y.reshape(n, -1),
                                                      layer_energies[:, layer])
@@ -476,8 +546,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         recent = state["recent"] if k else noise[:, :0, None, None].expand(-1, 0, h, w)
         condition = self._layer_condition(recent, state["context"], log_energies[:, step],
                                           index)
-        y = finite_logits(self._flow(step).inverse(z.reshape(-1, 4, h // 2, w // 2),
-                                                   condition)[:, 0])
+        y = finite_logits(self._unstandardised(self._flow(step).inverse(
+            z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self.voxel_transform.inverse(y.flatten(1), state["layer_energies"][:, step])
         cells = self._postprocess(self._flat(image.reshape(-1, h, w)))
         if not k:
@@ -506,6 +576,12 @@ class ConvL2LFlow(LayerEnergyFlows):
         return {**super().to_json_state(), "trained_parts": self.trained_parts,
                 "postprocess_nodes": self.postprocess_nodes}
 
+    @classmethod
+    def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
+        if "standardise_cells" not in state["config"]:  # saved before the option: without
+            state = {**state, "config": {**state["config"], "standardise_cells": False}}
+        return super().from_json_state(state, geometry)
+
     def _restore_extra_state(self, state: dict[str, Any]) -> None:
         self.trained_parts = [str(p) for p in state.get("trained_parts", [])]
         nodes = state.get("postprocess_nodes")
@@ -522,9 +598,15 @@ def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
     merged = ConvL2LFlow.from_json_state({**first.to_json_state(), "config": {
         **first.config.to_dict(), "layers": "all"}}, first.geometry)
     weights = merged.module.state_dict()
+    fitted = {key: value for key, value in first.module.state_dict().items()
+              if key.startswith("cell_")}  # the cell statistics: every run fitted the same
+    weights.update(fitted)
     owner: dict[str, int] = {}
     for number, model in enumerate(models):
-        if model.family != first.family or _comparable_state(model) != reference:
+        same_statistics = all(torch.equal(model.module.state_dict()[key], value)
+                              for key, value in fitted.items())
+        if model.family != first.family or _comparable_state(model) != reference \
+                or not same_statistics:
             raise CaloforgeError(f"run {number + 1} differs from run 1 in configuration, "
                                  f"geometry or fitted preprocessing: runs to merge must come "
                                  f"from the same data and config, differing only in --layers")
