@@ -1,0 +1,69 @@
+"""Where generated ild-ecal showers put their core, against the reference (issue 28).
+
+    python bench/check_ild_cores.py GENERATED.h5 --reference ild-ecal-test.h5 [--n 2000]
+
+For layers 5, 10, 15, 20 and 25 of the first --n showers of each file: the median distance
+of the hottest cell from the grid's axis (cells; the four central cells are 0.71 away),
+the median share of the layer's energy within 3 cells of the axis, the spread of the
+centre of energy along x (cells), the mean hottest-cell energy (MeV); per shower, the hits
+and the hits between the 0.075 MeV cut and 0.1 MeV; the hottest cell generated over
+reference in every layer (mean, and how many layers are within 10 %). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from caloforge.data import read_showers
+
+SIDE, LAYERS, SHOWN = 30, 30, [5, 10, 15, 20, 25]
+
+
+def core_figures(showers: np.ndarray) -> dict:
+    images = showers.reshape(-1, LAYERS, SIDE, SIDE).astype(np.float64)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+    radius = np.sqrt(xx ** 2 + yy ** 2)
+    energy = np.maximum(images.sum((2, 3)), 1e-9)
+    centre_x = (images * xx).sum((2, 3)) / energy
+    hottest = images.reshape(len(images), LAYERS, -1).argmax(-1)
+    inner = (images * (radius < 3)).sum((2, 3)) / energy
+    return {
+        "layers": SHOWN,
+        "hottest_cell_distance_median": [round(float(np.median(radius.ravel()[hottest[:, i]])), 2)
+                                         for i in SHOWN],
+        "energy_share_within_3_cells_median": [round(float(np.median(inner[:, i])), 3)
+                                               for i in SHOWN],
+        "centre_x_spread": [round(float(centre_x[:, i].std()), 2) for i in SHOWN],
+        "hottest_cell_mev_mean": [round(float(images[:, i].max((1, 2)).mean()), 2)
+                                  for i in SHOWN],
+        "hits_per_shower": round(float((images > 0).sum((1, 2, 3)).mean()), 1),
+        "hits_below_0.1_mev": round(float(((images > 0) & (images < 0.1)).sum((1, 2, 3)).mean()),
+                                    1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("generated")
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--n", type=int, default=2000)
+    args = parser.parse_args()
+    reference = read_showers(args.reference).showers[:args.n]
+    generated = read_showers(args.generated).showers[:args.n]
+    hottest_ratio = (generated.reshape(len(generated), LAYERS, -1).max(-1).mean(0)
+                     / np.maximum(reference.reshape(len(reference), LAYERS, -1).max(-1).mean(0),
+                                  1e-9))
+    print(json.dumps({"reference": core_figures(reference),
+                      "generated": core_figures(generated),
+                      "hottest_cell_generated_over_reference_mean": round(
+                          float(hottest_ratio.mean()), 3),
+                      "layers_with_hottest_cell_within_10_percent": int(
+                          (np.abs(hottest_ratio - 1) < 0.1).sum())}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
