@@ -1,7 +1,7 @@
 """Exported graphs against the torch model: agreement on 10,000 showers and sampling cost.
 
 Usage: python bench/bench_export.py RUN_DIR [RUN_DIR ...] [--n 10000] [--out bench-output/export]
-           [--batch-sizes 1,100,10000] [--like REF.h5] [--float64]
+           [--batch-sizes 1,100,10000] [--like REF.h5] [--float64] [--skip-timing]
 
 For every run directory (a model that exports: caloflow-student, calogan, wgan):
 `caloforge export` to ONNX and to TorchScript; the exported graphs and the torch model
@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--float64", action="store_true",
                         help="also compare torch and onnxruntime with the torch graph in "
                              "float64 (doubles the agreement step's cost)")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="agreement only (no bench-sampling)")
     parser.add_argument("--like", default=None,
                         help="shower file whose conditions the torch timing uses (models "
                              "conditioned on more than the energy)")
@@ -108,14 +110,20 @@ def main() -> int:
         caloforge("export", run_dir, "--format", "onnx", "-o", onnx_file)
         caloforge("export", run_dir, "--format", "torchscript", "-o", torchscript_file)
         row = agreement(run_dir, onnx_file, torchscript_file, args.n, args.float64)
+        rows.append(row)
+        if args.skip_timing:
+            print(json.dumps(row), flush=True)
+            save_json(f"{args.out}/figures.json", rows)
+            continue
         row["torch_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
             run_dir, f"{args.out}/{name}-torch.json", "1", args.batch_sizes,
             like=args.like).items()}
         row["onnxruntime_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
             onnx_file, f"{args.out}/{name}-onnxruntime.json", "1", args.batch_sizes).items()}
-        rows.append(row)
         print(json.dumps(row), flush=True)
         save_json(f"{args.out}/figures.json", rows)
+    if args.skip_timing:
+        return 0
     print("\n| model | geometry | max rel. deviation ORT / TorchScript | ms/shower torch | "
           "ms/shower onnxruntime | (1 thread, batch " + args.batch_sizes + ") |")
     print("|---|---|---|---|---|---|")
