@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # ruff (style, imports, likely bugs) and mypy (types) over the package; `make test` runs it
 lint: setup

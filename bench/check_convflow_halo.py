@@ -1,0 +1,109 @@
+"""Issue 28, convflow on ild-ecal: why do the generated showers lack their faint halo?
+
+With cell-by-cell standardisation the ILD flows put the core where the data has it, but
+make half the reference's hits (342 against 710) and a core ~1.24x too hot
+(docs/convflow.md). This experiment runs on a slice of the real ild-ecal showers (layers
+FIRST .. FIRST + N - 1 of the reference-simulator files: the same cells, spectrum and
+sparsity, a fraction of the cost) and trains the `cpu` convflow with one change at a time:
+
+    python bench/check_convflow_halo.py --train ild-ecal-train.h5 --test ild-ecal-test.h5 \\
+        [--first 8 --layers 6 --epochs 4] [--noise-per-threshold 0.01] \\
+        [--standardise-cells on|off] [--out figures.json]
+
+Reports per layer: hits per shower generated / reference, the hits in rings around the
+axis, the hottest cell generated / reference, the share of hits under 0.1 MeV, and the
+validation NLL. About 4 minutes per epoch of 5,000 showers on one thread (6 layers).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+import torch
+from pipeline import report_figures, toy_experiment_parser
+
+from caloforge.data import ShowerData, read_showers
+from caloforge.geometry import CartesianLayer, Geometry
+from caloforge.models.flows.convflow import ConvL2LFlow
+
+SIDE, CELL_MM, CUT_MEV = 30, 5.0, 0.075
+
+
+def layer_slice(path: str, first: int, layers: int, n: int) -> ShowerData:
+    """Layers ``first .. first + layers - 1`` of the first ``n`` showers of an ild-ecal file."""
+    data = read_showers(path)
+    cells = SIDE * SIDE
+    showers = data.showers[:n, first * cells:(first + layers) * cells]
+    return ShowerData(data.incident_energies[:n], showers, {}, {})
+
+
+def ring_hits(showers: np.ndarray, layers: int) -> dict[str, list[float]]:
+    """Hits per shower and layer within radius rings around the axis (cells)."""
+    images = showers.reshape(len(showers), layers, SIDE, SIDE)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+    radius = np.sqrt(xx ** 2 + yy ** 2)
+    rings = {"r<1.5": radius < 1.5, "1.5-3": (radius >= 1.5) & (radius < 3),
+             "3-6": (radius >= 3) & (radius < 6), ">=6": radius >= 6}
+    return {name: np.round((images[:, :, ring] > 0).sum(-1).mean(0), 2).tolist()
+            for name, ring in rings.items()}
+
+
+def main() -> int:
+    parser = toy_experiment_parser(__doc__.splitlines()[0], n_train=20_000, epochs=4)
+    parser.add_argument("--train", required=True, help="ild-ecal training file")
+    parser.add_argument("--test", required=True, help="ild-ecal held-out file")
+    parser.add_argument("--first", type=int, default=8, help="first layer of the slice")
+    parser.add_argument("--layers", type=int, default=6, help="layers in the slice")
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--noise-per-threshold", type=float, default=None,
+                        help="dequantisation noise / the cut (default: the family's)")
+    parser.add_argument("--standardise-cells", choices=["on", "off"], default="on")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    geometry = Geometry("ild-slice", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=CELL_MM,
+                                                          dy=CELL_MM)
+                                           for i in range(args.layers)), threshold_mev=CUT_MEV)
+    train = layer_slice(args.train, args.first, args.layers, args.n_train)
+    heldout = layer_slice(args.test, args.first, args.layers, args.n_test)
+    config = ConvL2LFlow.preset("cpu")
+    config.layers_per_step = 0
+    config.standardise_cells = args.standardise_cells == "on"
+    if args.noise_per_threshold is not None:
+        config.noise_mev = CUT_MEV * args.noise_per_threshold
+    config.training.epochs, config.training.time_budget_s = args.epochs, None
+    config.training.seed = args.seed
+    model = ConvL2LFlow(geometry, config)
+    start = time.perf_counter()
+    model.fit(train, tempfile.mkdtemp())
+    seconds = time.perf_counter() - start
+    generated = model.sample(heldout.incident_energies, seed=1).showers
+    real, fake = heldout.showers, generated
+    per_layer = (len(real), args.layers, -1)
+    hits_real = (real.reshape(per_layer) > 0).sum(-1).mean(0)
+    hits_fake = (fake.reshape(per_layer) > 0).sum(-1).mean(0)
+    hottest = fake.reshape(per_layer).max(-1).mean(0) / real.reshape(per_layer).max(-1).mean(0)
+
+    def faint_share(showers: np.ndarray) -> float:
+        return float(((showers > 0) & (showers < 0.1)).sum() / max((showers > 0).sum(), 1))
+
+    report_figures({
+        "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
+        "seed": args.seed, "standardise_cells": config.standardise_cells,
+        "noise_mev": model.voxel_transform.noise_mev,
+        "train_seconds": round(seconds, 1),
+        "best_val_loss": model.training_summary["best_val_loss"],
+        "hits_per_layer_reference": np.round(hits_real, 1).tolist(),
+        "hits_per_layer_generated_over_reference": np.round(hits_fake / hits_real, 3).tolist(),
+        "hottest_cell_generated_over_reference": np.round(hottest, 3).tolist(),
+        "ring_hits_reference": ring_hits(real, args.layers),
+        "ring_hits_generated": ring_hits(fake, args.layers),
+        "faint_share_reference_generated": [round(faint_share(real), 4),
+                                            round(faint_share(fake), 4)],
+    }, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
