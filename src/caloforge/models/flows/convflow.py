@@ -17,9 +17,9 @@ Preprocessing (:class:`~caloforge.preprocessing.MaxLogTransform`): noise on empt
 divide by the layer energy (the published recipe divides by the layer maximum:
 ``normalise_by: max``), ``log10(x + 1e-7) / 7 + 1``, logit (alpha 1e-2), then
 (``standardise_cells``) minus the training data's mean of that cell over one pooled spread
-per layer. After generation each layer is rescaled to its sampled energy and cut at the readout threshold;
-optionally (``postprocess: spline``) a monotone 1-D spline fitted between generated and
-reference cell-energy quantiles corrects the cell spectrum.
+per layer. After generation each layer is rescaled to its sampled energy and cut at the
+readout threshold; optionally (``postprocess: spline``) a monotone 1-D spline fitted
+between generated and reference cell-energy quantiles corrects the cell spectrum.
 
 Cylindrical layers are images ``(radial, angular)`` whose angular axis wraps around
 (circular padding; training rolls every shower by a random angle). Cartesian layers are
@@ -71,10 +71,10 @@ class ConvFlowConfig:
     A convolution cannot tell where in the image it is, so without them a layer flow must
     learn the shower's position from the previous layers. Off by default: one ILD run with
     them did not yet improve the classifier (README), and False keeps older models loadable;
-    ``standardise_cells``: each layer flow sees its image in logit space standardised cell
-    by cell with the training data's mean and standard deviation of that cell in that layer
-    (cylinders: averaged over the angle), so that the untrained flow already samples a
-    shower where the data has it. Without it the ILD flows learnt a position-free picture
+    ``standardise_cells``: each layer flow sees its image in logit space minus the training
+    data's mean of each cell of that layer, divided by the layer's pooled spread (cylinders:
+    averaged over the angle), so that the untrained flow already samples a shower where the
+    data has it. Without it the ILD flows learnt a position-free picture
     in which the core, always in the same central cells, was a 2.6-sigma event per value
     (docs/convflow.md). Models saved before the option load without it.
     """
