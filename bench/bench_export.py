@@ -2,6 +2,7 @@
 
 Usage: python bench/bench_export.py RUN_DIR [RUN_DIR ...] [--n 10000] [--out bench-output/export]
            [--batch-sizes 1,100,10000] [--like REF.h5] [--float64] [--skip-timing]
+           [--chunk 1000] [--reuse-exports]
 
 For every run directory (a model that exports: caloflow-student, calogan, wgan):
 `caloforge export` to ONNX and to TorchScript; the exported graphs and the torch model
@@ -28,9 +29,10 @@ from pipeline import bench_sampling, caloforge, save_json, verdict
 
 
 def agreement(run_dir: str, onnx_file: str, torchscript_file: str, n: int,
-              float64: bool = False) -> dict:
+              float64: bool = False, chunk: int = 1000) -> dict:
     """Largest relative deviation of each exported graph from the torch graph on ``n``
-    showers (in chunks of 1000): over every voxel, and without the voxels that float
+    showers (in chunks of ``chunk``: every graph runs a chunk in one call, so large
+    models need small chunks to fit in memory): over every voxel, and without the voxels that float
     rounding puts on the other side of the readout cut (counted). With ``float64``, also
     the deviation of the torch graph and of onnxruntime from the same torch graph run in
     float64 (how far float32 itself is from the exact result: where the torch model is
@@ -63,20 +65,20 @@ def agreement(run_dir: str, onnx_file: str, torchscript_file: str, n: int,
     exact = copy.deepcopy(graph).double() if float64 else None
     from_exact = {"torch": 0.0, "onnxruntime": 0.0}  # without cut flips
     with torch.no_grad():
-        for start in range(0, n, 1000):
-            chunk = inputs[start:start + 1000]
-            expected = graph(torch.from_numpy(chunk)).numpy()
-            produced = {"onnxruntime": session.run(None, {"inputs": chunk})[0],
-                        "torchscript": scripted(torch.from_numpy(chunk)).numpy()}
+        for start in range(0, n, chunk):
+            part = inputs[start:start + chunk]
+            expected = graph(torch.from_numpy(part)).numpy()
+            produced = {"onnxruntime": session.run(None, {"inputs": part})[0],
+                        "torchscript": scripted(torch.from_numpy(part)).numpy()}
             if exact is not None:
-                reference = exact(torch.from_numpy(chunk).double()).numpy()
+                reference = exact(torch.from_numpy(part).double()).numpy()
                 for name, values in (("torch", expected),
                                      ("onnxruntime", produced["onnxruntime"])):
                     from_exact[name] = max(from_exact[name], agreement(values, reference)[0])
             for name, values in produced.items():
                 worst[name] = max(worst[name], relative_deviation(values, expected))
                 over[name] += sum(relative_deviation(values[i:i + 1], expected[i:i + 1])
-                                  > 1e-4 for i in range(len(chunk)))
+                                  > 1e-4 for i in range(len(part)))
                 deviation, flipped = agreement(values, expected)
                 worst_kept[name] = max(worst_kept[name], deviation)
                 flips[name] += flipped
@@ -96,6 +98,10 @@ def main() -> int:
     parser.add_argument("--float64", action="store_true",
                         help="also compare torch and onnxruntime with the torch graph in "
                              "float64 (doubles the agreement step's cost)")
+    parser.add_argument("--chunk", type=int, default=1000,
+                        help="showers per call in the agreement step (smaller: less memory)")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="keep exported files already in --out instead of exporting again")
     parser.add_argument("--skip-timing", action="store_true",
                         help="agreement only (no bench-sampling)")
     parser.add_argument("--like", default=None,
@@ -107,9 +113,11 @@ def main() -> int:
         name = os.path.basename(os.path.normpath(run_dir))
         onnx_file, torchscript_file = f"{args.out}/{name}.onnx", f"{args.out}/{name}.pt"
         os.makedirs(args.out, exist_ok=True)
-        caloforge("export", run_dir, "--format", "onnx", "-o", onnx_file)
-        caloforge("export", run_dir, "--format", "torchscript", "-o", torchscript_file)
-        row = agreement(run_dir, onnx_file, torchscript_file, args.n, args.float64)
+        for form, path in (("onnx", onnx_file), ("torchscript", torchscript_file)):
+            if not (args.reuse_exports and os.path.exists(path)):
+                caloforge("export", run_dir, "--format", form, "-o", path)
+        row = agreement(run_dir, onnx_file, torchscript_file, args.n, args.float64,
+                        args.chunk)
         rows.append(row)
         if args.skip_timing:
             print(json.dumps(row), flush=True)
