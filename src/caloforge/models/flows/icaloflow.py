@@ -417,33 +417,57 @@ class ICaloFlow(LayerEnergyFlows):
                   for _ in range(self.geometry.n_layers)]
         return torch.cat(draws, dim=1)
 
+    @property
+    def noise_steps(self) -> int:  # type: ignore[override]
+        return self.geometry.n_layers
+
     def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
                            ) -> torch.Tensor:
         """Flow-1, then Flow-2 for layer 0 and Flow-3 for each next layer given the one
-        before; ``(B, L * S)`` MeV."""
+        before; ``(B, L * S)`` MeV (the loop over :meth:`noise_step`, which `caloforge
+        export` exports one step at a time)."""
+        state = self.noise_prologue(noise, batch)
+        layers = []
+        for layer in range(self.noise_steps):
+            voxels, changed = self.noise_step(layer, noise, state)
+            layers.append(voxels)
+            state.update(changed)
+        return torch.cat(layers, dim=1)
+
+    def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """The context ``(B, C)``, Flow-1's layer energies ``(B, L)`` MeV, their
+        standardised logs ``(B, L)`` and the previous layer in logit space ``(B, S)``
+        (zeros before layer 0, which does not read it)."""
         assert self.module is not None
-        n_layers, size = self.geometry.n_layers, self.layer_size
+        n_layers = self.geometry.n_layers
         context = self._context(batch)
         layer_energies = self.layer_transform.inverse(
             self.module.flow1(context).transform.inv(noise[:, :n_layers]),
             batch["incident_energy"])
-        log_energies = self._layer_context(layer_energies)
-        index = torch.zeros_like(batch["incident_energy"], dtype=torch.long)  # (B,) per layer
+        return {"context": context, "layer_energies": layer_energies,
+                "log_energies": self._layer_context(layer_energies),
+                "previous": torch.zeros_like(noise[:, n_layers:n_layers + self.layer_size])}
+
+    def noise_step(self, step: int, noise: torch.Tensor, state: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer ``step``'s voxels ``(B, S)`` MeV from its noise and the layer before it."""
+        assert self.module is not None
+        n_layers, size = self.geometry.n_layers, self.layer_size
+        z = noise[:, n_layers + step * size:n_layers + (step + 1) * size]
+        context, log_energies = state["context"], state["log_energies"]
+        if step == 0:
+            flow = self.module.flow2(torch.cat([context, log_energies[:, :1]], dim=1))
+        else:
+            index = torch.zeros_like(log_energies[:, 0], dtype=torch.long) + step
+            flow = self.module.flow3(self._flow3_context(
+                context, log_energies[:, step], log_energies[:, step - 1], state["previous"],
+                index))
+        previous = finite_logits(flow.transform.inv(z))
         cuts = self._layer_cuts(noise.device)
-        layers, previous = [], log_energies  # `previous` is set by layer 0 before use
-        for layer in range(n_layers):
-            z = noise[:, n_layers + layer * size:n_layers + (layer + 1) * size]
-            if layer == 0:
-                flow = self.module.flow2(torch.cat([context, log_energies[:, :1]], dim=1))
-            else:
-                flow = self.module.flow3(self._flow3_context(
-                    context, log_energies[:, layer], log_energies[:, layer - 1], previous,
-                    index + layer))
-            previous = finite_logits(flow.transform.inv(z))
-            layers.append(self._generated_layer(
-                previous, layer_energies[:, layer:layer + 1],
-                None if cuts is None else cuts[layer:layer + 1]))
-        return torch.cat(layers, dim=1)
+        voxels = self._generated_layer(previous, state["layer_energies"][:, step:step + 1],
+                                       None if cuts is None else cuts[step:step + 1])
+        return voxels, {"previous": previous}
 
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
