@@ -148,6 +148,13 @@ def test_the_exported_graph_draws_the_models_showers(name, format, trained, data
         return
     description = export_model(model, output, format)
     assert description["check"]["max_relative_deviation"] <= 1e-4
+    if format == "onnx" and model.noise_steps:  # exported step by step, then joined
+        import onnx
+        from onnx import numpy_helper
+
+        stored = [(i.data_type, tuple(i.dims), numpy_helper.to_array(i).tobytes())
+                  for i in onnx.load(output).graph.initializer]
+        assert len(set(stored)) == len(stored)  # a flow every step shares is stored once
     energies = data.incident_energies[:37]
     noise = model.draw_noise(len(energies), shard_generator(6, 0)).numpy()
     inputs = np.concatenate([noise, energies[:, None]], axis=1).astype(np.float32)

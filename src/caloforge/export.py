@@ -337,7 +337,10 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
         _export_graph(_PrologueGraph(model, graph.layout, names), (trace_inputs,), part, opset,
                       ["inputs"], ["noise", "output_scale", *names])
         prologue = onnx.load(part)
-        nodes, initializers = list(prologue.graph.node), list(prologue.graph.initializer)
+        nodes = list(prologue.graph.node)
+        initializers: list[Any] = []
+        shared: dict[tuple[int, tuple[int, ...], str], str] = {}  # content -> initializer
+        _add_initializers(prologue.graph, initializers, shared)
         source = {name: name for name in ["noise", *names]}  # state name -> graph value
         cells = []
         for step in range(model.noise_steps):
@@ -352,8 +355,8 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
             wiring = {prefix + name: value for name, value in source.items()}
             for node in piece.graph.node:
                 node.input[:] = [wiring.get(value, value) for value in node.input]
+            _add_initializers(piece.graph, initializers, shared)
             nodes += piece.graph.node
-            initializers += piece.graph.initializer
             cells.append(prefix + "cells")
             source.update({name: f"{prefix}new_{name}" for name in changed_names})
             state.update(changed)
@@ -367,6 +370,44 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
         joined.ir_version = prologue.ir_version
         onnx.checker.check_model(joined)
         onnx.save(joined, path)
+
+
+def _add_initializers(graph: Any, initializers: list[Any],
+                      shared: dict[tuple[int, tuple[int, ...], str], str]) -> None:
+    """Append ``graph``'s initializers to ``initializers``, except those whose contents one
+    already there has: the graph's nodes then read that one. A flow shared by every layer
+    (a shared convflow, iCaloFlow's Flow-3) is exported once per step; without this its
+    weights would be stored once per layer (44 copies of ~40 MB for a calochallenge-2
+    student, near protobuf's 2 GB limit)."""
+    from onnx import numpy_helper
+
+    renamed = {}
+    for initializer in graph.initializer:
+        values = numpy_helper.to_array(initializer)
+        key = (initializer.data_type, tuple(initializer.dims),
+               hashlib.sha256(values.tobytes()).hexdigest())
+        if key in shared:
+            renamed[initializer.name] = shared[key]
+        else:
+            shared[key] = initializer.name
+            initializers.append(initializer)
+    if renamed:
+        _rename_inputs(graph, renamed)
+
+
+def _rename_inputs(graph: Any, renamed: dict[str, str]) -> None:
+    """Point every node input of ``graph`` (subgraphs included) named in ``renamed`` at its
+    new name."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        node.input[:] = [renamed.get(value, value) for value in node.input]
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.GRAPH:
+                _rename_inputs(attribute.g, renamed)
+            elif attribute.type == AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    _rename_inputs(subgraph, renamed)
 
 
 def run_onnx(path: str, inputs: np.ndarray, threads: int = 1) -> np.ndarray:
