@@ -217,14 +217,24 @@ class ConditionedModel(ShowerModel, TrainingHooks):
                            ) -> torch.Tensor:
         """Showers ``(B, n_voxels)`` MeV from noise ``(B, noise_features)`` and the
         conditions of ``batch``, in torch operations only (the exported graph is this
-        function traced)."""
-        raise CaloforgeError(f"{self.family} does not map noise to showers in one function")
+        function traced). Families with ``noise_steps`` get the loop over their steps."""
+        import torch
+
+        if not self.noise_steps:
+            raise CaloforgeError(f"{self.family} does not map noise to showers in one function")
+        state = self.noise_prologue(noise, batch)
+        cells = []
+        for step in range(self.noise_steps):
+            step_cells, changed = self.noise_step(step, noise, state)
+            cells.append(step_cells)
+            state.update(changed)
+        return torch.cat(cells, dim=1)
 
     # Families whose showers_from_noise is a long chain of similar steps (convflow: one
     # flow per layer) also split it into steps, so that `caloforge export` can export each
     # step as its own small ONNX graph and join them (the ONNX exporter slows down far more
-    # than linearly with the size of one graph). showers_from_noise must equal
-    # noise_prologue, then noise_step for steps 0 .. noise_steps - 1, cells concatenated.
+    # than linearly with the size of one graph). showers_from_noise is then noise_prologue,
+    # then noise_step for steps 0 .. noise_steps - 1, cells concatenated.
     noise_steps = 0
 
     def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]

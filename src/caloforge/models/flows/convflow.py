@@ -500,19 +500,6 @@ class ConvL2LFlow(LayerEnergyFlows):
     def noise_steps(self) -> int:  # type: ignore[override]
         return self.geometry.n_layers
 
-    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
-                           ) -> torch.Tensor:
-        """The energy flow, then each layer's flow given the k layers before it, then the
-        post-processing: ``(B, n_voxels)`` MeV (what :meth:`sample` computes, in one
-        function that ``caloforge export`` traces, or exports step by step)."""
-        state = self.noise_prologue(noise, batch)
-        cells = []
-        for layer in range(self.noise_steps):
-            layer_cells, changed = self.noise_step(layer, noise, state)
-            cells.append(layer_cells)
-            state.update(changed)
-        return torch.cat(cells, dim=1)
-
     def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
                        ) -> dict[str, torch.Tensor]:
         """The context ``(B, C)``, the energy flow's layer energies ``(B, L)`` MeV, their

@@ -421,19 +421,6 @@ class ICaloFlow(LayerEnergyFlows):
     def noise_steps(self) -> int:  # type: ignore[override]
         return self.geometry.n_layers
 
-    def showers_from_noise(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
-                           ) -> torch.Tensor:
-        """Flow-1, then Flow-2 for layer 0 and Flow-3 for each next layer given the one
-        before; ``(B, L * S)`` MeV (the loop over :meth:`noise_step`, which `caloforge
-        export` exports one step at a time)."""
-        state = self.noise_prologue(noise, batch)
-        layers = []
-        for layer in range(self.noise_steps):
-            voxels, changed = self.noise_step(layer, noise, state)
-            layers.append(voxels)
-            state.update(changed)
-        return torch.cat(layers, dim=1)
-
     def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
                        ) -> dict[str, torch.Tensor]:
         """The context ``(B, C)``, Flow-1's layer energies ``(B, L)`` MeV, their
