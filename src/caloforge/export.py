@@ -136,17 +136,18 @@ class _PrologueGraph(SamplingGraph):
 
 
 class _StepGraph(torch.nn.Module):
-    """(noise, state in ``names`` order) -> (step ``step``'s voxels, the changed state in
-    ``changed`` order)."""
+    """(noise, state in ``names`` order) -> (step ``step``'s voxels unless it has none, the
+    changed state in ``changed`` order)."""
 
-    def __init__(self, model: Any, step: int, names: list[str], changed: list[str]) -> None:
+    def __init__(self, model: Any, step: int, names: list[str], changed: list[str],
+                 has_cells: bool) -> None:
         super().__init__()
         self.model, self.module = model, model.module
-        self.step, self.names, self.changed = step, names, changed
+        self.step, self.names, self.changed, self.has_cells = step, names, changed, has_cells
 
     def forward(self, noise: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cells, changed = self.model.noise_step(self.step, noise, dict(zip(self.names, state)))
-        return (cells, *(changed[name] for name in self.changed))
+        return ((cells,) if self.has_cells else ()) + tuple(changed[n] for n in self.changed)
 
 
 def layout_for(model: Any, units: str = "MeV", input_energy_max: float | None = None,
@@ -321,7 +322,8 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
                      opset: int) -> None:
     """The model's prologue and each of its steps exported as graphs of their own, then
     joined into one graph (inputs -> showers): a 30-layer ILD convflow took over 16 minutes
-    as one graph (unfinished), and about 11 s per layer this way."""
+    as one graph (unfinished), and about 11 s per layer this way. Steps without cells (the
+    energy flow's blocks) only pass state on."""
     import tempfile
 
     import onnx
@@ -345,11 +347,13 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
         cells = []
         for step in range(model.noise_steps):
             with torch.no_grad():
-                _, changed = model.noise_step(step, noise, dict(state))
+                step_cells, changed = model.noise_step(step, noise, dict(state))
             changed_names = sorted(changed)
-            _export_graph(_StepGraph(model, step, names, changed_names),
+            has_cells = step_cells.shape[1] > 0  # the energy flow's steps make no cells
+            _export_graph(_StepGraph(model, step, names, changed_names, has_cells),
                           (noise, *(state[name] for name in names)), part, opset,
-                          ["noise", *names], ["cells", *(f"new_{n}" for n in changed_names)])
+                          ["noise", *names],
+                          ["cells"] * has_cells + [f"new_{n}" for n in changed_names])
             prefix = f"step{step}/"
             piece = compose.add_prefix(onnx.load(part), prefix)
             wiring = {prefix + name: value for name, value in source.items()}
@@ -357,7 +361,8 @@ def _export_in_steps(graph: SamplingGraph, trace_inputs: torch.Tensor, path: str
                 node.input[:] = [wiring.get(value, value) for value in node.input]
             _add_initializers(piece.graph, initializers, shared)
             nodes += piece.graph.node
-            cells.append(prefix + "cells")
+            if has_cells:
+                cells.append(prefix + "cells")
             source.update({name: f"{prefix}new_{name}" for name in changed_names})
             state.update(changed)
         nodes += [helper.make_node("Concat", cells, ["voxels_mev"], axis=1),

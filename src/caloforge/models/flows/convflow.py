@@ -496,33 +496,21 @@ class ConvL2LFlow(LayerEnergyFlows):
                   for _ in range(self.geometry.n_layers)]
         return torch.cat(draws, dim=1)
 
-    @property
-    def noise_steps(self) -> int:  # type: ignore[override]
-        return self.geometry.n_layers
+    layer_steps = True
 
-    def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
-                       ) -> dict[str, torch.Tensor]:
-        """The context ``(B, C)``, the energy flow's layer energies ``(B, L)`` MeV, their
-        standardised logs ``(B, L)`` and (k > 0) the k layers before the first, empty
-        ``(B, k, H, W)`` in logit space."""
-        assert self.module is not None
+    def _layer_step_state(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(k > 0) the k layers before the first, empty ``(B, k, H, W)`` in logit space."""
         self._require_complete()
-        n_layers, (h, w) = self.geometry.n_layers, self.image_shape
-        context = self._context(batch)
-        layer_energies = self.layer_transform.inverse(
-            self.module.flow1(context).transform.inv(noise[:, :n_layers]),
-            batch["incident_energy"])
-        state = {"context": context, "layer_energies": layer_energies,
-                 "log_energies": self._layer_context(layer_energies)}
-        k = self.config.previous_layers
-        if k:
-            empty = float(LogitTransform(self.voxel_transform.alpha).forward(torch.zeros(())))
-            state["recent"] = torch.zeros_like(noise[:, :1, None, None]).expand(
-                -1, k, h, w) + empty
-        return state
+        k, (h, w) = self.config.previous_layers, self.image_shape
+        if not k:
+            return {}
+        empty = float(LogitTransform(self.voxel_transform.alpha).forward(torch.zeros(())))
+        return {"recent": torch.zeros_like(noise[:, :1, None, None]).expand(-1, k, h, w)
+                + empty}
 
-    def noise_step(self, step: int, noise: torch.Tensor, state: dict[str, torch.Tensor]
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _layer_noise_step(self, step: int, noise: torch.Tensor,
+                          state: dict[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Layer ``step``'s cells ``(B, H * W)`` MeV from its noise and the k layers before
         it (oldest first; updated to end with this one)."""
         n_layers, (h, w) = self.geometry.n_layers, self.image_shape

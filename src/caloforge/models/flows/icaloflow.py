@@ -417,27 +417,16 @@ class ICaloFlow(LayerEnergyFlows):
                   for _ in range(self.geometry.n_layers)]
         return torch.cat(draws, dim=1)
 
-    @property
-    def noise_steps(self) -> int:  # type: ignore[override]
-        return self.geometry.n_layers
+    layer_steps = True
 
-    def noise_prologue(self, noise: torch.Tensor, batch: dict[str, torch.Tensor]
-                       ) -> dict[str, torch.Tensor]:
-        """The context ``(B, C)``, Flow-1's layer energies ``(B, L)`` MeV, their
-        standardised logs ``(B, L)`` and the previous layer in logit space ``(B, S)``
-        (zeros before layer 0, which does not read it)."""
-        assert self.module is not None
-        n_layers = self.geometry.n_layers
-        context = self._context(batch)
-        layer_energies = self.layer_transform.inverse(
-            self.module.flow1(context).transform.inv(noise[:, :n_layers]),
-            batch["incident_energy"])
-        return {"context": context, "layer_energies": layer_energies,
-                "log_energies": self._layer_context(layer_energies),
-                "previous": torch.zeros_like(noise[:, n_layers:n_layers + self.layer_size])}
+    def _layer_step_state(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The previous layer in logit space ``(B, S)`` (zeros before layer 0, which does
+        not read it)."""
+        return {"previous": torch.zeros_like(noise[:, :self.layer_size])}
 
-    def noise_step(self, step: int, noise: torch.Tensor, state: dict[str, torch.Tensor]
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _layer_noise_step(self, step: int, noise: torch.Tensor,
+                          state: dict[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Layer ``step``'s voxels ``(B, S)`` MeV from its noise and the layer before it."""
         assert self.module is not None
         n_layers, size = self.geometry.n_layers, self.layer_size
