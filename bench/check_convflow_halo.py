@@ -8,7 +8,7 @@ sparsity, a fraction of the cost) and trains the `cpu` convflow with one change 
 
     python bench/check_convflow_halo.py --train ild-ecal-train.h5 --test ild-ecal-test.h5 \\
         [--first 8 --layers 6 --epochs 4] [--noise-per-threshold 0.01] \\
-        [--standardise-cells on|off] [--out figures.json]
+        [--standardise-cells on|off] [--normalise-by energy|max|fixed] [--out figures.json]
 
 Reports per layer: hits per shower generated / reference, the hits in rings around the
 axis, the hottest cell generated / reference, the share of hits under 0.1 MeV, and the
@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--noise-per-threshold", type=float, default=None,
                         help="dequantisation noise / the cut (default: the family's)")
     parser.add_argument("--standardise-cells", choices=["on", "off"], default="on")
+    parser.add_argument("--normalise-by", choices=["energy", "max", "fixed"], default=None,
+                        help="the convflow normalise_by (default: the family's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     geometry = Geometry("ild-slice", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=CELL_MM,
@@ -70,6 +72,8 @@ def main() -> int:
     config = ConvL2LFlow.preset("cpu")
     config.layers_per_step = 0
     config.standardise_cells = args.standardise_cells == "on"
+    if args.normalise_by is not None:
+        config.normalise_by = args.normalise_by
     if args.noise_per_threshold is not None:
         config.noise_mev = CUT_MEV * args.noise_per_threshold
     config.training.epochs, config.training.time_budget_s = args.epochs, None
@@ -91,6 +95,7 @@ def main() -> int:
     report_figures({
         "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
         "seed": args.seed, "standardise_cells": config.standardise_cells,
+        "normalise_by": config.normalise_by,
         "noise_mev": model.voxel_transform.noise_mev,
         "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],

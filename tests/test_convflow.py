@@ -53,7 +53,7 @@ def trained(data, tmp_path_factory):
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10_000), st.floats(0.0, 0.9), st.floats(-2.0, 4.0),
-       st.sampled_from(["max", "energy"]))
+       st.sampled_from(["max", "energy", "fixed"]))
 def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fraction, log_scale,
                                                              normalise_by):
     rng = np.random.default_rng(seed)
@@ -62,6 +62,7 @@ def test_max_log_transform_round_trips_cells_above_threshold(seed, empty_fractio
     cells = rng.exponential(10.0 ** log_scale, (8, 36)) + 0.015
     cells[rng.random(cells.shape) < empty_fraction] = 0.0
     cells[:, 0] = 10.0 ** log_scale + 0.015  # no empty layer, above the threshold
+    transform.fit_scale(cells)
     images = torch.as_tensor(cells, dtype=torch.float64)
     noisy = transform.add_noise(images, torch.Generator().manual_seed(seed))
     assert (noisy > 0).all() and torch.equal(noisy[images > 0], images[images > 0])
@@ -82,6 +83,23 @@ def test_energy_normalisation_leaves_no_cell_at_the_top():
     assert MaxLogTransform.from_state({"noise_mev": 0.01}).normalise_by == "max"  # old files
     with pytest.raises(ValueError, match="normalise_by"):
         MaxLogTransform(normalise_by="median")
+
+
+def test_a_fixed_scale_puts_the_threshold_at_one_value_in_every_image():
+    """Divided by the layer energy, a cell at the readout threshold lands lower the hotter
+    its layer; divided by one fixed scale, at the same value in every layer."""
+    cells = torch.full((3, 36), 1e-3, dtype=torch.float64)
+    cells[:, 0] = 0.015  # at the threshold
+    cells[:, 1] = torch.tensor([1.0, 30.0, 1000.0])  # the core: layer energies far apart
+    by_energy = MaxLogTransform(threshold_mev=0.015, normalise_by="energy").forward(cells)
+    fixed = MaxLogTransform(threshold_mev=0.015, normalise_by="fixed")
+    fixed.fit_scale(cells.numpy())
+    assert fixed.scale_mev == 2000.0
+    at_threshold = fixed.forward(cells)[:, 0]
+    assert torch.allclose(at_threshold, at_threshold[0].expand(3))
+    assert (by_energy[:, 0].diff() < -0.5).all()
+    # a hotter cell than any in the training data reads as the top, not as NaN
+    assert torch.isfinite(fixed.forward(cells * 10)).all()
 
 
 def test_parts_parse_and_refuse_bad_items():
@@ -355,7 +373,7 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     config = tmp_path / "median.yaml"
     config.write_text("normalise_by: median\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "normalise_by must be max or energy" in capsys.readouterr().err
+    assert "normalise_by must be max, energy or fixed" in capsys.readouterr().err
 
 
 def _xml(tmp_path) -> str:

@@ -281,7 +281,10 @@ class MaxLogTransform(JsonState):
     Works on the last axis of ``(..., S)`` tensors (S = one layer's cells). Forward: every
     exactly-zero cell gets U(0, ``noise_mev``) (dequantisation of empty cells, below the
     readout threshold), the layer is divided by its maximum (``normalise_by="max"``, as
-    published) or by its energy (``"energy"``), ``y = log10(x + offset) / decades + 1`` maps
+    published), by its energy (``"energy"``) or by one fixed ``scale_mev`` (``"fixed"``:
+    twice the hottest training cell, so that the readout threshold sits at the same value
+    in every image instead of moving with the layer's energy),
+    ``y = log10(x + offset) / decades + 1`` maps
     [0, 1] onto about [0, 1] (10^-7 of the scale -> 0), then logit with ``alpha`` (1e-2 as
     published). Inverse: sigmoid, undo the log, clip at zero, rescale the layer so that it
     sums to the requested layer energy (so the inverse is the same for both scales), zero
@@ -300,10 +303,18 @@ class MaxLogTransform(JsonState):
     # "max" is the default of the saved state: models saved before the option load as
     # they were trained
     normalise_by: str = "max"
+    scale_mev: float = 1.0  # normalise_by="fixed" only
 
     def __post_init__(self) -> None:
-        if self.normalise_by not in ("max", "energy"):
-            raise ValueError(f"normalise_by must be max or energy, got {self.normalise_by!r}")
+        if self.normalise_by not in ("max", "energy", "fixed"):
+            raise ValueError(f"normalise_by must be max, energy or fixed, got "
+                             f"{self.normalise_by!r}")
+
+    def fit_scale(self, showers: np.ndarray) -> None:
+        """``normalise_by="fixed"``: the scale from the training cells ``(N, n_voxels)`` MeV
+        (twice the hottest: a hotter cell than any seen stays inside the range)."""
+        if self.normalise_by == "fixed":
+            self.scale_mev = 2.0 * float(np.max(showers))
 
     def add_noise(self, images: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
@@ -311,10 +322,14 @@ class MaxLogTransform(JsonState):
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """``(..., S)`` MeV, no zeros -> ``(..., S)`` logit values."""
-        scale = (noisy.sum(dim=-1, keepdim=True) if self.normalise_by == "energy"
-                 else noisy.amax(dim=-1, keepdim=True))
-        scale = scale.clamp(min=torch.finfo(noisy.dtype).tiny)
-        y = torch.log10(noisy / scale + self.offset) / self.decades + 1
+        if self.normalise_by == "fixed":
+            # a cell hotter than the scale (never in the training data) reads as the top
+            shares = (noisy / self.scale_mev).clamp(max=1.0)
+        else:
+            scale = (noisy.sum(dim=-1, keepdim=True) if self.normalise_by == "energy"
+                     else noisy.amax(dim=-1, keepdim=True))
+            shares = noisy / scale.clamp(min=torch.finfo(noisy.dtype).tiny)
+        y = torch.log10(shares + self.offset) / self.decades + 1
         return LogitTransform(self.alpha).forward(y)
 
     def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:

@@ -62,10 +62,11 @@ class ConvFlowConfig:
     ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
     the term scaled to an unbiased estimate of the full likelihood: memory and time per
     step shrink by k / L (validation always scores every layer);
-    ``normalise_by``: each layer image is divided by its ``energy`` (default) or by its
+    ``normalise_by``: each layer image is divided by its ``energy`` (default), by its
     ``max`` (the published preprocessing: it puts one cell of every image at exactly the top
     of the range, a point mass that left generated cores ~20 % too faint in the issue-28
-    experiment, docs/convflow.md);
+    experiment, docs/convflow.md) or by one ``fixed`` scale fitted on the training data
+    (the readout threshold then sits at one value in the flow's space for every shower);
     ``position_channels``: add the cell coordinates as condition channels (Cartesian: x
     and y, cylinders: r; the angle stays out so that roll augmentation keeps its meaning).
     A convolution cannot tell where in the image it is, so without them a layer flow must
@@ -107,8 +108,9 @@ class ConvFlowConfig:
         out = config_from_dict(cls, values, "convflow")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
-        if out.normalise_by not in ("max", "energy"):
-            raise OptionError(f"normalise_by must be max or energy, got {out.normalise_by!r}")
+        if out.normalise_by not in ("max", "energy", "fixed"):
+            raise OptionError(f"normalise_by must be max, energy or fixed, got "
+                              f"{out.normalise_by!r}")
         if out.previous_layers < 0 or out.layers_per_step < 0 or out.blocks < 1 \
                 or out.width < 1:
             raise OptionError("previous_layers and layers_per_step must be >= 0, blocks and "
@@ -304,6 +306,7 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def _fit_preprocessing(self, data: ShowerData) -> None:
         self._fit_threshold(data)
+        self.voxel_transform.fit_scale(data.showers)
         super()._fit_preprocessing(data)
 
     # --- likelihood -------------------------------------------------------------------
