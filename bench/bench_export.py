@@ -119,9 +119,10 @@ def main() -> int:
         row = agreement(run_dir, onnx_file, torchscript_file, args.n, args.float64,
                         args.chunk)
         rows.append(row)
+        # written at once: the timing after it can take long (and was once OOM-killed)
+        print(json.dumps(row), flush=True)
+        save_json(f"{args.out}/figures.json", rows)
         if args.skip_timing:
-            print(json.dumps(row), flush=True)
-            save_json(f"{args.out}/figures.json", rows)
             continue
         row["torch_ms_per_shower"] = {b: round(ms, 4) for (_, b), ms in bench_sampling(
             run_dir, f"{args.out}/{name}-torch.json", "1", args.batch_sizes,
