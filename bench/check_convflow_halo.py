@@ -8,7 +8,8 @@ sparsity, a fraction of the cost) and trains the `cpu` convflow with one change 
 
     python bench/check_convflow_halo.py --train ild-ecal-train.h5 --test ild-ecal-test.h5 \\
         [--first 8 --layers 6 --epochs 4] [--noise-per-threshold 0.01] \\
-        [--standardise-cells on|off] [--normalise-by energy|max|fixed] [--out figures.json]
+        [--standardise-cells on|off] [--normalise-by energy|max|fixed] [--calibrate-hits N] \\
+        [--out figures.json]
 
 Reports per layer: hits per shower generated / reference, the hits in rings around the
 axis, the hottest cell generated / reference, the share of hits under 0.1 MeV, and the
@@ -27,6 +28,7 @@ from pipeline import report_figures, toy_experiment_parser
 from caloforge.data import ShowerData, read_showers
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models.flows.convflow import ConvL2LFlow
+from caloforge.preprocessing import occupancy_cuts
 
 SIDE, CELL_MM, CUT_MEV = 30, 5.0, 0.075
 
@@ -50,6 +52,16 @@ def ring_hits(showers: np.ndarray, layers: int) -> dict[str, list[float]]:
             for name, ring in rings.items()}
 
 
+def cut_and_rescale(showers: np.ndarray, cuts: np.ndarray, layers: int) -> np.ndarray:
+    """Cells under their layer's cut (MeV) emptied, each layer scaled back to its energy."""
+    images = showers.reshape(len(showers), layers, -1)
+    kept = np.where(images >= cuts[None, :, None], images, 0.0)
+    sums = kept.sum(-1, keepdims=True)
+    scale = np.divide(images.sum(-1, keepdims=True), sums, out=np.zeros_like(sums),
+                      where=sums > 0)
+    return (kept * scale).reshape(showers.shape)
+
+
 def main() -> int:
     parser = toy_experiment_parser(__doc__.splitlines()[0], n_train=20_000, epochs=4)
     parser.add_argument("--train", required=True, help="ild-ecal training file")
@@ -60,6 +72,10 @@ def main() -> int:
     parser.add_argument("--noise-per-threshold", type=float, default=None,
                         help="dequantisation noise / the cut (default: the family's)")
     parser.add_argument("--standardise-cells", choices=["on", "off"], default="on")
+    parser.add_argument("--calibrate-hits", type=int, default=0, metavar="N",
+                        help="after training, cut each layer so that the model makes the "
+                             "hits per layer of the first N training showers (iCaloFlow's "
+                             "hit calibration, applied here to the generated showers)")
     parser.add_argument("--normalise-by", choices=["energy", "max", "fixed"], default=None,
                         help="the convflow normalise_by (default: the family's)")
     args = parser.parse_args()
@@ -83,6 +99,13 @@ def main() -> int:
     model.fit(train, tempfile.mkdtemp())
     seconds = time.perf_counter() - start
     generated = model.sample(heldout.incident_energies, seed=1).showers
+    cuts = None
+    if args.calibrate_hits:
+        calibration = train.select(slice(0, args.calibrate_hits))
+        cuts = occupancy_cuts(calibration.showers,
+                              model.sample(calibration.incident_energies, seed=3).showers,
+                              [SIDE * SIDE] * args.layers, CUT_MEV)
+        generated = cut_and_rescale(generated, np.asarray(cuts), args.layers)
     real, fake = heldout.showers, generated
     per_layer = (len(real), args.layers, -1)
     hits_real = (real.reshape(per_layer) > 0).sum(-1).mean(0)
@@ -96,6 +119,7 @@ def main() -> int:
         "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
         "seed": args.seed, "standardise_cells": config.standardise_cells,
         "normalise_by": config.normalise_by,
+        "hit_cuts_mev": None if cuts is None else np.round(cuts, 4).tolist(),
         "noise_mev": model.voxel_transform.noise_mev,
         "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],
