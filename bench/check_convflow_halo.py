@@ -28,7 +28,7 @@ from pipeline import report_figures, toy_experiment_parser
 from caloforge.data import ShowerData, read_showers
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models.flows.convflow import ConvL2LFlow
-from caloforge.preprocessing import occupancy_cuts
+from caloforge.preprocessing import VoxelTransform, occupancy_cuts
 
 SIDE, CELL_MM, CUT_MEV = 30, 5.0, 0.075
 
@@ -50,16 +50,6 @@ def ring_hits(showers: np.ndarray, layers: int) -> dict[str, list[float]]:
              "3-6": (radius >= 3) & (radius < 6), ">=6": radius >= 6}
     return {name: np.round((images[:, :, ring] > 0).sum(-1).mean(0), 2).tolist()
             for name, ring in rings.items()}
-
-
-def cut_and_rescale(showers: np.ndarray, cuts: np.ndarray, layers: int) -> np.ndarray:
-    """Cells under their layer's cut (MeV) emptied, each layer scaled back to its energy."""
-    images = showers.reshape(len(showers), layers, -1)
-    kept = np.where(images >= cuts[None, :, None], images, 0.0)
-    sums = kept.sum(-1, keepdims=True)
-    scale = np.divide(images.sum(-1, keepdims=True), sums, out=np.zeros_like(sums),
-                      where=sums > 0)
-    return (kept * scale).reshape(showers.shape)
 
 
 def main() -> int:
@@ -105,7 +95,10 @@ def main() -> int:
         cuts = occupancy_cuts(calibration.showers,
                               model.sample(calibration.incident_energies, seed=3).showers,
                               [SIDE * SIDE] * args.layers, CUT_MEV)
-        generated = cut_and_rescale(generated, np.asarray(cuts), args.layers)
+        layers = VoxelTransform(layer_sizes=[SIDE * SIDE] * args.layers)
+        voxels = torch.as_tensor(generated, dtype=torch.float64)
+        generated = layers.cut_layers(voxels, layers.layer_sums(voxels),
+                                      torch.tensor(cuts, dtype=torch.float64)).numpy()
     real, fake = heldout.showers, generated
     per_layer = (len(real), args.layers, -1)
     hits_real = (real.reshape(per_layer) > 0).sum(-1).mean(0)

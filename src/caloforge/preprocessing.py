@@ -243,11 +243,18 @@ class VoxelTransform(JsonState):
         voxels = shares * layer_energies[:, index]
         if layer_cuts is None:
             return cut_below(voxels, self.threshold_mev)
+        return self.cut_layers(voxels, layer_energies, layer_cuts)
+
+    def cut_layers(self, voxels: torch.Tensor, layer_energies: torch.Tensor,
+                   layer_cuts: torch.Tensor) -> torch.Tensor:
+        """Voxels ``(B, n_voxels)`` MeV under their layer's cut (``(L,)`` MeV) emptied, each
+        layer's other voxels scaled to its energy ``(B, L)`` MeV."""
+        index = self._index(voxels.device)
         kept = torch.where(voxels >= layer_cuts[index], voxels, torch.zeros_like(voxels))
         kept_sums = self.layer_sums(kept)
         # a layer with nothing left stays empty (0 x an infinite scale would be NaN)
         scale = torch.where(kept_sums > 0, layer_energies / kept_sums.clamp(
-            min=torch.finfo(x.dtype).tiny), torch.zeros_like(kept_sums))
+            min=torch.finfo(voxels.dtype).tiny), torch.zeros_like(kept_sums))
         return kept * scale[:, index]
 
 

@@ -39,8 +39,9 @@ def threshold_and_noise(config: Any, geometry: Geometry, noise_per_threshold: fl
 
 
 class LayerEnergyFlows(ConditionedModel):
-    """What CaloFlow and iCaloFlow share: a flow for the layer energies given the context
-    (Flow I / Flow-1) and voxel flows conditioned on standardised log layer energies.
+    """What CaloFlow, iCaloFlow and the convolutional flows share: a flow for the layer
+    energies given the context (Flow I / Flow-1) and voxel flows conditioned on
+    standardised log layer energies.
 
     Fitted preprocessing (saved with the model): the context (:class:`ConditionTransform`),
     the layer-energy u-space (:class:`LayerEnergyTransform`), the voxel transform and the
