@@ -9,7 +9,7 @@ sparsity, a fraction of the cost) and trains the `cpu` convflow with one change 
     python bench/check_convflow_halo.py --train ild-ecal-train.h5 --test ild-ecal-test.h5 \\
         [--first 8 --layers 6 --epochs 4] [--noise-per-threshold 0.01] \\
         [--standardise-cells on|off] [--normalise-by energy|max|fixed] [--calibrate-hits N] \\
-        [--out figures.json]
+        [--cut-groups layer,ring,cell] [--out figures.json]
 
 Reports per layer: hits per shower generated / reference, the hits in rings around the
 axis, the hottest cell generated / reference, the share of hits under 0.1 MeV, and the
@@ -28,7 +28,7 @@ from pipeline import report_figures, toy_experiment_parser
 from caloforge.data import ShowerData, read_showers
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models.flows.convflow import ConvL2LFlow
-from caloforge.preprocessing import VoxelTransform, occupancy_cuts
+from caloforge.preprocessing import VoxelTransform, group_occupancy_cuts
 
 SIDE, CELL_MM, CUT_MEV = 30, 5.0, 0.075
 
@@ -52,6 +52,55 @@ def ring_hits(showers: np.ndarray, layers: int) -> dict[str, list[float]]:
             for name, ring in rings.items()}
 
 
+def radial_widths(showers: np.ndarray, layers: int) -> np.ndarray:
+    """Energy-weighted RMS distance from the axis ``(N, layers)`` in cells (0: empty)."""
+    images = showers.reshape(len(showers), layers, SIDE * SIDE)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+    squared = (xx ** 2 + yy ** 2).ravel()
+    sums = images.sum(-1)
+    return np.sqrt((images * squared).sum(-1) / np.where(sums > 0, sums, 1))
+
+
+def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
+    """Per layer, generated / reference: hits, hottest cell, radial width; rings and the
+    share of hits under 0.1 MeV."""
+    per_layer = (len(real), layers, -1)
+
+    def ratio(values_fake: np.ndarray, values_real: np.ndarray) -> list[float]:
+        mean_fake = values_fake.mean(0, dtype=np.float64)
+        return np.round(mean_fake / values_real.mean(0, dtype=np.float64), 3).tolist()
+
+    def faint_share(showers: np.ndarray) -> float:
+        return round(float(((showers > 0) & (showers < 0.1)).sum()
+                           / max((showers > 0).sum(), 1)), 4)
+
+    return {
+        "hits_per_layer_generated_over_reference": ratio(
+            (fake.reshape(per_layer) > 0).sum(-1), (real.reshape(per_layer) > 0).sum(-1)),
+        "hottest_cell_generated_over_reference": ratio(fake.reshape(per_layer).max(-1),
+                                                       real.reshape(per_layer).max(-1)),
+        "radial_width_generated_over_reference": ratio(radial_widths(fake, layers),
+                                                       radial_widths(real, layers)),
+        "ring_hits_generated": ring_hits(fake, layers),
+        "faint_share_reference_generated": [faint_share(real), faint_share(fake)],
+    }
+
+
+def cut_groups(kind: str, layers: int) -> np.ndarray:
+    """Each voxel's calibration group ``(layers * SIDE * SIDE,)``: its layer, its layer and
+    radial ring (one cell wide, around the axis), or the voxel itself."""
+    cells = SIDE * SIDE
+    if kind == "cell":
+        return np.arange(layers * cells)
+    layer = np.repeat(np.arange(layers), cells)
+    if kind == "layer":
+        return layer
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
+    rings = np.floor(np.sqrt(xx ** 2 + yy ** 2)).astype(int).ravel()
+    n_rings = int(rings.max()) + 1
+    return layer * n_rings + np.tile(rings, layers)
+
+
 def main() -> int:
     parser = toy_experiment_parser(__doc__.splitlines()[0], n_train=20_000, epochs=4)
     parser.add_argument("--train", required=True, help="ild-ecal training file")
@@ -66,9 +115,17 @@ def main() -> int:
                         help="after training, cut each layer so that the model makes the "
                              "hits per layer of the first N training showers (iCaloFlow's "
                              "hit calibration, applied here to the generated showers)")
+    parser.add_argument("--cut-groups", default="layer",
+                        help="with --calibrate-hits: comma list of layer (one cut per "
+                             "layer), ring (per layer and radial ring, one cell wide), cell "
+                             "(per cell); each is reported")
     parser.add_argument("--normalise-by", choices=["energy", "max", "fixed"], default=None,
                         help="the convflow normalise_by (default: the family's)")
     args = parser.parse_args()
+    unknown = set(args.cut_groups.split(",")) - {"layer", "ring", "cell"}
+    if unknown:
+        parser.error(f"--cut-groups: unknown {', '.join(sorted(unknown))} "
+                     f"(layer, ring or cell)")
     torch.set_num_threads(1)
     geometry = Geometry("ild-slice", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=CELL_MM,
                                                           dy=CELL_MM)
@@ -89,40 +146,30 @@ def main() -> int:
     model.fit(train, tempfile.mkdtemp())
     seconds = time.perf_counter() - start
     generated = model.sample(heldout.incident_energies, seed=1).showers
-    cuts = None
+    real = heldout.showers
+    variants = {"threshold only": generated}
     if args.calibrate_hits:
         calibration = train.select(slice(0, args.calibrate_hits))
-        cuts = occupancy_cuts(calibration.showers,
-                              model.sample(calibration.incident_energies, seed=3).showers,
-                              [SIDE * SIDE] * args.layers, CUT_MEV)
+        calibration_sample = model.sample(calibration.incident_energies, seed=3).showers
         layers = VoxelTransform(layer_sizes=[SIDE * SIDE] * args.layers)
         voxels = torch.as_tensor(generated, dtype=torch.float64)
-        generated = layers.cut_layers(voxels, layers.layer_sums(voxels),
-                                      torch.tensor(cuts, dtype=torch.float64)).numpy()
-    real, fake = heldout.showers, generated
-    per_layer = (len(real), args.layers, -1)
-    hits_real = (real.reshape(per_layer) > 0).sum(-1).mean(0)
-    hits_fake = (fake.reshape(per_layer) > 0).sum(-1).mean(0)
-    hottest = fake.reshape(per_layer).max(-1).mean(0) / real.reshape(per_layer).max(-1).mean(0)
-
-    def faint_share(showers: np.ndarray) -> float:
-        return float(((showers > 0) & (showers < 0.1)).sum() / max((showers > 0).sum(), 1))
-
+        for kind in args.cut_groups.split(","):
+            groups = cut_groups(kind, args.layers)
+            cuts = group_occupancy_cuts(calibration.showers, calibration_sample, groups,
+                                        CUT_MEV)
+            variants[f"cuts per {kind}"] = layers.cut_voxels(
+                voxels, layers.layer_sums(voxels), torch.as_tensor(cuts[groups])).numpy()
     report_figures({
         "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
         "seed": args.seed, "standardise_cells": config.standardise_cells,
         "normalise_by": config.normalise_by,
-        "hit_cuts_mev": None if cuts is None else np.round(cuts, 4).tolist(),
         "noise_mev": model.voxel_transform.noise_mev,
         "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],
-        "hits_per_layer_reference": np.round(hits_real, 1).tolist(),
-        "hits_per_layer_generated_over_reference": np.round(hits_fake / hits_real, 3).tolist(),
-        "hottest_cell_generated_over_reference": np.round(hottest, 3).tolist(),
+        "hits_per_layer_reference": np.round(
+            (real.reshape(len(real), args.layers, -1) > 0).sum(-1).mean(0), 1).tolist(),
         "ring_hits_reference": ring_hits(real, args.layers),
-        "ring_hits_generated": ring_hits(fake, args.layers),
-        "faint_share_reference_generated": [round(faint_share(real), 4),
-                                            round(faint_share(fake), 4)],
+        **{name: compare(real, fake, args.layers) for name, fake in variants.items()},
     }, args.out)
     return 0
 

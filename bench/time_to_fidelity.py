@@ -53,7 +53,7 @@ def run_stage(args: argparse.Namespace, minutes: int) -> dict:
     run_dir = os.path.join(args.work, "run")
     resume = os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
     started = time.perf_counter()
-    caloforge("train", args.family, "--data", args.train, "--geometry", args.geometry,
+    training = caloforge("train", args.family, "--data", args.train, "--geometry", args.geometry,
               "-o", run_dir, "--time-budget", f"{minutes}m", "--threads", str(args.threads),
               *(["--resume"] if resume else []),
               *(["--config", args.config] if args.config and not resume else []))
@@ -69,6 +69,7 @@ def run_stage(args: argparse.Namespace, minutes: int) -> dict:
             "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
             "best_val_loss": summary["best_val_loss"],
             "train_call_wall_s": round(train_wall, 1),
+            "train_peak_rss_gb": round(training.peak_rss_gb, 2),
             "generation_ms_per_shower": round(1e3 * step.wall_s / args.n_eval, 1),
             "n_eval": args.n_eval, **headline(metrics),
             "max_separation_power": separation_summary(metrics.get("separation_power", {})),

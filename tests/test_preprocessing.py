@@ -14,6 +14,7 @@ from caloforge.preprocessing import (
     LayerEnergyTransform,
     LogitTransform,
     VoxelTransform,
+    group_occupancy_cuts,
     occupancy_cuts,
 )
 
@@ -92,6 +93,41 @@ def test_occupancy_cuts_leave_no_more_hits_than_the_reference(seed, real_empty, 
         if cut > threshold:  # only what had to go went (no ties in continuous draws)
             assert kept >= int(wanted)
         start += size
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 0.9), st.floats(0.0, 0.9))
+def test_group_cuts_leave_each_group_no_more_hits_than_the_reference(seed, real_empty,
+                                                                    fake_empty):
+    """Groups need not be contiguous (rings of an image): each gets its own cut."""
+    rng = np.random.default_rng(seed)
+    threshold = 0.01
+    groups = rng.integers(0, 3, 9)
+    groups[:3] = [0, 1, 2]  # every group has a voxel
+    real = rng.exponential(1.0, (40, 9)) * (rng.random((40, 9)) > real_empty)
+    fake = rng.exponential(1.0, (60, 9)) * (rng.random((60, 9)) > fake_empty)
+    real[real < threshold] = fake[fake < threshold] = 0.0
+    cuts = group_occupancy_cuts(real, fake, groups, threshold)
+    assert cuts.shape == (3,)
+    kept = fake >= cuts[groups]
+    for group in range(3):
+        members = groups == group
+        wanted = np.count_nonzero(real[:, members]) * 60 / 40
+        assert cuts[group] >= threshold
+        assert np.count_nonzero(kept[:, members]) <= wanted
+        if cuts[group] > threshold:
+            assert np.count_nonzero(kept[:, members]) >= int(wanted)
+
+
+def test_cut_voxels_empties_each_voxel_under_its_own_cut_and_keeps_layer_energies():
+    transform = VoxelTransform(layer_sizes=[3, 2])
+    voxels = torch.tensor([[0.5, 1.5, 4.0, 0.02, 1.98]], dtype=torch.float64)
+    cuts = torch.tensor([0.4, 2.0, 0.1, 0.01, 0.01], dtype=torch.float64)
+    layers = torch.tensor([[6.0, 2.0]], dtype=torch.float64)
+    out = transform.cut_voxels(voxels, layers, cuts)
+    # 1.5 MeV is under its own cut of 2 MeV, 0.5 MeV is not under its 0.4
+    np.testing.assert_allclose(out.numpy(), [[0.5 * 6 / 4.5, 0.0, 4.0 * 6 / 4.5, 0.02, 1.98]],
+                               rtol=1e-12)
 
 
 def test_condition_transform_standardises_and_records_range():

@@ -249,8 +249,14 @@ class VoxelTransform(JsonState):
                    layer_cuts: torch.Tensor) -> torch.Tensor:
         """Voxels ``(B, n_voxels)`` MeV under their layer's cut (``(L,)`` MeV) emptied, each
         layer's other voxels scaled to its energy ``(B, L)`` MeV."""
+        return self.cut_voxels(voxels, layer_energies, layer_cuts[self._index(voxels.device)])
+
+    def cut_voxels(self, voxels: torch.Tensor, layer_energies: torch.Tensor,
+                   voxel_cuts: torch.Tensor) -> torch.Tensor:
+        """Voxels ``(B, n_voxels)`` MeV under their own cut (``(n_voxels,)`` MeV) emptied,
+        each layer's other voxels scaled to its energy ``(B, L)`` MeV."""
         index = self._index(voxels.device)
-        kept = torch.where(voxels >= layer_cuts[index], voxels, torch.zeros_like(voxels))
+        kept = torch.where(voxels >= voxel_cuts, voxels, torch.zeros_like(voxels))
         kept_sums = self.layer_sums(kept)
         # a layer with nothing left stays empty (0 x an infinite scale would be NaN)
         scale = torch.where(kept_sums > 0, layer_energies / kept_sums.clamp(
@@ -264,21 +270,31 @@ def occupancy_cuts(reference: np.ndarray, generated: np.ndarray, layer_sizes: li
     showers ``(N_g, n_voxels)`` no more hits per shower on average than the ``reference``
     showers ``(N_r, n_voxels)`` have (the same incident energies): a hit/no-hit boundary
     calibrated on training data, for models that make too many faint voxels."""
-    cuts, start = [], 0
-    for size in layer_sizes:
-        real = reference[:, start:start + size]
-        fake = generated[:, start:start + size]
-        start += size
-        wanted = int(np.count_nonzero(real > 0) * len(fake) / max(len(real), 1))
+    layers = np.repeat(np.arange(len(layer_sizes)), layer_sizes)
+    return group_occupancy_cuts(reference, generated, layers, threshold_mev).tolist()
+
+
+def group_occupancy_cuts(reference: np.ndarray, generated: np.ndarray, groups: np.ndarray,
+                         threshold_mev: float) -> np.ndarray:
+    """:func:`occupancy_cuts` for any grouping of the voxels: ``groups`` ``(n_voxels,)``
+    holds each voxel's group (0 .. G-1, e.g. layer x radial ring); one cut per group
+    ``(G,)`` MeV, each >= ``threshold_mev``, that leaves the generated showers the
+    reference's hits per shower in that group (fewer if the model makes fewer)."""
+    n_groups = int(groups.max()) + 1
+    cuts = np.full(n_groups, threshold_mev, dtype=np.float64)
+    scale = len(generated) / max(len(reference), 1)
+    for group in range(n_groups):
+        members = groups == group
+        wanted = int(np.count_nonzero(reference[:, members] > 0) * scale)
+        fake = generated[:, members]
         hits = np.sort(fake[fake >= threshold_mev])[::-1]
         if wanted >= len(hits):
-            cuts.append(threshold_mev)
             continue
         # keep the `wanted` largest: the cut lies just above the largest value that goes
         largest_removed = np.float32(hits[wanted])
-        cuts.append(max(threshold_mev, float(np.nextafter(largest_removed, np.float32(np.inf)))))
+        cuts[group] = max(threshold_mev,
+                          float(np.nextafter(largest_removed, np.float32(np.inf))))
     return cuts
-
 
 
 @dataclass
