@@ -55,7 +55,7 @@ def run_stage(args: argparse.Namespace, minutes: int) -> dict:
     started = time.perf_counter()
     training = caloforge("train", args.family, "--data", args.train, "--geometry", args.geometry,
               "-o", run_dir, "--time-budget", f"{minutes}m", "--threads", str(args.threads),
-              *(["--resume"] if resume else []),
+              "--stream", args.stream, *(["--resume"] if resume else []),
               *(["--config", args.config] if args.config and not resume else []))
     train_wall = time.perf_counter() - started
     summary = training_summary(run_dir)
@@ -137,6 +137,8 @@ def main() -> int:
     parser.add_argument("--stages", default="30,60,120", help="training minutes, ascending")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-eval", type=int, default=5000)
+    parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                        help="caloforge train --stream (on: bounded memory for large files)")
     parser.add_argument("--config", default=None, help="YAML over the cpu preset (first stage)")
     parser.add_argument("--tag", default="cpu", help="names a line that is not the default")
     parser.add_argument("--work", default=None, help="run folder (default bench-output/ttf/..)")
