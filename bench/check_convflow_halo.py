@@ -9,7 +9,7 @@ sparsity, a fraction of the cost) and trains the `cpu` convflow with one change 
     python bench/check_convflow_halo.py --train ild-ecal-train.h5 --test ild-ecal-test.h5 \\
         [--first 8 --layers 6 --epochs 4] [--noise-per-threshold 0.01] \\
         [--standardise-cells on|off] [--normalise-by energy|max|fixed] [--calibrate-hits N] \\
-        [--cut-groups layer,ring,cell] [--out figures.json]
+        [--cut-groups layer,ring,cell,occupancy] [--out figures.json]
 
 Reports per layer: hits per shower generated / reference, the hits in rings around the
 axis, the hottest cell generated / reference, the share of hits under 0.1 MeV, and the
@@ -86,15 +86,24 @@ def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
     }
 
 
-def cut_groups(kind: str, layers: int) -> np.ndarray:
+OCCUPANCY_EDGES = np.array([1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95])
+
+
+def cut_groups(kind: str, layers: int, reference: np.ndarray) -> np.ndarray:
     """Each voxel's calibration group ``(layers * SIDE * SIDE,)``: its layer, its layer and
-    radial ring (one cell wide, around the axis), or the voxel itself."""
+    radial ring (one cell wide, around the axis), the voxel itself, or its layer and how
+    often the ``reference`` showers ``(N, n_voxels)`` hit it (bins of OCCUPANCY_EDGES: no
+    geometry assumed, cells hit as often share a cut)."""
     cells = SIDE * SIDE
     if kind == "cell":
         return np.arange(layers * cells)
     layer = np.repeat(np.arange(layers), cells)
     if kind == "layer":
         return layer
+    if kind == "occupancy":
+        occupancy = (reference > 0).mean(0)
+        n_bins = len(OCCUPANCY_EDGES) + 1
+        return layer * n_bins + np.digitize(occupancy, OCCUPANCY_EDGES)
     yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
     rings = np.floor(np.sqrt(xx ** 2 + yy ** 2)).astype(int).ravel()
     n_rings = int(rings.max()) + 1
@@ -118,14 +127,17 @@ def main() -> int:
     parser.add_argument("--cut-groups", default="layer",
                         help="with --calibrate-hits: comma list of layer (one cut per "
                              "layer), ring (per layer and radial ring, one cell wide), cell "
-                             "(per cell); each is reported")
+                             "(per cell), occupancy (per layer and training hit rate); "
+                             "each is reported")
+    parser.add_argument("--save-generated", default=None, metavar="FILE.npz",
+                        help="keep the held-out and every variant's generated showers")
     parser.add_argument("--normalise-by", choices=["energy", "max", "fixed"], default=None,
                         help="the convflow normalise_by (default: the family's)")
     args = parser.parse_args()
-    unknown = set(args.cut_groups.split(",")) - {"layer", "ring", "cell"}
+    unknown = set(args.cut_groups.split(",")) - {"layer", "ring", "cell", "occupancy"}
     if unknown:
         parser.error(f"--cut-groups: unknown {', '.join(sorted(unknown))} "
-                     f"(layer, ring or cell)")
+                     f"(layer, ring, cell or occupancy)")
     torch.set_num_threads(1)
     geometry = Geometry("ild-slice", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=CELL_MM,
                                                           dy=CELL_MM)
@@ -154,11 +166,14 @@ def main() -> int:
         layers = VoxelTransform(layer_sizes=[SIDE * SIDE] * args.layers)
         voxels = torch.as_tensor(generated, dtype=torch.float64)
         for kind in args.cut_groups.split(","):
-            groups = cut_groups(kind, args.layers)
+            groups = cut_groups(kind, args.layers, calibration.showers)
             cuts = group_occupancy_cuts(calibration.showers, calibration_sample, groups,
                                         CUT_MEV)
             variants[f"cuts per {kind}"] = layers.cut_voxels(
                 voxels, layers.layer_sums(voxels), torch.as_tensor(cuts[groups])).numpy()
+    if args.save_generated:
+        np.savez_compressed(args.save_generated, reference=real, energies=heldout.incident_energies,
+                            **{name.replace(" ", "_"): fake for name, fake in variants.items()})
     report_figures({
         "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
         "seed": args.seed, "standardise_cells": config.standardise_cells,
