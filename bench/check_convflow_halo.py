@@ -28,7 +28,7 @@ from pipeline import report_figures, toy_experiment_parser
 from caloforge.data import ShowerData, read_showers
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models.flows.convflow import ConvL2LFlow
-from caloforge.preprocessing import VoxelTransform, group_occupancy_cuts
+from caloforge.preprocessing import VoxelTransform, group_occupancy_cuts, hit_rate_groups
 
 SIDE, CELL_MM, CUT_MEV = 30, 5.0, 0.075
 
@@ -86,14 +86,10 @@ def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
     }
 
 
-OCCUPANCY_EDGES = np.array([1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95])
-
-
 def cut_groups(kind: str, layers: int, reference: np.ndarray) -> np.ndarray:
     """Each voxel's calibration group ``(layers * SIDE * SIDE,)``: its layer, its layer and
     radial ring (one cell wide, around the axis), the voxel itself, or its layer and how
-    often the ``reference`` showers ``(N, n_voxels)`` hit it (bins of OCCUPANCY_EDGES: no
-    geometry assumed, cells hit as often share a cut)."""
+    often the ``reference`` showers ``(N, n_voxels)`` hit it (``hit_rate_groups``)."""
     cells = SIDE * SIDE
     if kind == "cell":
         return np.arange(layers * cells)
@@ -101,9 +97,7 @@ def cut_groups(kind: str, layers: int, reference: np.ndarray) -> np.ndarray:
     if kind == "layer":
         return layer
     if kind == "occupancy":
-        occupancy = (reference > 0).mean(0)
-        n_bins = len(OCCUPANCY_EDGES) + 1
-        return layer * n_bins + np.digitize(occupancy, OCCUPANCY_EDGES)
+        return hit_rate_groups(reference, [cells] * layers)
     yy, xx = np.mgrid[0:SIDE, 0:SIDE] - (SIDE - 1) / 2
     rings = np.floor(np.sqrt(xx ** 2 + yy ** 2)).astype(int).ravel()
     n_rings = int(rings.max()) + 1

@@ -297,6 +297,29 @@ def group_occupancy_cuts(reference: np.ndarray, generated: np.ndarray, groups: n
     return cuts
 
 
+HIT_RATE_EDGES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
+
+
+def hit_rate_groups(showers: np.ndarray, layer_sizes: list[int],
+                    edges: tuple[float, ...] = HIT_RATE_EDGES) -> np.ndarray:
+    """Each voxel's group ``(n_voxels,)`` for :func:`group_occupancy_cuts`: its layer and
+    the bin (``edges``) of how often ``showers`` ``(N, n_voxels)`` hit it. No geometry
+    assumed: in a shower's halo, cells hit about as often lie about as far from the axis."""
+    layers = np.repeat(np.arange(len(layer_sizes)), layer_sizes)
+    return layers * (len(edges) + 1) + np.digitize((showers > 0).mean(0), edges)
+
+
+def cut_layer(cells: torch.Tensor, cuts: torch.Tensor, layer_energies: torch.Tensor
+              ) -> torch.Tensor:
+    """One layer's cells ``(B, S)`` MeV under their own cut ``(S,)`` MeV emptied, the others
+    scaled so that the layer keeps its energy ``(B,)`` MeV (an emptied layer stays empty)."""
+    kept = torch.where(cells >= cuts, cells, torch.zeros_like(cells))
+    sums = kept.sum(-1, keepdim=True)
+    scale = torch.where(sums > 0, layer_energies[:, None] / sums.clamp(
+        min=torch.finfo(cells.dtype).tiny), torch.zeros_like(sums))
+    return kept * scale
+
+
 @dataclass
 class MaxLogTransform(JsonState):
     """Layer images (MeV) <-> logit space, the convolutional L2LFlows preprocessing.

@@ -42,13 +42,22 @@ from torch import nn
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
-from ...preprocessing import LogitTransform, MaxLogTransform, monotone_log_map, quantile_map_nodes
+from ...preprocessing import (
+    LogitTransform,
+    MaxLogTransform,
+    cut_layer,
+    group_occupancy_cuts,
+    hit_rate_groups,
+    monotone_log_map,
+    quantile_map_nodes,
+)
 from ...training import TrainingConfig, config_from_dict
 from .conv_blocks import ConvFlow
 from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
 from .toolkit import FlowConfig, build_maf
 
 ENERGY_PART = "energy"
+CUT_GROUPS = ("hit-rate", "ring", "layer")
 
 
 @dataclass
@@ -77,7 +86,16 @@ class ConvFlowConfig:
     averaged over the angle), so that the untrained flow already samples a shower where the
     data has it. Without it the ILD flows learnt a position-free picture
     in which the core, always in the same central cells, was a 2.6-sigma event per value
-    (docs/convflow.md). Models saved before the option load without it.
+    (docs/convflow.md). Models saved before the option load without it;
+    ``hit_calibration_showers``: after training, the model samples the conditions of this
+    many training showers and sets one cut per group of cells (MeV, >= the threshold) that
+    leaves it each group's hits of those showers (0: off, the readout threshold only);
+    ``hit_calibration_groups``: ``hit-rate`` (per layer, cells binned by how often the
+    training showers hit them: no geometry assumed), ``ring`` (per layer and ring around
+    the image centre, one cell wide; cylinders: per radial bin) or ``layer``. Meant with
+    ``noise_mev`` near the cut (e.g. 0.9 x the threshold): the flows then make the faint
+    halo and too many noise crossings, and the cuts keep the data's hits in each group
+    (ild-ecal slice: every ring's hits at the data's, docs/convflow.md "The halo").
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -101,11 +119,19 @@ class ConvFlowConfig:
     layers: str = "all"
     postprocess: str = "none"
     postprocess_showers: int = 2000
+    hit_calibration_showers: int = 0
+    hit_calibration_groups: str = "hit-rate"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ConvFlowConfig:
         out = config_from_dict(cls, values, "convflow")
+        if out.hit_calibration_groups not in CUT_GROUPS:
+            raise OptionError(f"hit_calibration_groups must be one of {', '.join(CUT_GROUPS)}, "
+                              f"got {out.hit_calibration_groups!r}")
+        if out.hit_calibration_showers < 0:
+            raise OptionError(f"hit_calibration_showers must be >= 0, got "
+                              f"{out.hit_calibration_showers}")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
         if out.normalise_by not in ("max", "energy", "fixed"):
@@ -244,6 +270,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                               "--layers needs shared: false")
         self.trained_parts: list[str] = []
         self.postprocess_nodes: list[list[float]] | None = None
+        self.voxel_cuts_mev: list[float] | None = None  # see calibrate_hits
 
     PRESETS = PRESETS
 
@@ -420,18 +447,75 @@ class ConvL2LFlow(LayerEnergyFlows):
                               self.circular, self.image_shape)
 
     def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
-        if self.config.postprocess == "spline" and len(self.parts) < self.geometry.n_layers + 1:
-            raise OptionError("postprocess: spline needs every part in one run (it samples "
-                              "the whole model); train without --layers")
+        whole_model = [name for name, wanted in (
+            ("postprocess: spline", self.config.postprocess == "spline"),
+            ("hit_calibration_showers", self.config.hit_calibration_showers > 0)) if wanted]
+        if whole_model and len(self.parts) < self.geometry.n_layers + 1:
+            raise OptionError(f"{whole_model[0]} needs every part in one run (it samples "
+                              f"the whole model); train without --layers")
         super().prepare_fit(train, resume, device)
         if not resume and self.config.standardise_cells:
             self._fit_cell_statistics(train)
 
     def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
-        """Mark the parts trained; fit the spline post-processing where configured."""
+        """Mark the parts trained; calibrate the hit cuts, then fit the spline
+        post-processing, on the first training showers (each where configured)."""
         self.trained_parts = list(self.parts)
-        if self.config.postprocess == "spline":
-            self.fit_postprocess(first_showers(data, self.config.postprocess_showers))
+        config = self.config
+        spline = config.postprocess == "spline"
+        if not (spline or config.hit_calibration_showers):
+            return
+        reference = first_showers(data, max(config.hit_calibration_showers,
+                                            config.postprocess_showers if spline else 0))
+        if config.hit_calibration_showers:
+            self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
+        if spline:
+            self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
+
+    # --- hit/no-hit calibration --------------------------------------------------------
+    def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
+        """Set one cut per group of cells (MeV, >= the readout threshold) so that the
+        model, sampling ``reference``'s conditions, makes no more hits in each group than
+        ``reference`` has (:func:`~caloforge.preprocessing.group_occupancy_cuts`).
+
+        Why: the flows leave a gap between empty cells (noise under the cut) and faint
+        deposits; with the noise just under the cut they fill the halo but also cross the
+        cut far from the axis, and one cut per layer cannot tell the two apart
+        (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy."""
+        self.voxel_cuts_mev = self.postprocess_nodes = None
+        generated = self.sample(reference.incident_energies, reference.conditions,
+                                seed=seed).showers
+        groups = self._cut_groups(reference.showers)
+        cuts = group_occupancy_cuts(reference.showers, generated, groups,
+                                    self.voxel_transform.threshold_mev)
+        self.voxel_cuts_mev = [float(c) for c in cuts[groups]]
+
+    def _cut_groups(self, showers: np.ndarray) -> np.ndarray:
+        """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``)."""
+        n_layers, size = self.geometry.n_layers, self.voxels_per_pass
+        layers = np.repeat(np.arange(n_layers), size)
+        kind = self.config.hit_calibration_groups
+        if kind == "layer":
+            return layers
+        if kind == "hit-rate":
+            return hit_rate_groups(showers, [size] * n_layers)
+        h, w = self.image_shape
+        rows, columns = np.mgrid[0:h, 0:w]
+        rings = rows if self.circular else np.floor(np.hypot(
+            rows - (h - 1) / 2, columns - (w - 1) / 2)).astype(int)
+        rings = self._flat(torch.as_tensor(rings)[None])[0].numpy()
+        return layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
+
+    def _cut_calibrated(self, cells: torch.Tensor, layer: int, layer_energies: torch.Tensor
+                        ) -> torch.Tensor:
+        """One layer's cells ``(B, S)`` MeV under the calibrated cuts (where fitted), the
+        layer kept at its energy ``(B,)`` MeV."""
+        if self.voxel_cuts_mev is None:
+            return cells
+        size = cells.shape[1]
+        cuts = torch.tensor(self.voxel_cuts_mev[layer * size:(layer + 1) * size],
+                            dtype=cells.dtype, device=cells.device)
+        return cut_layer(cells, cuts, layer_energies)
 
     def on_best(self, run_dir: str, state: Any) -> None:
         self.trained_parts = list(self.parts)
@@ -480,7 +564,9 @@ class ConvL2LFlow(LayerEnergyFlows):
                 y = torch.cat(generated)
                 cells = self.voxel_transform.inverse(y.reshape(n, -1),
                                                      layer_energies[:, layer])
-                cells = self._postprocess(self._flat(cells.reshape(n, h, w)))
+                cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer,
+                                             layer_energies[:, layer])
+                cells = self._postprocess(cells)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
         return self._sampled_data(energies, out, conditions)
@@ -527,7 +613,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         y = finite_logits(self._unstandardised(self._flow(step).inverse(
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self.voxel_transform.inverse(y.flatten(1), state["layer_energies"][:, step])
-        cells = self._postprocess(self._flat(image.reshape(-1, h, w)))
+        cells = self._postprocess(self._cut_calibrated(self._flat(image.reshape(-1, h, w)),
+                                                       step, state["layer_energies"][:, step]))
         if not k:
             return cells, {}
         return cells, {"recent": torch.cat([recent[:, 1:], y[:, None]], dim=1)}
@@ -552,7 +639,8 @@ class ConvL2LFlow(LayerEnergyFlows):
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "trained_parts": self.trained_parts,
-                "postprocess_nodes": self.postprocess_nodes}
+                "postprocess_nodes": self.postprocess_nodes,
+                "voxel_cuts_mev": self.voxel_cuts_mev}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -564,6 +652,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.trained_parts = [str(p) for p in state.get("trained_parts", [])]
         nodes = state.get("postprocess_nodes")
         self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
+        cuts = state.get("voxel_cuts_mev")  # models saved before the calibration: None
+        self.voxel_cuts_mev = None if cuts is None else [float(c) for c in cuts]
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -599,7 +689,7 @@ def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
                     weights[key] = value
     merged.module.load_state_dict(weights)
     merged.trained_parts = sorted(owner, key=lambda p: -1 if p == ENERGY_PART else int(p))
-    merged.postprocess_nodes = None
+    merged.postprocess_nodes = merged.voxel_cuts_mev = None
     merged.training_summary = {"merged_from": [m.training_summary for m in models]}
     return merged
 
@@ -609,7 +699,7 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
     config = {k: v for k, v in state["config"].items() if k not in ("layers", "training")}
     return {"geometry": model.geometry.to_dict(), "config": config,
             **{k: v for k, v in state.items()
-               if k not in ("config", "trained_parts", "postprocess_nodes")}}
+               if k not in ("config", "trained_parts", "postprocess_nodes", "voxel_cuts_mev")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "merge_runs", "monotone_log_map",
