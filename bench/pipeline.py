@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CALOFORGE = os.path.join(os.path.dirname(sys.executable), "caloforge")
@@ -72,6 +72,21 @@ def save_json(path: str, data: object) -> None:
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, data)
+
+
+def update_json(path: str, change: Callable[[dict], None]) -> dict:
+    """Read ``path`` (``{}`` when absent), apply ``change`` to it and write it back atomically,
+    holding an exclusive lock on ``path + ".lock"`` throughout: benchmarks running side by side
+    each add their figures instead of writing back the file as it was when they started."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_json(path) if os.path.exists(path) else {}
+        change(data)
+        save_json(path, data)
+        return data
 
 
 def simulate(geometry: str, path: str, n: int, seed: int, reuse: bool = True,

@@ -20,13 +20,22 @@ the reference simulator, not Geant4.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
 
-from pipeline import caloforge, evaluate, generate, headline, read_json, save_json, training_summary
+from pipeline import (
+    caloforge,
+    evaluate,
+    generate,
+    headline,
+    read_json,
+    training_summary,
+    update_json,
+)
 
 RESULTS = "docs/results/time-to-fidelity.json"  # the table goes beside it, as .md
 PLOT = "docs/images/time-to-fidelity.png"
@@ -42,6 +51,22 @@ def separation_summary(powers: dict[str, float]) -> dict[str, float]:
         if values:
             summary[group] = round(max(values), 3)
     return summary
+
+
+def recorded_stages(path: str, key: str) -> set[int]:
+    """The stage minutes already in the results file for line ``key``."""
+    if not os.path.exists(path):
+        return set()
+    return {s["stage_min"] for s in read_json(path).get("lines", {}).get(key, {}).get(
+        "stages", [])}
+
+
+def record_stage(results: dict, key: str, family: str, geometry: str, stage: dict) -> None:
+    """Put ``stage`` into line ``key`` of ``results`` (replacing one of the same minutes)."""
+    line = results.setdefault("lines", {}).setdefault(
+        key, {"family": family, "geometry": geometry, "stages": []})
+    line["stages"] = [s for s in line["stages"] if s["stage_min"] != stage["stage_min"]]
+    line["stages"].append(stage)
 
 
 def line_key(family: str, geometry: str, tag: str) -> str:
@@ -146,7 +171,6 @@ def main() -> int:
     parser.add_argument("--plot-file", default=PLOT)
     parser.add_argument("--plot", action="store_true", help="only redraw plot and table")
     args = parser.parse_args()
-    results = read_json(args.results) if os.path.exists(args.results) else {"lines": {}}
     table = os.path.splitext(args.results)[0] + ".md"
     if not args.plot:
         if not (args.family and args.geometry and args.train and args.test):
@@ -154,16 +178,16 @@ def main() -> int:
         key = line_key(args.family, args.geometry, args.tag)
         args.work = args.work or os.path.join("bench-output", "ttf",
                                               f"{args.family}-{args.geometry}-{args.tag}")
-        line = results["lines"].setdefault(key, {"family": args.family,
-                                                 "geometry": args.geometry, "stages": []})
         for minutes in sorted(int(m) for m in args.stages.split(",")):
-            if any(s["stage_min"] == minutes for s in line["stages"]):
+            if minutes in recorded_stages(args.results, key):
                 print(f"{key}: {minutes} min already measured")
                 continue
-            line["stages"].append(run_stage(args, minutes))
-            save_json(args.results, results)
-            print(json.dumps(line["stages"][-1]), flush=True)
+            stage = run_stage(args, minutes)
+            results = update_json(args.results, functools.partial(
+                record_stage, key=key, family=args.family, geometry=args.geometry, stage=stage))
+            print(json.dumps(stage), flush=True)
             write_plot_and_table(results, args.plot_file, table)
+    results = read_json(args.results) if os.path.exists(args.results) else {"lines": {}}
     write_plot_and_table(results, args.plot_file, table)
     return 0
 
