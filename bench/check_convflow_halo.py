@@ -164,7 +164,7 @@ def main() -> int:
             cuts = group_occupancy_cuts(calibration.showers, calibration_sample, groups,
                                         CUT_MEV)
             variants[f"cuts per {kind}"] = layers.cut_voxels(
-                voxels, layers.layer_sums(voxels), torch.as_tensor(cuts[groups])).numpy()
+                voxels, torch.as_tensor(cuts[groups])).numpy()
     if args.save_generated:
         np.savez_compressed(args.save_generated, reference=real, energies=heldout.incident_energies,
                             **{name.replace(" ", "_"): fake for name, fake in variants.items()})

@@ -54,12 +54,12 @@ def test_layer_chain_and_reproducibility(teacher, data):
     kept = showers[showers > 0]
     threshold = model.voxel_transform.threshold_mev
     assert kept.size and kept.min() >= threshold
-    # each generated layer keeps its Flow-1 energy: the voxels under the layer's calibrated
-    # cut are emptied and the others scaled up (unless nothing is left)
+    # the calibrated cut empties the voxels under it and scales the layer's others up to
+    # the energy the layer had above the readout threshold (unless nothing is left); not to
+    # the Flow-1 energy, which holds the dequantisation noise of the empty voxels
+    calibrated_layers = GEOMETRY.layer_energies(showers.astype(np.float64))
     flow1 = model.sample_layer_energies(energies, seed=3)
-    layers = GEOMETRY.layer_energies(showers.astype(np.float64))
     assert model.hit_cuts_mev is not None
-    np.testing.assert_allclose(layers[layers > 0], flow1[layers > 0], rtol=1e-4)
     # without calibration: the Flow-1 energy less the voxels cut at the threshold
     cuts, model.hit_cuts_mev = model.hit_cuts_mev, None
     try:
@@ -67,6 +67,8 @@ def test_layer_chain_and_reproducibility(teacher, data):
     finally:
         model.hit_cuts_mev = cuts
     layers = GEOMETRY.layer_energies(showers.astype(np.float64))
+    kept = calibrated_layers > 0
+    np.testing.assert_allclose(calibrated_layers[kept], layers[kept], rtol=1e-4)
     cut = GEOMETRY.layer_energies((showers == 0).astype(np.float64))
     missing = flow1 - layers
     assert (missing >= -1e-5 * flow1 - 1e-6).all()
@@ -192,12 +194,17 @@ def test_student_distils_flow2_and_flow3(teacher, data, tmp_path):
     assert isinstance(loaded, ICaloFlowStudent) and loaded.module.flow3.transform.transforms
     energies = data.incident_energies[:200]
     showers = loaded.sample(energies, seed=4).showers
-    # the student shares Flow-1: its layers keep the teacher's layer energies (those
-    # with a voxel above the student's own calibrated cuts)
+    # the student shares Flow-1: its layers keep the teacher's layer energies less the
+    # voxels under the readout threshold (those with a voxel above the student's own
+    # calibrated cuts; the others are empty)
     assert loaded.hit_cuts_mev is not None
     flow1 = model.sample_layer_energies(energies, seed=4)
     layers = GEOMETRY.layer_energies(showers.astype(np.float64))
-    np.testing.assert_allclose(layers[layers > 0], flow1[layers > 0], rtol=1e-4)
+    empty = GEOMETRY.layer_energies((showers == 0).astype(np.float64))
+    missing = (flow1 - layers)[layers > 0]
+    assert (missing >= -1e-5 * flow1[layers > 0]).all()
+    assert (missing <= empty[layers > 0] * loaded.voxel_transform.threshold_mev
+            + 1e-5 * flow1[layers > 0]).all()
 
 
 def test_student_splits_batches_beyond_its_step_memory_budget(teacher, data, tmp_path,
@@ -337,7 +344,11 @@ def test_hit_calibration_keeps_sparse_layers_sparse(tmp_path):
     raw, raw_energy = hits_and_energy(model.sample(held_out.incident_energies, seed=1).showers)
     assert raw.max() > 1.3  # the defect, reproduced: extra hits in the sparse layers
     np.testing.assert_array_less(np.abs(calibrated - 1), 0.15)
-    np.testing.assert_allclose(energy, raw_energy, rtol=0.03)  # energy moved, not lost
+    # energy moved to the kept voxels, not lost, except where the cut empties a layer
+    # (~4 % in the sparsest layer, with about one hit)
+    assert (energy <= raw_energy * (1 + 1e-5)).all()
+    np.testing.assert_allclose(energy[:3], raw_energy[:3], rtol=0.01)
+    np.testing.assert_allclose(energy, raw_energy, rtol=0.06)
     model.hit_cuts_mev = cuts
     # the spectrum spline (postprocess: spline) lifts the faint hits the cut leaves
     calibrated_showers = model.sample(held_out.incident_energies, seed=1).showers
@@ -346,7 +357,7 @@ def test_hit_calibration_keeps_sparse_layers_sparse(tmp_path):
     mapped, mapped_energy = hits_and_energy(mapped_showers)
     assert faint_share(mapped_showers) < 0.5 * faint_share(calibrated_showers)
     np.testing.assert_array_less(np.abs(mapped - 1), 0.15)
-    np.testing.assert_allclose(mapped_energy, energy, rtol=0.02)
+    np.testing.assert_allclose(mapped_energy, raw_energy, rtol=0.02)
     model.save(str(tmp_path / "saved"))
     loaded = load_model(str(tmp_path / "saved"))
     assert loaded.hit_cuts_mev == cuts and loaded.postprocess_nodes == model.postprocess_nodes

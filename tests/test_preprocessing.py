@@ -119,15 +119,20 @@ def test_group_cuts_leave_each_group_no_more_hits_than_the_reference(seed, real_
             assert np.count_nonzero(kept[:, members]) >= int(wanted)
 
 
-def test_cut_voxels_empties_each_voxel_under_its_own_cut_and_keeps_layer_energies():
-    transform = VoxelTransform(layer_sizes=[3, 2])
-    voxels = torch.tensor([[0.5, 1.5, 4.0, 0.02, 1.98]], dtype=torch.float64)
+@pytest.mark.parametrize("layer_sizes", [[3, 2], [5]])
+def test_cut_voxels_empties_each_voxel_under_its_own_cut_and_keeps_layer_energies(layer_sizes):
+    transform = VoxelTransform(layer_sizes=layer_sizes)
+    voxels = torch.tensor([[0.5, 1.5, 4.0, 0.02, 1.98], [0.1, 0.2, 0.3, 0.0, 0.0]],
+                          dtype=torch.float64)
     cuts = torch.tensor([0.4, 2.0, 0.1, 0.01, 0.01], dtype=torch.float64)
-    layers = torch.tensor([[6.0, 2.0]], dtype=torch.float64)
-    out = transform.cut_voxels(voxels, layers, cuts)
-    # 1.5 MeV is under its own cut of 2 MeV, 0.5 MeV is not under its 0.4
-    np.testing.assert_allclose(out.numpy(), [[0.5 * 6 / 4.5, 0.0, 4.0 * 6 / 4.5, 0.02, 1.98]],
-                               rtol=1e-12)
+    out = transform.cut_voxels(voxels, cuts)
+    # 1.5 MeV is under its own cut of 2 MeV, 0.5 MeV is not under its 0.4; each layer keeps
+    # the energy its voxels had (an emptied layer stays empty)
+    scale = 6.0 / 4.5 if len(layer_sizes) == 2 else 8.0 / 6.5
+    np.testing.assert_allclose(out[0, :3].numpy(), [0.5 * scale, 0.0, 4.0 * scale], rtol=1e-12)
+    np.testing.assert_allclose(transform.layer_sums(out).numpy(),
+                               transform.layer_sums(voxels).numpy(), rtol=1e-12)
+    assert out[1, 3:].sum() == 0 and out[1, 2] == pytest.approx(0.6)
 
 
 def test_condition_transform_standardises_and_records_range():

@@ -214,6 +214,8 @@ class VoxelTransform(JsonState):
 
     def layer_sums(self, voxels: torch.Tensor) -> torch.Tensor:
         """Per-layer sums ``(N, L)`` of ``(N, n_voxels)``."""
+        if len(self.layer_sizes) == 1:  # one layer: no scatter in an exported graph
+            return voxels.sum(-1, keepdim=True)
         index = self._index(voxels.device).expand(voxels.shape[0], -1)
         out = torch.zeros(voxels.shape[0], len(self.layer_sizes), dtype=voxels.dtype,
                           device=voxels.device)
@@ -235,32 +237,33 @@ class VoxelTransform(JsonState):
 
         ``layer_cuts`` ``(L,)`` MeV (each >= the threshold; see :func:`occupancy_cuts`):
         voxels below their layer's cut are emptied and the layer's other voxels scaled up
-        to keep its energy (the layer energy is the better-modelled quantity)."""
+        to keep its energy above the threshold (:meth:`cut_voxels`)."""
         shares = LogitTransform(self.alpha).inverse(x)
         sums = self.layer_sums(shares)
         index = self._index(x.device)
         shares = shares / sums[:, index].clamp(min=torch.finfo(x.dtype).tiny)
         voxels = shares * layer_energies[:, index]
-        if layer_cuts is None:
-            return cut_below(voxels, self.threshold_mev)
-        return self.cut_layers(voxels, layer_energies, layer_cuts)
+        voxels = cut_below(voxels, self.threshold_mev)
+        return voxels if layer_cuts is None else self.cut_layers(voxels, layer_cuts)
 
-    def cut_layers(self, voxels: torch.Tensor, layer_energies: torch.Tensor,
-                   layer_cuts: torch.Tensor) -> torch.Tensor:
-        """Voxels ``(B, n_voxels)`` MeV under their layer's cut (``(L,)`` MeV) emptied, each
-        layer's other voxels scaled to its energy ``(B, L)`` MeV."""
-        return self.cut_voxels(voxels, layer_energies, layer_cuts[self._index(voxels.device)])
+    def cut_layers(self, voxels: torch.Tensor, layer_cuts: torch.Tensor) -> torch.Tensor:
+        """:meth:`cut_voxels` with one cut per layer ``(L,)`` MeV."""
+        return self.cut_voxels(voxels, layer_cuts[self._index(voxels.device)])
 
-    def cut_voxels(self, voxels: torch.Tensor, layer_energies: torch.Tensor,
-                   voxel_cuts: torch.Tensor) -> torch.Tensor:
+    def cut_voxels(self, voxels: torch.Tensor, voxel_cuts: torch.Tensor) -> torch.Tensor:
         """Voxels ``(B, n_voxels)`` MeV under their own cut (``(n_voxels,)`` MeV) emptied,
-        each layer's other voxels scaled to its energy ``(B, L)`` MeV."""
+        each layer's other voxels scaled up so that the layer keeps the energy it had.
+
+        Why keep it: the layer energy is the better-modelled quantity, the cut only says
+        which faint voxels are not hits. The energy kept is the one the voxels carry (above
+        the readout threshold), not the flows' layer energy: that one includes the
+        dequantisation noise of the empty voxels, which must not come back as signal."""
         index = self._index(voxels.device)
         kept = torch.where(voxels >= voxel_cuts, voxels, torch.zeros_like(voxels))
-        kept_sums = self.layer_sums(kept)
+        before, after = self.layer_sums(voxels), self.layer_sums(kept)
         # a layer with nothing left stays empty (0 x an infinite scale would be NaN)
-        scale = torch.where(kept_sums > 0, layer_energies / kept_sums.clamp(
-            min=torch.finfo(voxels.dtype).tiny), torch.zeros_like(kept_sums))
+        scale = torch.where(after > 0, before / after.clamp(min=torch.finfo(voxels.dtype).tiny),
+                            torch.zeros_like(after))
         return kept * scale[:, index]
 
 
@@ -307,17 +310,6 @@ def hit_rate_groups(showers: np.ndarray, layer_sizes: list[int],
     assumed: in a shower's halo, cells hit about as often lie about as far from the axis."""
     layers = np.repeat(np.arange(len(layer_sizes)), layer_sizes)
     return layers * (len(edges) + 1) + np.digitize((showers > 0).mean(0), edges)
-
-
-def cut_layer(cells: torch.Tensor, cuts: torch.Tensor, layer_energies: torch.Tensor
-              ) -> torch.Tensor:
-    """One layer's cells ``(B, S)`` MeV under their own cut ``(S,)`` MeV emptied, the others
-    scaled so that the layer keeps its energy ``(B,)`` MeV (an emptied layer stays empty)."""
-    kept = torch.where(cells >= cuts, cells, torch.zeros_like(cells))
-    sums = kept.sum(-1, keepdim=True)
-    scale = torch.where(sums > 0, layer_energies[:, None] / sums.clamp(
-        min=torch.finfo(cells.dtype).tiny), torch.zeros_like(sums))
-    return kept * scale
 
 
 @dataclass

@@ -45,7 +45,7 @@ from ...geometry import Geometry
 from ...preprocessing import (
     LogitTransform,
     MaxLogTransform,
-    cut_layer,
+    VoxelTransform,
     group_occupancy_cuts,
     hit_rate_groups,
     monotone_log_map,
@@ -481,7 +481,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         Why: the flows leave a gap between empty cells (noise under the cut) and faint
         deposits; with the noise just under the cut they fill the halo but also cross the
         cut far from the axis, and one cut per layer cannot tell the two apart
-        (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy."""
+        (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy above
+        the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
         self.voxel_cuts_mev = self.postprocess_nodes = None
         generated = self.sample(reference.incident_energies, reference.conditions,
                                 seed=seed).showers
@@ -506,16 +507,19 @@ class ConvL2LFlow(LayerEnergyFlows):
         rings = self._flat(torch.as_tensor(rings)[None])[0].numpy()
         return layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
 
-    def _cut_calibrated(self, cells: torch.Tensor, layer: int, layer_energies: torch.Tensor
-                        ) -> torch.Tensor:
-        """One layer's cells ``(B, S)`` MeV under the calibrated cuts (where fitted), the
-        layer kept at its energy ``(B,)`` MeV."""
+    def _cut_calibrated(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer's cells ``(B, S)`` MeV (already under the readout threshold) under the
+        calibrated cuts (where fitted), the layer kept at its energy above the threshold.
+
+        Not at the flows' layer energy: that includes the dequantisation noise of the empty
+        cells (with the noise band, 0.9 x the cut, ~30 MeV per ILD layer), which the
+        readout threshold has already removed and must not come back as signal."""
         if self.voxel_cuts_mev is None:
             return cells
         size = cells.shape[1]
         cuts = torch.tensor(self.voxel_cuts_mev[layer * size:(layer + 1) * size],
                             dtype=cells.dtype, device=cells.device)
-        return cut_layer(cells, cuts, layer_energies)
+        return VoxelTransform(layer_sizes=[size]).cut_voxels(cells, cuts)
 
     def on_best(self, run_dir: str, state: Any) -> None:
         self.trained_parts = list(self.parts)
@@ -564,8 +568,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                 y = torch.cat(generated)
                 cells = self.voxel_transform.inverse(y.reshape(n, -1),
                                                      layer_energies[:, layer])
-                cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer,
-                                             layer_energies[:, layer])
+                cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer)
                 cells = self._postprocess(cells)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
@@ -614,7 +617,7 @@ class ConvL2LFlow(LayerEnergyFlows):
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self.voxel_transform.inverse(y.flatten(1), state["layer_energies"][:, step])
         cells = self._postprocess(self._cut_calibrated(self._flat(image.reshape(-1, h, w)),
-                                                       step, state["layer_energies"][:, step]))
+                                                       step))
         if not k:
             return cells, {}
         return cells, {"recent": torch.cat([recent[:, 1:], y[:, None]], dim=1)}

@@ -311,7 +311,8 @@ class ICaloFlow(LayerEnergyFlows):
         and the faintest real deposits a few logit units apart, and sampling puts too much
         mass between them: voxels just above the threshold, too many in sparse layers
         (docs/icaloflow.md). The cut removes the faintest generated voxels of a layer
-        until its hit count is the data's; the layer keeps its Flow-1 energy."""
+        until its hit count is the data's; the layer keeps its energy above the readout
+        threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
         self.hit_cuts_mev = self.postprocess_nodes = None
         generated = self._sample_like(reference, seed)
         self.hit_cuts_mev = occupancy_cuts(reference.showers, generated,
