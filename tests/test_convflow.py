@@ -298,15 +298,16 @@ def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
 
 
 def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
-    """Circular padding, a shared flow with position channels, hit cuts per radial bin and
-    the post-processing spline: onnxruntime gives the showers ``sample`` gives for the same
-    noise."""
+    """Circular padding, a shared flow with position channels, deposited layer energies,
+    hit cuts per radial bin and the post-processing spline: onnxruntime gives the showers
+    ``sample`` gives for the same noise."""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
     model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True, position_channels=True,
                                         noise_mev=0.009, hit_calibration_showers=100,
-                                        hit_calibration_groups="ring"))
+                                        hit_calibration_groups="ring",
+                                        layer_energy="deposited"))
     model.fit(data, str(tmp_path / "run"))
     assert len(model.voxel_cuts_mev) == CYLINDER.n_voxels
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
@@ -383,6 +384,12 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
     assert "hit_calibration_groups must be one of hit-rate, ring, layer" in \
         capsys.readouterr().err
+    config.write_text("layer_energy: raw\n")
+    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+    assert "layer_energy must be one of noisy, deposited" in capsys.readouterr().err
+    config.write_text("layer_energy: deposited\nnormalise_by: fixed\n")
+    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+    assert "layer_energy: deposited needs normalise_by energy or max" in capsys.readouterr().err
     config.write_text("hit_calibration_showers: 20\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config), "--layers",
                  "0-1"]) == 1
@@ -550,3 +557,46 @@ def test_calibrated_cuts_keep_the_halo_and_empty_the_far_cells(tmp_path):
     assert saved.voxel_cuts_mev == cuts.tolist()
     np.testing.assert_array_equal(saved.sample(reference.incident_energies, seed=1).showers,
                                   calibrated.showers)
+
+
+def _faint_showers(n: int, seed: int, side: int = 10, threshold: float = 0.5) -> ShowerData:
+    """Gaussian layers of 8 / 50 / 10 MeV on average (a few to tens of hits above the
+    0.5 MeV cut): less than the dequantisation noise of 100 empty cells under the cut."""
+    rng = np.random.default_rng(seed)
+    energies = rng.uniform(1e3, 1e4, n)
+    yy, xx = np.mgrid[0:side, 0:side] - (side - 1) / 2
+    layers = []
+    for layer, scale in enumerate((0.002, 0.01, 0.003)):
+        width = rng.uniform(0.8, 1.2, n)[:, None, None] * (1 + 0.25 * layer)
+        share = np.exp(-(xx[None] ** 2 + yy[None] ** 2) / (2 * width ** 2))
+        image = share / share.sum((1, 2), keepdims=True) * energies[:, None, None] * scale
+        image *= rng.gamma(8, 1 / 8, share.shape)
+        image[image < threshold] = 0
+        layers.append(image.reshape(n, -1))
+    return ShowerData(energies, np.concatenate(layers, 1).astype(np.float32), {}, {})
+
+
+def test_deposited_layer_energies_keep_faint_layers_faint(tmp_path):
+    """Issue 28's ild-ecal layer-energy defect on a tiny case. With the empty cells
+    dequantised just under the cut (0.9 x the threshold), a layer's noisy sum holds ~22 MeV
+    of noise here, more than the deposit of the faint layers; an energy flow of the noisy
+    sums made those layers 4-5 x too hot (the hottest layer 1.2-1.4 x; 2 and 5 epochs). With
+    ``layer_energy: deposited`` the energy flow learns the deposits and sampling scales each
+    image so that its hits carry them (within ~1.6 x at 2 epochs)."""
+    side, threshold = 10, 0.5
+    geometry = Geometry("faint", tuple(CartesianLayer(i, nx=side, ny=side, dx=5.0, dy=5.0)
+                                       for i in range(3)), threshold_mev=threshold)
+    config = tiny_config(ConvL2LFlow, 2, width=8, blocks=3, bins=8, embedding=4,
+                         previous_layers=1, noise_mev=0.9 * threshold,
+                         layer_energy="deposited")
+    config.training.batch_size = 64
+    model = ConvL2LFlow(geometry, config)
+    model.fit(_faint_showers(1500, seed=1), str(tmp_path))
+    reference = _faint_showers(600, seed=2)
+    generated = model.sample(reference.incident_energies, seed=1).showers
+    ratio = geometry.layer_energies(generated).mean(0) / \
+        geometry.layer_energies(reference.showers).mean(0)
+    assert ((ratio > 0.6) & (ratio < 1.8)).all(), ratio
+    kept = generated[generated > 0]
+    assert kept.min() >= threshold
+    assert load_model(str(tmp_path)).config.layer_energy == "deposited"

@@ -16,6 +16,7 @@ from caloforge.preprocessing import (
     VoxelTransform,
     group_occupancy_cuts,
     occupancy_cuts,
+    scale_to_deposit,
 )
 
 positive = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -159,3 +160,25 @@ def test_condition_range_check_has_a_margin():
     transform.check_range(np.array([995.0, 100_500.0]), {}, "held-out.h5")
     with pytest.raises(CaloforgeError, match="held-out.h5.*training range"):
         transform.check_range(np.array([900.0]), {}, "held-out.h5")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 200.0), st.floats(0.01, 5.0))
+def test_scaled_hits_carry_the_deposit(seed, deposited, threshold):
+    """scale_to_deposit: every hit at or above the threshold, the hits summing to the
+    deposit (none below the threshold: an empty layer), hotter shares never colder cells."""
+    rng = np.random.default_rng(seed)
+    shares = torch.as_tensor(rng.exponential(1.0, (3, 40)) ** 3, dtype=torch.float64)
+    shares[1, ::2] = 0.0
+    deposits = torch.tensor([deposited, deposited, 0.5 * threshold], dtype=torch.float64)
+    cells = scale_to_deposit(shares, deposits, threshold)
+    hits = cells > 0
+    assert (cells[hits] >= threshold * (1 - 1e-12)).all()
+    sums = cells.sum(-1)
+    for row in range(3):
+        if deposits[row] >= threshold * (1 + 1e-9):  # at the threshold: rounding decides
+            assert sums[row] == pytest.approx(float(deposits[row]), rel=1e-9)
+        elif deposits[row] < threshold:
+            assert sums[row] == 0
+        order = torch.argsort(shares[row], descending=True)
+        assert (cells[row][order].diff() <= 1e-12).all()

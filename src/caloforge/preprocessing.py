@@ -312,6 +312,29 @@ def hit_rate_groups(showers: np.ndarray, layer_sizes: list[int],
     return layers * (len(edges) + 1) + np.digitize((showers > 0).mean(0), edges)
 
 
+def scale_to_deposit(shares: torch.Tensor, deposited: torch.Tensor, threshold_mev: float
+                     ) -> torch.Tensor:
+    """One layer's relative cell values ``(B, S)`` (>= 0, any scale) and its deposited
+    energy ``(B,)`` MeV -> cells ``(B, S)`` MeV whose hits carry exactly the deposit.
+
+    The layer image is scaled so that its hits (cells >= ``threshold_mev``) sum to the
+    deposit: with the k hottest cells as the hits the scale is deposit / (their shares' sum),
+    and k is the largest count whose coldest member still reaches the threshold at its
+    scale (that coldest cell times the scale falls as k grows, so the valid counts are a
+    prefix). The other cells are empty, and so is a layer whose deposit is below the
+    threshold. Why: a flow for the layer energies with the empty cells' dequantisation noise
+    in them (hundreds of cells x noise near the cut) has to resolve the deposit as a small
+    difference of large numbers; this way it learns the deposit itself."""
+    tiny = torch.finfo(shares.dtype).tiny
+    ordered = torch.sort(shares, dim=-1, descending=True).values
+    scales = deposited[:, None] / ordered.cumsum(-1).clamp(min=tiny)
+    hits = (ordered * scales >= threshold_mev).sum(-1, keepdim=True)
+    last = (hits - 1).clamp(min=0)
+    coldest_hit = torch.gather(ordered, -1, last)
+    scale = torch.where(hits > 0, torch.gather(scales, -1, last), torch.zeros_like(coldest_hit))
+    return torch.where(shares >= coldest_hit, shares * scale, torch.zeros_like(shares))
+
+
 @dataclass
 class MaxLogTransform(JsonState):
     """Layer images (MeV) <-> logit space, the convolutional L2LFlows preprocessing.
@@ -377,6 +400,14 @@ class MaxLogTransform(JsonState):
         total = shares.sum(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
         cells = shares * (layer_energies[:, None] / total)
         return cut_below(cells, self.threshold_mev)
+
+    def inverse_deposited(self, x: torch.Tensor, deposited: torch.Tensor) -> torch.Tensor:
+        """Logit values ``(B, S)`` and the layers' deposited energies ``(B,)`` MeV (the sum
+        of the cells above the threshold, without dequantisation noise) -> cells ``(B, S)``
+        MeV whose hits sum to it (:func:`scale_to_deposit`)."""
+        y = LogitTransform(self.alpha).inverse(x)
+        shares = (torch.pow(10.0, (y - 1) * self.decades) - self.offset).clamp(min=0)
+        return scale_to_deposit(shares, deposited, self.threshold_mev)
 
 
 @dataclass

@@ -50,6 +50,7 @@ from ...preprocessing import (
     hit_rate_groups,
     monotone_log_map,
     quantile_map_nodes,
+    uniform_noise,
 )
 from ...training import TrainingConfig, config_from_dict
 from .conv_blocks import ConvFlow
@@ -58,6 +59,7 @@ from .toolkit import FlowConfig, build_maf
 
 ENERGY_PART = "energy"
 CUT_GROUPS = ("hit-rate", "ring", "layer")
+LAYER_ENERGIES = ("noisy", "deposited")
 
 
 @dataclass
@@ -95,7 +97,14 @@ class ConvFlowConfig:
     the image centre, one cell wide; cylinders: per radial bin) or ``layer``. Meant with
     ``noise_mev`` near the cut (e.g. 0.9 x the threshold): the flows then make the faint
     halo and too many noise crossings, and the cuts keep the data's hits in each group
-    (ild-ecal slice: every ring's hits at the data's, docs/convflow.md "The halo").
+    (ild-ecal slice: every ring's hits at the data's, docs/convflow.md "The halo");
+    ``layer_energy``: what the energy flow learns and the voxel flows are conditioned on,
+    each layer's ``noisy`` sum (with the dequantisation noise of its empty cells; saved
+    models before the option) or its ``deposited`` energy (the cells above the threshold;
+    empty layers dequantised below a tenth of it); sampling then scales each generated image
+    so that its hits carry the deposit (:func:`~caloforge.preprocessing.scale_to_deposit`).
+    With noise near the cut the noisy sum of an ILD layer holds ~30 MeV of noise, more than
+    the deposit of its first and last layers.
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -121,6 +130,7 @@ class ConvFlowConfig:
     postprocess_showers: int = 2000
     hit_calibration_showers: int = 0
     hit_calibration_groups: str = "hit-rate"
+    layer_energy: str = "noisy"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -132,6 +142,12 @@ class ConvFlowConfig:
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
+        if out.layer_energy not in LAYER_ENERGIES:
+            raise OptionError(f"layer_energy must be one of {', '.join(LAYER_ENERGIES)}, got "
+                              f"{out.layer_energy!r}")
+        if out.layer_energy == "deposited" and out.normalise_by == "fixed":
+            raise OptionError("layer_energy: deposited needs normalise_by energy or max (a "
+                              "fixed scale already sets the cells' energies)")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
         if out.normalise_by not in ("max", "energy", "fixed"):
@@ -347,7 +363,7 @@ class ConvL2LFlow(LayerEnergyFlows):
             shift = int(torch.randint(self.image_shape[1], (1,), generator=generator))
             images = torch.roll(images, shift, dims=-1)
         noisy = self.voxel_transform.add_noise(images, generator)
-        energies = noisy.sum(dim=(-2, -1))
+        energies = self._flow_layer_energies(images, noisy, generator)
         n, n_layers = energies.shape
         y = self.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape)
         context = self._context(batch)
@@ -473,6 +489,34 @@ class ConvL2LFlow(LayerEnergyFlows):
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
 
     # --- hit/no-hit calibration --------------------------------------------------------
+    # --- the layer energies the flows learn (``layer_energy``) -------------------------
+    @property
+    def deposit_floor_mev(self) -> float:
+        """``layer_energy: deposited``: empty layers' energies are dequantised by U(0, this)
+        MeV, below any hit (sampled deposits under the threshold give empty layers)."""
+        return 0.1 * self.voxel_transform.threshold_mev
+
+    def _flow_layer_energies(self, images: torch.Tensor, noisy: torch.Tensor,
+                             generator: torch.Generator | None) -> torch.Tensor:
+        """Layer energies ``(B, L)`` MeV the energy flow learns: the sums of the noisy
+        images ``(B, L, H, W)`` or the deposits of the images, dequantised."""
+        if self.config.layer_energy == "noisy":
+            return noisy.sum(dim=(-2, -1))
+        deposits = images.sum(dim=(-2, -1))
+        return deposits + self.deposit_floor_mev * uniform_noise(deposits, generator)
+
+    def _expected_layer_offset_mev(self) -> np.ndarray:
+        if self.config.layer_energy == "noisy":
+            return super()._expected_layer_offset_mev()
+        return np.full(self.geometry.n_layers, 0.5 * self.deposit_floor_mev)
+
+    def _cells(self, y: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
+        """One layer's cells ``(B, H * W)`` MeV (image order) from its logit values and the
+        energy flow's layer energies ``(B,)`` MeV."""
+        if self.config.layer_energy == "deposited":
+            return self.voxel_transform.inverse_deposited(y, layer_energies)
+        return self.voxel_transform.inverse(y, layer_energies)
+
     def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
         """Set one cut per group of cells (MeV, >= the readout threshold) so that the
         model, sampling ``reference``'s conditions, makes no more hits in each group than
@@ -566,8 +610,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                     x = self._flow(layer).inverse(z[a:b].to(device), condition)[:, 0]
                     generated.append(finite_logits(self._unstandardised(x, layer)))
                 y = torch.cat(generated)
-                cells = self.voxel_transform.inverse(y.reshape(n, -1),
-                                                     layer_energies[:, layer])
+                cells = self._cells(y.reshape(n, -1), layer_energies[:, layer])
                 cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer)
                 cells = self._postprocess(cells)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
@@ -615,7 +658,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                                           index)
         y = finite_logits(self._unstandardised(self._flow(step).inverse(
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
-        image = self.voxel_transform.inverse(y.flatten(1), state["layer_energies"][:, step])
+        image = self._cells(y.flatten(1), state["layer_energies"][:, step])
         cells = self._postprocess(self._cut_calibrated(self._flat(image.reshape(-1, h, w)),
                                                        step))
         if not k:

@@ -92,13 +92,16 @@ class LayerEnergyFlows(ConditionedModel):
     def _fit_preprocessing(self, data: ShowerData) -> None:
         self.conditions.fit(data.incident_energies, data.conditions, data.condition_units)
         layer_energies = self.geometry.layer_energies(data.showers, dtype=np.float64)
-        # the expected dequantisation noise of each layer
-        noisy = layer_energies + 0.5 * self.voxel_transform.noise_mev * np.asarray(
-            self.geometry.layer_sizes)
+        noisy = layer_energies + self._expected_layer_offset_mev()
         self.layer_transform.fit(noisy, data.incident_energies)
         log_layers = np.log10(noisy)
         self.layer_log_mean = log_layers.mean(0).tolist()
         self.layer_log_std = np.maximum(log_layers.std(0), 1e-3).tolist()
+
+    def _expected_layer_offset_mev(self) -> np.ndarray:
+        """``(L,)`` MeV: what the layer energies the flows learn hold on average beyond the
+        deposit (here: the dequantisation noise of every cell)."""
+        return 0.5 * self.voxel_transform.noise_mev * np.asarray(self.geometry.layer_sizes)
 
     def _fit_threshold(self, data: ShowerData) -> None:
         """Geometries without a readout threshold (ild-ecal, lhcb-ecal) take the smallest
