@@ -135,7 +135,8 @@ def write_plot_and_table(results: dict, plot: str, table: str) -> None:
             rows.append(f"| {key} | {s['train_min']} | {s['epochs']} | "
                         f"{s['auc_low'][0]:.3f} ± {s['auc_low'][1]:.3f} | "
                         f"{s['auc_high'][0]:.3f} ± {s['auc_high'][1]:.3f} | "
-                        f"{worst[1]:.2f} ({worst[0]}) | {s['n_eval']} |")
+                        f"{worst[1]:.2f} ({worst[0]})"
+                        f"{'; ' + s['note'] if s.get('note') else ''} | {s['n_eval']} |")
     for axis, title in zip(axes, ("low-level classifier", "high-level classifier")):
         axis.set_title(title)
         axis.set_xlabel("training time on the CPU default (minutes)")
