@@ -30,7 +30,7 @@ from ...preprocessing import VoxelTransform
 from ...training import TrainingConfig, config_from_dict
 from .distillation import DistilledStudent
 from .layered import LayerEnergyFlows, finite_logits
-from .toolkit import FlowConfig, build_maf, layer_orders
+from .toolkit import FlowConfig, build_maf, flow_inverse, layer_orders
 
 
 @dataclass
@@ -167,10 +167,10 @@ class CaloFlow(LayerEnergyFlows):
         n_layers = self.geometry.n_layers
         e_inc = batch["incident_energy"]
         context = self._context(batch)
-        x1 = self.module.flow1(context).transform.inv(noise[:, :n_layers])
+        x1 = flow_inverse(self.module.flow1, context, noise[:, :n_layers])
         layer_energies = self.layer_transform.inverse(x1, e_inc)
         context2 = torch.cat([context, self._layer_context(layer_energies)], dim=1)
-        x2 = self.module.flow2(context2).transform.inv(noise[:, n_layers:])
+        x2 = flow_inverse(self.module.flow2, context2, noise[:, n_layers:])
         return self.voxel_transform.inverse(finite_logits(x2), layer_energies)
 
 

@@ -50,7 +50,7 @@ from ...training import TrainingConfig, config_from_dict
 from ..base import shard_generator
 from .distillation import DISTILLATION_PRESETS, DistillationConfig, DistilledStudent
 from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
-from .toolkit import FlowConfig, build_maf, layer_orders
+from .toolkit import FlowConfig, build_maf, flow_inverse, layer_orders
 
 
 @dataclass
@@ -389,13 +389,14 @@ class ICaloFlow(LayerEnergyFlows):
                 z = torch.randn(n, size, generator=generator)
                 for (a, b), context in zip(spans, contexts):
                     if layer == 0:
-                        flow = module.flow2(torch.cat([context, log_energies[a:b, :1]], dim=1))
+                        flow, flow_context = module.flow2, torch.cat(
+                            [context, log_energies[a:b, :1]], dim=1)
                     else:
                         index = torch.full((b - a,), layer, device=device)
-                        flow = module.flow3(self._flow3_context(
+                        flow, flow_context = module.flow3, self._flow3_context(
                             context, log_energies[a:b, layer], log_energies[a:b, layer - 1],
-                            previous[a:b], index))
-                    x = finite_logits(flow.transform.inv(z[a:b].to(device)))
+                            previous[a:b], index)
+                    x = finite_logits(flow_inverse(flow, flow_context, z[a:b].to(device)))
                     voxels = self._generated_layer(
                         x, layer_energies[a:b, layer:layer + 1],
                         None if cuts is None else cuts[layer:layer + 1])
@@ -434,13 +435,14 @@ class ICaloFlow(LayerEnergyFlows):
         z = noise[:, n_layers + step * size:n_layers + (step + 1) * size]
         context, log_energies = state["context"], state["log_energies"]
         if step == 0:
-            flow = self.module.flow2(torch.cat([context, log_energies[:, :1]], dim=1))
+            flow, flow_context = self.module.flow2, torch.cat(
+                [context, log_energies[:, :1]], dim=1)
         else:
             index = torch.zeros_like(log_energies[:, 0], dtype=torch.long) + step
-            flow = self.module.flow3(self._flow3_context(
+            flow, flow_context = self.module.flow3, self._flow3_context(
                 context, log_energies[:, step], log_energies[:, step - 1], state["previous"],
-                index))
-        previous = finite_logits(flow.transform.inv(z))
+                index)
+        previous = finite_logits(flow_inverse(flow, flow_context, z))
         cuts = self._layer_cuts(noise.device)
         voxels = self._generated_layer(previous, state["layer_energies"][:, step:step + 1],
                                        None if cuts is None else cuts[step:step + 1])

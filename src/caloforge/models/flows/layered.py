@@ -14,6 +14,7 @@ from ...data import ShowerData
 from ...geometry import Geometry
 from ...preprocessing import ConditionTransform, LayerEnergyTransform, VoxelTransform
 from ..base import ConditionedModel, shard_generator
+from .toolkit import flow_inverse
 
 # a NaN from a spline inverse (an input far outside the flow's range) becomes a logit far
 # below any threshold: an empty voxel instead of a poisoned shower
@@ -185,7 +186,7 @@ class LayerEnergyFlows(ConditionedModel):
         z1 = torch.randn(len(energies), self.geometry.n_layers, generator=generator)
         e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
         return torch.cat([
-            self.layer_transform.inverse(module.flow1(context).transform.inv(z1[a:b].to(device)),
+            self.layer_transform.inverse(flow_inverse(module.flow1, context, z1[a:b].to(device)),
                                          e_inc[a:b])
             for (a, b), context in zip(spans, contexts)])
 
