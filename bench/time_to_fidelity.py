@@ -89,6 +89,7 @@ def run_stage(args: argparse.Namespace, minutes: int) -> dict:
     metrics = evaluate(args.test, generated, args.geometry,
                        os.path.join(args.work, f"report-{minutes}m"),
                        ["--metrics", "hist,cls-low,cls-high", "--max-showers", str(args.n_eval)])
+    cores = hottest_cell_ratios(args.test, generated, args.geometry, args.n_eval)
     os.remove(generated)  # hundreds of MB per stage; the report keeps the figures
     return {"stage_min": minutes, "train_min": round(summary["train_seconds"] / 60, 1),
             "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
@@ -98,9 +99,34 @@ def run_stage(args: argparse.Namespace, minutes: int) -> dict:
             "generation_ms_per_shower": round(1e3 * step.wall_s / args.n_eval, 1),
             "n_eval": args.n_eval, **headline(metrics),
             "max_separation_power": separation_summary(metrics.get("separation_power", {})),
+            "hottest_cell_ratio": cores,
             "threads": args.threads, "measured": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                 time.gmtime()),
             "commit": _commit()}
+
+
+def hottest_cell_ratios(reference: str, generated: str, geometry: str, n: int
+                        ) -> dict[str, float]:
+    """Per layer, the generated showers' mean hottest-cell energy over the reference's
+    (issue 28: "showers with a core", within 10 %): mean, min and max over the layers with
+    hits, and how many layers are within 10 %."""
+    import numpy as np
+
+    from caloforge.data import read_showers
+    from caloforge.geometry import get_geometry
+
+    layers = get_geometry(geometry).layer_sizes
+    means = []
+    for path in (reference, generated):
+        showers = read_showers(path, max_showers=n).showers
+        means.append(np.array([part.max(1).mean() for part in
+                               np.split(showers, np.cumsum(layers)[:-1], axis=1)]))
+    hit = means[0] > 0
+    ratio = means[1][hit] / means[0][hit]
+    return {"mean": round(float(ratio.mean()), 3), "min": round(float(ratio.min()), 3),
+            "max": round(float(ratio.max()), 3),
+            "layers_within_10_percent": int((np.abs(ratio - 1) <= 0.1).sum()),
+            "layers": int(hit.sum())}
 
 
 def _commit() -> str:
