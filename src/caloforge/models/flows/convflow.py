@@ -488,7 +488,6 @@ class ConvL2LFlow(LayerEnergyFlows):
         if spline:
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
 
-    # --- hit/no-hit calibration --------------------------------------------------------
     # --- the layer energies the flows learn (``layer_energy``) -------------------------
     @property
     def deposit_floor_mev(self) -> float:
@@ -517,6 +516,7 @@ class ConvL2LFlow(LayerEnergyFlows):
             return self.voxel_transform.inverse_deposited(y, layer_energies)
         return self.voxel_transform.inverse(y, layer_energies)
 
+    # --- hit/no-hit calibration --------------------------------------------------------
     def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
         """Set one cut per group of cells (MeV, >= the readout threshold) so that the
         model, sampling ``reference``'s conditions, makes no more hits in each group than
