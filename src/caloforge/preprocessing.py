@@ -393,10 +393,15 @@ class MaxLogTransform(JsonState):
         y = torch.log10(shares + self.offset) / self.decades + 1
         return LogitTransform(self.alpha).forward(y)
 
+    def shares(self, x: torch.Tensor) -> torch.Tensor:
+        """Logit values ``(B, S)`` -> the cells' relative values ``(B, S)`` (>= 0, the
+        normalisation undone up to one factor per layer)."""
+        y = LogitTransform(self.alpha).inverse(x)
+        return (torch.pow(10.0, (y - 1) * self.decades) - self.offset).clamp(min=0)
+
     def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
         """Logit values ``(B, S)`` and layer energies ``(B,)`` MeV -> cells ``(B, S)`` MeV."""
-        y = LogitTransform(self.alpha).inverse(x)
-        shares = (torch.pow(10.0, (y - 1) * self.decades) - self.offset).clamp(min=0)
+        shares = self.shares(x)
         total = shares.sum(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
         cells = shares * (layer_energies[:, None] / total)
         return cut_below(cells, self.threshold_mev)
@@ -405,9 +410,7 @@ class MaxLogTransform(JsonState):
         """Logit values ``(B, S)`` and the layers' deposited energies ``(B,)`` MeV (the sum
         of the cells above the threshold, without dequantisation noise) -> cells ``(B, S)``
         MeV whose hits sum to it (:func:`scale_to_deposit`)."""
-        y = LogitTransform(self.alpha).inverse(x)
-        shares = (torch.pow(10.0, (y - 1) * self.decades) - self.offset).clamp(min=0)
-        return scale_to_deposit(shares, deposited, self.threshold_mev)
+        return scale_to_deposit(self.shares(x), deposited, self.threshold_mev)
 
 
 @dataclass
