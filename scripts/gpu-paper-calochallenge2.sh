@@ -1,25 +1,67 @@
 #!/usr/bin/env bash
 # The issue-28 GPU check: iCaloFlow's `paper` preset on calochallenge-2 (reference
-# simulator, not Geant4), time-budgeted to fit one short GPU lease, evaluated with the
-# official classifier (3 x 2048, 3 repeats) on the GPU. Usage (the device machine):
-#   bash scripts/gpu-paper-calochallenge2.sh OUT_DIR [TRAIN_BUDGET]
-# Needs caloforge importable (PYTHONPATH=src) and a CUDA torch.
-set -euo pipefail
-out=${1:?output folder}; budget=${2:-4m}
-work=/tmp/cc2; mkdir -p "$work" "$out"
-cf() { python3 -m caloforge "$@" --no-progress; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-cf simulate --geometry calochallenge-2 -n 100000 --seed 11 -o "$work/train.h5" --workers 14
-cf simulate --geometry calochallenge-2 -n 20000 --seed 12 -o "$work/heldout.h5" --workers 14
-cf train icaloflow --data "$work/train.h5" --geometry calochallenge-2 --preset paper \
-   --device cuda --time-budget "$budget" -o "$work/run" 2>&1 | tail -3
-cp "$work/run/train_log.jsonl" "$out/"
-started=$(date +%s)
-cf generate "$work/run" --like "$work/heldout.h5" -o "$work/gen.h5" --device cuda --seed 1
-echo "generate_seconds_20000_showers $(( $(date +%s) - started ))" | tee "$out/generate.txt"
-cf evaluate --reference "$work/heldout.h5" --generated "$work/gen.h5" \
-   --geometry calochallenge-2 --classifier-preset official --repeats 3 --device cuda \
-   -o "$work/report" 2>&1 | tail -8
-cp "$work/report/metrics.json" "$out/"
-python3 -c "import json; print(json.load(open('$work/run/model.json'))['training'])" \
-   | tee "$out/training.txt"
+# simulator, not Geant4), time-budgeted to fit one short GPU lease: teacher, students
+# distilled on the GPU, generation, the official classifier (3 x 2048, 3 repeats) and the
+# sampling speed, all on the GPU. Every step's result lands in OUT_DIR as it finishes, so a
+# lease that ends early still leaves what was measured. Usage (the device machine):
+#   bash scripts/gpu-paper-calochallenge2.sh OUT_DIR [TRAIN_BUDGET] [DISTILL_BUDGET] \
+#        [DEADLINE_SECONDS] [N_TRAIN] [N_HELDOUT] [PRESET] [DEVICE]
+# e.g. on the device: bash scripts/gpu-paper-calochallenge2.sh $OUT 140s 60s 550
+# and a dry run on a CPU: bash scripts/gpu-paper-calochallenge2.sh /tmp/o 20s 10s 400 \
+#        3000 100000 tiny cpu
+# PACK=FILE.tgz packs OUT_DIR after each step. Needs caloforge importable (PYTHONPATH=src) and, for DEVICE=cuda, a CUDA torch.
+set -uo pipefail
+out=${1:?output folder}; train_budget=${2:-140s}; distill_budget=${3:-60s}
+deadline=$(( $(date +%s) + ${4:-540} )); n_train=${5:-100000}; n_heldout=${6:-100000}
+preset=${7:-paper}; device=${8:-cuda}
+work=/tmp/cc2-gpu; rm -rf "$work"; mkdir -p "$work" "$out"
+steps="$out/steps.tsv"; printf 'step\tseconds\texit\n' > "$steps"
+left() { echo $(( deadline - $(date +%s) )); }
+# step NAME MAX_SECONDS ARGS...: runs `caloforge ARGS` under a timeout of min(MAX, time left - 5),
+# records its wall time and exit status, and appends its output to OUT_DIR/NAME.log
+step() {
+    local name=$1 cap=$2; shift 2
+    local limit; limit=$(left); limit=$(( limit - 5 < cap ? limit - 5 : cap ))
+    if (( limit < 5 )); then printf '%s\t0\tskipped (deadline)\n' "$name" >> "$steps"; return 1; fi
+    local started; started=$(date +%s)
+    timeout "$limit" python3 -m caloforge "$@" --no-progress > "$out/$name.log" 2>&1; local status=$?
+    printf '%s\t%s\t%s\n' "$name" $(( $(date +%s) - started )) "$status" | tee -a "$steps"
+    tail -4 "$out/$name.log"
+    # PACK=FILE.tgz: everything so far in one archive after each step (a lease returns few files)
+    [[ -n ${PACK:-} ]] && tar -czf "$PACK" -C "$out" .
+    return "$status"
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+python3 -c "import torch, zuko; print('torch', torch.__version__, 'zuko', zuko.__version__)" \
+    | tee -a "$out/gpu.txt"
+step simulate-train 120 simulate --geometry calochallenge-2 -n "$n_train" --seed 11 \
+    -o "$work/train.h5" --workers 9 &
+step simulate-heldout 120 simulate --geometry calochallenge-2 -n "$n_heldout" --seed 12 \
+    -o "$work/heldout.h5" --workers 6 &
+wait
+step train 600 train icaloflow --data "$work/train.h5" --geometry calochallenge-2 \
+    --preset "$preset" --device "$device" --time-budget "$train_budget" -o "$work/run" \
+    || exit 1
+cp "$work/run/train_log.jsonl" "$out/teacher_log.jsonl"
+step distill 600 distill "$work/run" -o "$work/student" --device "$device" \
+    --time-budget "$distill_budget" || exit 1
+cp "$work/student/train_log.jsonl" "$out/student_log.jsonl" 2>/dev/null
+step generate-student 120 generate "$work/student" --like "$work/heldout.h5" \
+    -o "$work/gen.h5" --device "$device" --seed 1 || exit 1
+# the official split of dataset 2 takes 100,000 showers of each file (60k/20k/20k)
+step evaluate-official 150 evaluate --reference "$work/heldout.h5" \
+    --generated "$work/gen.h5" --geometry calochallenge-2 --classifier-preset official \
+    --metrics cls-low,cls-high --repeats 3 --device "$device" -o "$work/report"
+cp "$work/report/metrics.json" "$out/metrics_official.json" 2>/dev/null
+# the issue's protocol: 20,000 held-out showers, fast classifier, 3 repeats
+step evaluate-fast 90 evaluate --reference "$work/heldout.h5" --generated "$work/gen.h5" \
+    --geometry calochallenge-2 --classifier-preset fast --metrics hist,cls-low,cls-high \
+    --repeats 3 --max-showers 20000 --device "$device" -o "$work/report-fast"
+cp "$work/report-fast/metrics.json" "$out/metrics_fast.json" 2>/dev/null
+step bench-student 45 bench-sampling "$work/student" --device "$device" --threads 1 \
+    --batch-sizes 10000 --repeats 3 --max-seconds 15 --like "$work/heldout.h5" \
+    -o "$out/student_sampling.json"
+step bench-teacher 45 bench-sampling "$work/run" --device "$device" --threads 1 \
+    --batch-sizes 1000 --repeats 1 --max-seconds 20 --like "$work/heldout.h5" \
+    -o "$out/teacher_sampling.json"
+cat "$steps"
