@@ -9,7 +9,8 @@ sparsity, a fraction of the cost) and trains the `cpu` convflow with one change 
     python bench/check_convflow_halo.py --train ild-ecal-train.h5 --test ild-ecal-test.h5 \\
         [--first 8 --layers 6 --epochs 4] [--noise-per-threshold 0.01] \\
         [--standardise-cells on|off] [--normalise-by energy|max|fixed] [--calibrate-hits N] \\
-        [--cut-groups layer,ring,cell,occupancy] [--out figures.json]
+        [--cut-groups layer,ring,cell,occupancy] [--temperatures 1,0.9,0.8]
+        [--layer-energy noisy|deposited] [--out figures.json]
 
 Reports per layer: hits per shower generated / reference, the hits in rings around the
 axis, the hottest cell generated / reference, the share of hits under 0.1 MeV, and the
@@ -61,6 +62,20 @@ def radial_widths(showers: np.ndarray, layers: int) -> np.ndarray:
     return np.sqrt((images * squared).sum(-1) / np.where(sums > 0, sums, 1))
 
 
+def centre_scatter(showers: np.ndarray, layers: int) -> np.ndarray:
+    """Standard deviation over the showers of each layer's centre of energy ``(layers,)``
+    in cells, x and y pooled (empty layers left out)."""
+    images = showers.reshape(len(showers), layers, SIDE, SIDE).astype(np.float64)
+    sums = images.sum((-2, -1))
+    coordinate = np.arange(SIDE) - (SIDE - 1) / 2
+    safe = np.where(sums > 0, sums, 1)
+    centre_x = (images.sum(-2) * coordinate).sum(-1) / safe
+    centre_y = (images.sum(-1) * coordinate).sum(-1) / safe
+    return np.array([np.std(np.concatenate([centre_x[sums[:, i] > 0, i],
+                                            centre_y[sums[:, i] > 0, i]]))
+                     for i in range(layers)])
+
+
 def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
     """Per layer, generated / reference: hits, hottest cell, radial width; rings and the
     share of hits under 0.1 MeV."""
@@ -81,6 +96,8 @@ def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
                                                        real.reshape(per_layer).max(-1)),
         "radial_width_generated_over_reference": ratio(radial_widths(fake, layers),
                                                        radial_widths(real, layers)),
+        "centre_scatter_generated_over_reference": np.round(
+            centre_scatter(fake, layers) / centre_scatter(real, layers), 3).tolist(),
         "ring_hits_generated": ring_hits(fake, layers),
         "faint_share_reference_generated": [faint_share(real), faint_share(fake)],
     }
@@ -127,7 +144,13 @@ def main() -> int:
                         help="keep the held-out and every variant's generated showers")
     parser.add_argument("--normalise-by", choices=["energy", "max", "fixed"], default=None,
                         help="the convflow normalise_by (default: the family's)")
+    parser.add_argument("--layer-energy", choices=["noisy", "deposited"], default=None,
+                        help="the convflow layer_energy (default: the family's)")
+    parser.add_argument("--temperatures", default="1",
+                        help="comma list of sampling temperatures (the voxel flows' base "
+                             "noise scale); each is generated and reported")
     args = parser.parse_args()
+    temperatures = [float(t) for t in args.temperatures.split(",")]
     unknown = set(args.cut_groups.split(",")) - {"layer", "ring", "cell", "occupancy"}
     if unknown:
         parser.error(f"--cut-groups: unknown {', '.join(sorted(unknown))} "
@@ -143,6 +166,8 @@ def main() -> int:
     config.standardise_cells = args.standardise_cells == "on"
     if args.normalise_by is not None:
         config.normalise_by = args.normalise_by
+    if args.layer_energy is not None:
+        config.layer_energy = args.layer_energy
     if args.noise_per_threshold is not None:
         config.noise_mev = CUT_MEV * args.noise_per_threshold
     config.training.epochs, config.training.time_budget_s = args.epochs, None
@@ -151,19 +176,24 @@ def main() -> int:
     start = time.perf_counter()
     model.fit(train, tempfile.mkdtemp())
     seconds = time.perf_counter() - start
-    generated = model.sample(heldout.incident_energies, seed=1).showers
     real = heldout.showers
-    variants = {"threshold only": generated}
-    if args.calibrate_hits:
+    variants = {}
+    layers = VoxelTransform(layer_sizes=[SIDE * SIDE] * args.layers)
+    for temperature in temperatures:
+        model.config.temperature = temperature
+        suffix = "" if temperatures == [1.0] else f", T={temperature:g}"
+        generated = model.sample(heldout.incident_energies, seed=1).showers
+        variants[f"threshold only{suffix}"] = generated
+        if not args.calibrate_hits:
+            continue
         calibration = train.select(slice(0, args.calibrate_hits))
         calibration_sample = model.sample(calibration.incident_energies, seed=3).showers
-        layers = VoxelTransform(layer_sizes=[SIDE * SIDE] * args.layers)
         voxels = torch.as_tensor(generated, dtype=torch.float64)
         for kind in args.cut_groups.split(","):
             groups = cut_groups(kind, args.layers, calibration.showers)
             cuts = group_occupancy_cuts(calibration.showers, calibration_sample, groups,
                                         CUT_MEV)
-            variants[f"cuts per {kind}"] = layers.cut_voxels(
+            variants[f"cuts per {kind}{suffix}"] = layers.cut_voxels(
                 voxels, torch.as_tensor(cuts[groups])).numpy()
     if args.save_generated:
         np.savez_compressed(args.save_generated, reference=real, energies=heldout.incident_energies,
@@ -171,7 +201,8 @@ def main() -> int:
     report_figures({
         "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
         "seed": args.seed, "standardise_cells": config.standardise_cells,
-        "normalise_by": config.normalise_by,
+        "normalise_by": config.normalise_by, "layer_energy": config.layer_energy,
+        "temperatures": temperatures,
         "noise_mev": model.voxel_transform.noise_mev,
         "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],

@@ -191,6 +191,32 @@ def test_generation_is_reproducible_and_layers_sum_to_their_energies(trained, da
     assert layers.sum(1).max() < 10 * energies.max()
 
 
+def test_temperature_scales_the_voxel_noise_and_is_saved(trained, data, tmp_path):
+    model, _ = trained
+    energies = data.incident_energies[:80]
+
+    def spread(temperature: float) -> float:
+        """Mean over cells of the spread between showers drawn with two seeds."""
+        model.config.temperature = temperature
+        first, second = (model.sample(energies, seed=seed).showers for seed in (5, 6))
+        return float(np.abs(first - second).mean())
+
+    try:
+        cold, warm = spread(0.05), spread(1.0)
+        # same noise draws, scaled: T = 1 is the model as trained
+        model.config.temperature = 1.0
+        assert np.array_equal(model.sample(energies, seed=5).showers,
+                              model.sample(energies, seed=5).showers)
+        # near T = 0 every shower is the flows' mode for its layer energies: the draws
+        # of two seeds differ far less than at T = 1 (the energy flow keeps its noise)
+        assert cold < 0.7 * warm
+        model.config.temperature = 0.5
+        model.save(str(tmp_path / "cold"))
+        assert load_model(str(tmp_path / "cold")).config.temperature == 0.5
+    finally:
+        model.config.temperature = 1.0
+
+
 def test_likelihood_improves_round_trips_and_resumes(trained, data, tmp_path):
     model, run_dir = trained
     log = [json.loads(line) for line in open(f"{run_dir}/train_log.jsonl")]
@@ -390,6 +416,10 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     config.write_text("layer_energy: deposited\nnormalise_by: fixed\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
     assert "layer_energy: deposited needs normalise_by energy or max" in capsys.readouterr().err
+    for temperature in ("0", "-0.5", "3", ".nan"):
+        config.write_text(f"temperature: {temperature}\n")
+        assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+        assert "temperature must be in (0, 2]" in capsys.readouterr().err
     config.write_text("hit_calibration_showers: 20\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config), "--layers",
                  "0-1"]) == 1

@@ -104,7 +104,11 @@ class ConvFlowConfig:
     empty layers dequantised below a tenth of it); sampling then scales each generated image
     so that its hits carry the deposit (:func:`~caloforge.preprocessing.scale_to_deposit`).
     With noise near the cut the noisy sum of an ILD layer holds ~30 MeV of noise, more than
-    the deposit of its first and last layers.
+    the deposit of its first and last layers;
+    ``temperature``: the voxel flows' base noise is drawn with this standard deviation when
+    sampling (1: the trained density; below 1: draws nearer the flows' mode, as Glow samples;
+    the energy flow keeps 1). Set after training (``--config`` or model.json), it acts on
+    the hit calibration and the spline fit as on generation.
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -131,6 +135,7 @@ class ConvFlowConfig:
     hit_calibration_showers: int = 0
     hit_calibration_groups: str = "hit-rate"
     layer_energy: str = "noisy"
+    temperature: float = 1.0
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -148,6 +153,8 @@ class ConvFlowConfig:
         if out.layer_energy == "deposited" and out.normalise_by == "fixed":
             raise OptionError("layer_energy: deposited needs normalise_by energy or max (a "
                               "fixed scale already sets the cells' energies)")
+        if not 0 < out.temperature <= 2:
+            raise OptionError(f"temperature must be in (0, 2], got {out.temperature}")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
         if out.normalise_by not in ("max", "energy", "fixed"):
@@ -600,7 +607,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             recent = torch.empty(n, 0, h, w, device=device)
             for layer in range(n_layers):
                 # one draw per layer for the whole shard: independent of the batch size
-                z = torch.randn(n, 4, h // 2, w // 2, generator=generator)
+                z = self.config.temperature * torch.randn(n, 4, h // 2, w // 2,
+                                                          generator=generator)
                 index = torch.full((n,), layer, device=device)
                 generated = []
                 for (a, b), context in zip(spans, contexts):
@@ -650,7 +658,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         it (oldest first; updated to end with this one)."""
         n_layers, (h, w) = self.geometry.n_layers, self.image_shape
         k, size = self.config.previous_layers, h * w
-        z = noise[:, n_layers + step * size:n_layers + (step + 1) * size]
+        z = self.config.temperature * noise[:, n_layers + step * size:
+                                            n_layers + (step + 1) * size]
         log_energies = state["log_energies"]
         index = torch.zeros_like(log_energies[:, 0], dtype=torch.long) + step
         recent = state["recent"] if k else noise[:, :0, None, None].expand(-1, 0, h, w)
