@@ -416,6 +416,9 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     config.write_text("layer_energy: deposited\nnormalise_by: fixed\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
     assert "layer_energy: deposited needs normalise_by energy or max" in capsys.readouterr().err
+    config.write_text("hit_calibration_energy: core\n")
+    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+    assert "hit_calibration_energy must be layer or group" in capsys.readouterr().err
     for temperature in ("0", "-0.5", "3", ".nan"):
         config.write_text(f"temperature: {temperature}\n")
         assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
@@ -577,6 +580,21 @@ def test_calibrated_cuts_keep_the_halo_and_empty_the_far_cells(tmp_path):
     # noise band's mass, ~20 MeV per layer here, had been added to the showers)
     np.testing.assert_allclose(geometry.layer_energies(calibrated.showers),
                                geometry.layer_energies(uncalibrated_showers), rtol=1e-4)
+    # hit_calibration_energy: group keeps the cut halo energy in the halo rings it came
+    # from, where the proportional rule moves it mostly into the core (the ild-ecal hot core)
+    model.voxel_cuts_mev = cuts.tolist()
+    model.config.hit_calibration_energy = "group"
+    grouped = model.sample(reference.incident_energies, seed=1).showers
+    model.config.hit_calibration_energy = "layer"
+    np.testing.assert_allclose(geometry.layer_energies(grouped),
+                               geometry.layer_energies(uncalibrated_showers), rtol=1e-4)
+    core = _ring_energy(uncalibrated_showers, side)[0]
+    assert _ring_energy(calibrated.showers, side)[0] > 1.01 * core
+    # (outer rings cut entirely give their energy to the layer, so the core still takes
+    # some: here +1.7 % by layer, +1.3 % by group)
+    assert core * 0.999 < _ring_energy(grouped, side)[0] \
+        < _ring_energy(calibrated.showers, side)[0] - 0.2 * (
+            _ring_energy(calibrated.showers, side)[0] - core)
     for groups in ("ring", "hit-rate"):
         model.config.hit_calibration_groups = groups
         model.calibrate_hits(_core_showers(800, seed=1, side=side))
@@ -587,6 +605,14 @@ def test_calibrated_cuts_keep_the_halo_and_empty_the_far_cells(tmp_path):
     assert saved.voxel_cuts_mev == cuts.tolist()
     np.testing.assert_array_equal(saved.sample(reference.incident_energies, seed=1).showers,
                                   calibrated.showers)
+
+
+def _ring_energy(showers: np.ndarray, side: int) -> np.ndarray:
+    """Mean energy per shower (MeV) in each one-cell ring around the image centre."""
+    yy, xx = np.mgrid[0:side, 0:side] - (side - 1) / 2
+    rings = np.floor(np.hypot(xx, yy)).astype(int).ravel()
+    images = showers.reshape(len(showers), -1, side * side).astype(np.float64)
+    return np.array([images[:, :, rings == r].sum((1, 2)).mean() for r in range(rings.max() + 1)])
 
 
 def _faint_showers(n: int, seed: int, side: int = 10, threshold: float = 0.5) -> ShowerData:

@@ -136,6 +136,25 @@ def test_cut_voxels_empties_each_voxel_under_its_own_cut_and_keeps_layer_energie
     assert out[1, 3:].sum() == 0 and out[1, 2] == pytest.approx(0.6)
 
 
+def test_cut_energy_stays_in_its_group_where_groups_are_given():
+    """A core voxel (its own group) and a halo group whose faint voxels are cut: the halo's
+    cut energy goes to the halo's kept voxel, not to the core; a group cut entirely hands
+    its energy to the layer (second shower)."""
+    transform = VoxelTransform(layer_sizes=[4])
+    voxels = torch.tensor([[10.0, 0.5, 0.2, 0.2], [10.0, 0.0, 0.2, 0.2]], dtype=torch.float64)
+    cuts = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=torch.float64)
+    groups = torch.tensor([[1, 0], [0, 1], [0, 1], [0, 1]])
+    by_layer = transform.cut_voxels(voxels, cuts)
+    by_group = transform.cut_voxels(voxels, cuts, groups)
+    np.testing.assert_allclose(by_layer[0].numpy(), [10.9 * 10 / 10.5, 10.9 * 0.5 / 10.5, 0, 0],
+                               rtol=1e-12)
+    np.testing.assert_allclose(by_group[0].numpy(), [10.0, 0.9, 0.0, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(by_group[1].numpy(), [10.4, 0.0, 0.0, 0.0], rtol=1e-12)
+    for out in (by_layer, by_group):
+        np.testing.assert_allclose(transform.layer_sums(out).numpy(),
+                                   transform.layer_sums(voxels).numpy(), rtol=1e-12)
+
+
 def test_condition_transform_standardises_and_records_range():
     rng = np.random.default_rng(0)
     energies = 10 ** rng.uniform(3, 6, 1000)

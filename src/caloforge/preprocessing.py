@@ -250,9 +250,14 @@ class VoxelTransform(JsonState):
         """:meth:`cut_voxels` with one cut per layer ``(L,)`` MeV."""
         return self.cut_voxels(voxels, layer_cuts[self._index(voxels.device)])
 
-    def cut_voxels(self, voxels: torch.Tensor, voxel_cuts: torch.Tensor) -> torch.Tensor:
+    def cut_voxels(self, voxels: torch.Tensor, voxel_cuts: torch.Tensor,
+                   groups: torch.Tensor | None = None) -> torch.Tensor:
         """Voxels ``(B, n_voxels)`` MeV under their own cut (``(n_voxels,)`` MeV) emptied,
         each layer's other voxels scaled up so that the layer keeps the energy it had.
+        ``groups``: a one-hot membership ``(n_voxels, G)``; each group's kept voxels then
+        first take back the group's own cut energy (groups left empty hand theirs to the
+        layer), so that energy cut from the halo stays in the halo instead of going, in
+        proportion, mostly to the core.
 
         Why keep it: the layer energy is the better-modelled quantity, the cut only says
         which faint voxels are not hits. The energy kept is the one the voxels carry (above
@@ -260,11 +265,16 @@ class VoxelTransform(JsonState):
         dequantisation noise of the empty voxels, which must not come back as signal."""
         index = self._index(voxels.device)
         kept = torch.where(voxels >= voxel_cuts, voxels, torch.zeros_like(voxels))
-        before, after = self.layer_sums(voxels), self.layer_sums(kept)
-        # a layer with nothing left stays empty (0 x an infinite scale would be NaN)
-        scale = torch.where(after > 0, before / after.clamp(min=torch.finfo(voxels.dtype).tiny),
-                            torch.zeros_like(after))
-        return kept * scale[:, index]
+        if groups is not None:
+            groups = groups.to(voxels.dtype)
+            kept = kept * (_kept_scale(voxels @ groups, kept @ groups) @ groups.T)
+        return kept * _kept_scale(self.layer_sums(voxels), self.layer_sums(kept))[:, index]
+
+
+def _kept_scale(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """before / after, 0 where nothing is left (0 x an infinite scale would be NaN)."""
+    return torch.where(after > 0, before / after.clamp(min=torch.finfo(after.dtype).tiny),
+                       torch.zeros_like(after))
 
 
 def occupancy_cuts(reference: np.ndarray, generated: np.ndarray, layer_sizes: list[int],

@@ -105,6 +105,12 @@ class ConvFlowConfig:
     so that its hits carry the deposit (:func:`~caloforge.preprocessing.scale_to_deposit`).
     With noise near the cut the noisy sum of an ILD layer holds ~30 MeV of noise, more than
     the deposit of its first and last layers;
+    ``hit_calibration_energy``: where the energy of the cells a calibrated cut empties
+    goes: ``layer`` (default; the layer's kept cells in proportion, so mostly into the core)
+    or ``group`` (first the kept cells of the same calibration group, so halo energy stays
+    in the halo; groups left empty give theirs to the layer). On ild-ecal the proportional
+    rule made the hot core: before the cuts the middle layers' hottest cell is the data's
+    (docs/convflow.md);
     ``temperature``: the voxel flows' base noise is drawn with this standard deviation when
     sampling (1: the trained density; below 1: draws nearer the flows' mode, as Glow samples;
     the energy flow keeps 1). Set after training (``--config`` or model.json), it acts on
@@ -135,6 +141,7 @@ class ConvFlowConfig:
     hit_calibration_showers: int = 0
     hit_calibration_groups: str = "hit-rate"
     layer_energy: str = "noisy"
+    hit_calibration_energy: str = "layer"
     temperature: float = 1.0
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -147,6 +154,9 @@ class ConvFlowConfig:
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
+        if out.hit_calibration_energy not in ("layer", "group"):
+            raise OptionError(f"hit_calibration_energy must be layer or group, got "
+                              f"{out.hit_calibration_energy!r}")
         if out.layer_energy not in LAYER_ENERGIES:
             raise OptionError(f"layer_energy must be one of {', '.join(LAYER_ENERGIES)}, got "
                               f"{out.layer_energy!r}")
@@ -570,7 +580,15 @@ class ConvL2LFlow(LayerEnergyFlows):
         size = cells.shape[1]
         cuts = torch.tensor(self.voxel_cuts_mev[layer * size:(layer + 1) * size],
                             dtype=cells.dtype, device=cells.device)
-        return VoxelTransform(layer_sizes=[size]).cut_voxels(cells, cuts)
+        groups = None
+        if self.config.hit_calibration_energy == "group":
+            # the calibration groups of this layer are its cells sharing one cut value
+            # (numpy: a constant, also in an exported graph)
+            _, group = np.unique(self.voxel_cuts_mev[layer * size:(layer + 1) * size],
+                                 return_inverse=True)
+            groups = torch.as_tensor(np.eye(int(group.max()) + 1)[group.ravel()],
+                                     dtype=cells.dtype, device=cells.device)
+        return VoxelTransform(layer_sizes=[size]).cut_voxels(cells, cuts, groups)
 
     def on_best(self, run_dir: str, state: Any) -> None:
         self.trained_parts = list(self.parts)
