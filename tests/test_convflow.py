@@ -325,14 +325,16 @@ def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
 
 def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     """Circular padding, a shared flow with position channels, deposited layer energies,
-    hit cuts per radial bin and the post-processing spline: onnxruntime gives the showers
-    ``sample`` gives for the same noise."""
+    hit cuts per radial bin keeping their energy per group, a sampling temperature and the
+    post-processing spline: onnxruntime gives the showers ``sample`` gives for the same
+    noise."""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
     model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True, position_channels=True,
                                         noise_mev=0.009, hit_calibration_showers=100,
                                         hit_calibration_groups="ring",
+                                        hit_calibration_energy="group", temperature=0.9,
                                         layer_energy="deposited"))
     model.fit(data, str(tmp_path / "run"))
     assert len(model.voxel_cuts_mev) == CYLINDER.n_voxels
