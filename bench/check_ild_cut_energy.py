@@ -1,0 +1,109 @@
+"""Issue 28, convflow on ild-ecal: where should the energy of calibrated-cut cells go?
+
+The same uncut draws of a trained run (hit cuts set aside), then the run's calibrated cuts
+applied under each rule: the energy dropped, kept by the layer (proportionally: the
+default), kept by each calibration group (cells of one layer sharing a cut value:
+`hit_calibration_energy: group`), or kept by the cells with a raised cut as a whole.
+
+    python bench/check_ild_cut_energy.py RUN --train TRAIN.h5 --test TEST.h5 [--n 1000] \\
+        [--out figures.json]
+
+Per rule, against the held-out showers: the hottest cell generated / reference (mean over
+the layers, range over layers 10-20, layers within 10 %), the layer energies and hits
+generated / reference (range over the layers), and the spread of the centre of energy
+along x generated / reference in layers 5, 10, 15, 20, 25.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from pipeline import report_figures
+
+from caloforge.data import read_showers
+from caloforge.models import load_model
+from caloforge.preprocessing import VoxelTransform
+
+SIDE = 30
+
+
+def keep_by(raw: torch.Tensor, kept: torch.Tensor, group: torch.Tensor,
+            layers: VoxelTransform) -> torch.Tensor:
+    """``kept`` scaled so that each group of voxels keeps ``raw``'s energy, then each layer
+    (groups left empty give theirs to the layer)."""
+    n_groups = int(group.max()) + 1
+
+    def sums(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(x), n_groups, dtype=x.dtype).index_add_(1, group, x)
+
+    def ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        return torch.where(after > 0, before / after.clamp(min=1e-300), torch.zeros_like(after))
+
+    out = kept * ratio(sums(raw), sums(kept))[:, group]
+    return out * ratio(layers.layer_sums(raw), layers.layer_sums(out))[:, layers._index(raw.device)]
+
+
+def figures(generated: torch.Tensor, reference: torch.Tensor, n_layers: int) -> dict:
+    gen = generated.reshape(len(generated), n_layers, SIDE, SIDE)
+    ref = reference.reshape(len(reference), n_layers, SIDE, SIDE)
+
+    def ratio(values: torch.Tensor, wanted: torch.Tensor) -> np.ndarray:
+        return (values.double().mean(0) / wanted.double().mean(0)).numpy()
+
+    hottest = ratio(gen.flatten(2).max(-1).values, ref.flatten(2).max(-1).values)
+    coordinate = torch.arange(SIDE, dtype=torch.float64) - (SIDE - 1) / 2
+
+    def centre_x(images: torch.Tensor) -> torch.Tensor:
+        return (images.sum(2) * coordinate).sum(-1) / images.sum((2, 3)).clamp(min=1e-9)
+
+    spread = (centre_x(gen).std(0) / centre_x(ref).std(0)).numpy()
+    energy = ratio(gen.sum((2, 3)), ref.sum((2, 3)))
+    hits = ratio((gen > 0).sum((2, 3)), (ref > 0).sum((2, 3)))
+    return {"hottest_mean": round(float(hottest.mean()), 3),
+            "hottest_layers_10_20": [round(float(hottest[10:21].min()), 3),
+                                     round(float(hottest[10:21].max()), 3)],
+            "layers_hottest_within_10_percent": int((abs(hottest - 1) <= 0.1).sum()),
+            "layer_energy_range": [round(float(energy.min()), 3), round(float(energy.max()), 3)],
+            "hits_range": [round(float(hits.min()), 2), round(float(hits.max()), 2)],
+            "centre_x_spread_layers_5_10_15_20_25": [round(float(spread[i]), 2)
+                                                     for i in (5, 10, 15, 20, 25)]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a trained convflow ild-ecal run with hit cuts")
+    parser.add_argument("--train", required=True, help="its training file (the groups)")
+    parser.add_argument("--test", required=True, help="held-out reference showers")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--out", default=None, help="JSON file of the figures")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = load_model(args.run_dir)
+    if model.voxel_cuts_mev is None:
+        parser.error(f"{args.run_dir}: has no calibrated cuts")
+    n_layers = model.geometry.n_layers
+    layers = VoxelTransform(layer_sizes=[SIDE * SIDE] * n_layers)
+    cuts = torch.tensor(model.voxel_cuts_mev, dtype=torch.float64)
+    reference = read_showers(args.test, model.geometry, max_showers=args.n)
+    model.voxel_cuts_mev = None
+    raw = torch.as_tensor(model.sample(reference.incident_energies, seed=1).showers,
+                          dtype=torch.float64)
+    kept = torch.where(raw >= cuts, raw, torch.zeros_like(raw))
+    layer_of = torch.arange(n_layers).repeat_interleave(SIDE * SIDE)
+    _, by_cut = torch.unique(layer_of.double() * 1e6 + cuts, return_inverse=True)
+    raised = (cuts > model.voxel_transform.threshold_mev * 1.0001).long()
+    rules = {"threshold only": raw, "cut, energy dropped": kept,
+             "cut, layer keeps energy (default)": layers.cut_voxels(raw, cuts),
+             "cut, group keeps energy": keep_by(raw, kept, by_cut, layers),
+             "cut, raised-cut cells keep energy": keep_by(raw, kept, layer_of * 2 + raised,
+                                                          layers)}
+    real = torch.as_tensor(reference.showers, dtype=torch.float64)
+    report_figures({name: figures(showers, real, n_layers) for name, showers in rules.items()},
+                   args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
