@@ -29,22 +29,6 @@ from caloforge.preprocessing import VoxelTransform
 SIDE = 30
 
 
-def keep_by(raw: torch.Tensor, kept: torch.Tensor, group: torch.Tensor,
-            layers: VoxelTransform) -> torch.Tensor:
-    """``kept`` scaled so that each group of voxels keeps ``raw``'s energy, then each layer
-    (groups left empty give theirs to the layer)."""
-    n_groups = int(group.max()) + 1
-
-    def sums(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(x), n_groups, dtype=x.dtype).index_add_(1, group, x)
-
-    def ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-        return torch.where(after > 0, before / after.clamp(min=1e-300), torch.zeros_like(after))
-
-    out = kept * ratio(sums(raw), sums(kept))[:, group]
-    return out * ratio(layers.layer_sums(raw), layers.layer_sums(out))[:, layers._index(raw.device)]
-
-
 def figures(generated: torch.Tensor, reference: torch.Tensor, n_layers: int) -> dict:
     gen = generated.reshape(len(generated), n_layers, SIDE, SIDE)
     ref = reference.reshape(len(reference), n_layers, SIDE, SIDE)
@@ -91,14 +75,15 @@ def main() -> int:
     raw = torch.as_tensor(model.sample(reference.incident_energies, seed=1).showers,
                           dtype=torch.float64)
     kept = torch.where(raw >= cuts, raw, torch.zeros_like(raw))
+    one_hot = torch.nn.functional.one_hot
     layer_of = torch.arange(n_layers).repeat_interleave(SIDE * SIDE)
     _, by_cut = torch.unique(layer_of.double() * 1e6 + cuts, return_inverse=True)
     raised = (cuts > model.voxel_transform.threshold_mev * 1.0001).long()
     rules = {"threshold only": raw, "cut, energy dropped": kept,
              "cut, layer keeps energy (default)": layers.cut_voxels(raw, cuts),
-             "cut, group keeps energy": keep_by(raw, kept, by_cut, layers),
-             "cut, raised-cut cells keep energy": keep_by(raw, kept, layer_of * 2 + raised,
-                                                          layers)}
+             "cut, group keeps energy": layers.cut_voxels(raw, cuts, one_hot(by_cut)),
+             "cut, raised-cut cells keep energy": layers.cut_voxels(
+                 raw, cuts, one_hot(layer_of * 2 + raised))}
     real = torch.as_tensor(reference.showers, dtype=torch.float64)
     report_figures({name: figures(showers, real, n_layers) for name, showers in rules.items()},
                    args.out)
