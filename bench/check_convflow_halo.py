@@ -27,6 +27,7 @@ import torch
 from pipeline import report_figures, toy_experiment_parser
 
 from caloforge.data import ShowerData, read_showers
+from caloforge.features import high_level_features
 from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models.flows.convflow import ConvL2LFlow
 from caloforge.preprocessing import VoxelTransform, group_occupancy_cuts, hit_rate_groups
@@ -62,23 +63,23 @@ def radial_widths(showers: np.ndarray, layers: int) -> np.ndarray:
     return np.sqrt((images * squared).sum(-1) / np.where(sums > 0, sums, 1))
 
 
-def centre_scatter(showers: np.ndarray, layers: int) -> np.ndarray:
+def centre_scatter(showers: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Standard deviation over the showers of each layer's centre of energy ``(layers,)``
-    in cells, x and y pooled (empty layers left out)."""
-    images = showers.reshape(len(showers), layers, SIDE, SIDE).astype(np.float64)
-    sums = images.sum((-2, -1))
-    coordinate = np.arange(SIDE) - (SIDE - 1) / 2
-    safe = np.where(sums > 0, sums, 1)
-    centre_x = (images.sum(-2) * coordinate).sum(-1) / safe
-    centre_y = (images.sum(-1) * coordinate).sum(-1) / safe
-    return np.array([np.std(np.concatenate([centre_x[sums[:, i] > 0, i],
-                                            centre_y[sums[:, i] > 0, i]]))
-                     for i in range(layers)])
+    (the evaluation's ``EC_x`` / ``EC_y`` features, mm), x and y pooled, empty layers left
+    out."""
+    features = high_level_features(showers, np.ones(len(showers)), geometry).values
+    spreads = []
+    for layer in geometry.layers:
+        hit = features[f"E_L{layer.layer_id}"] > 0
+        spreads.append(np.std(np.concatenate([features[f"EC_{axis}_L{layer.layer_id}"][hit]
+                                              for axis in ("x", "y")])))
+    return np.array(spreads)
 
 
-def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
+def compare(real: np.ndarray, fake: np.ndarray, geometry: Geometry) -> dict:
     """Per layer, generated / reference: hits, hottest cell, radial width; rings and the
     share of hits under 0.1 MeV."""
+    layers = geometry.n_layers
     per_layer = (len(real), layers, -1)
 
     def ratio(values_fake: np.ndarray, values_real: np.ndarray) -> list[float]:
@@ -97,7 +98,7 @@ def compare(real: np.ndarray, fake: np.ndarray, layers: int) -> dict:
         "radial_width_generated_over_reference": ratio(radial_widths(fake, layers),
                                                        radial_widths(real, layers)),
         "centre_scatter_generated_over_reference": np.round(
-            centre_scatter(fake, layers) / centre_scatter(real, layers), 3).tolist(),
+            centre_scatter(fake, geometry) / centre_scatter(real, geometry), 3).tolist(),
         "ring_hits_generated": ring_hits(fake, layers),
         "faint_share_reference_generated": [faint_share(real), faint_share(fake)],
     }
@@ -209,7 +210,7 @@ def main() -> int:
         "hits_per_layer_reference": np.round(
             (real.reshape(len(real), args.layers, -1) > 0).sum(-1).mean(0), 1).tolist(),
         "ring_hits_reference": ring_hits(real, args.layers),
-        **{name: compare(real, fake, args.layers) for name, fake in variants.items()},
+        **{name: compare(real, fake, geometry) for name, fake in variants.items()},
     }, args.out)
     return 0
 

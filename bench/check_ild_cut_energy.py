@@ -23,13 +23,22 @@ import torch
 from pipeline import report_figures
 
 from caloforge.data import read_showers
+from caloforge.features import high_level_features
+from caloforge.geometry import Geometry
 from caloforge.models import load_model
 from caloforge.preprocessing import VoxelTransform
 
 SIDE = 30
 
 
-def figures(generated: torch.Tensor, reference: torch.Tensor, n_layers: int) -> dict:
+def centre_x(showers: torch.Tensor, geometry: Geometry) -> np.ndarray:
+    """Each layer's centre of energy along x ``(N, L)`` mm (the evaluation's ``EC_x``)."""
+    features = high_level_features(showers.numpy(), np.ones(len(showers)), geometry).values
+    return np.stack([features[f"EC_x_L{layer.layer_id}"] for layer in geometry.layers], 1)
+
+
+def figures(generated: torch.Tensor, reference: torch.Tensor, geometry: Geometry) -> dict:
+    n_layers = geometry.n_layers
     gen = generated.reshape(len(generated), n_layers, SIDE, SIDE)
     ref = reference.reshape(len(reference), n_layers, SIDE, SIDE)
 
@@ -37,12 +46,7 @@ def figures(generated: torch.Tensor, reference: torch.Tensor, n_layers: int) -> 
         return (values.double().mean(0) / wanted.double().mean(0)).numpy()
 
     hottest = ratio(gen.flatten(2).max(-1).values, ref.flatten(2).max(-1).values)
-    coordinate = torch.arange(SIDE, dtype=torch.float64) - (SIDE - 1) / 2
-
-    def centre_x(images: torch.Tensor) -> torch.Tensor:
-        return (images.sum(2) * coordinate).sum(-1) / images.sum((2, 3)).clamp(min=1e-9)
-
-    spread = (centre_x(gen).std(0) / centre_x(ref).std(0)).numpy()
+    spread = centre_x(generated, geometry).std(0) / centre_x(reference, geometry).std(0)
     energy = ratio(gen.sum((2, 3)), ref.sum((2, 3)))
     hits = ratio((gen > 0).sum((2, 3)), (ref > 0).sum((2, 3)))
     return {"hottest_mean": round(float(hottest.mean()), 3),
@@ -85,7 +89,8 @@ def main() -> int:
              "cut, raised-cut cells keep energy": layers.cut_voxels(
                  raw, cuts, one_hot(layer_of * 2 + raised))}
     real = torch.as_tensor(reference.showers, dtype=torch.float64)
-    report_figures({name: figures(showers, real, n_layers) for name, showers in rules.items()},
+    report_figures({name: figures(showers, real, model.geometry)
+                    for name, showers in rules.items()},
                    args.out)
     return 0
 

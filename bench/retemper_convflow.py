@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
 from caloforge.data import read_showers
 from caloforge.errors import OptionError
 from caloforge.models import load_model
@@ -29,8 +31,6 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
-    import torch
-
     torch.set_num_threads(args.threads)
     if os.path.exists(os.path.join(args.output, "model.json")):
         raise OptionError(f"{args.output}: already holds a model")
