@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from pipeline import report_figures
 
-from caloforge.data import read_showers
+from caloforge.data import ShowerData, read_showers
 from caloforge.features import high_level_features
 from caloforge.geometry import Geometry
 from caloforge.models import load_model
-from caloforge.preprocessing import VoxelTransform
+from caloforge.preprocessing import VoxelTransform, monotone_log_map, quantile_map_nodes
 
 SIDE = 30
 
@@ -59,12 +59,31 @@ def figures(generated: torch.Tensor, reference: torch.Tensor, geometry: Geometry
                                                      for i in (5, 10, 15, 20, 25)]}
 
 
+def layer_spectrum_map(fit: torch.Tensor, wanted: np.ndarray, cells: torch.Tensor,
+                       n_layers: int) -> torch.Tensor:
+    """``cells`` ``(N, L * S)`` MeV with each layer's hit spectrum mapped (monotone, in
+    log10 MeV) from that of ``fit`` onto that of ``wanted`` (other draws, their data);
+    layers with fewer than 64 hits in either stay as they are."""
+    out = cells.clone()
+    size = SIDE * SIDE
+    for layer in range(n_layers):
+        part = slice(layer * size, (layer + 1) * size)
+        if min((wanted[:, part] > 0).sum(), (fit[:, part] > 0).sum().item()) < 64:
+            continue
+        nodes = quantile_map_nodes(wanted[:, part], fit[:, part].numpy(), nodes=64)
+        out[:, part] = monotone_log_map(cells[:, part], *nodes)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a trained convflow ild-ecal run with hit cuts")
     parser.add_argument("--train", required=True, help="its training file (the groups)")
     parser.add_argument("--test", required=True, help="held-out reference showers")
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--spline-showers", type=int, default=0,
+                        help="also map the hit spectrum (global, per layer) fitted on draws "
+                             "for this many training showers' conditions")
     parser.add_argument("--out", default=None, help="JSON file of the figures")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -76,18 +95,33 @@ def main() -> int:
     cuts = torch.tensor(model.voxel_cuts_mev, dtype=torch.float64)
     reference = read_showers(args.test, model.geometry, max_showers=args.n)
     model.voxel_cuts_mev = None
-    raw = torch.as_tensor(model.sample(reference.incident_energies, seed=1).showers,
-                          dtype=torch.float64)
-    kept = torch.where(raw >= cuts, raw, torch.zeros_like(raw))
-    one_hot = torch.nn.functional.one_hot
-    layer_of = torch.arange(n_layers).repeat_interleave(SIDE * SIDE)
-    _, by_cut = torch.unique(layer_of.double() * 1e6 + cuts, return_inverse=True)
-    raised = (cuts > model.voxel_transform.threshold_mev * 1.0001).long()
-    rules = {"threshold only": raw, "cut, energy dropped": kept,
-             "cut, layer keeps energy (default)": layers.cut_voxels(raw, cuts),
-             "cut, group keeps energy": layers.cut_voxels(raw, cuts, one_hot(by_cut)),
-             "cut, raised-cut cells keep energy": layers.cut_voxels(
-                 raw, cuts, one_hot(layer_of * 2 + raised))}
+
+    def cut_rules(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        kept = torch.where(raw >= cuts, raw, torch.zeros_like(raw))
+        one_hot = torch.nn.functional.one_hot
+        layer_of = torch.arange(n_layers).repeat_interleave(SIDE * SIDE)
+        _, by_cut = torch.unique(layer_of.double() * 1e6 + cuts, return_inverse=True)
+        raised = (cuts > model.voxel_transform.threshold_mev * 1.0001).long()
+        return {"threshold only": raw, "cut, energy dropped": kept,
+                "cut, layer keeps energy (default)": layers.cut_voxels(raw, cuts),
+                "cut, group keeps energy": layers.cut_voxels(raw, cuts, one_hot(by_cut)),
+                "cut, raised-cut cells keep energy": layers.cut_voxels(
+                    raw, cuts, one_hot(layer_of * 2 + raised))}
+
+    def draws(showers: ShowerData, seed: int) -> torch.Tensor:
+        return torch.as_tensor(model.sample(showers.incident_energies, seed=seed).showers,
+                               dtype=torch.float64)
+
+    rules = cut_rules(draws(reference, 1))
+    if args.spline_showers:
+        # spectrum maps fitted on other draws (training conditions), applied to these
+        train = read_showers(args.train, model.geometry, max_showers=args.spline_showers)
+        fit_rules = cut_rules(draws(train, 2))
+        for base in ("cut, energy dropped", "cut, layer keeps energy (default)"):
+            rules[f"{base} + layer spectrum map"] = layer_spectrum_map(
+                fit_rules[base], train.showers, rules[base], n_layers)
+            nodes = quantile_map_nodes(train.showers, fit_rules[base].numpy())
+            rules[f"{base} + global spectrum map"] = monotone_log_map(rules[base], *nodes)
     real = torch.as_tensor(reference.showers, dtype=torch.float64)
     report_figures({name: figures(showers, real, model.geometry)
                     for name, showers in rules.items()},

@@ -289,6 +289,43 @@ def test_postprocess_spline_moves_cell_spectrum_towards_reference(trained, data)
         model.postprocess_nodes = None
 
 
+def test_layer_splines_map_each_layer_and_round_trip(trained, data, tmp_path):
+    """``postprocess: layer-spline``: one monotone map per layer, each fitted to that layer's
+    spectrum (a layer with too few hits keeps its own), saved and loaded with the model."""
+    model, _ = trained
+    reference = data.select(slice(0, 120))
+    size = 16
+    before = model.sample(reference.incident_energies, seed=7).showers
+    model.config.postprocess = "layer-spline"
+    try:
+        model.fit_postprocess(reference, nodes=32, seed=1)
+        assert model.postprocess_nodes is None
+        assert len(model.layer_postprocess_nodes) == CARTESIAN.n_layers
+        after = model.sample(reference.incident_energies, seed=7).showers
+        levels = np.linspace(0.05, 0.95, 19)
+
+        def distance(showers, layer):
+            part = slice(layer * size, (layer + 1) * size)
+            cells, real = showers[:, part], reference.showers[:, part]
+            return np.abs(np.quantile(np.log10(cells[cells > 0]), levels)
+                          - np.quantile(np.log10(real[real > 0]), levels)).mean()
+
+        for layer in range(CARTESIAN.n_layers):
+            assert model.layer_postprocess_nodes[layer] is not None
+            assert distance(after, layer) < distance(before, layer)
+        assert np.array_equal(after == 0, before == 0)
+        model.layer_postprocess_nodes[1] = None  # a layer left as generated
+        model.save(str(tmp_path / "layered"))
+        loaded = load_model(str(tmp_path / "layered"))
+        assert loaded.layer_postprocess_nodes[1] is None
+        again = loaded.sample(reference.incident_energies, seed=7).showers
+        np.testing.assert_array_equal(again[:, size:2 * size], before[:, size:2 * size])
+        np.testing.assert_array_equal(again[:, :size], after[:, :size])
+    finally:
+        model.config.postprocess = "none"
+        model.layer_postprocess_nodes = None
+
+
 def _scipy_log_map(cells: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The post-processing as it was first written (scipy, float64): the reference."""
     from scipy.interpolate import PchipInterpolator
@@ -326,7 +363,7 @@ def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
 def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     """Circular padding, a shared flow with position channels, deposited layer energies,
     hit cuts per radial bin keeping their energy per group, a sampling temperature and the
-    post-processing spline: onnxruntime gives the showers ``sample`` gives for the same
+    post-processing splines per layer: onnxruntime gives the showers ``sample`` gives for the same
     noise."""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
@@ -335,11 +372,12 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         noise_mev=0.009, hit_calibration_showers=100,
                                         hit_calibration_groups="ring",
                                         hit_calibration_energy="group", temperature=0.9,
-                                        layer_energy="deposited"))
+                                        layer_energy="deposited",
+                                        postprocess="layer-spline", postprocess_showers=100))
     model.fit(data, str(tmp_path / "run"))
     assert len(model.voxel_cuts_mev) == CYLINDER.n_voxels
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
-    model.fit_postprocess(data.select(slice(0, 100)), nodes=32)
+    assert all(nodes is not None for nodes in model.layer_postprocess_nodes)
     output = str(tmp_path / "cyl.onnx")
     description = export_model(model, output)
     assert description["check"]["max_relative_deviation"] <= 1e-4
@@ -425,6 +463,11 @@ def test_convflow_options_are_checked(tmp_path, capsys):
         config.write_text(f"temperature: {temperature}\n")
         assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
         assert "temperature must be in (0, 2]" in capsys.readouterr().err
+    config.write_text("postprocess: cubic\n")
+    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+    assert "postprocess must be one of none, spline, layer-spline" in capsys.readouterr().err
+    assert main([base[0], "icaloflow", *base[1:], "--postprocess", "layer-spline"]) == 1
+    assert "postprocess must be none or spline" in capsys.readouterr().err
     config.write_text("hit_calibration_showers: 20\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config), "--layers",
                  "0-1"]) == 1

@@ -504,6 +504,22 @@ def quantile_map_nodes(reference: np.ndarray, generated: np.ndarray, nodes: int 
     return [x[keep].tolist(), y[keep].tolist()]
 
 
+def layer_quantile_map_nodes(reference: np.ndarray, generated: np.ndarray,
+                             layer_sizes: list[int], nodes: int = 64
+                             ) -> list[list[list[float]] | None]:
+    """:func:`quantile_map_nodes` for each layer of ``(N, n_voxels)`` showers (layers
+    contiguous, ``layer_sizes`` voxels each): one ``[x, y]`` per layer, or None for a layer
+    with fewer than ``nodes`` hits in either set (its spectrum then stays as it is)."""
+    out: list[list[list[float]] | None] = []
+    start = 0
+    for size in layer_sizes:
+        real, fake = reference[:, start:start + size], generated[:, start:start + size]
+        start += size
+        enough = min(np.count_nonzero(real > 0), np.count_nonzero(fake > 0)) >= nodes
+        out.append(quantile_map_nodes(real, fake, nodes) if enough else None)
+    return out
+
+
 def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> torch.Tensor:
     """Cells ``(...)`` MeV mapped through the monotone PCHIP interpolant of the nodes
     (``x``, ``y``) in log10 MeV (strictly increasing ``x``), linear with slope 1 beyond the

@@ -19,7 +19,8 @@ divide by the layer energy (the published recipe divides by the layer maximum:
 (``standardise_cells``) minus the training data's mean of that cell over one pooled spread
 per layer. After generation each layer is rescaled to its sampled energy and cut at the
 readout threshold; optionally (``postprocess: spline``) a monotone 1-D spline fitted
-between generated and reference cell-energy quantiles corrects the cell spectrum.
+between generated and reference cell-energy quantiles corrects the cell spectrum
+(``layer-spline``: one such spline per layer).
 
 Cylindrical layers are images ``(radial, angular)`` whose angular axis wraps around
 (circular padding; training rolls every shower by a random angle). Cartesian layers are
@@ -48,6 +49,7 @@ from ...preprocessing import (
     VoxelTransform,
     group_occupancy_cuts,
     hit_rate_groups,
+    layer_quantile_map_nodes,
     monotone_log_map,
     quantile_map_nodes,
     uniform_noise,
@@ -60,6 +62,7 @@ from .toolkit import FlowConfig, build_maf
 ENERGY_PART = "energy"
 CUT_GROUPS = ("hit-rate", "ring", "layer")
 LAYER_ENERGIES = ("noisy", "deposited")
+POSTPROCESS = ("none", "spline", "layer-spline")
 
 
 @dataclass
@@ -69,7 +72,10 @@ class ConvFlowConfig:
     ``layers``: the parts a run trains, ``"all"`` or a comma list of ``energy`` and layer
     indices / ranges (``"energy,0-9"``); ``noise_mev`` / ``threshold_mev``: None = a hundredth
     of / the geometry's readout threshold (geometries without one: the smallest non-zero
-    training cell); ``postprocess``: ``none`` or ``spline``;
+    training cell); ``postprocess``: ``none``, ``spline`` (one monotone map of the hit
+    spectrum for all layers, fitted after the hit calibration) or ``layer-spline`` (one per
+    layer: on ild-ecal the cut energy the layer keeps heats the core, and each layer's map
+    takes it back into the layer's spectrum; layers with too few hits keep theirs);
     ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
     the term scaled to an unbiased estimate of the full likelihood: memory and time per
     step shrink by k / L (validation always scores every layer);
@@ -165,8 +171,9 @@ class ConvFlowConfig:
                               "fixed scale already sets the cells' energies)")
         if not 0 < out.temperature <= 2:
             raise OptionError(f"temperature must be in (0, 2], got {out.temperature}")
-        if out.postprocess not in ("none", "spline"):
-            raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
+        if out.postprocess not in POSTPROCESS:
+            raise OptionError(f"postprocess must be one of {', '.join(POSTPROCESS)}, got "
+                              f"{out.postprocess!r}")
         if out.normalise_by not in ("max", "energy", "fixed"):
             raise OptionError(f"normalise_by must be max, energy or fixed, got "
                               f"{out.normalise_by!r}")
@@ -303,6 +310,8 @@ class ConvL2LFlow(LayerEnergyFlows):
                               "--layers needs shared: false")
         self.trained_parts: list[str] = []
         self.postprocess_nodes: list[list[float]] | None = None
+        # postprocess: layer-spline; None for a layer whose spectrum stays as it is
+        self.layer_postprocess_nodes: list[list[list[float]] | None] | None = None
         self.voxel_cuts_mev: list[float] | None = None  # see calibrate_hits
 
     PRESETS = PRESETS
@@ -481,7 +490,7 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         whole_model = [name for name, wanted in (
-            ("postprocess: spline", self.config.postprocess == "spline"),
+            (f"postprocess: {self.config.postprocess}", self.config.postprocess != "none"),
             ("hit_calibration_showers", self.config.hit_calibration_showers > 0)) if wanted]
         if whole_model and len(self.parts) < self.geometry.n_layers + 1:
             raise OptionError(f"{whole_model[0]} needs every part in one run (it samples "
@@ -495,7 +504,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         post-processing, on the first training showers (each where configured)."""
         self.trained_parts = list(self.parts)
         config = self.config
-        spline = config.postprocess == "spline"
+        spline = config.postprocess != "none"
         if not (spline or config.hit_calibration_showers):
             return
         reference = first_showers(data, max(config.hit_calibration_showers,
@@ -544,7 +553,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         cut far from the axis, and one cut per layer cannot tell the two apart
         (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy above
         the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
-        self.voxel_cuts_mev = self.postprocess_nodes = None
+        self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         generated = self.sample(reference.incident_energies, reference.conditions,
                                 seed=seed).showers
         groups = self._cut_groups(reference.showers)
@@ -638,7 +647,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                 y = torch.cat(generated)
                 cells = self._cells(y.reshape(n, -1), layer_energies[:, layer])
                 cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer)
-                cells = self._postprocess(cells)
+                cells = self._postprocess(cells, layer)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
         return self._sampled_data(energies, out, conditions)
@@ -687,7 +696,7 @@ class ConvL2LFlow(LayerEnergyFlows):
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self._cells(y.flatten(1), state["layer_energies"][:, step])
         cells = self._postprocess(self._cut_calibrated(self._flat(image.reshape(-1, h, w)),
-                                                       step))
+                                                       step), step)
         if not k:
             return cells, {}
         return cells, {"recent": torch.cat([recent[:, 1:], y[:, None]], dim=1)}
@@ -696,23 +705,35 @@ class ConvL2LFlow(LayerEnergyFlows):
     def fit_postprocess(self, reference: ShowerData, nodes: int = 128, seed: int = 1) -> None:
         """Fit the monotone map (PCHIP in log10 MeV through ``nodes`` quantiles) from the
         cell energies this model generates for ``reference``'s conditions to
-        ``reference``'s own cell energies (cells above threshold only)."""
-        self.postprocess_nodes = None
+        ``reference``'s own cell energies (cells above threshold only): one for all layers
+        (``postprocess: spline``) or one per layer (``layer-spline``, ``nodes // 2``
+        quantiles; a layer with fewer hits than that in either keeps its spectrum)."""
+        self.postprocess_nodes = self.layer_postprocess_nodes = None
         generated = self.sample(reference.incident_energies, reference.conditions, seed=seed)
-        self.postprocess_nodes = quantile_map_nodes(reference.showers, generated.showers, nodes)
+        if self.config.postprocess != "layer-spline":
+            self.postprocess_nodes = quantile_map_nodes(reference.showers, generated.showers,
+                                                        nodes)
+            return
+        self.layer_postprocess_nodes = layer_quantile_map_nodes(
+            reference.showers, generated.showers, [self.voxels_per_pass] * self.geometry.n_layers,
+            nodes // 2)
 
-    def _postprocess(self, cells: torch.Tensor) -> torch.Tensor:
-        """Apply the fitted spline to the cells above threshold ``(B, S)`` MeV (identity
-        without one); the ends extrapolate linearly in log10."""
-        if self.postprocess_nodes is None:
+    def _postprocess(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
+        """Apply the fitted spline(s) to ``layer``'s cells above threshold ``(B, S)`` MeV
+        (identity without one); the ends extrapolate linearly in log10."""
+        nodes = self.postprocess_nodes
+        if self.layer_postprocess_nodes is not None:
+            nodes = self.layer_postprocess_nodes[layer]
+        if nodes is None:
             return cells
-        x, y = self.postprocess_nodes
+        x, y = nodes
         return monotone_log_map(cells, x, y)
 
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "trained_parts": self.trained_parts,
                 "postprocess_nodes": self.postprocess_nodes,
+                "layer_postprocess_nodes": self.layer_postprocess_nodes,
                 "voxel_cuts_mev": self.voxel_cuts_mev}
 
     @classmethod
@@ -725,6 +746,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.trained_parts = [str(p) for p in state.get("trained_parts", [])]
         nodes = state.get("postprocess_nodes")
         self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
+        layers = state.get("layer_postprocess_nodes")  # saved before the option: absent
+        self.layer_postprocess_nodes = None if layers is None else [
+            None if pair is None else [list(map(float, v)) for v in pair] for pair in layers]
         cuts = state.get("voxel_cuts_mev")  # models saved before the calibration: None
         self.voxel_cuts_mev = None if cuts is None else [float(c) for c in cuts]
 
@@ -762,7 +786,7 @@ def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
                     weights[key] = value
     merged.module.load_state_dict(weights)
     merged.trained_parts = sorted(owner, key=lambda p: -1 if p == ENERGY_PART else int(p))
-    merged.postprocess_nodes = merged.voxel_cuts_mev = None
+    merged.postprocess_nodes = merged.layer_postprocess_nodes = merged.voxel_cuts_mev = None
     merged.training_summary = {"merged_from": [m.training_summary for m in models]}
     return merged
 
@@ -772,7 +796,8 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
     config = {k: v for k, v in state["config"].items() if k not in ("layers", "training")}
     return {"geometry": model.geometry.to_dict(), "config": config,
             **{k: v for k, v in state.items()
-               if k not in ("config", "trained_parts", "postprocess_nodes", "voxel_cuts_mev")}}
+               if k not in ("config", "trained_parts", "postprocess_nodes",
+                            "layer_postprocess_nodes", "voxel_cuts_mev")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "merge_runs", "monotone_log_map",

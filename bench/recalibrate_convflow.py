@@ -1,11 +1,14 @@
-"""Issue 28: a trained convflow run re-saved with another sampling temperature.
+"""Issue 28: a trained convflow run re-saved with other after-training options.
 
-The voxel flows' base noise is drawn with standard deviation ``temperature`` (convflow
-option, docs/convflow.md); the hit cuts and the spline post-processing, which are fitted
-to the model's own samples, are fitted again at the new temperature on the first training
-showers, exactly as after training (``end_fit``):
+The options that act after training: the sampling ``temperature`` (the voxel flows' base
+noise is drawn with this standard deviation) and ``postprocess`` (none, spline or
+layer-spline; docs/convflow.md). The hit cuts and the post-processing spline(s), which are
+fitted to the model's own samples, are fitted again on the first training showers, exactly
+as after training (``end_fit``):
 
-    python bench/retemper_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
+    python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
+    python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
+        -o RUN-LS
 
 The new run directory then generates and evaluates with the ordinary commands.
 """
@@ -27,7 +30,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a trained convflow run")
     parser.add_argument("--train", required=True, help="its training file")
-    parser.add_argument("--temperature", type=float, required=True)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline"],
+                        default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
@@ -37,12 +42,16 @@ def main() -> int:
     model = load_model(args.run_dir)
     if not isinstance(model, ConvL2LFlow):
         raise OptionError(f"{args.run_dir}: a {model.family} model, not convflow")
-    model.config = type(model.config).from_dict(
-        {**model.config.to_dict(), "temperature": args.temperature})
+    changes = {key: value for key, value in (("temperature", args.temperature),
+                                             ("postprocess", args.postprocess))
+               if value is not None}
+    if not changes:
+        parser.error("nothing to change: give --temperature and/or --postprocess")
+    model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
     showers = max(model.config.hit_calibration_showers, model.config.postprocess_showers)
     model.end_fit(read_showers(args.train, model.geometry, max_showers=showers), args.output)
     model.save(args.output)
-    print(f"{args.output}: temperature {args.temperature:g}, hit cuts and spline refitted")
+    print(f"{args.output}: {changes}, hit cuts and spline(s) refitted")
     return 0
 
 
