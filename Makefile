@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# one pytest worker per core (pytest-xdist; each test file stays on one worker, so that its
+# module fixtures are built once); every test runs torch on one thread (tests/conftest.py)
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # ruff (style, imports, likely bugs) and mypy (types) over the package; `make test` runs it
 lint: setup
