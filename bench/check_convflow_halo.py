@@ -147,6 +147,8 @@ def main() -> int:
                         help="the convflow normalise_by (default: the family's)")
     parser.add_argument("--layer-energy", choices=["noisy", "deposited"], default=None,
                         help="the convflow layer_energy (default: the family's)")
+    parser.add_argument("--cell-scale", choices=["layer", "cell"], default="layer",
+                        help="convflow cell_scale (the divisor of the cell standardisation)")
     parser.add_argument("--temperatures", default="1",
                         help="comma list of sampling temperatures (the voxel flows' base "
                              "noise scale); each is generated and reported")
@@ -165,6 +167,7 @@ def main() -> int:
     config = ConvL2LFlow.preset("cpu")
     config.layers_per_step = 0
     config.standardise_cells = args.standardise_cells == "on"
+    config.cell_scale = args.cell_scale
     if args.normalise_by is not None:
         config.normalise_by = args.normalise_by
     if args.layer_energy is not None:
@@ -202,6 +205,7 @@ def main() -> int:
     report_figures({
         "first_layer": args.first, "layers": args.layers, "epochs": args.epochs,
         "seed": args.seed, "standardise_cells": config.standardise_cells,
+        "cell_scale": config.cell_scale,
         "normalise_by": config.normalise_by, "layer_energy": config.layer_energy,
         "temperatures": temperatures,
         "noise_mev": model.voxel_transform.noise_mev,

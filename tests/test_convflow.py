@@ -175,6 +175,27 @@ def test_cell_standardisation_is_fitted_saved_and_absent_from_older_models(train
         old_model.module.state_dict()
 
 
+def test_cell_scale_divides_each_cell_by_its_own_spread_floored_at_half_the_layers(data):
+    layer_scaled = ConvL2LFlow(CARTESIAN, _tiny(1))
+    cell_scaled = ConvL2LFlow(CARTESIAN, _tiny(1, cell_scale="cell"))
+    for model in (layer_scaled, cell_scaled):
+        model.prepare_fit(data, resume=False, device="cpu")  # preprocessing + statistics
+    pooled = layer_scaled.module.cell_std
+    assert torch.equal(pooled, pooled[:, :1, :1].expand_as(pooled))  # one per layer
+    torch.testing.assert_close(cell_scaled.module.cell_mean, layer_scaled.module.cell_mean)
+    own = cell_scaled.module.cell_std
+    assert (own >= 0.5 * pooled - 1e-6).all() and not torch.equal(own, pooled)
+    # the cells' own spreads, recomputed: where above the floor, the divisor is that spread
+    generator = torch.Generator().manual_seed(cell_scaled.config.training.seed)
+    images = cell_scaled._images(torch.as_tensor(data.showers, dtype=torch.float32))
+    noisy = cell_scaled.voxel_transform.add_noise(images, generator)
+    y = cell_scaled.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape).double()
+    spread = y.std(0, unbiased=False).float()
+    above = spread > 0.5 * pooled
+    assert above.any()
+    torch.testing.assert_close(own[above], spread[above], rtol=1e-3, atol=1e-4)
+
+
 def test_generation_is_reproducible_and_layers_sum_to_their_energies(trained, data):
     model, _ = trained
     energies = data.incident_energies[:60]
@@ -463,6 +484,9 @@ def test_convflow_options_are_checked(tmp_path, capsys):
         config.write_text(f"temperature: {temperature}\n")
         assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
         assert "temperature must be in (0, 2]" in capsys.readouterr().err
+    config.write_text("cell_scale: pixel\n")
+    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
+    assert "cell_scale must be layer or cell" in capsys.readouterr().err
     config.write_text("postprocess: cubic\n")
     assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
     assert "postprocess must be one of none, spline, layer-spline" in capsys.readouterr().err

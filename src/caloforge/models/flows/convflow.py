@@ -95,6 +95,11 @@ class ConvFlowConfig:
     data has it. Without it the ILD flows learnt a position-free picture
     in which the core, always in the same central cells, was a 2.6-sigma event per value
     (docs/convflow.md). Models saved before the option load without it;
+    ``cell_scale``: the spread standardisation divides by: ``layer`` (default: the layer's
+    pooled spread) or ``cell`` (each cell's own, at least half the pooled one). The
+    untrained flow samples every cell with the divisor as its spread; the ILD core cells
+    spread 0.19 logit units against a pooled 0.28, and a 2-epoch model's core split was
+    that 1.5x too wide (docs/convflow.md "What the hot core is");
     ``hit_calibration_showers``: after training, the model samples the conditions of this
     many training showers and sets one cut per group of cells (MeV, >= the threshold) that
     leaves it each group's hits of those showers (0: off, the readout threshold only);
@@ -141,6 +146,7 @@ class ConvFlowConfig:
     layers_per_step: int = 0
     position_channels: bool = False
     standardise_cells: bool = True
+    cell_scale: str = "layer"
     layers: str = "all"
     postprocess: str = "none"
     postprocess_showers: int = 2000
@@ -171,6 +177,8 @@ class ConvFlowConfig:
                               "fixed scale already sets the cells' energies)")
         if not 0 < out.temperature <= 2:
             raise OptionError(f"temperature must be in (0, 2], got {out.temperature}")
+        if out.cell_scale not in ("layer", "cell"):
+            raise OptionError(f"cell_scale must be layer or cell, got {out.cell_scale!r}")
         if out.postprocess not in POSTPROCESS:
             raise OptionError(f"postprocess must be one of {', '.join(POSTPROCESS)}, got "
                               f"{out.postprocess!r}")
@@ -464,10 +472,13 @@ class ConvL2LFlow(LayerEnergyFlows):
             squares = squares.mean(-1, keepdim=True).expand_as(squares)
         mean = total / max(n, 1)
         variance = (squares / max(n, 1) - mean ** 2).clamp(min=0)
-        # one scale per layer (the cells' pooled spread), not one per cell: a cell the core
-        # only sometimes reaches has a small spread, and dividing by it made those showers
-        # atypical to the flow
-        std = variance.mean(dim=(1, 2), keepdim=True).sqrt().clamp(min=0.05)
+        # one scale per layer (the cells' pooled spread) by default, not one per cell: a cell
+        # the core only sometimes reaches has a small spread, and dividing by it made those
+        # showers atypical to the flow; cell_scale: cell floors each cell's at half of it
+        pooled = variance.mean(dim=(1, 2), keepdim=True).sqrt().clamp(min=0.05)
+        std = pooled.expand_as(mean)
+        if self.config.cell_scale == "cell":
+            std = torch.maximum(variance.sqrt(), 0.5 * pooled)
         self.module.cell_mean.copy_(mean.float())
         self.module.cell_std.copy_(std.expand_as(mean).float())
 
