@@ -26,7 +26,12 @@ from caloforge.data import ShowerData, read_showers
 from caloforge.features import high_level_features
 from caloforge.geometry import Geometry
 from caloforge.models import load_model
-from caloforge.preprocessing import VoxelTransform, monotone_log_map, quantile_map_nodes
+from caloforge.preprocessing import (
+    VoxelTransform,
+    layer_quantile_map_nodes,
+    monotone_log_map,
+    quantile_map_nodes,
+)
 
 SIDE = 30
 
@@ -62,17 +67,13 @@ def figures(generated: torch.Tensor, reference: torch.Tensor, geometry: Geometry
 def layer_spectrum_map(fit: torch.Tensor, wanted: np.ndarray, cells: torch.Tensor,
                        n_layers: int) -> torch.Tensor:
     """``cells`` ``(N, L * S)`` MeV with each layer's hit spectrum mapped (monotone, in
-    log10 MeV) from that of ``fit`` onto that of ``wanted`` (other draws, their data);
-    layers with fewer than 64 hits in either stay as they are."""
-    out = cells.clone()
+    log10 MeV) from that of ``fit`` onto that of ``wanted`` (other draws, their data): the
+    convflow ``postprocess: layer-spline`` maps (layers with fewer than 64 hits keep theirs)."""
     size = SIDE * SIDE
-    for layer in range(n_layers):
-        part = slice(layer * size, (layer + 1) * size)
-        if min((wanted[:, part] > 0).sum(), (fit[:, part] > 0).sum().item()) < 64:
-            continue
-        nodes = quantile_map_nodes(wanted[:, part], fit[:, part].numpy(), nodes=64)
-        out[:, part] = monotone_log_map(cells[:, part], *nodes)
-    return out
+    nodes = layer_quantile_map_nodes(wanted, fit.numpy(), [size] * n_layers, 64)
+    return torch.cat([cells[:, layer * size:(layer + 1) * size] if pair is None
+                      else monotone_log_map(cells[:, layer * size:(layer + 1) * size], *pair)
+                      for layer, pair in enumerate(nodes)], dim=1)
 
 
 def main() -> int:

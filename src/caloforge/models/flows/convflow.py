@@ -97,9 +97,9 @@ class ConvFlowConfig:
     (docs/convflow.md). Models saved before the option load without it;
     ``cell_scale``: the spread standardisation divides by: ``layer`` (default: the layer's
     pooled spread) or ``cell`` (each cell's own, at least half the pooled one). The
-    untrained flow samples every cell with the divisor as its spread; the ILD core cells
-    spread 0.19 logit units against a pooled 0.28, and a 2-epoch model's core split was
-    that 1.5x too wide (docs/convflow.md "What the hot core is");
+    untrained flow samples every cell with the divisor as its spread, and the ILD core
+    cells spread 0.19 logit units against a pooled 0.28 (on the ILD slice ``cell`` gave a
+    better likelihood; docs/convflow.md "What the hot core is");
     ``hit_calibration_showers``: after training, the model samples the conditions of this
     many training showers and sets one cut per group of cells (MeV, >= the threshold) that
     leaves it each group's hits of those showers (0: off, the readout threshold only);
@@ -480,7 +480,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         if self.config.cell_scale == "cell":
             std = torch.maximum(variance.sqrt(), 0.5 * pooled)
         self.module.cell_mean.copy_(mean.float())
-        self.module.cell_std.copy_(std.expand_as(mean).float())
+        self.module.cell_std.copy_(std.float())
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Mean negative log-likelihood per shower of the trained parts (nats)."""
