@@ -463,33 +463,22 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     assert main([base[0], "convflow", *base[1:], "--layers", "0-1",
                  "--postprocess", "spline"]) == 1
     assert "every part" in capsys.readouterr().err
-    config = tmp_path / "median.yaml"
-    config.write_text("normalise_by: median\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "normalise_by must be max, energy or fixed" in capsys.readouterr().err
-    config.write_text("hit_calibration_groups: radius\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "hit_calibration_groups must be one of hit-rate, ring, layer" in \
-        capsys.readouterr().err
-    config.write_text("layer_energy: raw\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "layer_energy must be one of noisy, deposited" in capsys.readouterr().err
-    config.write_text("layer_energy: deposited\nnormalise_by: fixed\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "layer_energy: deposited needs normalise_by energy or max" in capsys.readouterr().err
-    config.write_text("hit_calibration_energy: core\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "hit_calibration_energy must be layer or group" in capsys.readouterr().err
-    for temperature in ("0", "-0.5", "3", ".nan"):
-        config.write_text(f"temperature: {temperature}\n")
-        assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-        assert "temperature must be in (0, 2]" in capsys.readouterr().err
-    config.write_text("cell_scale: pixel\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "cell_scale must be layer or cell" in capsys.readouterr().err
-    config.write_text("postprocess: cubic\n")
-    assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1
-    assert "postprocess must be one of none, spline, layer-spline" in capsys.readouterr().err
+    config = tmp_path / "options.yaml"
+    refused = [("normalise_by: median", "normalise_by must be max, energy or fixed"),
+               ("hit_calibration_groups: radius",
+                "hit_calibration_groups must be one of hit-rate, ring, layer"),
+               ("layer_energy: raw", "layer_energy must be one of noisy, deposited"),
+               ("layer_energy: deposited\nnormalise_by: fixed",
+                "layer_energy: deposited needs normalise_by energy or max"),
+               ("hit_calibration_energy: core", "hit_calibration_energy must be layer or group"),
+               *[(f"temperature: {t}", "temperature must be in (0, 2]")
+                 for t in ("0", "-0.5", "3", ".nan")],
+               ("cell_scale: pixel", "cell_scale must be layer or cell"),
+               ("postprocess: cubic", "postprocess must be one of none, spline, layer-spline")]
+    for text, message in refused:
+        config.write_text(text + "\n")
+        assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1, text
+        assert message in capsys.readouterr().err, text
     assert main([base[0], "icaloflow", *base[1:], "--postprocess", "layer-spline"]) == 1
     assert "postprocess must be none or spline" in capsys.readouterr().err
     config.write_text("hit_calibration_showers: 20\n")
