@@ -65,7 +65,17 @@ def layer_figures(showers: np.ndarray, side: int = SIDE) -> dict[str, np.ndarray
     centre_x = (images * x).sum(-1) / total
     # where the hottest cell is: its mean distance from the image centre (cells)
     hottest_distance = radius[images.argmax(-1)]
-    return {"hottest_cell_mev": images.max(-1).mean(0), "radial_centre": centre.mean(0),
+    # how the central 2 x 2 cells share their energy: the spread of each one's share (the
+    # ILD core's split, docs/convflow.md "What the hot core is"), over images with energy there
+    middle = side // 2
+    core = images.reshape(len(images), LAYERS, side, side)[
+        :, :, middle - 1:middle + 1, middle - 1:middle + 1].reshape(len(images), LAYERS, 4)
+    core_sum = core.sum(-1)
+    shares = np.where(core_sum[..., None] > 0, core / np.maximum(core_sum, 1e-9)[..., None],
+                      np.nan)
+    return {"core_share_spread": np.nanstd(shares, axis=0).mean(-1),
+            "core_sum_share": (core_sum / total).mean(0),
+            "hottest_cell_mev": images.max(-1).mean(0), "radial_centre": centre.mean(0),
             "hottest_cell_distance": hottest_distance.mean(0),
             "centre_x_spread": centre_x.std(0),
             "radial_width": width.mean(0), "hits_per_shower": hits.sum((1, 2)).mean(),
@@ -108,6 +118,9 @@ def main() -> int:
     parser.add_argument("--standardise-cells", choices=["on", "off"], default="on",
                         help="cell-by-cell standardisation (off: as before issue 28's "
                              "ild-ecal fix)")
+    parser.add_argument("--cell-scale", choices=["layer", "cell"], default="layer",
+                        help="the standardisation's divisor: the layer's pooled spread or "
+                             "each cell's own")
     parser.add_argument("--side", type=int, default=SIDE, help="image side (cells, even)")
     parser.add_argument("--jitter", type=float, default=0.6,
                         help="spread of the shower centre (cells); 0: fixed, as on ild-ecal")
@@ -121,6 +134,7 @@ def main() -> int:
     config.previous_layers, config.normalise_by = 2, args.normalise_by
     config.position_channels = args.position_channels
     config.standardise_cells = args.standardise_cells == "on"
+    config.cell_scale = args.cell_scale
     config.training.epochs, config.training.batch_size = args.epochs, 64
     config.training.seed = args.seed
     model = ConvL2LFlow(geometry, config)
@@ -130,7 +144,7 @@ def main() -> int:
     figures = {
         "normalise_by": args.normalise_by, "seed": args.seed,
         "standardise_cells": config.standardise_cells, "side": args.side,
-        "jitter": args.jitter,
+        "jitter": args.jitter, "cell_scale": args.cell_scale,
         "train_seconds": round(seconds, 1),
         "best_val_loss": model.training_summary["best_val_loss"],
         **base_space_of_hottest(model, heldout),
@@ -142,6 +156,10 @@ def main() -> int:
         "position_channels": args.position_channels,
         "centre_x_spread_reference": np.round(real["centre_x_spread"], 3).tolist(),
         "centre_x_spread_generated": np.round(fake["centre_x_spread"], 3).tolist(),
+        "core_share_spread_reference": np.round(real["core_share_spread"], 3).tolist(),
+        "core_share_spread_generated": np.round(fake["core_share_spread"], 3).tolist(),
+        "core_sum_share_reference": np.round(real["core_sum_share"], 3).tolist(),
+        "core_sum_share_generated": np.round(fake["core_sum_share"], 3).tolist(),
         "hottest_cell_distance_reference": np.round(real["hottest_cell_distance"], 2).tolist(),
         "hottest_cell_distance_generated": np.round(fake["hottest_cell_distance"], 2).tolist(),
         "radial_centre_generated_over_reference": np.round(

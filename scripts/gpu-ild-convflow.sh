@@ -57,7 +57,8 @@ run() {
     step "generate-$name" 120 generate "$dir" --like "$heldout" -n "$n_gen" --seed 1 \
         --device "$device" --threads "$threads" -o "$work/gen-$name.h5" || return 1
     step "evaluate-$name" 300 evaluate --reference "$heldout" --generated "$work/gen-$name.h5" \
-        --geometry ild-ecal --metrics hist,cls-low,cls-high --max-showers "$n_gen" --threads "$threads" \
+        --geometry ild-ecal --metrics hist,cls-low,cls-high --max-showers "$n_gen" \
+        --classifier-preset fast --threads "$threads" \
         --device "$device" -o "$work/rep-$name"
     cp "$work/rep-$name/metrics.json" "$out/$name.metrics.json" 2>/dev/null
     timeout $(( $(left) - 3 )) python3 bench/check_ild_cores.py "$work/gen-$name.h5" \
