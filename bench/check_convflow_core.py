@@ -23,10 +23,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pipeline import fit_and_generate, report_figures, square_layers, toy_experiment_parser
+from pipeline import (
+    core_share_spread,
+    fit_and_generate,
+    report_figures,
+    square_layers,
+    toy_experiment_parser,
+)
 
 from caloforge.data import ShowerData
-from caloforge.models.flows.convflow import ConvL2LFlow
+from caloforge.models.flows.convflow import CELL_SCALES, ConvL2LFlow
 
 SIDE, LAYERS, CUT_MEV = 12, 5, 0.5
 
@@ -67,13 +73,10 @@ def layer_figures(showers: np.ndarray, side: int = SIDE) -> dict[str, np.ndarray
     hottest_distance = radius[images.argmax(-1)]
     # how the central 2 x 2 cells share their energy: the spread of each one's share (the
     # ILD core's split, docs/convflow.md "What the hot core is"), over images with energy there
+    squares = images.reshape(len(images), LAYERS, side, side)
     middle = side // 2
-    core = images.reshape(len(images), LAYERS, side, side)[
-        :, :, middle - 1:middle + 1, middle - 1:middle + 1].reshape(len(images), LAYERS, 4)
-    core_sum = core.sum(-1)
-    shares = np.where(core_sum[..., None] > 0, core / np.maximum(core_sum, 1e-9)[..., None],
-                      np.nan)
-    return {"core_share_spread": np.nanstd(shares, axis=0).mean(-1),
+    core_sum = squares[:, :, middle - 1:middle + 1, middle - 1:middle + 1].sum((2, 3))
+    return {"core_share_spread": core_share_spread(squares),
             "core_sum_share": (core_sum / total).mean(0),
             "hottest_cell_mev": images.max(-1).mean(0), "radial_centre": centre.mean(0),
             "hottest_cell_distance": hottest_distance.mean(0),
@@ -118,7 +121,7 @@ def main() -> int:
     parser.add_argument("--standardise-cells", choices=["on", "off"], default="on",
                         help="cell-by-cell standardisation (off: as before issue 28's "
                              "ild-ecal fix)")
-    parser.add_argument("--cell-scale", choices=["layer", "cell"], default="layer",
+    parser.add_argument("--cell-scale", choices=list(CELL_SCALES), default="layer",
                         help="the standardisation's divisor: the layer's pooled spread or "
                              "each cell's own")
     parser.add_argument("--side", type=int, default=SIDE, help="image side (cells, even)")

@@ -24,12 +24,12 @@ import time
 
 import numpy as np
 import torch
-from pipeline import report_figures, toy_experiment_parser
+from pipeline import core_share_spread, report_figures, toy_experiment_parser
 
 from caloforge.data import ShowerData, read_showers
 from caloforge.features import high_level_features
 from caloforge.geometry import CartesianLayer, Geometry
-from caloforge.models.flows.convflow import ConvL2LFlow
+from caloforge.models.flows.convflow import CELL_SCALES, ConvL2LFlow
 from caloforge.preprocessing import VoxelTransform, group_occupancy_cuts, hit_rate_groups
 
 SIDE, CELL_MM, CUT_MEV = 30, 5.0, 0.075
@@ -77,8 +77,8 @@ def centre_scatter(showers: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def compare(real: np.ndarray, fake: np.ndarray, geometry: Geometry) -> dict:
-    """Per layer, generated / reference: hits, hottest cell, radial width; rings and the
-    share of hits under 0.1 MeV."""
+    """Per layer, generated / reference: hits, hottest cell, radial width; rings, the
+    spread of the core's split and the share of hits under 0.1 MeV."""
     layers = geometry.n_layers
     per_layer = (len(real), layers, -1)
 
@@ -100,6 +100,9 @@ def compare(real: np.ndarray, fake: np.ndarray, geometry: Geometry) -> dict:
         "centre_scatter_generated_over_reference": np.round(
             centre_scatter(fake, geometry) / centre_scatter(real, geometry), 3).tolist(),
         "ring_hits_generated": ring_hits(fake, layers),
+        "core_share_spread_reference_generated": [
+            np.round(core_share_spread(showers.reshape(len(showers), layers, SIDE, SIDE)),
+                     3).tolist() for showers in (real, fake)],
         "faint_share_reference_generated": [faint_share(real), faint_share(fake)],
     }
 
@@ -147,7 +150,7 @@ def main() -> int:
                         help="the convflow normalise_by (default: the family's)")
     parser.add_argument("--layer-energy", choices=["noisy", "deposited"], default=None,
                         help="the convflow layer_energy (default: the family's)")
-    parser.add_argument("--cell-scale", choices=["layer", "cell"], default="layer",
+    parser.add_argument("--cell-scale", choices=list(CELL_SCALES), default="layer",
                         help="convflow cell_scale (the divisor of the cell standardisation)")
     parser.add_argument("--temperatures", default="1",
                         help="comma list of sampling temperatures (the voxel flows' base "

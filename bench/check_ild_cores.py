@@ -20,6 +20,7 @@ import argparse
 import json
 
 import numpy as np
+from pipeline import core_shares
 
 from caloforge.data import read_showers
 
@@ -34,12 +35,8 @@ def core_figures(showers: np.ndarray) -> dict:
     centre_x = (images * xx).sum((2, 3)) / energy
     hottest = images.reshape(len(images), LAYERS, -1).argmax(-1)
     inner = (images * (radius < 3)).sum((2, 3)) / energy
-    middle = SIDE // 2
-    core = images[:, :, middle - 1:middle + 1, middle - 1:middle + 1].reshape(
-        len(images), LAYERS, 4)
-    core_energy = core.sum(-1)
-    shares = [core[core_energy[:, i] > 0, i] / core_energy[core_energy[:, i] > 0, i, None]
-              for i in SHOWN]
+    every_layer = core_shares(images)
+    shares = [every_layer[i] for i in SHOWN]
     return {
         "layers": SHOWN,
         "hottest_cell_distance_median": [round(float(np.median(radius.ravel()[hottest[:, i]])), 2)

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 CALOFORGE = os.path.join(os.path.dirname(sys.executable), "caloforge")
 TRAIN_SEED, HELDOUT_SEED, GENERATION_SEED = 11, 12, 1
 
@@ -190,6 +192,26 @@ def verdict(value: float, target: float, lower_is_better: bool = True) -> str:
 
 
 # --- toy experiments (bench/check_*.py) -------------------------------------------------
+def core_shares(images: np.ndarray) -> list[np.ndarray]:
+    """How the central 2 x 2 cells of each layer share their energy: per layer, the shares
+    ``(M, 4)`` of the M showers of ``images`` ``(N, L, side, side)`` with energy there (the
+    reference simulator's ild-ecal core is those four cells, docs/convflow.md "What the hot
+    core is")."""
+    n, layers, side, _ = images.shape
+    middle = side // 2
+    core = images[:, :, middle - 1:middle + 1, middle - 1:middle + 1].reshape(n, layers, 4)
+    core_energy = core.sum(-1)
+    return [core[core_energy[:, i] > 0, i] / core_energy[core_energy[:, i] > 0, i, None]
+            for i in range(layers)]
+
+
+def core_share_spread(images: np.ndarray) -> np.ndarray:
+    """Per layer ``(L,)``: the standard deviation of a central cell's share of the four,
+    averaged over the four (the spread of the core's split)."""
+    return np.array([share.std(0).mean() if len(share) else np.nan
+                     for share in core_shares(images)])
+
+
 def toy_experiment_parser(description: str, n_train: int, epochs: int
                           ) -> argparse.ArgumentParser:
     """The options every toy experiment has: --n-train, --epochs, --seed (training) and

@@ -19,6 +19,7 @@ from caloforge.models import load_model
 from caloforge.models.base import shard_generator
 from caloforge.models.flows.convflow import (
     ConvL2LFlow,
+    interquartile_spread,
     merge_runs,
     parse_parts,
 )
@@ -194,6 +195,42 @@ def test_cell_scale_divides_each_cell_by_its_own_spread_floored_at_half_the_laye
     above = spread > 0.5 * pooled
     assert above.any()
     torch.testing.assert_close(own[above], spread[above], rtol=1e-3, atol=1e-4)
+
+
+def test_interquartile_spread_measures_the_hits_of_a_sometimes_empty_cell():
+    generator = torch.Generator().manual_seed(0)
+    n = 4000
+    hits = 2.0 + 0.1 * torch.randn(n, generator=generator)
+    empty = torch.rand(n, generator=generator) < 0.2  # empty in a fifth of the showers
+    cell = torch.where(empty, torch.full((n,), -5.0), hits)
+    gaussian = torch.randn(n, generator=generator)
+    y = torch.stack([cell, gaussian]).T.reshape(n, 1, 1, 2)  # (N, L=1, H=1, W=2)
+    spread = interquartile_spread(y)
+    assert cell.std() > 2.5  # the gap between empty and hit sets the standard deviation
+    assert 0.08 < float(spread[0, 0, 0]) < 0.2  # the interquartile range sees the hits
+    assert abs(float(spread[0, 0, 1]) - 1.0) < 0.08  # a Gaussian's: its sigma
+    pooled = interquartile_spread(y, circular=True)  # over the angle (the last axis)
+    assert torch.equal(pooled[0, 0, 0], pooled[0, 0, 1])
+    quartiles = torch.quantile(y.flatten(), torch.tensor([0.25, 0.75]))
+    assert float(pooled[0, 0, 0]) == pytest.approx(float(quartiles[1] - quartiles[0]) / 1.349)
+
+
+def test_robust_cell_scale_takes_the_smaller_of_the_two_spreads(data):
+    # a core cell (layer 0, cell 5): hit in ~85 % of the showers with a steady energy
+    showers = data.showers.copy()
+    rng = np.random.default_rng(0)
+    hit = rng.random(len(showers)) < 0.85
+    showers[:, 5] = np.where(hit, rng.normal(2 * showers.max(), 0.1, len(showers)), 0.0)
+    core = ShowerData(data.incident_energies, showers, {}, {})
+    scaled = {scale: ConvL2LFlow(CARTESIAN, _tiny(1, cell_scale=scale))
+              for scale in ("layer", "cell", "robust")}
+    for model in scaled.values():
+        model.prepare_fit(core, resume=False, device="cpu")
+    pooled, own = scaled["layer"].module.cell_std, scaled["cell"].module.cell_std
+    robust = scaled["robust"].module.cell_std
+    assert (robust >= 0.5 * pooled - 1e-6).all() and (robust <= own + 1e-6).all()
+    row, column = divmod(5, 4)
+    assert robust[0, row, column] < 0.5 * own[0, row, column]  # its hits, not the gap
 
 
 def test_generation_is_reproducible_and_layers_sum_to_their_energies(trained, data):
@@ -473,7 +510,7 @@ def test_convflow_options_are_checked(tmp_path, capsys):
                ("hit_calibration_energy: core", "hit_calibration_energy must be layer or group"),
                *[(f"temperature: {t}", "temperature must be in (0, 2]")
                  for t in ("0", "-0.5", "3", ".nan")],
-               ("cell_scale: pixel", "cell_scale must be layer or cell"),
+               ("cell_scale: pixel", "cell_scale must be one of layer, cell, robust"),
                ("postprocess: cubic", "postprocess must be one of none, spline, layer-spline")]
     for text, message in refused:
         config.write_text(text + "\n")
