@@ -233,6 +233,31 @@ def test_robust_cell_scale_takes_the_smaller_of_the_two_spreads(data):
     assert robust[0, row, column] < 0.5 * own[0, row, column]  # its hits, not the gap
 
 
+def test_block_scale_whitens_each_2x2_block_and_inverts_exactly(data):
+    model = ConvL2LFlow(CARTESIAN, _tiny(1, cell_scale="block"))
+    model.prepare_fit(data, resume=False, device="cpu")
+    generator = torch.Generator().manual_seed(model.config.training.seed)
+    images = model._images(torch.as_tensor(data.showers, dtype=torch.float32))
+    noisy = model.voxel_transform.add_noise(images, generator)
+    y = model.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape)
+    layer = 1
+    white = model._standardised(y[:, layer:layer + 1], layer)  # (N, 1, 4, 4)
+    # each block's four cells come out uncorrelated with unit variance (up to the floor)
+    blocks = white.reshape(len(y), 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(len(y), 4, 4)
+    for block in range(4):
+        covariance = torch.cov(blocks[:, block].T.double())
+        off_diagonal = covariance - torch.diag(torch.diag(covariance))
+        assert off_diagonal.abs().max() < 0.05
+        assert (torch.diag(covariance) < 1.05).all()
+    torch.testing.assert_close(model._unstandardised(white[:, 0], layer), y[:, layer],
+                               rtol=1e-4, atol=1e-4)
+    # the log-determinant the likelihood adds is the map's own
+    jacobian = torch.autograd.functional.jacobian(
+        lambda x: model._standardised(x.reshape(1, 1, 4, 4), layer).flatten(), y[0, layer])
+    expected = torch.linalg.slogdet(jacobian.reshape(16, 16).double())[1]
+    assert float(model._standardising_ladj(layer)) == pytest.approx(float(expected), abs=1e-3)
+
+
 def test_generation_is_reproducible_and_layers_sum_to_their_energies(trained, data):
     model, _ = trained
     energies = data.incident_energies[:60]
@@ -510,7 +535,7 @@ def test_convflow_options_are_checked(tmp_path, capsys):
                ("hit_calibration_energy: core", "hit_calibration_energy must be layer or group"),
                *[(f"temperature: {t}", "temperature must be in (0, 2]")
                  for t in ("0", "-0.5", "3", ".nan")],
-               ("cell_scale: pixel", "cell_scale must be one of layer, cell, robust"),
+               ("cell_scale: pixel", "cell_scale must be one of layer, cell, robust, block"),
                ("postprocess: cubic", "postprocess must be one of none, spline, layer-spline")]
     for text, message in refused:
         config.write_text(text + "\n")

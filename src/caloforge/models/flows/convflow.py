@@ -55,7 +55,7 @@ from ...preprocessing import (
     uniform_noise,
 )
 from ...training import TrainingConfig, config_from_dict
-from .conv_blocks import ConvFlow
+from .conv_blocks import ConvFlow, squeeze, unsqueeze
 from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
 from .toolkit import FlowConfig, build_maf
 
@@ -63,7 +63,7 @@ ENERGY_PART = "energy"
 CUT_GROUPS = ("hit-rate", "ring", "layer")
 LAYER_ENERGIES = ("noisy", "deposited")
 POSTPROCESS = ("none", "spline", "layer-spline")
-CELL_SCALES = ("layer", "cell", "robust")
+CELL_SCALES = ("layer", "cell", "robust", "block")
 
 
 @dataclass
@@ -100,7 +100,11 @@ class ConvFlowConfig:
     pooled spread), ``cell`` (each cell's own, at least half the pooled one) or ``robust``
     (the smaller of each cell's standard deviation and its interquartile range / 1.349 over
     the first 4,000 showers, at least half the pooled one: a cell empty in a minority of
-    showers is scaled by the spread of its hits). The untrained flow samples every cell
+    showers is scaled by the spread of its hits) or ``block`` (each 2x2 block, the four
+    cells one squeezed pixel of the flow holds, whitened with its own 4x4 covariance: ZCA,
+    eigenvalues floored at a quarter of the pooled variance; the untrained flow then samples
+    a block's common mode and its split as the data spreads them, which per-cell divisors
+    cannot: a cell's own spread adds the two). The untrained flow samples every cell
     with the divisor as its spread, and the ILD core cells spread 0.19 logit units against
     a pooled 0.28 (on the ILD slice ``cell`` gave a better likelihood; on the whole model it
     narrowed the middle layers' core split but widened the first and last layers', whose
@@ -227,6 +231,32 @@ def _tiny_config() -> ConvFlowConfig:
 PRESETS = {"cpu": _cpu_config, "paper": _paper_config, "tiny": _tiny_config}
 
 
+def _block_matmul(matrices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Each 2x2 block of ``images`` ``(B, 1, H, W)`` times its matrix of ``matrices``
+    ``(H/2, W/2, 4, 4)`` (the block's cells in :func:`squeeze`'s channel order)."""
+    blocks = squeeze(images).permute(0, 2, 3, 1)[..., None]  # (B, H/2, W/2, 4, 1)
+    return unsqueeze((matrices @ blocks)[..., 0].permute(0, 3, 1, 2))
+
+
+def _block_whitening(second_moments: torch.Tensor, mean: torch.Tensor, floor: torch.Tensor,
+                     circular: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZCA whitening matrices of every 2x2 block and their inverses ``(L, H/2, W/2, 4, 4)``
+    from the blocks' mean products ``(L, H/2, W/2, 4, 4)`` and the cells' means ``(L, H,
+    W)``; eigenvalues floored at ``floor`` ``(L,)`` (a variance); ``circular``: the
+    covariance averaged over the angle (the last image axis)."""
+    layers = mean.shape[0]
+    blocks = squeeze(mean[None]).reshape(layers, 4, *second_moments.shape[1:3])
+    blocks = blocks.permute(0, 2, 3, 1)  # (L, H/2, W/2, 4)
+    covariance = second_moments - blocks[..., :, None] * blocks[..., None, :]
+    if circular:
+        covariance = covariance.mean(2, keepdim=True).expand_as(covariance)
+    values, vectors = torch.linalg.eigh(covariance)
+    values = torch.maximum(values, floor[:, None, None, None])
+    whiten = vectors @ torch.diag_embed(values.rsqrt()) @ vectors.transpose(-1, -2)
+    colour = vectors @ torch.diag_embed(values.sqrt()) @ vectors.transpose(-1, -2)
+    return whiten, colour
+
+
 def interquartile_spread(y: torch.Tensor, circular: bool = False) -> torch.Tensor:
     """Each cell's interquartile range / 1.349 (a Gaussian's standard deviation) over the
     showers of ``y`` ``(N, L, H, W)`` -> ``(L, H, W)``; ``circular``: pooled over the angle
@@ -292,6 +322,13 @@ class ConvFlowModule(nn.Module):
                              if standardise else None)
         self.register_buffer("cell_std", torch.ones(n_layers, *image_shape)
                              if standardise else None)
+        # cell_scale: block: per layer and 2x2 block, the 4x4 whitening matrix of its cells
+        # and its inverse (L, H/2, W/2, 4, 4); None (not in the weights) otherwise
+        blocks = standardise and config.cell_scale == "block"
+        block_shape = (n_layers, image_shape[0] // 2, image_shape[1] // 2, 4, 4)
+        eye = torch.eye(4).expand(block_shape).clone()
+        self.register_buffer("block_whiten", eye if blocks else None)
+        self.register_buffer("block_colour", eye.clone() if blocks else None)
 
 
 class ConvL2LFlow(LayerEnergyFlows):
@@ -458,6 +495,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         assert self.module is not None
         if self.module.cell_mean is None:
             return image
+        if self.module.block_whiten is not None:
+            return _block_matmul(self.module.block_whiten[layer],
+                                 image - self.module.cell_mean[layer])
         return (image - self.module.cell_mean[layer]) / self.module.cell_std[layer]
 
     def _unstandardised(self, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -465,6 +505,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         assert self.module is not None
         if self.module.cell_mean is None:
             return x
+        if self.module.block_colour is not None:
+            return _block_matmul(self.module.block_colour[layer], x[:, None])[:, 0] \
+                + self.module.cell_mean[layer]
         return x * self.module.cell_std[layer] + self.module.cell_mean[layer]
 
     def _standardising_ladj(self, layer: int) -> torch.Tensor | float:
@@ -472,6 +515,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         assert self.module is not None
         if self.module.cell_std is None:
             return 0.0
+        if self.module.block_whiten is not None:
+            return torch.linalg.slogdet(self.module.block_whiten[layer])[1].sum()
         return -torch.log(self.module.cell_std[layer]).sum()
 
     def _fit_cell_statistics(self, data: ShowerData, max_showers: int = 20_000,
@@ -486,6 +531,10 @@ class ConvL2LFlow(LayerEnergyFlows):
         n = min(len(data), max_showers)
         robust = self.config.cell_scale == "robust"
         kept: list[torch.Tensor] = []  # the first quantile_showers images, for "robust"
+        h, w = self.image_shape
+        # sums of the products of the four cells of each 2x2 block (cell_scale: block)
+        block_products = torch.zeros(self.geometry.n_layers, h // 2, w // 2, 4, 4,
+                                     dtype=torch.float64)
         for start in range(0, n, chunk):
             images = self._images(torch.as_tensor(data.showers[start:min(start + chunk, n)],
                                                   dtype=torch.float32))
@@ -493,6 +542,10 @@ class ConvL2LFlow(LayerEnergyFlows):
             y = self.voxel_transform.forward(noisy.flatten(2)).reshape(noisy.shape).double()
             total += y.sum(0)
             squares += (y ** 2).sum(0)
+            if self.module.block_whiten is not None:
+                blocks = squeeze(y)  # (n, 4L, H/2, W/2): layer-major, 4 cells each
+                blocks = blocks.reshape(len(y), -1, 4, h // 2, w // 2)
+                block_products += torch.einsum("nlihw,nljhw->lhwij", blocks, blocks)
             if robust and start < quantile_showers:
                 kept.append(y[:quantile_showers - start].float())
         if self.circular:
@@ -515,6 +568,11 @@ class ConvL2LFlow(LayerEnergyFlows):
             std = torch.maximum(torch.minimum(variance.sqrt(), iqr.double()), 0.5 * pooled)
         self.module.cell_mean.copy_(mean.float())
         self.module.cell_std.copy_(std.float())
+        if self.module.block_whiten is not None:
+            whiten, colour = _block_whitening(block_products / max(n, 1), mean,
+                                              (0.5 * pooled[:, 0, 0]) ** 2, self.circular)
+            self.module.block_whiten.copy_(whiten.float())
+            self.module.block_colour.copy_(colour.float())
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Mean negative log-likelihood per shower of the trained parts (nats)."""
