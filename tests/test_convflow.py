@@ -444,10 +444,10 @@ def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
 
 
 def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
-    """Circular padding, a shared flow with position channels, deposited layer energies,
-    hit cuts per radial bin keeping their energy per group, a sampling temperature and the
-    post-processing splines per layer: onnxruntime gives the showers ``sample`` gives for the same
-    noise."""
+    """Circular padding, a shared flow with position channels, 2x2 blocks whitened
+    (``cell_scale: block``), deposited layer energies, hit cuts per radial bin keeping their
+    energy per group, a sampling temperature and the post-processing splines per layer:
+    onnxruntime gives the showers ``sample`` gives for the same noise."""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
@@ -455,12 +455,16 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         noise_mev=0.009, hit_calibration_showers=100,
                                         hit_calibration_groups="ring",
                                         hit_calibration_energy="group", temperature=0.9,
-                                        layer_energy="deposited",
+                                        layer_energy="deposited", cell_scale="block",
                                         postprocess="layer-spline", postprocess_showers=100))
     model.fit(data, str(tmp_path / "run"))
     assert len(model.voxel_cuts_mev) == CYLINDER.n_voxels
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
     assert all(nodes is not None for nodes in model.layer_postprocess_nodes)
+    assert model.module is not None and model.module.block_whiten is not None
+    colour = model.module.block_colour
+    assert not torch.equal(colour, torch.eye(4).expand_as(colour))  # fitted, not identity
+    torch.testing.assert_close(colour[:, :, 0], colour[:, :, 1])  # pooled over the angle
     output = str(tmp_path / "cyl.onnx")
     description = export_model(model, output)
     assert description["check"]["max_relative_deviation"] <= 1e-4
