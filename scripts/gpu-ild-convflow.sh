@@ -18,19 +18,7 @@ heldout=${4:-}; n_train=${5:-20000}; device=${6:-cuda}; n_gen=${7:-3000}
 threads=${THREADS:-4}  # per run; the two runs go side by side
 work=/tmp/ild-gpu; rm -rf "$work"; mkdir -p "$work" "$out"
 steps="$out/steps.tsv"; printf 'step\tseconds\texit\n' > "$steps"
-left() { echo $(( deadline - $(date +%s) )); }
-# step NAME MAX_SECONDS ARGS...: `caloforge ARGS` under a timeout of min(MAX, time left - 5),
-# its wall time and exit status in OUT/steps.tsv, its output in OUT/NAME.log
-step() {
-    local name=$1 cap=$2; shift 2
-    local limit; limit=$(left); limit=$(( limit - 5 < cap ? limit - 5 : cap ))
-    if (( limit < 5 )); then printf '%s\t0\tskipped (deadline)\n' "$name" >> "$steps"; return 1; fi
-    local started; started=$(date +%s)
-    timeout "$limit" python3 -m caloforge "$@" --no-progress > "$out/$name.log" 2>&1; local status=$?
-    printf '%s\t%s\t%s\n' "$name" $(( $(date +%s) - started )) "$status" | tee -a "$steps"
-    tail -3 "$out/$name.log"
-    return "$status"
-}
+source "$(dirname "$0")/device-steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
 python3 -c "import torch, zuko; print('torch', torch.__version__, 'zuko', zuko.__version__)" \
     | tee -a "$out/gpu.txt"

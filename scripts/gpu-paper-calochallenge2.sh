@@ -16,21 +16,7 @@ deadline=$(( $(date +%s) + ${4:-540} )); n_train=${5:-100000}; n_heldout=${6:-10
 preset=${7:-paper}; device=${8:-cuda}
 work=/tmp/cc2-gpu; rm -rf "$work"; mkdir -p "$work" "$out"
 steps="$out/steps.tsv"; printf 'step\tseconds\texit\n' > "$steps"
-left() { echo $(( deadline - $(date +%s) )); }
-# step NAME MAX_SECONDS ARGS...: runs `caloforge ARGS` under a timeout of min(MAX, time left - 5),
-# records its wall time and exit status, and appends its output to OUT_DIR/NAME.log
-step() {
-    local name=$1 cap=$2; shift 2
-    local limit; limit=$(left); limit=$(( limit - 5 < cap ? limit - 5 : cap ))
-    if (( limit < 5 )); then printf '%s\t0\tskipped (deadline)\n' "$name" >> "$steps"; return 1; fi
-    local started; started=$(date +%s)
-    timeout "$limit" python3 -m caloforge "$@" --no-progress > "$out/$name.log" 2>&1; local status=$?
-    printf '%s\t%s\t%s\n' "$name" $(( $(date +%s) - started )) "$status" | tee -a "$steps"
-    tail -4 "$out/$name.log"
-    # PACK=FILE.tgz: everything so far in one archive after each step (a lease returns few files)
-    [[ -n ${PACK:-} ]] && tar -czf "$PACK" -C "$out" .
-    return "$status"
-}
+source "$(dirname "$0")/device-steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
 python3 -c "import torch, zuko; print('torch', torch.__version__, 'zuko', zuko.__version__)" \
     | tee -a "$out/gpu.txt"
