@@ -97,18 +97,16 @@ class ConvFlowConfig:
     in which the core, always in the same central cells, was a 2.6-sigma event per value
     (docs/convflow.md). Models saved before the option load without it;
     ``cell_scale``: the spread standardisation divides by: ``layer`` (default: the layer's
-    pooled spread), ``cell`` (each cell's own, at least half the pooled one) or ``robust``
+    pooled spread), ``cell`` (each cell's own, at least half the pooled one), ``robust``
     (the smaller of each cell's standard deviation and its interquartile range / 1.349 over
     the first 4,000 showers, at least half the pooled one: a cell empty in a minority of
     showers is scaled by the spread of its hits) or ``block`` (each 2x2 block, the four
     cells one squeezed pixel of the flow holds, whitened with its own 4x4 covariance: ZCA,
-    eigenvalues floored at a quarter of the pooled variance; the untrained flow then samples
-    a block's common mode and its split as the data spreads them, which per-cell divisors
-    cannot: a cell's own spread adds the two). The untrained flow samples every cell
-    with the divisor as its spread, and the ILD core cells spread 0.19 logit units against
-    a pooled 0.28 (on the ILD slice ``cell`` gave a better likelihood; on the whole model it
-    narrowed the middle layers' core split but widened the first and last layers', whose
-    core is sometimes empty: docs/convflow.md "What the hot core is");
+    eigenvalues floored at a quarter of the pooled variance). The untrained flow samples
+    every cell with the divisor as its spread; per-cell divisors add a block's common mode
+    to its split, ``block`` gives each the data's spread (on ild-ecal: the core's split and
+    hottest cell at the data's, the best likelihood, but wider radial widths;
+    docs/convflow.md "What the hot core is");
     ``hit_calibration_showers``: after training, the model samples the conditions of this
     many training showers and sets one cut per group of cells (MeV, >= the threshold) that
     leaves it each group's hits of those showers (0: off, the readout threshold only);
