@@ -1,5 +1,11 @@
 # Shared by the GPU-lease scripts (scripts/gpu-*.sh), sourced after they set `out` (the
-# output folder), `steps` (its steps.tsv) and `deadline` (epoch seconds).
+# output folder), `work` (a scratch folder, emptied here) and `deadline` (epoch seconds).
+# Starts $out/steps.tsv and records the GPU and the torch / zuko versions in $out/gpu.txt.
+rm -rf "$work"; mkdir -p "$work" "$out"
+steps="$out/steps.tsv"; printf 'step\tseconds\texit\n' > "$steps"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+python3 -c "import torch, zuko; print('torch', torch.__version__, 'zuko', zuko.__version__)" \
+    | tee -a "$out/gpu.txt"
 # left: seconds to the deadline.
 left() { echo $(( deadline - $(date +%s) )); }
 # step NAME MAX_SECONDS ARGS...: runs `caloforge ARGS` under a timeout of min(MAX, time left - 5),

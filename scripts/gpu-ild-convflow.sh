@@ -16,12 +16,8 @@ set -uo pipefail
 out=${1:?output folder}; train_budget=${2:-300s}; deadline=$(( $(date +%s) + ${3:-560} ))
 heldout=${4:-}; n_train=${5:-20000}; device=${6:-cuda}; n_gen=${7:-3000}
 threads=${THREADS:-4}  # per run; the two runs go side by side
-work=/tmp/ild-gpu; rm -rf "$work"; mkdir -p "$work" "$out"
-steps="$out/steps.tsv"; printf 'step\tseconds\texit\n' > "$steps"
+work=/tmp/ild-gpu
 source "$(dirname "$0")/device-steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
-python3 -c "import torch, zuko; print('torch', torch.__version__, 'zuko', zuko.__version__)" \
-    | tee -a "$out/gpu.txt"
 printf 'noise_mev: 0.0675\nhit_calibration_showers: 1000\nhit_calibration_groups: hit-rate\nlayer_energy: deposited\n' \
     > "$work/A.yaml"
 { cat "$work/A.yaml"; echo 'cell_scale: cell'; } > "$work/B.yaml"

@@ -14,12 +14,8 @@ set -uo pipefail
 out=${1:?output folder}; train_budget=${2:-140s}; distill_budget=${3:-60s}
 deadline=$(( $(date +%s) + ${4:-540} )); n_train=${5:-100000}; n_heldout=${6:-100000}
 preset=${7:-paper}; device=${8:-cuda}
-work=/tmp/cc2-gpu; rm -rf "$work"; mkdir -p "$work" "$out"
-steps="$out/steps.tsv"; printf 'step\tseconds\texit\n' > "$steps"
+work=/tmp/cc2-gpu
 source "$(dirname "$0")/device-steps.sh"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
-python3 -c "import torch, zuko; print('torch', torch.__version__, 'zuko', zuko.__version__)" \
-    | tee -a "$out/gpu.txt"
 step simulate-train 120 simulate --geometry calochallenge-2 -n "$n_train" --seed 11 \
     -o "$work/train.h5" --workers 9 &
 step simulate-heldout 120 simulate --geometry calochallenge-2 -n "$n_heldout" --seed 12 \
