@@ -1,10 +1,10 @@
 """Issue 28: a trained convflow run re-saved with other after-training options.
 
 The options that act after training: the sampling ``temperature`` (the voxel flows' base
-noise is drawn with this standard deviation) and ``postprocess`` (none, spline or
-layer-spline; docs/convflow.md). The hit cuts and the post-processing spline(s), which are
-fitted to the model's own samples, are fitted again on the first training showers, exactly
-as after training (``end_fit``):
+noise is drawn with this standard deviation) and ``postprocess`` (none, spline,
+layer-spline or group-spline; docs/convflow.md). The hit cuts and the post-processing
+spline(s), which are fitted to the model's own samples, are fitted again on the first
+training showers, exactly as after training (``end_fit``):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("run_dir", help="a trained convflow run")
     parser.add_argument("--train", required=True, help="its training file")
     parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline"],
+    parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline", "group-spline"],
                         default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")

@@ -23,7 +23,7 @@ from caloforge.models.flows.convflow import (
     merge_runs,
     parse_parts,
 )
-from caloforge.preprocessing import MaxLogTransform, monotone_log_map
+from caloforge.preprocessing import MaxLogTransform, group_quantile_map_nodes, monotone_log_map
 
 from conftest import assert_resume_matches_uninterrupted, random_showers, tiny_config
 
@@ -409,6 +409,57 @@ def test_layer_splines_map_each_layer_and_round_trip(trained, data, tmp_path):
         model.layer_postprocess_nodes = None
 
 
+def test_group_splines_give_each_calibration_group_its_spectrum(trained, data, tmp_path):
+    """``postprocess: group-spline``: one monotone map per calibration group (here one
+    ring of cells around the image centre per layer), each taking that group's hits to the
+    reference's spectrum of the group; empty cells stay empty, hits stay hits; saved and
+    loaded with the model."""
+    model, _ = trained
+    reference = data.select(slice(0, 120))
+    before = model.sample(reference.incident_energies, seed=7).showers
+    model.config.postprocess, model.config.hit_calibration_groups = "group-spline", "ring"
+    try:
+        model.fit_postprocess(reference, nodes=64, seed=1)
+        assert model.postprocess_nodes is None and model.layer_postprocess_nodes is None
+        groups = np.asarray(model.postprocess_groups)
+        assert groups.shape == (CARTESIAN.n_voxels,)
+        fitted = [g for g, nodes in enumerate(model.group_postprocess_nodes) if nodes]
+        assert len(fitted) >= 2
+        after = model.sample(reference.incident_energies, seed=7).showers
+        levels = np.linspace(0.05, 0.95, 19)
+
+        def distance(showers, group):
+            cells, real = showers[:, groups == group], reference.showers[:, groups == group]
+            return np.abs(np.quantile(np.log10(cells[cells > 0]), levels)
+                          - np.quantile(np.log10(real[real > 0]), levels)).mean()
+
+        for group in fitted:
+            assert distance(after, group) < distance(before, group)
+        assert np.array_equal(after == 0, before == 0)
+        assert after[after > 0].min() >= model.voxel_transform.threshold_mev
+        model.save(str(tmp_path / "grouped"))
+        loaded = load_model(str(tmp_path / "grouped"))
+        assert loaded.postprocess_groups == model.postprocess_groups
+        np.testing.assert_array_equal(loaded.sample(reference.incident_energies, seed=7).showers,
+                                      after)
+    finally:
+        model.config.postprocess, model.config.hit_calibration_groups = "none", "hit-rate"
+        model.postprocess_groups = model.group_postprocess_nodes = None
+
+
+def test_group_quantile_maps_skip_groups_with_too_few_hits():
+    """A group with fewer hits than nodes in either set keeps its spectrum (None)."""
+    rng = np.random.default_rng(0)
+    reference = rng.lognormal(0.0, 1.0, (200, 4)) * (rng.random((200, 4)) < [1, 1, 0.05, 1])
+    generated = rng.lognormal(0.5, 1.5, (200, 4))
+    nodes = group_quantile_map_nodes(reference, generated, np.array([0, 0, 1, 2]), nodes=16)
+    assert nodes[0] is not None and nodes[1] is None and nodes[2] is not None
+    x, y = nodes[2]
+    assert np.all(np.diff(x) > 0)
+    real = np.log10(reference[:, 3][reference[:, 3] > 0])
+    np.testing.assert_allclose([y[0], y[-1]], [real.min(), real.max()])
+
+
 def _scipy_log_map(cells: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The post-processing as it was first written (scipy, float64): the reference."""
     from scipy.interpolate import PchipInterpolator
@@ -443,11 +494,13 @@ def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
     assert np.array_equal(produced == 0, cells == 0)
 
 
-def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
+@pytest.mark.parametrize("postprocess", ["layer-spline", "group-spline"])
+def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path, postprocess):
     """Circular padding, a shared flow with position channels, 2x2 blocks whitened
     (``cell_scale: block``), deposited layer energies, hit cuts per radial bin keeping their
-    energy per group, a sampling temperature and the post-processing splines per layer:
-    onnxruntime gives the showers ``sample`` gives for the same noise."""
+    energy per group, a sampling temperature and the post-processing splines per layer or
+    per calibration group: onnxruntime gives the showers ``sample`` gives for the same
+    noise."""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
@@ -456,11 +509,13 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         hit_calibration_groups="ring",
                                         hit_calibration_energy="group", temperature=0.9,
                                         layer_energy="deposited", cell_scale="block",
-                                        postprocess="layer-spline", postprocess_showers=100))
+                                        postprocess=postprocess, postprocess_showers=100))
     model.fit(data, str(tmp_path / "run"))
     assert len(model.voxel_cuts_mev) == CYLINDER.n_voxels
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
-    assert all(nodes is not None for nodes in model.layer_postprocess_nodes)
+    fitted = (model.layer_postprocess_nodes if postprocess == "layer-spline"
+              else model.group_postprocess_nodes)
+    assert sum(nodes is not None for nodes in fitted) >= CYLINDER.n_layers
     assert model.module is not None and model.module.block_whiten is not None
     colour = model.module.block_colour
     assert not torch.equal(colour, torch.eye(4).expand_as(colour))  # fitted, not identity
@@ -540,7 +595,8 @@ def test_convflow_options_are_checked(tmp_path, capsys):
                *[(f"temperature: {t}", "temperature must be in (0, 2]")
                  for t in ("0", "-0.5", "3", ".nan")],
                ("cell_scale: pixel", "cell_scale must be one of layer, cell, robust, block"),
-               ("postprocess: cubic", "postprocess must be one of none, spline, layer-spline")]
+               ("postprocess: cubic",
+                "postprocess must be one of none, spline, layer-spline, group-spline")]
     for text, message in refused:
         config.write_text(text + "\n")
         assert main([base[0], "convflow", *base[1:], "--config", str(config)]) == 1, text

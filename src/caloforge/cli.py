@@ -314,10 +314,12 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None,
                         help="convflow: train only these parts, e.g. 0-9 or energy,0-14 "
                              "(join runs with `caloforge merge`); default all")
-    parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline"], default=None,
+    parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline",
+                                                  "group-spline"], default=None,
                         help="convflow, icaloflow: fit a monotone spline from generated to "
-                             "reference cell energies after training (layer-spline, convflow: "
-                             "one per layer; default: the config's, none)")
+                             "reference cell energies after training (convflow: layer-spline "
+                             "one per layer, group-spline one per hit calibration group; "
+                             "default: the config's, none)")
 
 
 def add_training_options(parser: argparse.ArgumentParser, presets: str, config_help: str

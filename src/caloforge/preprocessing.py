@@ -520,6 +520,21 @@ def layer_quantile_map_nodes(reference: np.ndarray, generated: np.ndarray,
     return out
 
 
+def group_quantile_map_nodes(reference: np.ndarray, generated: np.ndarray, groups: np.ndarray,
+                             nodes: int = 32) -> list[list[list[float]] | None]:
+    """:func:`quantile_map_nodes` for each group of voxels of ``(N, n_voxels)`` showers:
+    ``groups`` ``(n_voxels,)`` holds each voxel's group (0 .. G-1, as for
+    :func:`group_occupancy_cuts`); one ``[x, y]`` per group, or None for a group with fewer
+    than ``nodes`` hits in either set (its spectrum then stays as it is)."""
+    out: list[list[list[float]] | None] = []
+    for group in range(int(groups.max()) + 1):
+        members = groups == group
+        real, fake = reference[:, members], generated[:, members]
+        enough = min(np.count_nonzero(real > 0), np.count_nonzero(fake > 0)) >= nodes
+        out.append(quantile_map_nodes(real, fake, nodes) if enough else None)
+    return out
+
+
 def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> torch.Tensor:
     """Cells ``(...)`` MeV mapped through the monotone PCHIP interpolant of the nodes
     (``x``, ``y``) in log10 MeV (strictly increasing ``x``), linear with slope 1 beyond the

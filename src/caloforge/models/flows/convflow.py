@@ -48,6 +48,7 @@ from ...preprocessing import (
     MaxLogTransform,
     VoxelTransform,
     group_occupancy_cuts,
+    group_quantile_map_nodes,
     hit_rate_groups,
     layer_quantile_map_nodes,
     monotone_log_map,
@@ -62,7 +63,7 @@ from .toolkit import FlowConfig, build_maf
 ENERGY_PART = "energy"
 CUT_GROUPS = ("hit-rate", "ring", "layer")
 LAYER_ENERGIES = ("noisy", "deposited")
-POSTPROCESS = ("none", "spline", "layer-spline")
+POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
 
 
@@ -76,7 +77,12 @@ class ConvFlowConfig:
     training cell); ``postprocess``: ``none``, ``spline`` (one monotone map of the hit
     spectrum for all layers, fitted after the hit calibration) or ``layer-spline`` (one per
     layer: on ild-ecal the cut energy the layer keeps heats the core, and each layer's map
-    takes it back into the layer's spectrum; layers with too few hits keep theirs);
+    takes it back into the layer's spectrum; layers with too few hits keep theirs) or
+    ``group-spline`` (one per group of ``hit_calibration_groups``, ``nodes // 4`` quantiles:
+    the hits of each group, e.g. the cells a layer's showers hit in 0.1-0.3 % of the
+    showers, get that group's spectrum; on ild-ecal the few far-halo hits are single
+    particles of ~0.16 MeV in the data but up to several MeV generated, which widens the
+    radial profile; groups with too few hits keep theirs);
     ``layers_per_step``: train k random layers of the run's parts in each step (0 = all),
     the term scaled to an unbiased estimate of the full likelihood: memory and time per
     step shrink by k / L (validation always scores every layer);
@@ -379,6 +385,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.postprocess_nodes: list[list[float]] | None = None
         # postprocess: layer-spline; None for a layer whose spectrum stays as it is
         self.layer_postprocess_nodes: list[list[list[float]] | None] | None = None
+        # postprocess: group-spline; each voxel's group and each group's nodes (or None)
+        self.postprocess_groups: list[int] | None = None
+        self.group_postprocess_nodes: list[list[list[float]] | None] | None = None
         self.voxel_cuts_mev: list[float] | None = None  # see calibrate_hits
 
     PRESETS = PRESETS
@@ -655,6 +664,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy above
         the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
+        self.postprocess_groups = self.group_postprocess_nodes = None
         generated = self.sample(reference.incident_energies, reference.conditions,
                                 seed=seed).showers
         groups = self._cut_groups(reference.showers)
@@ -807,10 +817,18 @@ class ConvL2LFlow(LayerEnergyFlows):
         """Fit the monotone map (PCHIP in log10 MeV through ``nodes`` quantiles) from the
         cell energies this model generates for ``reference``'s conditions to
         ``reference``'s own cell energies (cells above threshold only): one for all layers
-        (``postprocess: spline``) or one per layer (``layer-spline``, ``nodes // 2``
-        quantiles; a layer with fewer hits than that in either keeps its spectrum)."""
+        (``postprocess: spline``), one per layer (``layer-spline``, ``nodes // 2``
+        quantiles; a layer with fewer hits than that in either keeps its spectrum) or one
+        per calibration group (``group-spline``, ``nodes // 4`` quantiles; likewise)."""
         self.postprocess_nodes = self.layer_postprocess_nodes = None
+        self.postprocess_groups = self.group_postprocess_nodes = None
         generated = self.sample(reference.incident_energies, reference.conditions, seed=seed)
+        if self.config.postprocess == "group-spline":
+            groups = self._cut_groups(reference.showers)
+            self.group_postprocess_nodes = group_quantile_map_nodes(
+                reference.showers, generated.showers, groups, nodes // 4)
+            self.postprocess_groups = [int(g) for g in groups]
+            return
         if self.config.postprocess != "layer-spline":
             self.postprocess_nodes = quantile_map_nodes(reference.showers, generated.showers,
                                                         nodes)
@@ -822,6 +840,8 @@ class ConvL2LFlow(LayerEnergyFlows):
     def _postprocess(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
         """Apply the fitted spline(s) to ``layer``'s cells above threshold ``(B, S)`` MeV
         (identity without one); the ends extrapolate linearly in log10."""
+        if self.group_postprocess_nodes is not None and self.postprocess_groups is not None:
+            return self._group_postprocess(cells, layer)
         nodes = self.postprocess_nodes
         if self.layer_postprocess_nodes is not None:
             nodes = self.layer_postprocess_nodes[layer]
@@ -830,11 +850,31 @@ class ConvL2LFlow(LayerEnergyFlows):
         x, y = nodes
         return monotone_log_map(cells, x, y)
 
+    def _group_postprocess(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
+        """``group-spline``: each calibration group's cells of ``layer`` ``(B, S)`` MeV
+        through its own map; hits stay hits (at least the readout threshold)."""
+        assert self.group_postprocess_nodes is not None and self.postprocess_groups is not None
+        size = cells.shape[1]
+        groups = np.asarray(self.postprocess_groups[layer * size:(layer + 1) * size])
+        threshold = self.voxel_transform.threshold_mev
+        out = cells.clone()
+        for group in np.unique(groups):
+            nodes = self.group_postprocess_nodes[int(group)]
+            if nodes is None:
+                continue
+            index = torch.as_tensor(np.flatnonzero(groups == group), device=cells.device)
+            members = cells[:, index]
+            mapped = monotone_log_map(members, *nodes)
+            out[:, index] = torch.where(members > 0, mapped.clamp(min=threshold), members)
+        return out
+
     # --- persistence ------------------------------------------------------------------
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "trained_parts": self.trained_parts,
                 "postprocess_nodes": self.postprocess_nodes,
                 "layer_postprocess_nodes": self.layer_postprocess_nodes,
+                "postprocess_groups": self.postprocess_groups,
+                "group_postprocess_nodes": self.group_postprocess_nodes,
                 "voxel_cuts_mev": self.voxel_cuts_mev}
 
     @classmethod
@@ -850,6 +890,11 @@ class ConvL2LFlow(LayerEnergyFlows):
         layers = state.get("layer_postprocess_nodes")  # saved before the option: absent
         self.layer_postprocess_nodes = None if layers is None else [
             None if pair is None else [list(map(float, v)) for v in pair] for pair in layers]
+        groups = state.get("postprocess_groups")  # saved before group-spline: absent
+        self.postprocess_groups = None if groups is None else [int(g) for g in groups]
+        group_nodes = state.get("group_postprocess_nodes")
+        self.group_postprocess_nodes = None if group_nodes is None else [
+            None if pair is None else [list(map(float, v)) for v in pair] for pair in group_nodes]
         cuts = state.get("voxel_cuts_mev")  # models saved before the calibration: None
         self.voxel_cuts_mev = None if cuts is None else [float(c) for c in cuts]
 
