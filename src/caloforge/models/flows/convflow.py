@@ -145,8 +145,8 @@ class ConvFlowConfig:
     its own optimiser; needs ``layer_energy: deposited``). Why: a step of the voxel flows
     costs ~13 s on one ILD core and one of the energy flow ~10 ms, so trained together the
     energy flow saw ~240 batches in 30 minutes and its layer energies alone were told from
-    the data's with AUC 0.95 (40 epochs of it alone: 0.54; docs/convflow.md "The layer
-    energies' correlations");
+    the data's with AUC 0.95 (40 epochs of it alone: 0.54; docs/convflow.md "The far
+    halo's hits and the layer energies' correlations");
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
