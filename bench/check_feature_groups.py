@@ -46,9 +46,10 @@ def column_groups(n_layers: int, n_xy: int) -> dict[str, np.ndarray]:
     }
 
 
-def layer_block_columns(n_layers: int, n_xy: int, first: int, last: int) -> np.ndarray:
-    """Every per-layer column of layers first..last-1 (xy columns assume all layers xy)."""
-    groups = column_groups(n_layers, n_xy)
+def layer_block_columns(groups: dict[str, np.ndarray], n_layers: int, n_xy: int, first: int,
+                        last: int) -> np.ndarray:
+    """Every per-layer column (of ``column_groups``) of layers first..last-1 (xy columns
+    only where every layer has them)."""
     out = []
     for kind in ("energies", "sparsity", "centres_r", "widths_r"):
         columns = groups[kind] if kind != "energies" else groups[kind][1:1 + n_layers]
@@ -85,7 +86,8 @@ def main() -> int:
     groups = column_groups(n_layers, n_xy)
     edges = np.linspace(0, n_layers, args.layer_blocks + 1).round().astype(int)
     for first, last in zip(edges[:-1], edges[1:]):
-        groups[f"layers_{first}-{last - 1}"] = layer_block_columns(n_layers, n_xy, first, last)
+        groups[f"layers_{first}-{last - 1}"] = layer_block_columns(groups, n_layers, n_xy,
+                                                                   first, last)
     preset = get_preset("fast")
     out = {"generated": args.generated, "reference": args.reference, "n": args.n,
            "repeats": args.repeats, "auc": {}}
