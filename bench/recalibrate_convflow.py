@@ -1,14 +1,16 @@
 """Issue 28: a trained convflow run re-saved with other after-training options.
 
 The options that act after training: the sampling ``temperature`` (the voxel flows' base
-noise is drawn with this standard deviation) and ``postprocess`` (none, spline,
-layer-spline or group-spline; docs/convflow.md). The hit cuts and the post-processing
-spline(s), which are fitted to the model's own samples, are fitted again on the first
-training showers, exactly as after training (``end_fit``):
+noise is drawn with this standard deviation), ``postprocess`` (none, spline,
+layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups`` and
+``symmetrise``. The hit cuts and the post-processing spline(s), which are fitted to the
+model's own samples, are fitted again on the first training showers, exactly as after
+training (``end_fit``), unless only ``symmetrise`` changes (it acts after them):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
         -o RUN-LS
+    python bench/recalibrate_convflow.py RUN --symmetrise d4 -o RUN-D4
 
 The new run directory then generates and evaluates with the ordinary commands.
 """
@@ -23,16 +25,18 @@ import torch
 from caloforge.data import read_showers
 from caloforge.errors import OptionError
 from caloforge.models import load_model
-from caloforge.models.flows.convflow import ConvL2LFlow
+from caloforge.models.flows.convflow import CUT_GROUPS, SYMMETRIES, ConvL2LFlow
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a trained convflow run")
-    parser.add_argument("--train", required=True, help="its training file")
+    parser.add_argument("--train", help="its training file (for the refit)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline", "group-spline"],
                         default=None)
+    parser.add_argument("--hit-calibration-groups", choices=CUT_GROUPS, default=None)
+    parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
@@ -43,15 +47,24 @@ def main() -> int:
     if not isinstance(model, ConvL2LFlow):
         raise OptionError(f"{args.run_dir}: a {model.family} model, not convflow")
     changes = {key: value for key, value in (("temperature", args.temperature),
-                                             ("postprocess", args.postprocess))
+                                             ("postprocess", args.postprocess),
+                                             ("hit_calibration_groups",
+                                              args.hit_calibration_groups),
+                                             ("symmetrise", args.symmetrise))
                if value is not None}
     if not changes:
-        parser.error("nothing to change: give --temperature and/or --postprocess")
+        parser.error("nothing to change: give --temperature, --postprocess, "
+                     "--hit-calibration-groups and/or --symmetrise")
+    refit = set(changes) != {"symmetrise"}
+    if refit and not args.train:
+        parser.error("refitting the hit cuts and splines needs --train")
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
-    showers = max(model.config.hit_calibration_showers, model.config.postprocess_showers)
-    model.end_fit(read_showers(args.train, model.geometry, max_showers=showers), args.output)
+    if refit:
+        showers = max(model.config.hit_calibration_showers, model.config.postprocess_showers)
+        model.end_fit(read_showers(args.train, model.geometry, max_showers=showers),
+                      args.output)
     model.save(args.output)
-    print(f"{args.output}: {changes}, hit cuts and spline(s) refitted")
+    print(f"{args.output}: {changes}{', hit cuts and spline(s) refitted' if refit else ''}")
     return 0
 
 

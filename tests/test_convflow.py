@@ -23,7 +23,12 @@ from caloforge.models.flows.convflow import (
     merge_runs,
     parse_parts,
 )
-from caloforge.preprocessing import MaxLogTransform, group_quantile_map_nodes, monotone_log_map
+from caloforge.preprocessing import (
+    MaxLogTransform,
+    group_quantile_map_nodes,
+    hit_rate_groups,
+    monotone_log_map,
+)
 
 from conftest import assert_resume_matches_uninterrupted, random_showers, tiny_config
 
@@ -447,6 +452,83 @@ def test_group_splines_give_each_calibration_group_its_spectrum(trained, data, t
         model.postprocess_groups = model.group_postprocess_nodes = None
 
 
+def _square_symmetries(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 images of ``image`` ``(..., H, H)`` under the square's symmetries."""
+    out = []
+    for turned in (image, np.swapaxes(image, -1, -2)):
+        out += [turned, turned[..., ::-1], turned[..., ::-1, :], turned[..., ::-1, ::-1]]
+    return out
+
+
+def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_path):
+    """``symmetrise: d4``: each shower is the unsymmetrised one (same seed) under one of the
+    8 symmetries of the square, all layers alike, every element drawn; a model whose hits
+    all lie on one place of the 2 x 2 squeeze blocks (the far-halo defect, exaggerated)
+    then puts them evenly on the four places; saved with the model; the exported function
+    (``showers_from_noise`` on ``draw_noise``) and its ONNX graph give what ``sample``
+    gives."""
+    model, _ = trained
+    energies = data.incident_energies[:120]
+    side = 4
+    plain = model.sample(energies, seed=4).showers.reshape(-1, CARTESIAN.n_layers, side, side)
+    model.config.symmetrise = "d4"
+    try:
+        turned = model.sample(energies, seed=4).showers.reshape(plain.shape)
+        elements = []
+        for shower, original in zip(turned, plain):
+            matches = [k for k, image in enumerate(_square_symmetries(original))
+                       if np.array_equal(image, shower)]
+            assert matches, "not a symmetry of the unsymmetrised shower"
+            elements.append(matches[0])
+        assert len(set(elements)) == 8
+        noise = model.draw_noise(len(energies), shard_generator(4, 0))
+        with torch.inference_mode():
+            traced = model.showers_from_noise(
+                noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
+        np.testing.assert_allclose(traced.numpy(), turned.reshape(len(energies), -1),
+                                   rtol=1e-4, atol=1e-5)
+        from caloforge.export import export_model
+
+        description = export_model(model, str(tmp_path / "d4.onnx"))
+        assert description["check"]["max_relative_deviation"] <= 1e-4
+        # only place (0, 1) of each squeeze block keeps hits: symmetrised, a quarter each
+        places = np.tile(model._block_places().ravel(), CARTESIAN.n_layers)
+        model.voxel_cuts_mev = np.where(places == 1, 0.0, 1e9).tolist()
+        biased = model.sample(energies, seed=4).showers
+        share = np.array([(biased[:, places == p] > 0).sum() for p in range(4)])
+        assert share.sum() > 0 and np.abs(share / share.sum() - 0.25).max() < 0.06, share
+        model.config.symmetrise = "none"
+        unturned = model.sample(energies, seed=4).showers
+        assert (unturned[:, places != 1] > 0).sum() == 0
+        model.voxel_cuts_mev = None
+        model.config.symmetrise = "d4"
+        model.save(str(tmp_path / "d4"))
+        assert load_model(str(tmp_path / "d4")).config.symmetrise == "d4"
+        # the model is also conditioned on more than the incident energy: refused
+        conditions = model.conditions
+        model.conditions = type("Conditions", (), {"names": ["theta"]})()  # type: ignore
+        with pytest.raises(OptionError, match="incident energy alone"):
+            model.sample(energies, seed=4)
+        model.conditions = conditions
+    finally:
+        model.config.symmetrise = "none"
+        model.voxel_cuts_mev = None
+
+
+def test_hit_rate_block_groups_split_each_hit_rate_bin_by_squeeze_place(trained, data):
+    """``hit_calibration_groups: hit-rate-block``: the hit-rate bins, each split by the
+    cell's place in its 2 x 2 squeeze block (the flow channel that draws it)."""
+    model, _ = trained
+    model.config.hit_calibration_groups = "hit-rate-block"
+    try:
+        groups = model._cut_groups(data.showers)
+    finally:
+        model.config.hit_calibration_groups = "hit-rate"
+    np.testing.assert_array_equal(groups // 4, hit_rate_groups(data.showers, [16] * 4))
+    rows, columns = np.divmod(np.arange(16), 4)
+    np.testing.assert_array_equal(groups % 4, np.tile(rows % 2 * 2 + columns % 2, 4))
+
+
 def test_group_quantile_maps_skip_groups_with_too_few_hits():
     """A group with fewer hits than nodes in either set keeps its spectrum (None)."""
     rng = np.random.default_rng(0)
@@ -622,7 +704,9 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     config = tmp_path / "options.yaml"
     refused = [("normalise_by: median", "normalise_by must be max, energy or fixed"),
                ("hit_calibration_groups: radius",
-                "hit_calibration_groups must be one of hit-rate, ring, layer"),
+                "hit_calibration_groups must be one of hit-rate, hit-rate-block, ring, layer"),
+               ("symmetrise: mirror", "symmetrise must be one of none, d4"),
+               ("symmetrise: d4", "symmetrise: d4 needs square Cartesian layers"),
                ("layer_energy: raw", "layer_energy must be one of noisy, deposited"),
                ("layer_energy: deposited\nnormalise_by: fixed",
                 "layer_energy: deposited needs normalise_by energy or max"),
@@ -812,7 +896,7 @@ def test_calibrated_cuts_keep_the_halo_and_empty_the_far_cells(tmp_path):
     assert core * 0.999 < _ring_energy(grouped, side)[0] \
         < _ring_energy(calibrated.showers, side)[0] - 0.2 * (
             _ring_energy(calibrated.showers, side)[0] - core)
-    for groups in ("ring", "hit-rate"):
+    for groups in ("ring", "hit-rate", "hit-rate-block"):
         model.config.hit_calibration_groups = groups
         model.calibrate_hits(_core_showers(800, seed=1, side=side))
         got = _ring_hits(model.sample(reference.incident_energies, seed=1).showers, side)

@@ -62,10 +62,12 @@ from .toolkit import FlowConfig, build_maf
 
 ENERGY_PART = "energy"
 ENERGY_PLAYER = "energy"  # the energy flow's own optimiser (``energy_steps``)
-CUT_GROUPS = ("hit-rate", "ring", "layer")
+CUT_GROUPS = ("hit-rate", "hit-rate-block", "ring", "layer")
 LAYER_ENERGIES = ("noisy", "deposited")
 POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
+SYMMETRIES = ("none", "d4")
+SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
 
 
 @dataclass
@@ -118,7 +120,10 @@ class ConvFlowConfig:
     many training showers and sets one cut per group of cells (MeV, >= the threshold) that
     leaves it each group's hits of those showers (0: off, the readout threshold only);
     ``hit_calibration_groups``: ``hit-rate`` (per layer, cells binned by how often the
-    training showers hit them: no geometry assumed), ``ring`` (per layer and ring around
+    training showers hit them: no geometry assumed), ``hit-rate-block`` (the same, each
+    bin split by the cell's place in its 2 x 2 squeeze block, i.e. by the flow channel that
+    draws it: the flows favour one place in the far halo, docs/convflow.md "The halo's hit
+    pattern"), ``ring`` (per layer and ring around
     the image centre, one cell wide; cylinders: per radial bin) or ``layer``. Meant with
     ``noise_mev`` near the cut (e.g. 0.9 x the threshold): the flows then make the faint
     halo and too many noise crossings, and the cuts keep the data's hits in each group
@@ -147,6 +152,15 @@ class ConvFlowConfig:
     energy flow saw ~240 batches in 30 minutes and its layer energies alone were told from
     the data's with AUC 0.95 (40 epochs of it alone: 0.54; docs/convflow.md "The far
     halo's hits and the layer energies' correlations");
+    ``symmetrise``: ``d4`` turns every generated shower (all its layers alike) by one of the
+    8 symmetries of the square grid (flips in x and y, transposition), drawn uniformly per
+    shower from three more numbers of its noise. Only where the data are invariant under
+    them: square Cartesian layers, the particle along the grid's axis, no conditions but
+    the incident energy (ild-ecal). Why: the flows draw each 2 x 2 squeeze block's four
+    cells as four channels and, in the far halo, favour one of the four places (2x its hits);
+    the classifier sees that hit pattern (docs/convflow.md "The halo's hit pattern"). Over
+    an invariant data distribution the symmetrised model is never further away (in KL) than
+    the model itself. Set after training; acts on generation only;
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -177,6 +191,7 @@ class ConvFlowConfig:
     hit_calibration_energy: str = "layer"
     temperature: float = 1.0
     energy_steps: int = 0
+    symmetrise: str = "none"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -210,6 +225,9 @@ class ConvFlowConfig:
         if out.postprocess not in POSTPROCESS:
             raise OptionError(f"postprocess must be one of {', '.join(POSTPROCESS)}, got "
                               f"{out.postprocess!r}")
+        if out.symmetrise not in SYMMETRIES:
+            raise OptionError(f"symmetrise must be one of {', '.join(SYMMETRIES)}, got "
+                              f"{out.symmetrise!r}")
         if out.normalise_by not in ("max", "energy", "fixed"):
             raise OptionError(f"normalise_by must be max, energy or fixed, got "
                               f"{out.normalise_by!r}")
@@ -388,6 +406,10 @@ class ConvL2LFlow(LayerEnergyFlows):
         if self.image_shape[0] % 2 or self.image_shape[1] % 2:
             raise GeometryError(f"convflow needs even layer image sides (one 2x2 squeeze); "
                                 f"{geometry.name!r} layers are {self.image_shape}")
+        if config.symmetrise == "d4" and (self.circular
+                                          or self.image_shape[0] != self.image_shape[1]):
+            raise OptionError(f"symmetrise: d4 needs square Cartesian layers; {geometry.name!r} "
+                              f"layers are {'cylinders' if self.circular else self.image_shape}")
         threshold, noise = threshold_and_noise(config, geometry, self.noise_per_threshold)
         super().__init__(geometry, config, MaxLogTransform(
             noise, threshold, config.voxel_logit_alpha, normalise_by=config.normalise_by))
@@ -732,8 +754,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
-        generated = self.sample(reference.incident_energies, reference.conditions,
-                                seed=seed).showers
+        generated = self._sample_in_flow_frame(reference, seed)
         groups = self._cut_groups(reference.showers)
         cuts = group_occupancy_cuts(reference.showers, generated, groups,
                                     self.voxel_transform.threshold_mev)
@@ -746,14 +767,26 @@ class ConvL2LFlow(LayerEnergyFlows):
         kind = self.config.hit_calibration_groups
         if kind == "layer":
             return layers
-        if kind == "hit-rate":
-            return hit_rate_groups(showers, [size] * n_layers)
+        if kind.startswith("hit-rate"):
+            groups = hit_rate_groups(showers, [size] * n_layers)
+            if kind == "hit-rate":
+                return groups
+            # the place of each cell in its squeeze block: the channel of the flow
+            places = self._flat(torch.as_tensor(self._block_places())[None])[0].numpy()
+            return groups * 4 + np.tile(places, n_layers)
         h, w = self.image_shape
         rows, columns = np.mgrid[0:h, 0:w]
         rings = rows if self.circular else np.floor(np.hypot(
             rows - (h - 1) / 2, columns - (w - 1) / 2)).astype(int)
         rings = self._flat(torch.as_tensor(rings)[None])[0].numpy()
         return layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
+
+    def _block_places(self) -> np.ndarray:
+        """``(H, W)``: each image cell's place in its 2 x 2 squeeze block, 0..3 (the channel
+        of :func:`~caloforge.models.flows.conv_blocks.squeeze`)."""
+        h, w = self.image_shape
+        rows, columns = np.mgrid[0:h, 0:w]
+        return (rows % 2) * 2 + columns % 2
 
     def _cut_calibrated(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
         """One layer's cells ``(B, S)`` MeV (already under the readout threshold) under the
@@ -800,6 +833,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                ) -> ShowerData:
         energies, conditions = self._sampling_inputs(incident_energies, conditions)
         self._require_complete()
+        self._require_symmetric_conditions()
         n, n_layers = len(energies), self.geometry.n_layers
         size = self.voxels_per_pass
         h, w = self.image_shape
@@ -828,20 +862,58 @@ class ConvL2LFlow(LayerEnergyFlows):
                 cells = self._postprocess(cells, layer)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
+            if self.config.symmetrise != "none":
+                bits = torch.randn(n, SYMMETRY_BITS, generator=generator)
+                for layer in range(n_layers):
+                    cells = torch.from_numpy(out[:, layer * size:(layer + 1) * size])
+                    out[:, layer * size:(layer + 1) * size] = self._symmetrised(cells, bits)
         return self._sampled_data(energies, out, conditions)
+
+    def _sample_in_flow_frame(self, reference: ShowerData, seed: int) -> np.ndarray:
+        """Showers ``(N, n_voxels)`` MeV for ``reference``'s conditions as the flows draw
+        them, not turned by ``symmetrise``: the cuts and splines fitted on them act before
+        the symmetry does."""
+        symmetrise, self.config.symmetrise = self.config.symmetrise, "none"
+        try:
+            return self.sample(reference.incident_energies, reference.conditions,
+                               seed=seed).showers
+        finally:
+            self.config.symmetrise = symmetrise
+
+    def _require_symmetric_conditions(self) -> None:
+        if self.config.symmetrise != "none" and self.conditions.names:
+            raise OptionError(f"symmetrise: {self.config.symmetrise} needs showers that depend "
+                              f"on the incident energy alone; this model is also conditioned on "
+                              f"{', '.join(self.conditions.names)}")
+
+    def _symmetrised(self, cells: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """One layer's cells ``(B, H * W)`` turned by each shower's symmetry of the square:
+        flipped in x where ``bits[:, 0] > 0``, in y where ``bits[:, 1] > 0``, then
+        transposed where ``bits[:, 2] > 0`` (``bits`` ``(B, 3)``, standard normal: each of
+        the 8 elements with probability 1/8). Torch operations only (exported)."""
+        h, w = self.image_shape
+        image = cells.reshape(-1, h, w)
+        image = torch.where(bits[:, 0, None, None] > 0, image.flip(-1), image)
+        image = torch.where(bits[:, 1, None, None] > 0, image.flip(-2), image)
+        image = torch.where(bits[:, 2, None, None] > 0, image.transpose(-1, -2), image)
+        return image.reshape(-1, h * w)
 
     def noise_features(self) -> int:
         h, w = self.image_shape
-        return self.geometry.n_layers * (1 + h * w)
+        bits = SYMMETRY_BITS if self.config.symmetrise != "none" else 0
+        return self.geometry.n_layers * (1 + h * w) + bits
 
     def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The energy flow's noise ``(n, L)``, then each layer's ``(n, 4 * H/2 * W/2)`` in
-        order: the draws :meth:`sample` makes (which draws layer by layer instead of all at
-        once, to hold one layer's noise at a time)."""
+        order, then (``symmetrise``) the symmetry's ``(n, 3)``: the draws :meth:`sample`
+        makes (which draws layer by layer instead of all at once, to hold one layer's noise
+        at a time)."""
         h, w = self.image_shape
         draws = [torch.randn(n, self.geometry.n_layers, generator=generator)]
         draws += [torch.randn(n, 4, h // 2, w // 2, generator=generator).flatten(1)
                   for _ in range(self.geometry.n_layers)]
+        if self.config.symmetrise != "none":
+            draws.append(torch.randn(n, SYMMETRY_BITS, generator=generator))
         return torch.cat(draws, dim=1)
 
     layer_steps = True
@@ -849,6 +921,7 @@ class ConvL2LFlow(LayerEnergyFlows):
     def _layer_step_state(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """(k > 0) the k layers before the first, empty ``(B, k, H, W)`` in logit space."""
         self._require_complete()
+        self._require_symmetric_conditions()
         k, (h, w) = self.config.previous_layers, self.image_shape
         if not k:
             return {}
@@ -875,6 +948,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         image = self._cells(y.flatten(1), state["layer_energies"][:, step])
         cells = self._postprocess(self._cut_calibrated(self._flat(image.reshape(-1, h, w)),
                                                        step), step)
+        if self.config.symmetrise != "none":
+            cells = self._symmetrised(cells, noise[:, -SYMMETRY_BITS:])
         if not k:
             return cells, {}
         return cells, {"recent": torch.cat([recent[:, 1:], y[:, None]], dim=1)}
@@ -889,19 +964,19 @@ class ConvL2LFlow(LayerEnergyFlows):
         per calibration group (``group-spline``, ``nodes // 4`` quantiles; likewise)."""
         self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
-        generated = self.sample(reference.incident_energies, reference.conditions, seed=seed)
+        generated = self._sample_in_flow_frame(reference, seed)
         if self.config.postprocess == "group-spline":
             groups = self._cut_groups(reference.showers)
             self.group_postprocess_nodes = group_quantile_map_nodes(
-                reference.showers, generated.showers, groups, nodes // 4)
+                reference.showers, generated, groups, nodes // 4)
             self.postprocess_groups = [int(g) for g in groups]
             return
         if self.config.postprocess != "layer-spline":
-            self.postprocess_nodes = quantile_map_nodes(reference.showers, generated.showers,
+            self.postprocess_nodes = quantile_map_nodes(reference.showers, generated,
                                                         nodes)
             return
         self.layer_postprocess_nodes = layer_quantile_map_nodes(
-            reference.showers, generated.showers, [self.voxels_per_pass] * self.geometry.n_layers,
+            reference.showers, generated, [self.voxels_per_pass] * self.geometry.n_layers,
             nodes // 2)
 
     def _postprocess(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
