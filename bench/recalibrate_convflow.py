@@ -2,10 +2,11 @@
 
 The options that act after training: the sampling ``temperature`` (the voxel flows' base
 noise is drawn with this standard deviation), ``postprocess`` (none, spline,
-layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups`` and
-``symmetrise``. The hit cuts and the post-processing spline(s), which are fitted to the
-model's own samples, are fitted again on the first training showers, exactly as after
-training (``end_fit``), unless only ``symmetrise`` changes (it acts after them):
+layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
+``hit_calibration_bins`` and ``symmetrise``. The hit cuts and the post-processing
+spline(s), which are fitted to the model's own samples, are fitted again on the first
+training showers, exactly as after training (``end_fit``), unless only ``symmetrise``
+changes (it acts after them):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--postprocess", choices=["none", "spline", "layer-spline", "group-spline"],
                         default=None)
     parser.add_argument("--hit-calibration-groups", choices=CUT_GROUPS, default=None)
+    parser.add_argument("--hit-calibration-bins", type=int, default=None)
     parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
@@ -50,11 +52,13 @@ def main() -> int:
                                              ("postprocess", args.postprocess),
                                              ("hit_calibration_groups",
                                               args.hit_calibration_groups),
+                                             ("hit_calibration_bins",
+                                              args.hit_calibration_bins),
                                              ("symmetrise", args.symmetrise))
                if value is not None}
     if not changes:
         parser.error("nothing to change: give --temperature, --postprocess, "
-                     "--hit-calibration-groups and/or --symmetrise")
+                     "--hit-calibration-groups, --hit-calibration-bins and/or --symmetrise")
     refit = set(changes) != {"symmetrise"}
     if refit and not args.train:
         parser.error("refitting the hit cuts and splines needs --train")

@@ -135,6 +135,12 @@ class ConvFlowConfig:
     so that its hits carry the deposit (:func:`~caloforge.preprocessing.scale_to_deposit`).
     With noise near the cut the noisy sum of an ILD layer holds ~30 MeV of noise, more than
     the deposit of its first and last layers;
+    ``hit_calibration_bins``: the calibration showers split into this many quantile bins of
+    their total deposit (the sum of the layer energies: the energy flow's for the model,
+    the cells' for the data; needs ``layer_energy: deposited``), each bin with its own cuts:
+    a group's hits then follow the shower's energy. Why: in the ild-ecal data the halo's
+    hits rise with the deposit (correlation 0.85 at fixed E_inc), in the flows' draws they
+    do not (docs/convflow.md "The halo's hit pattern");
     ``hit_calibration_energy``: where the energy of the cells a calibrated cut empties
     goes: ``layer`` (default; the layer's kept cells in proportion, so mostly into the core)
     or ``group`` (first the kept cells of the same calibration group, so halo energy stays
@@ -187,6 +193,7 @@ class ConvFlowConfig:
     postprocess_showers: int = 2000
     hit_calibration_showers: int = 0
     hit_calibration_groups: str = "hit-rate"
+    hit_calibration_bins: int = 1
     layer_energy: str = "noisy"
     hit_calibration_energy: str = "layer"
     temperature: float = 1.0
@@ -203,6 +210,12 @@ class ConvFlowConfig:
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
+        if out.hit_calibration_bins < 1:
+            raise OptionError(f"hit_calibration_bins must be >= 1, got "
+                              f"{out.hit_calibration_bins}")
+        if out.hit_calibration_bins > 1 and out.layer_energy != "deposited":
+            raise OptionError("hit_calibration_bins needs layer_energy: deposited (the bins "
+                              "are of the shower's deposit)")
         if out.hit_calibration_energy not in ("layer", "group"):
             raise OptionError(f"hit_calibration_energy must be layer or group, got "
                               f"{out.hit_calibration_energy!r}")
@@ -425,6 +438,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.postprocess_groups: list[int] | None = None
         self.group_postprocess_nodes: list[list[list[float]] | None] | None = None
         self.voxel_cuts_mev: list[float] | None = None  # see calibrate_hits
+        # hit_calibration_bins > 1: the inner edges of the deposit bins (MeV); the cuts
+        # are then bin after bin, n_voxels each
+        self.voxel_cut_edges_mev: list[float] | None = None
         self._energy_pool: dict[str, torch.Tensor] | None = None  # see energy_steps
 
     PRESETS = PRESETS
@@ -751,14 +767,29 @@ class ConvL2LFlow(LayerEnergyFlows):
         deposits; with the noise just under the cut they fill the halo but also cross the
         cut far from the axis, and one cut per layer cannot tell the two apart
         (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy above
-        the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
+        the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`).
+        With ``hit_calibration_bins`` > 1, cuts per quantile bin of the shower's total
+        deposit (``reference``'s bins, the model's showers by their energy flow's deposit:
+        what its hits carry before any cut)."""
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
+        self.voxel_cut_edges_mev = None
         generated = self._sample_in_flow_frame(reference, seed)
         groups = self._cut_groups(reference.showers)
-        cuts = group_occupancy_cuts(reference.showers, generated, groups,
-                                    self.voxel_transform.threshold_mev)
-        self.voxel_cuts_mev = [float(c) for c in cuts[groups]]
+        threshold = self.voxel_transform.threshold_mev
+        real = np.where(reference.showers >= threshold, reference.showers, 0)
+        bins = self.config.hit_calibration_bins
+        edges = np.quantile(real.sum(1, dtype=np.float64), np.arange(1, bins) / bins)
+        real_bins = np.digitize(real.sum(1, dtype=np.float64), edges)
+        fake_bins = np.digitize(generated.sum(1, dtype=np.float64), edges)
+        cuts = []
+        for b in range(bins):
+            group_cuts = group_occupancy_cuts(real[real_bins == b], generated[fake_bins == b],
+                                              groups, threshold)
+            cuts += [float(c) for c in group_cuts[groups]]
+        self.voxel_cuts_mev = cuts
+        if bins > 1:
+            self.voxel_cut_edges_mev = [float(e) for e in edges]
 
     def _cut_groups(self, showers: np.ndarray) -> np.ndarray:
         """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``)."""
@@ -788,18 +819,28 @@ class ConvL2LFlow(LayerEnergyFlows):
         rows, columns = np.mgrid[0:h, 0:w]
         return (rows % 2) * 2 + columns % 2
 
-    def _cut_calibrated(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
+    def _cut_calibrated(self, cells: torch.Tensor, layer: int, deposits: torch.Tensor
+                        ) -> torch.Tensor:
         """One layer's cells ``(B, S)`` MeV (already under the readout threshold) under the
-        calibrated cuts (where fitted), the layer kept at its energy above the threshold.
+        calibrated cuts (where fitted; those of the bin of each shower's total deposit
+        ``deposits`` ``(B,)`` MeV), the layer kept at its energy above the threshold.
 
         Not at the flows' layer energy: that includes the dequantisation noise of the empty
         cells (with the noise band, 0.9 x the cut, ~30 MeV per ILD layer), which the
         readout threshold has already removed and must not come back as signal."""
         if self.voxel_cuts_mev is None:
             return cells
-        size = cells.shape[1]
-        cuts = torch.tensor(self.voxel_cuts_mev[layer * size:(layer + 1) * size],
-                            dtype=cells.dtype, device=cells.device)
+        size, n_voxels = cells.shape[1], self.geometry.n_voxels
+        bins = len(self.voxel_cuts_mev) // n_voxels
+        cuts = torch.tensor([self.voxel_cuts_mev[b * n_voxels + layer * size:
+                                                 b * n_voxels + (layer + 1) * size]
+                             for b in range(bins)], dtype=cells.dtype, device=cells.device)
+        if self.voxel_cut_edges_mev is None:
+            cuts = cuts[0]
+        else:
+            edges = torch.tensor(self.voxel_cut_edges_mev, dtype=deposits.dtype,
+                                 device=deposits.device)
+            cuts = cuts[(deposits[:, None] > edges).sum(1)]  # (B, S): each shower's bin
         groups = None
         if self.config.hit_calibration_energy == "group":
             # the calibration groups of this layer are its cells sharing one cut value
@@ -858,7 +899,8 @@ class ConvL2LFlow(LayerEnergyFlows):
                     generated.append(finite_logits(self._unstandardised(x, layer)))
                 y = torch.cat(generated)
                 cells = self._cells(y.reshape(n, -1), layer_energies[:, layer])
-                cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer)
+                cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer,
+                                             layer_energies.sum(1))
                 cells = self._postprocess(cells, layer)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
@@ -946,8 +988,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         y = finite_logits(self._unstandardised(self._flow(step).inverse(
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self._cells(y.flatten(1), state["layer_energies"][:, step])
-        cells = self._postprocess(self._cut_calibrated(self._flat(image.reshape(-1, h, w)),
-                                                       step), step)
+        cells = self._postprocess(self._cut_calibrated(
+            self._flat(image.reshape(-1, h, w)), step, state["layer_energies"].sum(1)), step)
         if self.config.symmetrise != "none":
             cells = self._symmetrised(cells, noise[:, -SYMMETRY_BITS:])
         if not k:
@@ -1017,7 +1059,8 @@ class ConvL2LFlow(LayerEnergyFlows):
                 "layer_postprocess_nodes": self.layer_postprocess_nodes,
                 "postprocess_groups": self.postprocess_groups,
                 "group_postprocess_nodes": self.group_postprocess_nodes,
-                "voxel_cuts_mev": self.voxel_cuts_mev}
+                "voxel_cuts_mev": self.voxel_cuts_mev,
+                "voxel_cut_edges_mev": self.voxel_cut_edges_mev}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -1039,6 +1082,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             None if pair is None else [list(map(float, v)) for v in pair] for pair in group_nodes]
         cuts = state.get("voxel_cuts_mev")  # models saved before the calibration: None
         self.voxel_cuts_mev = None if cuts is None else [float(c) for c in cuts]
+        edges = state.get("voxel_cut_edges_mev")  # saved before hit_calibration_bins: absent
+        self.voxel_cut_edges_mev = None if edges is None else [float(e) for e in edges]
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -1075,6 +1120,7 @@ def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
     merged.module.load_state_dict(weights)
     merged.trained_parts = sorted(owner, key=lambda p: -1 if p == ENERGY_PART else int(p))
     merged.postprocess_nodes = merged.layer_postprocess_nodes = merged.voxel_cuts_mev = None
+    merged.voxel_cut_edges_mev = None
     merged.training_summary = {"merged_from": [m.training_summary for m in models]}
     return merged
 
@@ -1085,7 +1131,8 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
     return {"geometry": model.geometry.to_dict(), "config": config,
             **{k: v for k, v in state.items()
                if k not in ("config", "trained_parts", "postprocess_nodes",
-                            "layer_postprocess_nodes", "voxel_cuts_mev")}}
+                            "layer_postprocess_nodes", "voxel_cuts_mev",
+                            "voxel_cut_edges_mev")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "interquartile_spread", "merge_runs",
