@@ -3,10 +3,10 @@
 The options that act after training: the sampling ``temperature`` (the voxel flows' base
 noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
-``hit_calibration_bins`` and ``symmetrise``. The hit cuts and the post-processing
-spline(s), which are fitted to the model's own samples, are fitted again on the first
-training showers, exactly as after training (``end_fit``), unless only ``symmetrise``
-changes (it acts after them):
+``hit_calibration_bins``, ``hit_calibration_showers`` and ``symmetrise``. The hit cuts and
+the post-processing spline(s), which are fitted to the model's own samples, are fitted
+again on the first training showers, exactly as after training (``end_fit``), unless only
+``symmetrise`` changes (it acts after them):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -38,6 +38,7 @@ def main() -> int:
                         default=None)
     parser.add_argument("--hit-calibration-groups", choices=CUT_GROUPS, default=None)
     parser.add_argument("--hit-calibration-bins", type=int, default=None)
+    parser.add_argument("--hit-calibration-showers", type=int, default=None)
     parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
@@ -54,6 +55,8 @@ def main() -> int:
                                               args.hit_calibration_groups),
                                              ("hit_calibration_bins",
                                               args.hit_calibration_bins),
+                                             ("hit_calibration_showers",
+                                              args.hit_calibration_showers),
                                              ("symmetrise", args.symmetrise))
                if value is not None}
     if not changes:
