@@ -515,18 +515,30 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
         model.voxel_cuts_mev = None
 
 
-def test_hit_rate_block_groups_split_each_hit_rate_bin_by_squeeze_place(trained, data):
-    """``hit_calibration_groups: hit-rate-block``: the hit-rate bins, each split by the
-    cell's place in its 2 x 2 squeeze block (the flow channel that draws it)."""
+def test_block_groups_split_each_group_by_squeeze_place(trained, data):
+    """``hit_calibration_groups: hit-rate-block`` / ``ring-block``: the hit-rate bins or
+    rings, each split by the cell's place in its 2 x 2 squeeze block (the flow channel that
+    draws it)."""
     model, _ = trained
-    model.config.hit_calibration_groups = "hit-rate-block"
+    rows, columns = np.divmod(np.arange(16), 4)
+    places = np.tile(rows % 2 * 2 + columns % 2, 4)
     try:
-        groups = model._cut_groups(data.showers)
+        for kind in ("hit-rate", "ring"):
+            model.config.hit_calibration_groups = kind
+            plain = model._cut_groups(data.showers)
+            model.config.hit_calibration_groups = f"{kind}-block"
+            groups = model._cut_groups(data.showers)
+            np.testing.assert_array_equal(groups // 4, plain)
+            np.testing.assert_array_equal(groups % 4, places)
     finally:
         model.config.hit_calibration_groups = "hit-rate"
-    np.testing.assert_array_equal(groups // 4, hit_rate_groups(data.showers, [16] * 4))
-    rows, columns = np.divmod(np.arange(16), 4)
-    np.testing.assert_array_equal(groups % 4, np.tile(rows % 2 * 2 + columns % 2, 4))
+    np.testing.assert_array_equal(plain[:16], np.floor(np.hypot(rows - 1.5, columns - 1.5)))
+    model.config.hit_calibration_groups = "hit-rate-block"
+    try:
+        hit_rate = model._cut_groups(data.showers) // 4
+    finally:
+        model.config.hit_calibration_groups = "hit-rate"
+    np.testing.assert_array_equal(hit_rate, hit_rate_groups(data.showers, [16] * 4))
 
 
 def test_group_quantile_maps_skip_groups_with_too_few_hits():
@@ -705,7 +717,8 @@ def test_convflow_options_are_checked(tmp_path, capsys):
     config = tmp_path / "options.yaml"
     refused = [("normalise_by: median", "normalise_by must be max, energy or fixed"),
                ("hit_calibration_groups: radius",
-                "hit_calibration_groups must be one of hit-rate, hit-rate-block, ring, layer"),
+                "hit_calibration_groups must be one of hit-rate, hit-rate-block, ring, "
+                "ring-block, layer"),
                ("symmetrise: mirror", "symmetrise must be one of none, d4"),
                ("symmetrise: d4", "symmetrise: d4 needs square Cartesian layers"),
                ("layer_energy: raw", "layer_energy must be one of noisy, deposited"),
@@ -898,7 +911,7 @@ def test_calibrated_cuts_keep_the_halo_and_empty_the_far_cells(tmp_path):
     assert core * 0.999 < _ring_energy(grouped, side)[0] \
         < _ring_energy(calibrated.showers, side)[0] - 0.2 * (
             _ring_energy(calibrated.showers, side)[0] - core)
-    for groups in ("ring", "hit-rate", "hit-rate-block"):
+    for groups in ("ring", "hit-rate", "hit-rate-block", "ring-block"):
         model.config.hit_calibration_groups = groups
         model.calibrate_hits(_core_showers(800, seed=1, side=side))
         got = _ring_hits(model.sample(reference.incident_energies, seed=1).showers, side)

@@ -62,7 +62,7 @@ from .toolkit import FlowConfig, build_maf
 
 ENERGY_PART = "energy"
 ENERGY_PLAYER = "energy"  # the energy flow's own optimiser (``energy_steps``)
-CUT_GROUPS = ("hit-rate", "hit-rate-block", "ring", "layer")
+CUT_GROUPS = ("hit-rate", "hit-rate-block", "ring", "ring-block", "layer")
 LAYER_ENERGIES = ("noisy", "deposited")
 POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
@@ -124,7 +124,8 @@ class ConvFlowConfig:
     bin split by the cell's place in its 2 x 2 squeeze block, i.e. by the flow channel that
     draws it: the flows favour one place in the far halo, docs/convflow.md "The halo's hit
     pattern"), ``ring`` (per layer and ring around
-    the image centre, one cell wide; cylinders: per radial bin) or ``layer``. Meant with
+    the image centre, one cell wide; cylinders: per radial bin), ``ring-block`` (the rings
+    split by the place in the squeeze block) or ``layer``. Meant with
     ``noise_mev`` near the cut (e.g. 0.9 x the threshold): the flows then make the faint
     halo and too many noise crossings, and the cuts keep the data's hits in each group
     (ild-ecal slice: every ring's hits at the data's, docs/convflow.md "The halo");
@@ -800,17 +801,18 @@ class ConvL2LFlow(LayerEnergyFlows):
             return layers
         if kind.startswith("hit-rate"):
             groups = hit_rate_groups(showers, [size] * n_layers)
-            if kind == "hit-rate":
-                return groups
-            # the place of each cell in its squeeze block: the channel of the flow
-            places = self._flat(torch.as_tensor(self._block_places())[None])[0].numpy()
-            return groups * 4 + np.tile(places, n_layers)
-        h, w = self.image_shape
-        rows, columns = np.mgrid[0:h, 0:w]
-        rings = rows if self.circular else np.floor(np.hypot(
-            rows - (h - 1) / 2, columns - (w - 1) / 2)).astype(int)
-        rings = self._flat(torch.as_tensor(rings)[None])[0].numpy()
-        return layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
+        else:
+            h, w = self.image_shape
+            rows, columns = np.mgrid[0:h, 0:w]
+            rings = rows if self.circular else np.floor(np.hypot(
+                rows - (h - 1) / 2, columns - (w - 1) / 2)).astype(int)
+            rings = self._flat(torch.as_tensor(rings)[None])[0].numpy()
+            groups = layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
+        if not kind.endswith("-block"):
+            return groups
+        # the place of each cell in its squeeze block: the channel of the flow
+        places = self._flat(torch.as_tensor(self._block_places())[None])[0].numpy()
+        return groups * 4 + np.tile(places, n_layers)
 
     def _block_places(self) -> np.ndarray:
         """``(H, W)``: each image cell's place in its 2 x 2 squeeze block, 0..3 (the channel
