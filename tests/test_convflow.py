@@ -641,7 +641,7 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path, postprocess):
                                         hit_calibration_bins=2,
                                         postprocess=postprocess, postprocess_showers=100))
     model.fit(data, str(tmp_path / "run"))
-    assert len(model.voxel_cuts_mev) == 2 * CYLINDER.n_voxels  # two bins of the deposit
+    assert len(model.voxel_cuts_mev) == 4 * CYLINDER.n_voxels  # 2 x 2 bins
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
     fitted = (model.layer_postprocess_nodes if postprocess == "layer-spline"
               else model.group_postprocess_nodes)
@@ -976,54 +976,62 @@ def test_deposited_layer_energies_keep_faint_layers_faint(tmp_path):
 
 def test_hit_calibration_bins_make_the_hits_follow_the_deposit(monkeypatch):
     """Issue 28's halo-count defect on a tiny case. In the data a shower's faint halo has
-    more hits the more energy the shower deposits (ild-ecal: correlation 0.85 at fixed
-    E_inc); the flows' noise crossings do not follow the deposit, and one cut per group
-    leaves the hits right on average only. With ``hit_calibration_bins: 4`` each quantile
-    bin of the deposit has its own cuts: every bin's hits near the data's. Here the model's
-    draws are given (hits independent of the deposit, twice the data's on average)."""
-    side, threshold, n = 6, 0.5, 4000
+    more hits the higher its incident energy and, at one energy, the more of it the shower
+    deposits (ild-ecal: correlation 0.85 at fixed E_inc); the flows' noise crossings
+    follow neither, and one cut per group leaves the hits right on average only. With
+    ``hit_calibration_bins: 3`` each of the 3 x 3 bins of E_inc and deposited fraction has
+    its own cuts: the hits near the data's in every bin. Here the model's draws are given
+    (hits independent of both, twice the data's on average)."""
+    side, threshold, n = 6, 0.5, 6000
     geometry = Geometry("halo-count", tuple(CartesianLayer(i, nx=side, ny=side, dx=5.0,
                                                            dy=5.0) for i in range(2)),
                         threshold_mev=threshold)
     rng = np.random.default_rng(3)
+    energies = rng.uniform(1e3, 2e3, n)
 
-    def showers(follows_deposit: bool) -> np.ndarray:
-        deposit = rng.uniform(100.0, 400.0, n)
-        rate = 0.1 * deposit / 250 if follows_deposit else np.full(n, 0.2)
+    def showers(follows: bool) -> np.ndarray:
+        fraction = rng.uniform(0.1, 0.3, n)
+        deposit = fraction * energies
+        rate = 0.1 * (energies / 1.5e3) * (fraction / 0.2) ** 2 if follows else np.full(n, 0.2)
         halo = rng.uniform(threshold, 3 * threshold, (n, geometry.n_voxels))
         halo[rng.random((n, geometry.n_voxels)) > rate[:, None]] = 0
-        halo[:, [0, geometry.n_voxels // 2]] = 0  # one core cell per layer carries the rest
-        halo[:, 0] = deposit / 2 - halo[:, :geometry.n_voxels // 2].sum(1)
-        halo[:, geometry.n_voxels // 2] = deposit / 2 - halo[:, geometry.n_voxels // 2:].sum(1)
+        size = geometry.n_voxels // 2
+        for core in (0, size):  # one core cell per layer carries the rest of its half
+            halo[:, core] = 0
+            halo[:, core] = deposit / 2 - halo[:, core:core + size].sum(1)
         return halo.astype(np.float32)
 
-    reference = ShowerData(rng.uniform(1e3, 2e3, n), showers(True), {}, {})
+    reference = ShowerData(energies, showers(True), {}, {})
     generated = showers(False)
     deposits = generated.sum(1, dtype=np.float64)
-    edges = np.quantile(reference.showers.sum(1), [0.25, 0.5, 0.75])
+    levels = [1 / 3, 2 / 3]
+    energy_edges = np.quantile(energies, levels)
+    fraction_edges = np.quantile(reference.showers.sum(1) / energies, levels)
 
     def hits_per_bin(cells: np.ndarray, totals: np.ndarray) -> np.ndarray:
-        bins = np.digitize(totals, edges)
-        return np.array([(cells[bins == b] > 0).sum(1).mean() for b in range(4)])
+        bins = (np.digitize(energies, energy_edges) * 3
+                + np.digitize(totals / energies, fraction_edges))
+        return np.array([(cells[bins == b] > 0).sum(1).mean() for b in range(9)])
 
     wanted = hits_per_bin(reference.showers, reference.showers.sum(1))
+    assert wanted[8] > 3 * wanted[0]  # the data's hits follow E_inc and the deposit
     errors = {}
-    for bins in (1, 4):
+    for k in (1, 3):
         model = ConvL2LFlow(geometry, _tiny(1, layer_energy="deposited",
-                                            hit_calibration_bins=bins))
+                                            hit_calibration_bins=k))
         monkeypatch.setattr(model, "_sample_in_flow_frame", lambda *_: generated)
         model.calibrate_hits(reference)
-        assert len(model.voxel_cuts_mev) == bins * geometry.n_voxels
+        assert len(model.voxel_cuts_mev) == k * k * geometry.n_voxels
         size = geometry.n_voxels // 2
-        cut = torch.cat([model._cut_calibrated(torch.as_tensor(generated[:, k * size:
-                                                                         (k + 1) * size]),
-                                               k, torch.as_tensor(deposits))
-                         for k in range(2)], dim=1).numpy()
-        errors[bins] = np.abs(hits_per_bin(cut, deposits) / wanted - 1).max()
-    assert errors[4] < 0.08 and errors[1] > 0.3, errors
+        cut = torch.cat([model._cut_calibrated(
+            torch.as_tensor(generated[:, layer * size:(layer + 1) * size]), layer,
+            torch.as_tensor(energies), torch.as_tensor(deposits)) for layer in range(2)],
+            dim=1).numpy()
+        errors[k] = np.abs(hits_per_bin(cut, deposits) / wanted - 1).max()
+    assert errors[3] < 0.1 and errors[1] > 0.5, errors
     loaded = ConvL2LFlow(geometry, model.config)
     loaded._restore_extra_state(json.loads(json.dumps(model.to_json_state())))
-    assert loaded.voxel_cut_edges_mev == model.voxel_cut_edges_mev
+    assert loaded.voxel_cut_edges == model.voxel_cut_edges
     assert loaded.voxel_cuts_mev == model.voxel_cuts_mev
     with pytest.raises(OptionError, match="hit_calibration_bins needs layer_energy"):
         type(model.config).from_dict({"hit_calibration_bins": 2})

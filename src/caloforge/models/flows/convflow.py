@@ -136,12 +136,13 @@ class ConvFlowConfig:
     so that its hits carry the deposit (:func:`~caloforge.preprocessing.scale_to_deposit`).
     With noise near the cut the noisy sum of an ILD layer holds ~30 MeV of noise, more than
     the deposit of its first and last layers;
-    ``hit_calibration_bins``: the calibration showers split into this many quantile bins of
-    their total deposit (the sum of the layer energies: the energy flow's for the model,
-    the cells' for the data; needs ``layer_energy: deposited``), each bin with its own cuts:
-    a group's hits then follow the shower's energy. Why: in the ild-ecal data the halo's
-    hits rise with the deposit (correlation 0.85 at fixed E_inc), in the flows' draws they
-    do not (docs/convflow.md "The halo's hit pattern");
+    ``hit_calibration_bins``: k > 1 splits the calibration showers into k quantile bins of
+    the incident energy times k of the deposited fraction (total deposit / E_inc; the
+    energy flow's deposit for the model, the cells' for the data; needs ``layer_energy:
+    deposited``), each of the k x k bins with its own cuts: a group's hits then follow the
+    incident energy and the shower's deposit. Why: in the ild-ecal data the halo's hits
+    rise with the deposit (correlation 0.85 at fixed E_inc), in the flows' draws they do
+    not (docs/convflow.md "The halo's hit pattern");
     ``hit_calibration_energy``: where the energy of the cells a calibrated cut empties
     goes: ``layer`` (default; the layer's kept cells in proportion, so mostly into the core)
     or ``group`` (first the kept cells of the same calibration group, so halo energy stays
@@ -439,9 +440,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.postprocess_groups: list[int] | None = None
         self.group_postprocess_nodes: list[list[list[float]] | None] | None = None
         self.voxel_cuts_mev: list[float] | None = None  # see calibrate_hits
-        # hit_calibration_bins > 1: the inner edges of the deposit bins (MeV); the cuts
-        # are then bin after bin, n_voxels each
-        self.voxel_cut_edges_mev: list[float] | None = None
+        # hit_calibration_bins > 1: the inner edges of the bins of E_inc (MeV) and of the
+        # deposited fraction; the cuts are then bin after bin, n_voxels each
+        self.voxel_cut_edges: dict[str, list[float]] | None = None
         self._energy_pool: dict[str, torch.Tensor] | None = None  # see energy_steps
 
     PRESETS = PRESETS
@@ -769,28 +770,38 @@ class ConvL2LFlow(LayerEnergyFlows):
         cut far from the axis, and one cut per layer cannot tell the two apart
         (docs/convflow.md "The halo"). Cells cut go empty; the layer keeps its energy above
         the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`).
-        With ``hit_calibration_bins`` > 1, cuts per quantile bin of the shower's total
-        deposit (``reference``'s bins, the model's showers by their energy flow's deposit:
-        what its hits carry before any cut)."""
+        With ``hit_calibration_bins`` k > 1, cuts per bin of E_inc and of the deposited
+        fraction (``reference``'s quantiles; the model's showers by their energy flow's
+        deposit, which their hits carry before any cut)."""
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
-        self.voxel_cut_edges_mev = None
+        self.voxel_cut_edges = None
         generated = self._sample_in_flow_frame(reference, seed)
         groups = self._cut_groups(reference.showers)
         threshold = self.voxel_transform.threshold_mev
         real = np.where(reference.showers >= threshold, reference.showers, 0)
-        bins = self.config.hit_calibration_bins
-        edges = np.quantile(real.sum(1, dtype=np.float64), np.arange(1, bins) / bins)
-        real_bins = np.digitize(real.sum(1, dtype=np.float64), edges)
-        fake_bins = np.digitize(generated.sum(1, dtype=np.float64), edges)
+        k = self.config.hit_calibration_bins
+        energies = np.asarray(reference.incident_energies, dtype=np.float64).reshape(-1)
+        fractions = real.sum(1, dtype=np.float64) / energies
+        levels = np.arange(1, k) / k
+        edges = {"incident_energy_mev": np.quantile(energies, levels).tolist(),
+                 "deposit_fraction": np.quantile(fractions, levels).tolist()}
+
+        def bins(deposits: np.ndarray) -> np.ndarray:
+            return (np.digitize(energies, edges["incident_energy_mev"]) * k
+                    + np.digitize(deposits / energies, edges["deposit_fraction"]))
+
+        real_bins, fake_bins = bins(real.sum(1, dtype=np.float64)), bins(
+            generated.sum(1, dtype=np.float64))
         cuts = []
-        for b in range(bins):
+        for b in range(k * k):
             group_cuts = group_occupancy_cuts(real[real_bins == b], generated[fake_bins == b],
                                               groups, threshold)
             cuts += [float(c) for c in group_cuts[groups]]
         self.voxel_cuts_mev = cuts
-        if bins > 1:
-            self.voxel_cut_edges_mev = [float(e) for e in edges]
+        if k > 1:
+            self.voxel_cut_edges = {name: [float(e) for e in values]
+                                    for name, values in edges.items()}
 
     def _cut_groups(self, showers: np.ndarray) -> np.ndarray:
         """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``)."""
@@ -821,11 +832,12 @@ class ConvL2LFlow(LayerEnergyFlows):
         rows, columns = np.mgrid[0:h, 0:w]
         return (rows % 2) * 2 + columns % 2
 
-    def _cut_calibrated(self, cells: torch.Tensor, layer: int, deposits: torch.Tensor
-                        ) -> torch.Tensor:
+    def _cut_calibrated(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
+                        deposits: torch.Tensor) -> torch.Tensor:
         """One layer's cells ``(B, S)`` MeV (already under the readout threshold) under the
-        calibrated cuts (where fitted; those of the bin of each shower's total deposit
-        ``deposits`` ``(B,)`` MeV), the layer kept at its energy above the threshold.
+        calibrated cuts (where fitted; with ``hit_calibration_bins``, those of each shower's
+        bin of E_inc ``(B,)`` MeV and of its total deposit ``(B,)`` MeV over it), the layer
+        kept at its energy above the threshold.
 
         Not at the flows' layer energy: that includes the dequantisation noise of the empty
         cells (with the noise band, 0.9 x the cut, ~30 MeV per ILD layer), which the
@@ -837,12 +849,19 @@ class ConvL2LFlow(LayerEnergyFlows):
         cuts = torch.tensor([self.voxel_cuts_mev[b * n_voxels + layer * size:
                                                  b * n_voxels + (layer + 1) * size]
                              for b in range(bins)], dtype=cells.dtype, device=cells.device)
-        if self.voxel_cut_edges_mev is None:
+        if self.voxel_cut_edges is None:
             cuts = cuts[0]
-        else:
-            edges = torch.tensor(self.voxel_cut_edges_mev, dtype=deposits.dtype,
-                                 device=deposits.device)
-            cuts = cuts[(deposits[:, None] > edges).sum(1)]  # (B, S): each shower's bin
+        else:  # each shower's bin (as np.digitize: the number of edges <= the value)
+            def bin_of(values: torch.Tensor, name: str) -> torch.Tensor:
+                assert self.voxel_cut_edges is not None
+                edges = torch.tensor(self.voxel_cut_edges[name], dtype=values.dtype,
+                                     device=values.device)
+                return (values[:, None] >= edges).sum(1)
+
+            k = len(self.voxel_cut_edges["incident_energy_mev"]) + 1
+            energies = incident_energies.to(deposits.dtype)
+            cuts = cuts[bin_of(energies, "incident_energy_mev") * k
+                        + bin_of(deposits / energies, "deposit_fraction")]  # (B, S)
         groups = None
         if self.config.hit_calibration_energy == "group":
             # the calibration groups of this layer are its cells sharing one cut value
@@ -885,6 +904,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         with torch.inference_mode():
             spans, contexts, generator, layer_energies, log_energies = \
                 self._start_layer_sampling(energies, conditions, seed, shard, batch_size, device)
+            e_inc = torch.as_tensor(energies, dtype=layer_energies.dtype, device=device)
             # the last k generated layers in logit space, oldest first
             recent = torch.empty(n, 0, h, w, device=device)
             for layer in range(n_layers):
@@ -902,7 +922,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                 y = torch.cat(generated)
                 cells = self._cells(y.reshape(n, -1), layer_energies[:, layer])
                 cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer,
-                                             layer_energies.sum(1))
+                                             e_inc, layer_energies.sum(1))
                 cells = self._postprocess(cells, layer)
                 out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
@@ -991,7 +1011,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self._cells(y.flatten(1), state["layer_energies"][:, step])
         cells = self._postprocess(self._cut_calibrated(
-            self._flat(image.reshape(-1, h, w)), step, state["layer_energies"].sum(1)), step)
+            self._flat(image.reshape(-1, h, w)), step, state["incident_energy"],
+            state["layer_energies"].sum(1)), step)
         if self.config.symmetrise != "none":
             cells = self._symmetrised(cells, noise[:, -SYMMETRY_BITS:])
         if not k:
@@ -1062,7 +1083,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                 "postprocess_groups": self.postprocess_groups,
                 "group_postprocess_nodes": self.group_postprocess_nodes,
                 "voxel_cuts_mev": self.voxel_cuts_mev,
-                "voxel_cut_edges_mev": self.voxel_cut_edges_mev}
+                "voxel_cut_edges": self.voxel_cut_edges}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -1084,8 +1105,9 @@ class ConvL2LFlow(LayerEnergyFlows):
             None if pair is None else [list(map(float, v)) for v in pair] for pair in group_nodes]
         cuts = state.get("voxel_cuts_mev")  # models saved before the calibration: None
         self.voxel_cuts_mev = None if cuts is None else [float(c) for c in cuts]
-        edges = state.get("voxel_cut_edges_mev")  # saved before hit_calibration_bins: absent
-        self.voxel_cut_edges_mev = None if edges is None else [float(e) for e in edges]
+        edges = state.get("voxel_cut_edges")  # saved before hit_calibration_bins: absent
+        self.voxel_cut_edges = None if edges is None else {
+            str(name): [float(e) for e in values] for name, values in edges.items()}
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -1122,7 +1144,7 @@ def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
     merged.module.load_state_dict(weights)
     merged.trained_parts = sorted(owner, key=lambda p: -1 if p == ENERGY_PART else int(p))
     merged.postprocess_nodes = merged.layer_postprocess_nodes = merged.voxel_cuts_mev = None
-    merged.voxel_cut_edges_mev = None
+    merged.voxel_cut_edges = None
     merged.training_summary = {"merged_from": [m.training_summary for m in models]}
     return merged
 
@@ -1134,7 +1156,7 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
             **{k: v for k, v in state.items()
                if k not in ("config", "trained_parts", "postprocess_nodes",
                             "layer_postprocess_nodes", "voxel_cuts_mev",
-                            "voxel_cut_edges_mev")}}
+                            "voxel_cut_edges")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "interquartile_spread", "merge_runs",
