@@ -492,7 +492,7 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
         description = export_model(model, str(tmp_path / "d4.onnx"))
         assert description["check"]["max_relative_deviation"] <= 1e-4
         # only place (0, 1) of each squeeze block keeps hits: symmetrised, a quarter each
-        places = np.tile(model._block_places().ravel(), CARTESIAN.n_layers)
+        places = np.tile(model._block_places().ravel() % 4, CARTESIAN.n_layers)
         model.voxel_cuts_mev = np.where(places == 1, 0.0, 1e9).tolist()
         biased = model.sample(energies, seed=4).showers
         share = np.array([(biased[:, places == p] > 0).sum() for p in range(4)])
@@ -518,7 +518,8 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
 def test_block_groups_split_each_group_by_squeeze_place(trained, data):
     """``hit_calibration_groups: hit-rate-block`` / ``ring-block``: the hit-rate bins or
     rings, each split by the cell's place in its 2 x 2 squeeze block (the flow channel that
-    draws it)."""
+    draws it) and by whether the block lies on the zero-padded border (the 8 x 8 case:
+    the outer ring of blocks)."""
     model, _ = trained
     rows, columns = np.divmod(np.arange(16), 4)
     places = np.tile(rows % 2 * 2 + columns % 2, 4)
@@ -528,17 +529,23 @@ def test_block_groups_split_each_group_by_squeeze_place(trained, data):
             plain = model._cut_groups(data.showers)
             model.config.hit_calibration_groups = f"{kind}-block"
             groups = model._cut_groups(data.showers)
-            np.testing.assert_array_equal(groups // 4, plain)
+            np.testing.assert_array_equal(groups // 8, plain)
             np.testing.assert_array_equal(groups % 4, places)
+            # a 4 x 4 image is all border blocks (each block touches the zero padding)
+            assert ((groups // 4) % 2 == 1).all()
     finally:
         model.config.hit_calibration_groups = "hit-rate"
     np.testing.assert_array_equal(plain[:16], np.floor(np.hypot(rows - 1.5, columns - 1.5)))
     model.config.hit_calibration_groups = "hit-rate-block"
     try:
-        hit_rate = model._cut_groups(data.showers) // 4
+        hit_rate = model._cut_groups(data.showers) // 8
     finally:
         model.config.hit_calibration_groups = "hit-rate"
     np.testing.assert_array_equal(hit_rate, hit_rate_groups(data.showers, [16] * 4))
+    border = ConvL2LFlow(CORES, _tiny(1))._block_places() >= 4  # 8 x 8: the outer blocks
+    inner = np.zeros((8, 8), dtype=bool)
+    inner[2:6, 2:6] = True
+    np.testing.assert_array_equal(border, ~inner)
 
 
 def test_group_quantile_maps_skip_groups_with_too_few_hits():

@@ -122,8 +122,9 @@ class ConvFlowConfig:
     ``hit_calibration_groups``: ``hit-rate`` (per layer, cells binned by how often the
     training showers hit them: no geometry assumed), ``hit-rate-block`` (the same, each
     bin split by the cell's place in its 2 x 2 squeeze block, i.e. by the flow channel that
-    draws it: the flows favour one place in the far halo, docs/convflow.md "The halo's hit
-    pattern"), ``ring`` (per layer and ring around
+    draws it: the flows favour one place in the far halo) and by whether the block lies on
+    the image's zero-padded border (where they make too many hits; docs/convflow.md "The
+    halo's hit pattern"), ``ring`` (per layer and ring around
     the image centre, one cell wide; cylinders: per radial bin), ``ring-block`` (the rings
     split by the place in the squeeze block) or ``layer``. Meant with
     ``noise_mev`` near the cut (e.g. 0.9 x the threshold): the flows then make the faint
@@ -821,16 +822,22 @@ class ConvL2LFlow(LayerEnergyFlows):
             groups = layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
         if not kind.endswith("-block"):
             return groups
-        # the place of each cell in its squeeze block: the channel of the flow
         places = self._flat(torch.as_tensor(self._block_places())[None])[0].numpy()
-        return groups * 4 + np.tile(places, n_layers)
+        return groups * 8 + np.tile(places, n_layers)
 
     def _block_places(self) -> np.ndarray:
         """``(H, W)``: each image cell's place in its 2 x 2 squeeze block, 0..3 (the channel
-        of :func:`~caloforge.models.flows.conv_blocks.squeeze`)."""
+        of :func:`~caloforge.models.flows.conv_blocks.squeeze`), plus 4 where the block lies
+        on the image's zero-padded border (cylinders: the first and last radial blocks).
+        Why: the flows' convolutions see the squeezed image, and on ild-ecal they put
+        2.2-2.6x the data's hits into the outermost blocks (docs/convflow.md "The halo's
+        hit pattern")."""
         h, w = self.image_shape
         rows, columns = np.mgrid[0:h, 0:w]
-        return (rows % 2) * 2 + columns % 2
+        border = (rows < 2) | (rows >= h - 2)
+        if not self.circular:
+            border |= (columns < 2) | (columns >= w - 2)
+        return (rows % 2) * 2 + columns % 2 + 4 * border
 
     def _cut_calibrated(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
                         deposits: torch.Tensor) -> torch.Tensor:
