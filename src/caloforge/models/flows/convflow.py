@@ -804,8 +804,11 @@ class ConvL2LFlow(LayerEnergyFlows):
             self.voxel_cut_edges = {name: [float(e) for e in values]
                                     for name, values in edges.items()}
 
-    def _cut_groups(self, showers: np.ndarray) -> np.ndarray:
-        """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``)."""
+    def _cut_groups(self, showers: np.ndarray, split_blocks: bool = True) -> np.ndarray:
+        """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``);
+        ``split_blocks=False``: a ``-block`` grouping without its split (the spectrum maps
+        of ``group-spline``: 8 times fewer hits each would leave most far groups unmapped,
+        their hits 1.5x the data's energy on ild-ecal)."""
         n_layers, size = self.geometry.n_layers, self.voxels_per_pass
         layers = np.repeat(np.arange(n_layers), size)
         kind = self.config.hit_calibration_groups
@@ -820,7 +823,7 @@ class ConvL2LFlow(LayerEnergyFlows):
                 rows - (h - 1) / 2, columns - (w - 1) / 2)).astype(int)
             rings = self._flat(torch.as_tensor(rings)[None])[0].numpy()
             groups = layers * (int(rings.max()) + 1) + np.tile(rings, n_layers)
-        if not kind.endswith("-block"):
+        if not (kind.endswith("-block") and split_blocks):
             return groups
         places = self._flat(torch.as_tensor(self._block_places())[None])[0].numpy()
         return groups * 8 + np.tile(places, n_layers)
@@ -1038,7 +1041,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.postprocess_groups = self.group_postprocess_nodes = None
         generated = self._sample_in_flow_frame(reference, seed)
         if self.config.postprocess == "group-spline":
-            groups = self._cut_groups(reference.showers)
+            groups = self._cut_groups(reference.showers, split_blocks=False)
             self.group_postprocess_nodes = group_quantile_map_nodes(
                 reference.showers, generated, groups, nodes // 4)
             self.postprocess_groups = [int(g) for g in groups]
