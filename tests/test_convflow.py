@@ -530,6 +530,8 @@ def test_block_groups_split_each_group_by_squeeze_place(trained, data):
             model.config.hit_calibration_groups = f"{kind}-block"
             groups = model._cut_groups(data.showers)
             np.testing.assert_array_equal(groups // 8, plain)
+            np.testing.assert_array_equal(model._cut_groups(data.showers, split_blocks=False),
+                                          plain)  # what group-spline maps
             np.testing.assert_array_equal(groups % 4, places)
             # a 4 x 4 image is all border blocks (each block touches the zero padding)
             assert ((groups // 4) % 2 == 1).all()
