@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def main() -> int:
         out["runs"][run] = {"energy_columns_auc": round(result["auc_mean"], 4),
                             "largest_layer_separation_power": round(float(max(powers)), 4),
                             "layer_of_largest": int(np.argmax(powers))}
-        print(run, out["runs"][run], flush=True)
+        print(run, out["runs"][run], file=sys.stderr, flush=True)
     print(json.dumps(out, indent=1))
     return 0
 
