@@ -126,7 +126,7 @@ class ConvFlowConfig:
     the image's zero-padded border (where they make too many hits; docs/convflow.md "The
     halo's hit pattern"), ``ring`` (per layer and ring around
     the image centre, one cell wide; cylinders: per radial bin), ``ring-block`` (the rings
-    split by the place in the squeeze block) or ``layer``. Meant with
+    split alike, by place and border) or ``layer``. Meant with
     ``noise_mev`` near the cut (e.g. 0.9 x the threshold): the flows then make the faint
     halo and too many noise crossings, and the cuts keep the data's hits in each group
     (ild-ecal slice: every ring's hits at the data's, docs/convflow.md "The halo");
