@@ -21,17 +21,11 @@ import argparse
 import json
 
 import numpy as np
-
-from caloforge.data import read_showers
-from caloforge.features import apply_threshold
-from caloforge.geometry import get_geometry
-
-SIDE, LAYERS = 30, 30
+from check_ild_rings import SIDE, read_ild_images
 
 
-def pattern(showers: np.ndarray, incident_energies: np.ndarray) -> dict:
-    """The figures of the module docstring for ``showers`` ``(N, 27000)`` MeV."""
-    images = showers.reshape(-1, LAYERS, SIDE, SIDE)
+def pattern(images: np.ndarray, incident_energies: np.ndarray) -> dict:
+    """The figures of the module docstring for ``images`` ``(N, 30, 30, 30)`` MeV."""
     hits = images > 0
     rows, columns = np.mgrid[0:SIDE, 0:SIDE]
     radius = np.hypot(rows - (SIDE - 1) / 2, columns - (SIDE - 1) / 2)
@@ -63,12 +57,9 @@ def main() -> int:
     parser.add_argument("--reference", required=True)
     parser.add_argument("--n", type=int, default=3000)
     args = parser.parse_args()
-    geometry = get_geometry("ild-ecal")
 
     def figures(path: str) -> dict:
-        data = read_showers(path, geometry, max_showers=args.n)
-        showers = apply_threshold(data.showers, geometry.threshold_mev)
-        return pattern(showers, data.incident_energies)
+        return pattern(*read_ild_images(path, args.n))
 
     reference = figures(args.reference)
     out: dict = {"reference": reference, "generated": {}}

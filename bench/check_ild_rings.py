@@ -57,6 +57,16 @@ def ring_figures(images: np.ndarray, layers: list[int]) -> dict:
     return out
 
 
+def read_ild_images(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` showers of an ild-ecal file after the readout threshold, as images
+    ``(N, 30, 30, 30)`` MeV (float64), and their incident energies ``(N,)`` MeV."""
+    geometry = get_geometry("ild-ecal")
+    data = read_showers(path, geometry, max_showers=n)
+    showers = apply_threshold(data.showers, geometry.threshold_mev).astype(np.float64)
+    return (showers.reshape(-1, LAYERS, SIDE, SIDE),
+            np.asarray(data.incident_energies, dtype=np.float64).reshape(-1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("generated", nargs="+")
@@ -64,12 +74,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
     args = parser.parse_args()
-    geometry = get_geometry("ild-ecal")
 
     def images(path: str) -> np.ndarray:
-        data = read_showers(path, geometry, max_showers=args.n)
-        showers = apply_threshold(data.showers, geometry.threshold_mev).astype(np.float64)
-        return showers.reshape(-1, LAYERS, SIDE, SIDE)
+        return read_ild_images(path, args.n)[0]
 
     reference = ring_figures(images(args.reference), args.layers)
     out: dict = {"ring_edges_cells": list(RING_EDGES), "reference": reference}
