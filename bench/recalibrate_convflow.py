@@ -3,7 +3,8 @@
 The options that act after training: the sampling ``temperature`` (the voxel flows' base
 noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
-``hit_calibration_bins``, ``hit_calibration_showers`` and ``symmetrise``. The hit cuts and
+``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts`` and
+``hit_count_showers``. The hit cuts and
 the post-processing spline(s), which are fitted to the model's own samples, are fitted
 again on the first training showers, exactly as after training (``end_fit``), unless only
 ``symmetrise`` changes (it acts after them):
@@ -26,7 +27,7 @@ import torch
 from caloforge.data import read_showers
 from caloforge.errors import OptionError
 from caloforge.models import load_model
-from caloforge.models.flows.convflow import CUT_GROUPS, SYMMETRIES, ConvL2LFlow
+from caloforge.models.flows.convflow import CUT_GROUPS, HIT_COUNTS, SYMMETRIES, ConvL2LFlow
 
 
 def main() -> int:
@@ -40,6 +41,8 @@ def main() -> int:
     parser.add_argument("--hit-calibration-bins", type=int, default=None)
     parser.add_argument("--hit-calibration-showers", type=int, default=None)
     parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
+    parser.add_argument("--hit-counts", choices=HIT_COUNTS, default=None)
+    parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
@@ -57,17 +60,22 @@ def main() -> int:
                                               args.hit_calibration_bins),
                                              ("hit_calibration_showers",
                                               args.hit_calibration_showers),
-                                             ("symmetrise", args.symmetrise))
+                                             ("symmetrise", args.symmetrise),
+                                             ("hit_counts", args.hit_counts),
+                                             ("hit_count_showers", args.hit_count_showers))
                if value is not None}
     if not changes:
         parser.error("nothing to change: give --temperature, --postprocess, "
-                     "--hit-calibration-groups, --hit-calibration-bins and/or --symmetrise")
+                     "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
+                     "--symmetrise")
     refit = set(changes) != {"symmetrise"}
     if refit and not args.train:
         parser.error("refitting the hit cuts and splines needs --train")
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
     if refit:
-        showers = max(model.config.hit_calibration_showers, model.config.postprocess_showers)
+        config = model.config
+        showers = max(config.hit_calibration_showers, config.postprocess_showers,
+                      config.hit_count_showers if config.hit_counts != "none" else 0)
         model.end_fit(read_showers(args.train, model.geometry, max_showers=showers),
                       args.output)
     model.save(args.output)

@@ -515,6 +515,62 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
         model.voxel_cuts_mev = None
 
 
+def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path, monkeypatch):
+    """``hit_counts: copula``: each layer keeps the drawn number of hits, the cells furthest
+    above their cut (no cuts fitted: the highest cells), every hit where it has fewer, and
+    its energy; the layers' own draws are those without counts (the counts' noise comes
+    after them). The fitted count model is saved with the model, and the exported
+    function and ONNX graph give what ``sample`` gives."""
+    model, _ = trained
+    energies = data.incident_energies[:60]
+    n_layers, size = CARTESIAN.n_layers, 16
+    plain = model.sample(energies, seed=5).showers.reshape(-1, n_layers, size)
+    wanted = torch.as_tensor(1.0 + np.add.outer(np.arange(len(energies)), np.arange(n_layers))
+                             % 4)  # 1..4 hits
+    wanted[::7, 1] = 0
+    try:
+        model.config.hit_counts = "copula"
+        model.fit_hit_counts(data)
+        monkeypatch.setattr(model, "_hit_counts", lambda *_: wanted)
+        kept = model.sample(energies, seed=5).showers.reshape(plain.shape)
+        for shower, layer in np.ndindex(len(energies), n_layers):
+            before, after = plain[shower, layer], kept[shower, layer]
+            n = min(int(wanted[shower, layer]), int((before > 0).sum()))
+            # the n highest cells of the layer (and any tied with the n-th), its energy kept
+            lowest_kept = np.sort(before)[::-1][n - 1] if n else np.inf
+            np.testing.assert_array_equal(after > 0, before >= lowest_kept)
+            if n:
+                assert after.sum() == pytest.approx(before.sum(), rel=1e-5)
+        assert (kept[::7, 1] == 0).all()
+    finally:
+        model.config.hit_counts = "none"
+        model.hit_count_model = None
+    # trained with the option: the count model fitted after training, saved and loaded;
+    # the exported function and its ONNX graph draw what sample draws
+    counting = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited", hit_counts="copula",
+                                            hit_count_showers=len(data)))
+    counting.fit(data, str(tmp_path / "counts"))
+    assert counting.hit_count_model is not None
+    counted = counting.sample(energies, seed=5).showers
+    noise = counting.draw_noise(len(energies), shard_generator(5, 0))
+    assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size) + n_layers
+    with torch.inference_mode():
+        traced = counting.showers_from_noise(
+            noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
+    np.testing.assert_allclose(traced.numpy(), counted, rtol=1e-4, atol=1e-5)
+    from caloforge.export import export_model
+
+    description = export_model(counting, str(tmp_path / "counts.onnx"))
+    assert description["check"]["max_relative_deviation"] <= 1e-4
+    loaded = load_model(str(tmp_path / "counts"))
+    assert loaded.hit_count_model == counting.hit_count_model
+    np.testing.assert_array_equal(loaded.sample(energies, seed=5).showers, counted)
+    with pytest.raises(OptionError, match="hit_counts needs layer_energy"):
+        type(model.config).from_dict({"hit_counts": "copula"})
+    with pytest.raises(OptionError, match="hit_counts must be one of"):
+        type(model.config).from_dict({"hit_counts": "poisson", "layer_energy": "deposited"})
+
+
 def test_block_groups_split_each_group_by_squeeze_place(trained, data):
     """``hit_calibration_groups: hit-rate-block`` / ``ring-block``: the hit-rate bins or
     rings, each split by the cell's place in its 2 x 2 squeeze block (the flow channel that

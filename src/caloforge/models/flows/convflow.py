@@ -43,6 +43,7 @@ from torch import nn
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
+from ...hit_counts import HitCountModel
 from ...preprocessing import (
     LogitTransform,
     MaxLogTransform,
@@ -68,6 +69,7 @@ POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
 SYMMETRIES = ("none", "d4")
 SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
+HIT_COUNTS = ("none", "copula")
 
 
 @dataclass
@@ -170,6 +172,16 @@ class ConvFlowConfig:
     the classifier sees that hit pattern (docs/convflow.md "The halo's hit pattern"). Over
     an invariant data distribution the symmetrised model is never further away (in KL) than
     the model itself. Set after training; acts on generation only;
+    ``hit_counts``: ``copula`` draws each shower's number of hits per layer from a model
+    fitted on the first ``hit_count_showers`` training showers given E_inc and the energy
+    flow's layer deposits (:class:`~caloforge.hit_counts.HitCountModel`, one more noise
+    number per layer) and keeps that many cells, those furthest above their calibrated cut
+    (cell / cut; the readout threshold where no cuts are fitted), the layer keeping its
+    energy. Needs ``layer_energy: deposited``. Why: calibrated cuts fix the mean number of
+    hits, but the flows' hit counts fluctuate independently of the shower (ild-ecal:
+    layer-to-layer count correlation 0.13-0.20 against the data's 0.47) and the classifier
+    reads them from the sparsity, the widths and the radial centres (docs/convflow.md
+    "Hits per layer"). Set after training;
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -202,6 +214,8 @@ class ConvFlowConfig:
     temperature: float = 1.0
     energy_steps: int = 0
     symmetrise: str = "none"
+    hit_counts: str = "none"
+    hit_count_showers: int = 5000
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -244,6 +258,14 @@ class ConvFlowConfig:
         if out.symmetrise not in SYMMETRIES:
             raise OptionError(f"symmetrise must be one of {', '.join(SYMMETRIES)}, got "
                               f"{out.symmetrise!r}")
+        if out.hit_counts not in HIT_COUNTS:
+            raise OptionError(f"hit_counts must be one of {', '.join(HIT_COUNTS)}, got "
+                              f"{out.hit_counts!r}")
+        if out.hit_counts != "none" and out.layer_energy != "deposited":
+            raise OptionError("hit_counts needs layer_energy: deposited (the counts are drawn "
+                              "given the layer deposits)")
+        if out.hit_count_showers < 200:
+            raise OptionError(f"hit_count_showers must be >= 200, got {out.hit_count_showers}")
         if out.normalise_by not in ("max", "energy", "fixed"):
             raise OptionError(f"normalise_by must be max, energy or fixed, got "
                               f"{out.normalise_by!r}")
@@ -444,6 +466,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         # hit_calibration_bins > 1: the inner edges of the bins of E_inc (MeV) and of the
         # deposited fraction; the cuts are then bin after bin, n_voxels each
         self.voxel_cut_edges: dict[str, list[float]] | None = None
+        self.hit_count_model: HitCountModel | None = None  # hit_counts; see fit_hit_counts
         self._energy_pool: dict[str, torch.Tensor] | None = None  # see energy_steps
 
     PRESETS = PRESETS
@@ -707,7 +730,9 @@ class ConvL2LFlow(LayerEnergyFlows):
     def prepare_fit(self, train: ShowerData, resume: bool, device: str) -> None:
         whole_model = [name for name, wanted in (
             (f"postprocess: {self.config.postprocess}", self.config.postprocess != "none"),
-            ("hit_calibration_showers", self.config.hit_calibration_showers > 0)) if wanted]
+            ("hit_calibration_showers", self.config.hit_calibration_showers > 0),
+            (f"hit_counts: {self.config.hit_counts}", self.config.hit_counts != "none"))
+            if wanted]
         if whole_model and len(self.parts) < self.geometry.n_layers + 1:
             raise OptionError(f"{whole_model[0]} needs every part in one run (it samples "
                               f"the whole model); train without --layers")
@@ -723,12 +748,16 @@ class ConvL2LFlow(LayerEnergyFlows):
         self._energy_pool = None
         config = self.config
         spline = config.postprocess != "none"
-        if not (spline or config.hit_calibration_showers):
+        counts = config.hit_counts != "none"
+        if not (spline or config.hit_calibration_showers or counts):
             return
         reference = first_showers(data, max(config.hit_calibration_showers,
-                                            config.postprocess_showers if spline else 0))
+                                            config.postprocess_showers if spline else 0,
+                                            config.hit_count_showers if counts else 0))
         if config.hit_calibration_showers:
             self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
+        if counts:
+            self.fit_hit_counts(reference.select(slice(0, config.hit_count_showers)))
         if spline:
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
 
@@ -773,10 +802,11 @@ class ConvL2LFlow(LayerEnergyFlows):
         the readout threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`).
         With ``hit_calibration_bins`` k > 1, cuts per bin of E_inc and of the deposited
         fraction (``reference``'s quantiles; the model's showers by their energy flow's
-        deposit, which their hits carry before any cut)."""
+        deposit, which their hits carry before any cut). The hit count model
+        (``hit_counts``) is cleared: it picks among the cells these cuts leave."""
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
-        self.voxel_cut_edges = None
+        self.voxel_cut_edges = self.hit_count_model = None
         generated = self._sample_in_flow_frame(reference, seed)
         groups = self._cut_groups(reference.showers)
         threshold = self.voxel_transform.threshold_mev
@@ -803,6 +833,41 @@ class ConvL2LFlow(LayerEnergyFlows):
         if k > 1:
             self.voxel_cut_edges = {name: [float(e) for e in values]
                                     for name, values in edges.items()}
+
+    def fit_hit_counts(self, reference: ShowerData) -> None:
+        """Fit the hit count model (``hit_counts``) on ``reference``'s hits per layer, layer
+        deposits (cells at or above the readout threshold) and incident energies."""
+        threshold = self.voxel_transform.threshold_mev
+        showers = reference.showers.reshape(len(reference), self.geometry.n_layers, -1)
+        hits = showers >= threshold
+        self.hit_count_model = HitCountModel.fit(
+            hits.sum(-1), np.where(hits, showers, 0).sum(-1, dtype=np.float64),
+            np.asarray(reference.incident_energies, dtype=np.float64).reshape(-1))
+
+    def _hit_counts(self, incident_energies: torch.Tensor, layer_energies: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor | None:
+        """Each shower's hits per layer ``(B, L)`` drawn from ``noise`` ``(B, L)`` given E_inc
+        ``(B,)`` MeV and the energy flow's layer deposits ``(B, L)`` MeV; None without a
+        fitted count model."""
+        if self.hit_count_model is None or self.config.hit_counts == "none":
+            return None
+        return self.hit_count_model.draw(incident_energies, layer_energies, noise,
+                                         max_count=self.voxels_per_pass)
+
+    def _count_cuts(self, cells: torch.Tensor, cuts: torch.Tensor, counts: torch.Tensor
+                    ) -> torch.Tensor:
+        """Per-shower cuts ``(B, S)`` MeV that keep ``counts`` ``(B,)`` hits of one layer's
+        cells ``(B, S)`` MeV: those with the highest cell / cut (``cuts`` ``(S,)`` or
+        ``(B, S)``), every hit where the layer has fewer, none for a count of 0."""
+        threshold = self.voxel_transform.threshold_mev
+        scores = torch.where(cells >= threshold, cells / cuts, torch.zeros_like(cells))
+        ranked = scores.sort(dim=1, descending=True).values
+        last = (counts.long() - 1).clamp(min=0, max=cells.shape[1] - 1)
+        kept_score = ranked.gather(1, last[:, None])  # (B, 1): the lowest score kept
+        kept_score = torch.where(counts[:, None] > 0, kept_score,
+                                 torch.full_like(kept_score, float("inf")))
+        # just under the kept score: cells / cuts * cuts can round above the cell
+        return torch.clamp(kept_score * (1 - 1e-6) * cuts, min=threshold)
 
     def _cut_groups(self, showers: np.ndarray, split_blocks: bool = True) -> np.ndarray:
         """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``);
@@ -843,17 +908,24 @@ class ConvL2LFlow(LayerEnergyFlows):
         return (rows % 2) * 2 + columns % 2 + 4 * border
 
     def _cut_calibrated(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
-                        deposits: torch.Tensor) -> torch.Tensor:
+                        deposits: torch.Tensor, counts: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """One layer's cells ``(B, S)`` MeV (already under the readout threshold) under the
         calibrated cuts (where fitted; with ``hit_calibration_bins``, those of each shower's
-        bin of E_inc ``(B,)`` MeV and of its total deposit ``(B,)`` MeV over it), the layer
-        kept at its energy above the threshold.
+        bin of E_inc ``(B,)`` MeV and of its total deposit ``(B,)`` MeV over it) or, given
+        hit ``counts`` ``(B,)`` (``hit_counts``), that many cells furthest above them; the
+        layer kept at its energy above the threshold.
 
         Not at the flows' layer energy: that includes the dequantisation noise of the empty
         cells (with the noise band, 0.9 x the cut, ~30 MeV per ILD layer), which the
         readout threshold has already removed and must not come back as signal."""
         if self.voxel_cuts_mev is None:
-            return cells
+            if counts is None:
+                return cells
+            threshold = torch.full(cells.shape[1:], self.voxel_transform.threshold_mev,
+                                   dtype=cells.dtype, device=cells.device)
+            return VoxelTransform(layer_sizes=[cells.shape[1]]).cut_voxels(
+                cells, self._count_cuts(cells, threshold, counts))
         size, n_voxels = cells.shape[1], self.geometry.n_voxels
         bins = len(self.voxel_cuts_mev) // n_voxels
         cuts = torch.tensor([self.voxel_cuts_mev[b * n_voxels + layer * size:
@@ -872,6 +944,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             energies = incident_energies.to(deposits.dtype)
             cuts = cuts[bin_of(energies, "incident_energy_mev") * k
                         + bin_of(deposits / energies, "deposit_fraction")]  # (B, S)
+        if counts is not None:
+            cuts = self._count_cuts(cells, cuts, counts)
         groups = None
         if self.config.hit_calibration_energy == "group":
             # the calibration groups of this layer are its cells sharing one cut value
@@ -931,17 +1005,33 @@ class ConvL2LFlow(LayerEnergyFlows):
                     generated.append(finite_logits(self._unstandardised(x, layer)))
                 y = torch.cat(generated)
                 cells = self._cells(y.reshape(n, -1), layer_energies[:, layer])
-                cells = self._cut_calibrated(self._flat(cells.reshape(n, h, w)), layer,
-                                             e_inc, layer_energies.sum(1))
-                cells = self._postprocess(cells, layer)
-                out[:, layer * size:(layer + 1) * size] = cells.cpu().numpy()
+                out[:, layer * size:(layer + 1) * size] = \
+                    self._flat(cells.reshape(n, h, w)).cpu().numpy()
                 recent = torch.cat([recent, y[:, None]], dim=1)[:, -k:] if k else recent
+            # the draws after the layers' (the order of draw_noise), then each layer's cuts,
+            # spline and symmetry
+            counts = bits = None
+            if self.config.hit_counts != "none":
+                counts = self._hit_counts(e_inc, layer_energies, torch.randn(
+                    n, n_layers, generator=generator).to(device, layer_energies.dtype))
             if self.config.symmetrise != "none":
-                bits = torch.randn(n, SYMMETRY_BITS, generator=generator)
-                for layer in range(n_layers):
-                    cells = torch.from_numpy(out[:, layer * size:(layer + 1) * size])
-                    out[:, layer * size:(layer + 1) * size] = self._symmetrised(cells, bits)
+                bits = torch.randn(n, SYMMETRY_BITS, generator=generator).to(device)
+            for layer in range(n_layers):
+                cells = torch.from_numpy(out[:, layer * size:(layer + 1) * size]).to(device)
+                out[:, layer * size:(layer + 1) * size] = self._finished_layer(
+                    cells, layer, e_inc, layer_energies, counts, bits).cpu().numpy()
         return self._sampled_data(energies, out, conditions)
+
+    def _finished_layer(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
+                        layer_energies: torch.Tensor, counts: torch.Tensor | None,
+                        bits: torch.Tensor | None) -> torch.Tensor:
+        """One layer's cells ``(B, S)`` MeV as the flows drew them (under the readout
+        threshold) through the hit cuts or counts (``counts`` ``(B, L)``), the spline(s) and
+        the symmetry (``bits`` ``(B, 3)``), each where the model has it."""
+        cells = self._cut_calibrated(cells, layer, incident_energies, layer_energies.sum(1),
+                                     None if counts is None else counts[:, layer])
+        cells = self._postprocess(cells, layer)
+        return cells if bits is None else self._symmetrised(cells, bits)
 
     def _sample_in_flow_frame(self, reference: ShowerData, seed: int) -> np.ndarray:
         """Showers ``(N, n_voxels)`` MeV for ``reference``'s conditions as the flows draw
@@ -975,17 +1065,20 @@ class ConvL2LFlow(LayerEnergyFlows):
     def noise_features(self) -> int:
         h, w = self.image_shape
         bits = SYMMETRY_BITS if self.config.symmetrise != "none" else 0
-        return self.geometry.n_layers * (1 + h * w) + bits
+        counts = self.geometry.n_layers if self.config.hit_counts != "none" else 0
+        return self.geometry.n_layers * (1 + h * w) + counts + bits
 
     def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The energy flow's noise ``(n, L)``, then each layer's ``(n, 4 * H/2 * W/2)`` in
-        order, then (``symmetrise``) the symmetry's ``(n, 3)``: the draws :meth:`sample`
-        makes (which draws layer by layer instead of all at once, to hold one layer's noise
-        at a time)."""
+        order, then (``hit_counts``) the counts' ``(n, L)``, then (``symmetrise``) the
+        symmetry's ``(n, 3)``: the draws :meth:`sample` makes (which draws layer by layer
+        instead of all at once, to hold one layer's noise at a time)."""
         h, w = self.image_shape
         draws = [torch.randn(n, self.geometry.n_layers, generator=generator)]
         draws += [torch.randn(n, 4, h // 2, w // 2, generator=generator).flatten(1)
                   for _ in range(self.geometry.n_layers)]
+        if self.config.hit_counts != "none":
+            draws.append(torch.randn(n, self.geometry.n_layers, generator=generator))
         if self.config.symmetrise != "none":
             draws.append(torch.randn(n, SYMMETRY_BITS, generator=generator))
         return torch.cat(draws, dim=1)
@@ -1020,11 +1113,15 @@ class ConvL2LFlow(LayerEnergyFlows):
         y = finite_logits(self._unstandardised(self._flow(step).inverse(
             z.reshape(-1, 4, h // 2, w // 2), condition)[:, 0], step))
         image = self._cells(y.flatten(1), state["layer_energies"][:, step])
-        cells = self._postprocess(self._cut_calibrated(
-            self._flat(image.reshape(-1, h, w)), step, state["incident_energy"],
-            state["layer_energies"].sum(1)), step)
-        if self.config.symmetrise != "none":
-            cells = self._symmetrised(cells, noise[:, -SYMMETRY_BITS:])
+        counts = None
+        if self.config.hit_counts != "none":
+            start = n_layers * (1 + size)
+            counts = self._hit_counts(state["incident_energy"], state["layer_energies"],
+                                      noise[:, start:start + n_layers])
+        bits = noise[:, -SYMMETRY_BITS:] if self.config.symmetrise != "none" else None
+        cells = self._finished_layer(self._flat(image.reshape(-1, h, w)), step,
+                                     state["incident_energy"], state["layer_energies"],
+                                     counts, bits)
         if not k:
             return cells, {}
         return cells, {"recent": torch.cat([recent[:, 1:], y[:, None]], dim=1)}
@@ -1093,7 +1190,9 @@ class ConvL2LFlow(LayerEnergyFlows):
                 "postprocess_groups": self.postprocess_groups,
                 "group_postprocess_nodes": self.group_postprocess_nodes,
                 "voxel_cuts_mev": self.voxel_cuts_mev,
-                "voxel_cut_edges": self.voxel_cut_edges}
+                "voxel_cut_edges": self.voxel_cut_edges,
+                "hit_count_model": None if self.hit_count_model is None
+                else self.hit_count_model.state()}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -1118,6 +1217,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         edges = state.get("voxel_cut_edges")  # saved before hit_calibration_bins: absent
         self.voxel_cut_edges = None if edges is None else {
             str(name): [float(e) for e in values] for name, values in edges.items()}
+        counts = state.get("hit_count_model")  # saved before hit_counts: absent
+        self.hit_count_model = None if counts is None else HitCountModel.from_state(counts)
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -1166,7 +1267,7 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
             **{k: v for k, v in state.items()
                if k not in ("config", "trained_parts", "postprocess_nodes",
                             "layer_postprocess_nodes", "voxel_cuts_mev",
-                            "voxel_cut_edges")}}
+                            "voxel_cut_edges", "hit_count_model")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "interquartile_spread", "merge_runs",
