@@ -516,44 +516,57 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
 
 
 def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path, monkeypatch):
-    """``hit_counts: copula``: each layer keeps the drawn number of hits, the cells furthest
-    above their cut (no cuts fitted: the highest cells), every hit where it has fewer, and
-    its energy; the layers' own draws are those without counts (the counts' noise comes
-    after them). The fitted count model is saved with the model, and the exported
-    function and ONNX graph give what ``sample`` gives."""
+    """``hit_counts: layer`` / ``band``: each layer (each radial band of it) keeps the drawn
+    number of hits, the cells furthest above their cut (no cuts fitted: the highest
+    cells), every hit where it has fewer, and the layer its energy; the layers' own draws
+    are those without counts (the counts' noise comes after them). The fitted count model
+    is saved with the model, and the exported function and ONNX graph give what
+    ``sample`` gives."""
     model, _ = trained
     energies = data.incident_energies[:60]
     n_layers, size = CARTESIAN.n_layers, 16
     plain = model.sample(energies, seed=5).showers.reshape(-1, n_layers, size)
-    wanted = torch.as_tensor(1.0 + np.add.outer(np.arange(len(energies)), np.arange(n_layers))
-                             % 4)  # 1..4 hits
-    wanted[::7, 1] = 0
+    # 4 x 4 cells: the inner 2 x 2 within 2 cells of the centre, the rest the second band
+    rows, columns = np.divmod(np.arange(size), 4)
+    outer = np.hypot(rows - 1.5, columns - 1.5) >= 2
     try:
-        model.config.hit_counts = "copula"
-        model.fit_hit_counts(data)
-        monkeypatch.setattr(model, "_hit_counts", lambda *_: wanted)
-        kept = model.sample(energies, seed=5).showers.reshape(plain.shape)
-        for shower, layer in np.ndindex(len(energies), n_layers):
-            before, after = plain[shower, layer], kept[shower, layer]
-            n = min(int(wanted[shower, layer]), int((before > 0).sum()))
-            # the n highest cells of the layer (and any tied with the n-th), its energy kept
-            lowest_kept = np.sort(before)[::-1][n - 1] if n else np.inf
-            np.testing.assert_array_equal(after > 0, before >= lowest_kept)
-            if n:
-                assert after.sum() == pytest.approx(before.sum(), rel=1e-5)
-        assert (kept[::7, 1] == 0).all()
+        for kind, bands in (("layer", np.zeros(size, dtype=int)), ("band", outer.astype(int))):
+            model.config.hit_counts = kind
+            model.fit_hit_counts(data)
+            n_bands = bands.max() + 1
+            assert model.n_hit_counts == n_layers * n_bands
+            np.testing.assert_array_equal(model._count_bands(), bands)
+            wanted = torch.as_tensor(1.0 + np.add.outer(np.arange(len(energies)),
+                                                        np.arange(n_layers * n_bands)) % 4)
+            wanted[::7, n_bands:2 * n_bands] = 0  # layer 1 of every 7th shower: no hits
+            monkeypatch.setattr(model, "_hit_counts", lambda *_, w=wanted: w)
+            kept = model.sample(energies, seed=5).showers.reshape(plain.shape)
+            for shower, layer, band in np.ndindex(len(energies), n_layers, n_bands):
+                members = bands == band
+                before = plain[shower, layer, members]
+                after = kept[shower, layer, members]
+                n = min(int(wanted[shower, layer * n_bands + band]), int((before > 0).sum()))
+                # the band's n highest cells (and any tied with the n-th)
+                lowest_kept = np.sort(before)[::-1][n - 1] if n else np.inf
+                np.testing.assert_array_equal(after > 0, before >= lowest_kept)
+            for shower, layer in np.ndindex(len(energies), n_layers):
+                if kept[shower, layer].any():  # the layer's energy kept
+                    assert kept[shower, layer].sum() == pytest.approx(
+                        plain[shower, layer].sum(), rel=1e-5)
+            assert (kept[::7, 1] == 0).all()
+            monkeypatch.undo()
     finally:
         model.config.hit_counts = "none"
         model.hit_count_model = None
     # trained with the option: the count model fitted after training, saved and loaded;
     # the exported function and its ONNX graph draw what sample draws
-    counting = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited", hit_counts="copula",
+    counting = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited", hit_counts="band",
                                             hit_count_showers=len(data)))
     counting.fit(data, str(tmp_path / "counts"))
     assert counting.hit_count_model is not None
     counted = counting.sample(energies, seed=5).showers
     noise = counting.draw_noise(len(energies), shard_generator(5, 0))
-    assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size) + n_layers
+    assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size + 2)
     with torch.inference_mode():
         traced = counting.showers_from_noise(
             noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
@@ -565,8 +578,23 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
     loaded = load_model(str(tmp_path / "counts"))
     assert loaded.hit_count_model == counting.hit_count_model
     np.testing.assert_array_equal(loaded.sample(energies, seed=5).showers, counted)
+    # faint cells are candidates: a count above the flows' hits makes the highest of them
+    # hits (>= the threshold), the layer keeping its deposit
+    fitted, counting.hit_count_model = counting.hit_count_model, None
+    plain = counting.sample(energies, seed=5).showers.reshape(-1, n_layers, size)
+    counting.hit_count_model = fitted
+    monkeypatch.setattr(counting, "_hit_counts",
+                        lambda *_: torch.full((len(energies), n_layers * 2), float(size)))
+    every = counting.sample(energies, seed=5).showers.reshape(plain.shape)
+    has_hits = plain.sum(-1) > 0
+    hits_before, hits_after = (plain > 0).sum(-1), (every > 0).sum(-1)
+    assert (hits_after >= hits_before).all()
+    assert hits_after.sum() > 1.5 * hits_before.sum()  # the flows' faint cells made hits
+    assert (every[every > 0] >= CARTESIAN.threshold_mev).all()
+    # (to within the faint hits scaled under the threshold and lifted back to it)
+    np.testing.assert_allclose(every.sum(-1)[has_hits], plain.sum(-1)[has_hits], rtol=1e-2)
     with pytest.raises(OptionError, match="hit_counts needs layer_energy"):
-        type(model.config).from_dict({"hit_counts": "copula"})
+        type(model.config).from_dict({"hit_counts": "band"})
     with pytest.raises(OptionError, match="hit_counts must be one of"):
         type(model.config).from_dict({"hit_counts": "poisson", "layer_energy": "deposited"})
 

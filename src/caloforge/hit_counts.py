@@ -1,22 +1,23 @@
 """How many cells of each layer a shower hits, drawn given its energies.
 
 A calorimeter shower's number of hit cells per layer (cells at or above the readout
-threshold) follows its energies closely: on the ild-ecal reference the halo's hits at fixed
-E_inc correlate 0.82-0.88 with the deposit, and neighbouring layers' counts with each
-other. Generative models that draw every cell independently of a count get the mean right
-after calibration but not these correlations; the classifier reads them from the sparsity,
-the widths and the radial centres (docs/convflow.md "Hits per layer").
+threshold), and per radial band of a layer, follows its energies closely: on the ild-ecal
+reference the halo's hits at fixed E_inc correlate 0.82-0.88 with the deposit, and
+neighbouring layers' counts with each other. Generative models that draw every cell
+independently of a count get the mean right after calibration but not these correlations;
+the classifier reads them from the sparsity, the widths and the radial centres
+(docs/convflow.md "Hits per layer").
 
-:class:`HitCountModel` is fitted on data alone, then draws a count per layer for any
-conditions:
+:class:`HitCountModel` is fitted on data alone, then draws a count per group of cells
+(each group within one layer ``l(g)``: a layer, or a radial band of it) for any conditions:
 
-* ``t_l = log(1 + n_l)`` is regressed, layer by layer, on
-  ``[1, u, u^2, v_0 .. v_{L-1}, v_l^2, u v_l, log(1 + sum_j D_j)]`` with
+* ``t_g = log(1 + n_g)`` is regressed, group by group, on
+  ``[1, u, u^2, v_0 .. v_{L-1}, log(1 + sum_j D_j), v_l(g)^2, u v_l(g)]`` with
   ``u = log(E_inc / GeV)`` and ``v_j = log(1 + D_j / MeV)`` (``D_j`` the layer deposits):
   every layer's deposit, because a layer's count also follows its neighbours';
-* each layer's residual is drawn from its empirical quantiles within ``n_bins`` bins of
+* each group's residual is drawn from its empirical quantiles within ``n_bins`` bins of
   the prediction (the spread shrinks as the count grows);
-* the layers' residuals are tied by a Gaussian copula: the correlation of their normal
+* the groups' residuals are tied by a Gaussian copula: the correlation of their normal
   scores (ranks within each bin).
 
 On 5,000 ild-ecal showers, counts drawn for 3,000 held-out showers' energies were told
@@ -41,131 +42,148 @@ from .errors import CaloforgeError
 GEV_MEV = 1000.0
 
 
-def count_features(incident_energies: torch.Tensor, deposits: torch.Tensor) -> torch.Tensor:
-    """Regressors ``(B, L, L + 6)`` of every layer's count from E_inc ``(B,)`` MeV and the
-    layer deposits ``(B, L)`` MeV (order in the module docstring)."""
-    n_layers = deposits.shape[1]
+def count_features(incident_energies: torch.Tensor, deposits: torch.Tensor,
+                   group_layers: list[int]) -> torch.Tensor:
+    """Regressors ``(B, G, L + 6)`` of every group's count from E_inc ``(B,)`` MeV and the
+    layer deposits ``(B, L)`` MeV, group g lying in layer ``group_layers[g]`` (order in the
+    module docstring)."""
     u = torch.log(incident_energies.to(deposits.dtype) / GEV_MEV)[:, None]
     # log(1 + x), not log1p: ONNX has no log1p or expm1 (exported graphs draw the counts)
     v = torch.log(1 + deposits.clamp(min=0))
     total = torch.log(1 + deposits.clamp(min=0).sum(1, keepdim=True))
     shared = torch.cat([torch.ones_like(u), u, u * u, v, total], dim=1)  # (B, L + 4)
-    own = torch.stack([v * v, u * v], dim=-1)  # (B, L, 2)
-    return torch.cat([shared[:, None].expand(-1, n_layers, -1), own], dim=-1)
+    own = v[:, group_layers]  # (B, G)
+    own = torch.stack([own * own, u * own], dim=-1)  # (B, G, 2)
+    return torch.cat([shared[:, None].expand(-1, len(group_layers), -1), own], dim=-1)
 
 
 @dataclass
 class HitCountModel:
     """The fitted count model (module docstring); plain lists, saved as JSON.
 
-    ``coefficients`` ``(L, L + 6)``; ``bin_edges`` ``(L, n_bins - 1)`` inner edges of the
-    predicted ``log(1 + n)``; ``residual_quantiles`` ``(L, n_bins, n_quantiles)`` at
-    evenly spaced levels 0..1; ``copula_factor`` ``(L, L)`` with ``F F^T`` the normal
+    ``group_layers`` ``(G,)``: each group's layer; ``at_least_one`` ``(G,)``: groups that
+    have a hit whenever their layer has a deposit (a whole layer; a layer's innermost
+    band); ``coefficients`` ``(G, L + 6)``; ``bin_edges`` ``(G, n_bins - 1)`` inner edges
+    of the predicted ``log(1 + n)``; ``residual_quantiles`` ``(G, n_bins, n_quantiles)``
+    at evenly spaced levels 0..1; ``copula_factor`` ``(G, G)`` with ``F F^T`` the normal
     scores' correlation."""
 
+    group_layers: list[int]
+    at_least_one: list[bool]
     coefficients: list[list[float]]
     bin_edges: list[list[float]]
     residual_quantiles: list[list[list[float]]]
     copula_factor: list[list[float]]
 
+    FIELDS = ("group_layers", "at_least_one", "coefficients", "bin_edges",
+              "residual_quantiles", "copula_factor")
+
     @property
-    def n_layers(self) -> int:
-        return len(self.coefficients)
+    def n_groups(self) -> int:
+        return len(self.group_layers)
 
     def state(self) -> dict[str, Any]:
-        return {"coefficients": self.coefficients, "bin_edges": self.bin_edges,
-                "residual_quantiles": self.residual_quantiles,
-                "copula_factor": self.copula_factor}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> HitCountModel:
         try:
-            model = cls(**{key: state[key] for key in (
-                "coefficients", "bin_edges", "residual_quantiles", "copula_factor")})
+            model = cls(**{key: state[key] for key in cls.FIELDS})
             shapes = [np.asarray(getattr(model, name), dtype=np.float64).shape
-                      for name in ("coefficients", "bin_edges", "residual_quantiles",
-                                   "copula_factor")]
+                      for name in cls.FIELDS]
+            layers = np.asarray(model.group_layers, dtype=np.int64)
         except (KeyError, TypeError, ValueError) as error:
             raise CaloforgeError(f"hit count model state is malformed ({error})") from None
-        n = model.n_layers
-        if (shapes[0] != (n, n + 6) or len(shapes[1]) != 2 or shapes[1][0] != n
-                or len(shapes[2]) != 3 or shapes[2][:2] != (n, shapes[1][1] + 1)
-                or shapes[3] != (n, n)):
+        g = model.n_groups
+        n_features = shapes[2][1] if len(shapes[2]) == 2 else -1
+        if (g == 0 or shapes[0] != (g,) or shapes[1] != (g,) or shapes[2] != (g, n_features)
+                or len(shapes[3]) != 2 or shapes[3][0] != g or len(shapes[4]) != 3
+                or shapes[4][:2] != (g, shapes[3][1] + 1) or shapes[5] != (g, g)
+                or layers.min() < 0 or layers.max() >= n_features - 6):
             raise CaloforgeError(f"hit count model state has inconsistent shapes {shapes}")
         return model
 
     @classmethod
     def fit(cls, counts: np.ndarray, deposits: np.ndarray, incident_energies: np.ndarray,
-            n_bins: int = 10, n_quantiles: int = 65, seed: int = 0) -> HitCountModel:
-        """Fit on data: hit counts ``(N, L)``, layer deposits ``(N, L)`` MeV (cells at or
-        above the threshold) and E_inc ``(N,)`` MeV. Needs at least ``20 * n_bins``
-        showers."""
+            group_layers: list[int] | None = None, at_least_one: list[bool] | None = None,
+            n_bins: int = 10, n_quantiles: int = 33, seed: int = 0) -> HitCountModel:
+        """Fit on data: hit counts ``(N, G)`` per group, layer deposits ``(N, L)`` MeV (cells
+        at or above the threshold) and E_inc ``(N,)`` MeV; group g in layer
+        ``group_layers[g]`` (default: the groups are the layers) and, where
+        ``at_least_one[g]`` (default: all), never empty in a layer with a deposit. Needs at
+        least ``20 * n_bins`` showers."""
         counts = np.asarray(counts, dtype=np.float64)
-        n, n_layers = counts.shape
+        n, n_groups = counts.shape
         if n < 20 * n_bins:
             raise CaloforgeError(f"the hit count model needs at least {20 * n_bins} showers, "
                                  f"got {n}")
+        layers = list(range(n_groups)) if group_layers is None else [int(g) for g in
+                                                                      group_layers]
         features = count_features(torch.as_tensor(np.asarray(incident_energies).reshape(-1),
                                                   dtype=torch.float64),
-                                  torch.as_tensor(deposits, dtype=torch.float64)).numpy()
+                                  torch.as_tensor(deposits, dtype=torch.float64),
+                                  layers).numpy()
         targets = np.log1p(counts)
         coefficients, predictions = [], np.empty_like(targets)
-        for layer in range(n_layers):
-            x = features[:, layer]
+        for group in range(n_groups):
+            x = features[:, group]
             # a small ridge: a layer empty in every shower has a constant deposit column
             gram = x.T @ x + 1e-6 * n * np.eye(x.shape[1])
-            w = np.linalg.solve(gram, x.T @ targets[:, layer])
+            w = np.linalg.solve(gram, x.T @ targets[:, group])
             coefficients.append(w)
-            predictions[:, layer] = x @ w
+            predictions[:, group] = x @ w
         residuals = targets - predictions
         levels = np.linspace(0, 1, n_quantiles)
         rng = np.random.default_rng(seed)
         edges, quantiles = [], []
         scores = np.zeros_like(residuals)
-        for layer in range(n_layers):
-            layer_edges = np.quantile(predictions[:, layer], np.linspace(0, 1, n_bins + 1)[1:-1])
-            bins = np.digitize(predictions[:, layer], layer_edges)
+        for group in range(n_groups):
+            group_edges = np.quantile(predictions[:, group], np.linspace(0, 1, n_bins + 1)[1:-1])
+            bins = np.digitize(predictions[:, group], group_edges)
             rows = []
             for b in range(n_bins):
-                members = residuals[bins == b, layer]
-                if len(members) < 2:  # tied edges leave a bin empty: the layer's residuals
-                    members = residuals[:, layer]
-                    rows.append(np.quantile(members, levels))
+                members = residuals[bins == b, group]
+                if len(members) < 2:  # tied edges leave a bin empty: the group's residuals
+                    rows.append(np.quantile(residuals[:, group], levels))
                     continue
                 rows.append(np.quantile(members, levels))
                 # ranks with ties broken at random (counts are integers), as normal scores
                 order = np.argsort(members + 1e-9 * rng.standard_normal(len(members)))
                 ranks = np.empty(len(members))
                 ranks[order] = np.arange(len(members))
-                scores[bins == b, layer] = ndtri((ranks + 0.5) / len(members))
-            edges.append(layer_edges)
+                scores[bins == b, group] = ndtri((ranks + 0.5) / len(members))
+            edges.append(group_edges)
             quantiles.append(rows)
-        correlation = np.nan_to_num(np.corrcoef(scores.T)) if n_layers > 1 else np.ones((1, 1))
+        correlation = np.nan_to_num(np.corrcoef(scores.T)) if n_groups > 1 else np.ones((1, 1))
         np.fill_diagonal(correlation, 1.0)
         values, vectors = np.linalg.eigh(correlation)
         factor = vectors * np.sqrt(np.clip(values, 1e-9, None))
-        return cls(coefficients=np.asarray(coefficients).tolist(),
+        return cls(group_layers=layers,
+                   at_least_one=[True] * n_groups if at_least_one is None
+                   else [bool(a) for a in at_least_one],
+                   coefficients=np.asarray(coefficients).tolist(),
                    bin_edges=np.asarray(edges).tolist(),
                    residual_quantiles=np.asarray(quantiles).tolist(),
                    copula_factor=factor.tolist())
 
     def draw(self, incident_energies: torch.Tensor, deposits: torch.Tensor,
              noise: torch.Tensor, max_count: float = 1e6) -> torch.Tensor:
-        """Hit counts ``(B, L)`` (whole numbers, as floats) from E_inc ``(B,)`` MeV, the layer
-        deposits ``(B, L)`` MeV and standard normal noise ``(B, L)``: 0 where a layer has
-        no deposit, at least 1 where it has, at most ``max_count`` (a layer's cells)."""
+        """Hit counts ``(B, G)`` (whole numbers, as floats) from E_inc ``(B,)`` MeV, the layer
+        deposits ``(B, L)`` MeV and standard normal noise ``(B, G)``: 0 where the group's
+        layer has no deposit, at least 1 where it has and ``at_least_one``, at most
+        ``max_count`` (a group's cells)."""
         dtype, device = deposits.dtype, deposits.device
 
         def tensor(values: Any) -> torch.Tensor:
             return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
 
-        features = count_features(incident_energies, deposits)
-        predicted = (features * tensor(self.coefficients)).sum(-1)  # (B, L)
-        edges = tensor(self.bin_edges)  # (L, K - 1)
-        bins = (predicted[..., None] >= edges).sum(-1)  # (B, L), as np.digitize
-        table = tensor(self.residual_quantiles)  # (L, K, Q)
+        features = count_features(incident_energies, deposits, self.group_layers)
+        predicted = (features * tensor(self.coefficients)).sum(-1)  # (B, G)
+        edges = tensor(self.bin_edges)  # (G, K - 1)
+        bins = (predicted[..., None] >= edges).sum(-1)  # (B, G), as np.digitize
+        table = tensor(self.residual_quantiles)  # (G, K, Q)
         n_levels = table.shape[-1]
-        rows = table[torch.arange(self.n_layers, device=device), bins]  # (B, L, Q)
+        rows = table[torch.arange(self.n_groups, device=device), bins]  # (B, G, Q)
         levels = 0.5 * (1 + torch.erf((noise.to(dtype) @ tensor(self.copula_factor).T)
                                       / math.sqrt(2)))
         position = levels.clamp(0, 1) * (n_levels - 1)
@@ -173,8 +191,10 @@ class HitCountModel:
         low = rows.gather(-1, below[..., None])[..., 0]
         high = rows.gather(-1, (below + 1)[..., None])[..., 0]
         residual = low + (position - below.to(dtype)) * (high - low)
-        # clamped before expm1: far outside the fitted range the regression can overflow
+        # clamped before exp: far outside the fitted range the regression can overflow
         log_counts = (predicted + residual).clamp(max=math.log1p(max_count))
         counts = torch.round(torch.exp(log_counts) - 1).clamp(min=0, max=max_count)
-        has_deposit = deposits > 0
-        return torch.where(has_deposit, counts.clamp(min=1), torch.zeros_like(counts))
+        at_least_one = torch.as_tensor(self.at_least_one, device=device)
+        counts = torch.where(at_least_one, counts.clamp(min=1), counts)
+        has_deposit = deposits[:, self.group_layers] > 0
+        return torch.where(has_deposit, counts, torch.zeros_like(counts))

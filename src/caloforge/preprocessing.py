@@ -322,10 +322,11 @@ def hit_rate_groups(showers: np.ndarray, layer_sizes: list[int],
     return layers * (len(edges) + 1) + np.digitize((showers > 0).mean(0), edges)
 
 
-def scale_to_deposit(shares: torch.Tensor, deposited: torch.Tensor, threshold_mev: float
-                     ) -> torch.Tensor:
+def scale_to_deposit(shares: torch.Tensor, deposited: torch.Tensor, threshold_mev: float,
+                     keep_below: bool = False) -> torch.Tensor:
     """One layer's relative cell values ``(B, S)`` (>= 0, any scale) and its deposited
-    energy ``(B,)`` MeV -> cells ``(B, S)`` MeV whose hits carry exactly the deposit.
+    energy ``(B,)`` MeV -> cells ``(B, S)`` MeV whose hits carry exactly the deposit
+    (``keep_below``: the other cells at the same scale, under the threshold, instead of 0).
 
     The layer image is scaled so that its hits (cells >= ``threshold_mev``) sum to the
     deposit: with the k hottest cells as the hits the scale is deposit / (their shares' sum),
@@ -342,6 +343,9 @@ def scale_to_deposit(shares: torch.Tensor, deposited: torch.Tensor, threshold_me
     last = (hits - 1).clamp(min=0)
     coldest_hit = torch.gather(ordered, -1, last)
     scale = torch.where(hits > 0, torch.gather(scales, -1, last), torch.zeros_like(coldest_hit))
+    if keep_below:
+        return torch.where(shares >= coldest_hit, shares * scale,
+                           (shares * scale).clamp(max=threshold_mev * (1 - 1e-6)))
     return torch.where(shares >= coldest_hit, shares * scale, torch.zeros_like(shares))
 
 
@@ -416,11 +420,13 @@ class MaxLogTransform(JsonState):
         cells = shares * (layer_energies[:, None] / total)
         return cut_below(cells, self.threshold_mev)
 
-    def inverse_deposited(self, x: torch.Tensor, deposited: torch.Tensor) -> torch.Tensor:
+    def inverse_deposited(self, x: torch.Tensor, deposited: torch.Tensor,
+                          keep_below: bool = False) -> torch.Tensor:
         """Logit values ``(B, S)`` and the layers' deposited energies ``(B,)`` MeV (the sum
         of the cells above the threshold, without dequantisation noise) -> cells ``(B, S)``
-        MeV whose hits sum to it (:func:`scale_to_deposit`)."""
-        return scale_to_deposit(self.shares(x), deposited, self.threshold_mev)
+        MeV whose hits sum to it (:func:`scale_to_deposit`; ``keep_below``: the others
+        under the threshold, not 0)."""
+        return scale_to_deposit(self.shares(x), deposited, self.threshold_mev, keep_below)
 
 
 @dataclass

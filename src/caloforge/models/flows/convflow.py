@@ -69,7 +69,17 @@ POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
 SYMMETRIES = ("none", "d4")
 SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
-HIT_COUNTS = ("none", "copula")
+HIT_COUNTS = ("none", "layer", "band")
+
+
+def lowest_hit(threshold_mev: float) -> float:
+    """The least energy (MeV) a cell made a hit gets: just above the threshold, so that it
+    stays a hit in float32 (float32(0.075) < 0.075) and under ``cells < threshold`` cuts."""
+    return threshold_mev * (1 + 1e-6)
+
+
+# hit_counts: band: the inner edges of the radial bands, in cells from the layer's centre
+COUNT_BAND_EDGES = (2, 4, 6, 9, 14)
 
 
 @dataclass
@@ -172,16 +182,19 @@ class ConvFlowConfig:
     the classifier sees that hit pattern (docs/convflow.md "The halo's hit pattern"). Over
     an invariant data distribution the symmetrised model is never further away (in KL) than
     the model itself. Set after training; acts on generation only;
-    ``hit_counts``: ``copula`` draws each shower's number of hits per layer from a model
-    fitted on the first ``hit_count_showers`` training showers given E_inc and the energy
-    flow's layer deposits (:class:`~caloforge.hit_counts.HitCountModel`, one more noise
-    number per layer) and keeps that many cells, those furthest above their calibrated cut
-    (cell / cut; the readout threshold where no cuts are fitted), the layer keeping its
-    energy. Needs ``layer_energy: deposited``. Why: calibrated cuts fix the mean number of
-    hits, but the flows' hit counts fluctuate independently of the shower (ild-ecal:
-    layer-to-layer count correlation 0.13-0.20 against the data's 0.47) and the classifier
-    reads them from the sparsity, the widths and the radial centres (docs/convflow.md
-    "Hits per layer"). Set after training;
+    ``hit_counts``: ``layer`` draws each shower's number of hits per layer, ``band`` per
+    radial band of each layer (cells 0-2, 2-4, 4-6, 6-9, 9-14 and 14+ from the centre; the
+    rows of cylinders), from a model fitted on the first ``hit_count_showers`` training
+    showers given E_inc and the energy flow's layer deposits
+    (:class:`~caloforge.hit_counts.HitCountModel`, one more noise number per count), and
+    keeps that many cells, those furthest above their calibrated cut (cell / cut; the
+    readout threshold where no cuts are fitted), the layer keeping its energy. Needs
+    ``layer_energy: deposited``. Why: calibrated cuts fix the mean number of hits, but the
+    flows' hit counts fluctuate independently of the shower (ild-ecal: layer-to-layer
+    count correlation 0.13-0.20 against the data's 0.47; 6-9 cells out 1.24 +- 2.91 hits
+    per shower against 1.30 +- 1.38) and the classifier reads them from the sparsity, the
+    widths and the radial centres (docs/convflow.md "Hits per layer"). Set after
+    training;
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -264,6 +277,9 @@ class ConvFlowConfig:
         if out.hit_counts != "none" and out.layer_energy != "deposited":
             raise OptionError("hit_counts needs layer_energy: deposited (the counts are drawn "
                               "given the layer deposits)")
+        if out.hit_counts != "none" and out.hit_calibration_energy != "layer":
+            raise OptionError("hit_counts keeps each layer's energy in proportion: it needs "
+                              "hit_calibration_energy: layer")
         if out.hit_count_showers < 200:
             raise OptionError(f"hit_count_showers must be >= 200, got {out.hit_count_showers}")
         if out.normalise_by not in ("max", "energy", "fixed"):
@@ -784,10 +800,16 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def _cells(self, y: torch.Tensor, layer_energies: torch.Tensor) -> torch.Tensor:
         """One layer's cells ``(B, H * W)`` MeV (image order) from its logit values and the
-        energy flow's layer energies ``(B,)`` MeV."""
+        energy flow's layer energies ``(B,)`` MeV; with a hit count model (``hit_counts``)
+        the cells under the readout threshold keep their values (candidate hits)."""
         if self.config.layer_energy == "deposited":
-            return self.voxel_transform.inverse_deposited(y, layer_energies)
+            return self.voxel_transform.inverse_deposited(y, layer_energies,
+                                                          keep_below=self._counts_hits)
         return self.voxel_transform.inverse(y, layer_energies)
+
+    @property
+    def _counts_hits(self) -> bool:
+        return self.hit_count_model is not None and self.config.hit_counts != "none"
 
     # --- hit/no-hit calibration --------------------------------------------------------
     def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
@@ -835,39 +857,89 @@ class ConvL2LFlow(LayerEnergyFlows):
                                     for name, values in edges.items()}
 
     def fit_hit_counts(self, reference: ShowerData) -> None:
-        """Fit the hit count model (``hit_counts``) on ``reference``'s hits per layer, layer
-        deposits (cells at or above the readout threshold) and incident energies."""
+        """Fit the hit count model (``hit_counts``) on ``reference``'s hits per layer (or
+        band of a layer), layer deposits (cells at or above the readout threshold) and
+        incident energies."""
         threshold = self.voxel_transform.threshold_mev
-        showers = reference.showers.reshape(len(reference), self.geometry.n_layers, -1)
+        n_layers = self.geometry.n_layers
+        showers = reference.showers.reshape(len(reference), n_layers, -1)
         hits = showers >= threshold
+        bands = self._count_bands()
+        n_bands = int(bands.max()) + 1
+        counts = np.stack([hits[:, :, bands == band].sum(-1) for band in range(n_bands)],
+                          axis=-1)  # (N, L, n_bands)
         self.hit_count_model = HitCountModel.fit(
-            hits.sum(-1), np.where(hits, showers, 0).sum(-1, dtype=np.float64),
-            np.asarray(reference.incident_energies, dtype=np.float64).reshape(-1))
+            counts.reshape(len(reference), -1),
+            np.where(hits, showers, 0).sum(-1, dtype=np.float64),
+            np.asarray(reference.incident_energies, dtype=np.float64).reshape(-1),
+            group_layers=np.repeat(np.arange(n_layers), n_bands).tolist(),
+            at_least_one=np.tile(np.arange(n_bands) == 0, n_layers).tolist())
+
+    @property
+    def n_hit_counts(self) -> int:
+        """The counts drawn per shower (``hit_counts``): layers x bands, or 0."""
+        if self.config.hit_counts == "none":
+            return 0
+        return self.geometry.n_layers * (int(self._count_bands().max()) + 1)
+
+    def _count_bands(self) -> np.ndarray:
+        """Each cell's radial band ``(S,)`` (image order as the voxels; ``hit_counts:
+        band``, else all 0), numbered from the centre out, without empty bands."""
+        if self.config.hit_counts != "band":
+            return np.zeros(self.voxels_per_pass, dtype=np.int64)
+        h, w = self.image_shape
+        rows, columns = np.mgrid[0:h, 0:w]
+        rings = rows if self.circular else np.hypot(rows - (h - 1) / 2, columns - (w - 1) / 2)
+        bands = np.digitize(rings, COUNT_BAND_EDGES)
+        bands = np.unique(bands, return_inverse=True)[1].reshape(h, w)
+        return self._flat(torch.as_tensor(bands)[None])[0].numpy()
 
     def _hit_counts(self, incident_energies: torch.Tensor, layer_energies: torch.Tensor,
                     noise: torch.Tensor) -> torch.Tensor | None:
         """Each shower's hits per layer ``(B, L)`` drawn from ``noise`` ``(B, L)`` given E_inc
         ``(B,)`` MeV and the energy flow's layer deposits ``(B, L)`` MeV; None without a
         fitted count model."""
-        if self.hit_count_model is None or self.config.hit_counts == "none":
+        if not self._counts_hits:
             return None
+        assert self.hit_count_model is not None
         return self.hit_count_model.draw(incident_energies, layer_energies, noise,
                                          max_count=self.voxels_per_pass)
 
-    def _count_cuts(self, cells: torch.Tensor, cuts: torch.Tensor, counts: torch.Tensor
-                    ) -> torch.Tensor:
-        """Per-shower cuts ``(B, S)`` MeV that keep ``counts`` ``(B,)`` hits of one layer's
-        cells ``(B, S)`` MeV: those with the highest cell / cut (``cuts`` ``(S,)`` or
-        ``(B, S)``), every hit where the layer has fewer, none for a count of 0."""
+    def _counted(self, cells: torch.Tensor, cuts: torch.Tensor, counts: torch.Tensor
+                 ) -> torch.Tensor:
+        """One layer's cells ``(B, S)`` MeV (those under the readout threshold with their
+        values, see :meth:`_cells`) with ``counts`` ``(B, n_bands)`` hits in each band:
+        the cells of the band with the highest cell / cut (``cuts`` ``(S,)`` or ``(B, S)``
+        MeV), none for a count of 0; the layer keeps its deposit (the hits' energy), in
+        proportion.
+
+        Cells under the threshold are candidates too, ranked by the same cell / cut: where
+        the flows drew fewer hits in a band than the count (ild-ecal: 2-9 cells out in the
+        last layers, 0.6-0.8x the data's hits), its highest faint cells become hits, at the
+        threshold plus a tenth of their value (their order kept for the spline after)."""
         threshold = self.voxel_transform.threshold_mev
-        scores = torch.where(cells >= threshold, cells / cuts, torch.zeros_like(cells))
-        ranked = scores.sort(dim=1, descending=True).values
-        last = (counts.long() - 1).clamp(min=0, max=cells.shape[1] - 1)
-        kept_score = ranked.gather(1, last[:, None])  # (B, 1): the lowest score kept
-        kept_score = torch.where(counts[:, None] > 0, kept_score,
-                                 torch.full_like(kept_score, float("inf")))
+        scores = cells.clamp(min=0) / cuts
+        bands = self._count_bands()
+        kept_scores = torch.zeros_like(cells)
+        for band in range(counts.shape[1]):
+            members = torch.as_tensor(np.flatnonzero(bands == band), device=cells.device)
+            ranked = scores[:, members].sort(dim=1, descending=True).values
+            count = counts[:, band]
+            last = (count.long() - 1).clamp(min=0, max=len(members) - 1)
+            kept = ranked.gather(1, last[:, None])  # (B, 1): the band's lowest score kept
+            kept = torch.where(count[:, None] > 0, kept, torch.full_like(kept, float("inf")))
+            kept_scores[:, members] = kept.expand(-1, len(members))
         # just under the kept score: cells / cuts * cuts can round above the cell
-        return torch.clamp(kept_score * (1 - 1e-6) * cuts, min=threshold)
+        keep = (scores >= kept_scores * (1 - 1e-6)) & (cells > 0)
+        values = torch.where(cells >= threshold, cells, threshold + 0.1 * cells.clamp(min=0))
+        kept_cells = torch.where(keep, values, torch.zeros_like(values))
+        deposit = torch.where(cells >= threshold, cells, torch.zeros_like(cells)).sum(1)
+        total = kept_cells.sum(1)
+        scale = torch.where(total > 0, deposit / total.clamp(min=torch.finfo(total.dtype).tiny),
+                            torch.zeros_like(total))
+        kept_cells = kept_cells * scale[:, None]
+        return torch.where(kept_cells > 0, kept_cells.clamp(min=lowest_hit(threshold)),
+                           kept_cells)
 
     def _cut_groups(self, showers: np.ndarray, split_blocks: bool = True) -> np.ndarray:
         """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``);
@@ -910,11 +982,12 @@ class ConvL2LFlow(LayerEnergyFlows):
     def _cut_calibrated(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
                         deposits: torch.Tensor, counts: torch.Tensor | None = None
                         ) -> torch.Tensor:
-        """One layer's cells ``(B, S)`` MeV (already under the readout threshold) under the
-        calibrated cuts (where fitted; with ``hit_calibration_bins``, those of each shower's
-        bin of E_inc ``(B,)`` MeV and of its total deposit ``(B,)`` MeV over it) or, given
-        hit ``counts`` ``(B,)`` (``hit_counts``), that many cells furthest above them; the
-        layer kept at its energy above the threshold.
+        """One layer's cells ``(B, S)`` MeV (already cut at the readout threshold; with
+        ``counts``, see :meth:`_cells`) under the calibrated cuts (where fitted; with
+        ``hit_calibration_bins``, those of each shower's bin of E_inc ``(B,)`` MeV and of
+        its total deposit ``(B,)`` MeV over it) or, given hit ``counts`` ``(B, n_bands)``
+        (``hit_counts``), that many cells of each band furthest above them
+        (:meth:`_counted`); the layer kept at its energy above the threshold.
 
         Not at the flows' layer energy: that includes the dequantisation noise of the empty
         cells (with the noise band, 0.9 x the cut, ~30 MeV per ILD layer), which the
@@ -922,10 +995,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         if self.voxel_cuts_mev is None:
             if counts is None:
                 return cells
-            threshold = torch.full(cells.shape[1:], self.voxel_transform.threshold_mev,
-                                   dtype=cells.dtype, device=cells.device)
-            return VoxelTransform(layer_sizes=[cells.shape[1]]).cut_voxels(
-                cells, self._count_cuts(cells, threshold, counts))
+            return self._counted(cells, torch.full(
+                cells.shape[1:], self.voxel_transform.threshold_mev, dtype=cells.dtype,
+                device=cells.device), counts)
         size, n_voxels = cells.shape[1], self.geometry.n_voxels
         bins = len(self.voxel_cuts_mev) // n_voxels
         cuts = torch.tensor([self.voxel_cuts_mev[b * n_voxels + layer * size:
@@ -945,7 +1017,7 @@ class ConvL2LFlow(LayerEnergyFlows):
             cuts = cuts[bin_of(energies, "incident_energy_mev") * k
                         + bin_of(deposits / energies, "deposit_fraction")]  # (B, S)
         if counts is not None:
-            cuts = self._count_cuts(cells, cuts, counts)
+            return self._counted(cells, cuts, counts)
         groups = None
         if self.config.hit_calibration_energy == "group":
             # the calibration groups of this layer are its cells sharing one cut value
@@ -1013,7 +1085,7 @@ class ConvL2LFlow(LayerEnergyFlows):
             counts = bits = None
             if self.config.hit_counts != "none":
                 counts = self._hit_counts(e_inc, layer_energies, torch.randn(
-                    n, n_layers, generator=generator).to(device, layer_energies.dtype))
+                    n, self.n_hit_counts, generator=generator).to(device, layer_energies.dtype))
             if self.config.symmetrise != "none":
                 bits = torch.randn(n, SYMMETRY_BITS, generator=generator).to(device)
             for layer in range(n_layers):
@@ -1025,11 +1097,14 @@ class ConvL2LFlow(LayerEnergyFlows):
     def _finished_layer(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
                         layer_energies: torch.Tensor, counts: torch.Tensor | None,
                         bits: torch.Tensor | None) -> torch.Tensor:
-        """One layer's cells ``(B, S)`` MeV as the flows drew them (under the readout
-        threshold) through the hit cuts or counts (``counts`` ``(B, L)``), the spline(s) and
-        the symmetry (``bits`` ``(B, 3)``), each where the model has it."""
+        """One layer's cells ``(B, S)`` MeV as the flows drew them (:meth:`_cells`) through
+        the hit cuts or counts (``counts`` ``(B, L x n_bands)``), the spline(s) and the
+        symmetry (``bits`` ``(B, 3)``), each where the model has it."""
+        if counts is not None:
+            n_bands = counts.shape[1] // self.geometry.n_layers
+            counts = counts[:, layer * n_bands:(layer + 1) * n_bands]
         cells = self._cut_calibrated(cells, layer, incident_energies, layer_energies.sum(1),
-                                     None if counts is None else counts[:, layer])
+                                     counts)
         cells = self._postprocess(cells, layer)
         return cells if bits is None else self._symmetrised(cells, bits)
 
@@ -1065,12 +1140,11 @@ class ConvL2LFlow(LayerEnergyFlows):
     def noise_features(self) -> int:
         h, w = self.image_shape
         bits = SYMMETRY_BITS if self.config.symmetrise != "none" else 0
-        counts = self.geometry.n_layers if self.config.hit_counts != "none" else 0
-        return self.geometry.n_layers * (1 + h * w) + counts + bits
+        return self.geometry.n_layers * (1 + h * w) + self.n_hit_counts + bits
 
     def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The energy flow's noise ``(n, L)``, then each layer's ``(n, 4 * H/2 * W/2)`` in
-        order, then (``hit_counts``) the counts' ``(n, L)``, then (``symmetrise``) the
+        order, then (``hit_counts``) the counts' ``(n, L x n_bands)``, then (``symmetrise``) the
         symmetry's ``(n, 3)``: the draws :meth:`sample` makes (which draws layer by layer
         instead of all at once, to hold one layer's noise at a time)."""
         h, w = self.image_shape
@@ -1078,7 +1152,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         draws += [torch.randn(n, 4, h // 2, w // 2, generator=generator).flatten(1)
                   for _ in range(self.geometry.n_layers)]
         if self.config.hit_counts != "none":
-            draws.append(torch.randn(n, self.geometry.n_layers, generator=generator))
+            draws.append(torch.randn(n, self.n_hit_counts, generator=generator))
         if self.config.symmetrise != "none":
             draws.append(torch.randn(n, SYMMETRY_BITS, generator=generator))
         return torch.cat(draws, dim=1)
@@ -1117,7 +1191,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         if self.config.hit_counts != "none":
             start = n_layers * (1 + size)
             counts = self._hit_counts(state["incident_energy"], state["layer_energies"],
-                                      noise[:, start:start + n_layers])
+                                      noise[:, start:start + self.n_hit_counts])
         bits = noise[:, -SYMMETRY_BITS:] if self.config.symmetrise != "none" else None
         cells = self._finished_layer(self._flat(image.reshape(-1, h, w)), step,
                                      state["incident_energy"], state["layer_energies"],
@@ -1179,7 +1253,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             index = torch.as_tensor(np.flatnonzero(groups == group), device=cells.device)
             members = cells[:, index]
             mapped = monotone_log_map(members, *nodes)
-            out[:, index] = torch.where(members > 0, mapped.clamp(min=threshold), members)
+            out[:, index] = torch.where(members > 0, mapped.clamp(min=lowest_hit(threshold)),
+                                        members)
         return out
 
     # --- persistence ------------------------------------------------------------------
