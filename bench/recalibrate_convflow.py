@@ -3,11 +3,11 @@
 The options that act after training: the sampling ``temperature`` (the voxel flows' base
 noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
-``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts`` and
-``hit_count_showers``. The hit cuts and
+``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts``,
+``hit_count_showers`` and ``postprocess_energy``. The hit cuts and
 the post-processing spline(s), which are fitted to the model's own samples, are fitted
 again on the first training showers, exactly as after training (``end_fit``), unless only
-``symmetrise`` changes (it acts after them):
+``symmetrise`` or ``postprocess_energy`` change (they act after them):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--hit-calibration-showers", type=int, default=None)
     parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
     parser.add_argument("--hit-counts", choices=HIT_COUNTS, default=None)
+    parser.add_argument("--postprocess-energy", choices=["kept", "restored"], default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
@@ -62,13 +63,14 @@ def main() -> int:
                                               args.hit_calibration_showers),
                                              ("symmetrise", args.symmetrise),
                                              ("hit_counts", args.hit_counts),
+                                             ("postprocess_energy", args.postprocess_energy),
                                              ("hit_count_showers", args.hit_count_showers))
                if value is not None}
     if not changes:
         parser.error("nothing to change: give --temperature, --postprocess, "
                      "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
                      "--symmetrise")
-    refit = set(changes) != {"symmetrise"}
+    refit = not set(changes) <= {"symmetrise", "postprocess_energy"}
     if refit and not args.train:
         parser.error("refitting the hit cuts and splines needs --train")
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})

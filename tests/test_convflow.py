@@ -599,6 +599,28 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
         type(model.config).from_dict({"hit_counts": "poisson", "layer_energy": "deposited"})
 
 
+def test_postprocess_energy_restored_keeps_each_layers_energy(trained, data):
+    """``postprocess_energy: restored``: after a spline that doubles every hit, each layer
+    is scaled back to its energy before the spline (``kept``: twice it); the hits stay the
+    same cells."""
+    model, _ = trained
+    energies = data.incident_energies[:60]
+    before = model.sample(energies, seed=6).showers.reshape(len(energies), 4, 16)
+    try:
+        model.postprocess_nodes = [[-6.0, 6.0], [-6.0 + np.log10(2), 6.0 + np.log10(2)]]
+        kept = model.sample(energies, seed=6).showers.reshape(before.shape)
+        np.testing.assert_allclose(kept.sum(-1), 2 * before.sum(-1), rtol=1e-4)
+        model.config.postprocess_energy = "restored"
+        restored = model.sample(energies, seed=6).showers.reshape(before.shape)
+        np.testing.assert_allclose(restored.sum(-1), before.sum(-1), rtol=1e-4)
+        np.testing.assert_array_equal(restored > 0, before > 0)
+    finally:
+        model.postprocess_nodes = None
+        model.config.postprocess_energy = "kept"
+    with pytest.raises(OptionError, match="postprocess_energy must be"):
+        type(model.config).from_dict({"postprocess_energy": "scaled"})
+
+
 def test_block_groups_split_each_group_by_squeeze_place(trained, data):
     """``hit_calibration_groups: hit-rate-block`` / ``ring-block``: the hit-rate bins or
     rings, each split by the cell's place in its 2 x 2 squeeze block (the flow channel that
