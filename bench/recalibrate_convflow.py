@@ -4,10 +4,11 @@ The options that act after training: the sampling ``temperature`` (the voxel flo
 noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
 ``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts``,
-``hit_count_showers`` and ``postprocess_energy``. The hit cuts and
+``hit_count_showers``, ``postprocess_energy`` and ``core_split``. The hit cuts and
 the post-processing spline(s), which are fitted to the model's own samples, are fitted
 again on the first training showers, exactly as after training (``end_fit``), unless only
-``symmetrise`` or ``postprocess_energy`` change (they act after them):
+``symmetrise``, ``postprocess_energy`` or ``core_split`` change (they act after them; a
+``core_split`` is then fitted alone):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -27,7 +28,13 @@ import torch
 from caloforge.data import read_showers
 from caloforge.errors import OptionError
 from caloforge.models import load_model
-from caloforge.models.flows.convflow import CUT_GROUPS, HIT_COUNTS, SYMMETRIES, ConvL2LFlow
+from caloforge.models.flows.convflow import (
+    CORE_SPLITS,
+    CUT_GROUPS,
+    HIT_COUNTS,
+    SYMMETRIES,
+    ConvL2LFlow,
+)
 
 
 def main() -> int:
@@ -43,6 +50,7 @@ def main() -> int:
     parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
     parser.add_argument("--hit-counts", choices=HIT_COUNTS, default=None)
     parser.add_argument("--postprocess-energy", choices=["kept", "restored"], default=None)
+    parser.add_argument("--core-split", choices=CORE_SPLITS, default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
@@ -64,16 +72,22 @@ def main() -> int:
                                              ("symmetrise", args.symmetrise),
                                              ("hit_counts", args.hit_counts),
                                              ("postprocess_energy", args.postprocess_energy),
+                                             ("core_split", args.core_split),
                                              ("hit_count_showers", args.hit_count_showers))
                if value is not None}
     if not changes:
         parser.error("nothing to change: give --temperature, --postprocess, "
                      "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
                      "--symmetrise")
-    refit = not set(changes) <= {"symmetrise", "postprocess_energy"}
-    if refit and not args.train:
-        parser.error("refitting the hit cuts and splines needs --train")
+    after_all = {"symmetrise", "postprocess_energy", "core_split"}  # act after the rest
+    refit = not set(changes) <= after_all
+    core_only = not refit and changes.get("core_split", "none") != "none"
+    if (refit or core_only) and not args.train:
+        parser.error("refitting the hit cuts, counts, splines or core split needs --train")
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
+    if core_only:  # the rest as fitted: only the core's split, on the final pipeline
+        model.fit_core_split(read_showers(args.train, model.geometry,
+                                          max_showers=model.config.postprocess_showers))
     if refit:
         config = model.config
         showers = max(config.hit_calibration_showers, config.postprocess_showers,
@@ -81,7 +95,9 @@ def main() -> int:
         model.end_fit(read_showers(args.train, model.geometry, max_showers=showers),
                       args.output)
     model.save(args.output)
-    print(f"{args.output}: {changes}{', hit cuts and spline(s) refitted' if refit else ''}")
+    done = ", hit cuts, counts and spline(s) refitted" if refit else (
+        ", core split fitted" if core_only else "")
+    print(f"{args.output}: {changes}{done}")
     return 0
 
 

@@ -621,6 +621,53 @@ def test_postprocess_energy_restored_keeps_each_layers_energy(trained, data):
         type(model.config).from_dict({"postprocess_energy": "scaled"})
 
 
+def test_core_split_calibrated_spreads_the_core_as_the_data(trained, data, monkeypatch):
+    """``core_split: calibrated``: reference showers whose four central cells share their
+    energy half as unevenly as the model's (the ild-ecal hot core, exaggerated) give
+    factors near 1/2, and the model's cores then spread as the reference's; the four
+    keep their sum, every other cell stays as it was. Here the model's draws are given."""
+    model, _ = trained
+    rng = np.random.default_rng(8)
+    n, core = 2000, np.array([5, 6, 9, 10])  # the 2 x 2 centre of a 4 x 4 layer
+    np.testing.assert_array_equal(model._core_cells(), core)
+    generated = rng.uniform(0.02, 0.05, (n, 4, 16))
+    shares = rng.dirichlet([3, 3, 3, 3], (n, 4))
+    generated[:, :, core] = 10 * shares
+    reference = generated.copy()
+    reference[:, :, core] = 10 * (0.25 + 0.5 * (shares - 0.25))
+    generated, reference = (x.reshape(n, -1).astype(np.float32) for x in (generated, reference))
+    try:
+        model.config.core_split = "calibrated"
+        monkeypatch.setattr(model, "_sample_in_flow_frame", lambda *_: generated)
+        model.fit_core_split(ShowerData(data.incident_energies[:1].repeat(n), reference, {}, {}))
+        np.testing.assert_allclose(model.core_split_factors, 0.5, atol=0.02)
+        split = np.concatenate([model._split_core(torch.as_tensor(
+            generated[:, layer * 16:(layer + 1) * 16]), layer).numpy() for layer in range(4)],
+            axis=1)
+        for real, fake in zip(model._core_share_deviations(reference),
+                              model._core_share_deviations(split)):
+            assert fake.std() == pytest.approx(real.std(), rel=0.05)
+        shaped = [x.reshape(n, 4, 16) for x in (generated, split)]
+        np.testing.assert_allclose(shaped[1][:, :, core].sum(-1), shaped[0][:, :, core].sum(-1),
+                                   rtol=1e-5)
+        others = np.setdiff1d(np.arange(16), core)
+        np.testing.assert_array_equal(shaped[1][:, :, others], shaped[0][:, :, others])
+        # in sampling: only the core's cells of full cores move
+        monkeypatch.undo()
+        model.config.core_split = "none"
+        before = model.sample(data.incident_energies[:60], seed=7).showers.reshape(-1, 4, 16)
+        model.config.core_split = "calibrated"
+        after = model.sample(data.incident_energies[:60], seed=7).showers.reshape(-1, 4, 16)
+        np.testing.assert_array_equal(after[:, :, others], before[:, :, others])
+    finally:
+        model.config.core_split = "none"
+        model.core_split_factors = None
+    with pytest.raises(OptionError, match="core_split must be one of"):
+        type(model.config).from_dict({"core_split": "even"})
+    with pytest.raises(OptionError, match="core_split needs Cartesian layers"):
+        ConvL2LFlow(CYLINDER, _tiny(1, core_split="calibrated"))
+
+
 def test_block_groups_split_each_group_by_squeeze_place(trained, data):
     """``hit_calibration_groups: hit-rate-block`` / ``ring-block``: the hit-rate bins or
     rings, each split by the cell's place in its 2 x 2 squeeze block (the flow channel that
