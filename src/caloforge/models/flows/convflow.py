@@ -926,9 +926,9 @@ class ConvL2LFlow(LayerEnergyFlows):
 
     def _hit_counts(self, incident_energies: torch.Tensor, layer_energies: torch.Tensor,
                     noise: torch.Tensor) -> torch.Tensor | None:
-        """Each shower's hits per layer ``(B, L)`` drawn from ``noise`` ``(B, L)`` given E_inc
-        ``(B,)`` MeV and the energy flow's layer deposits ``(B, L)`` MeV; None without a
-        fitted count model."""
+        """Each shower's hits per layer (and band) ``(B, L x n_bands)`` drawn from ``noise``
+        of that shape given E_inc ``(B,)`` MeV and the energy flow's layer deposits
+        ``(B, L)`` MeV; None without a fitted count model."""
         if not self._counts_hits:
             return None
         assert self.hit_count_model is not None
