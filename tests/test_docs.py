@@ -79,3 +79,17 @@ def test_mkdocs_build_is_clean(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_convflow_recipes_in_the_docs_are_valid_configs():
+    """Every ```yaml block of docs/convflow.md is a convflow configuration the package
+    accepts (the recipes users copy must not rot as options change)."""
+    import yaml
+
+    from caloforge.models.flows.convflow import ConvFlowConfig
+
+    text = (ROOT / "docs" / "convflow.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        ConvFlowConfig.from_dict(yaml.safe_load(block))
