@@ -30,7 +30,7 @@ All drawing is torch (exported graphs draw the same counts from the same noise).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,6 +74,10 @@ class HitCountModel:
     bin_edges: list[list[float]]
     residual_quantiles: list[list[list[float]]]
     copula_factor: list[list[float]]
+    # the lists above as float64 arrays, made on the first draw (a draw per layer step of
+    # an exported graph would otherwise convert ~60,000 numbers each time)
+    _arrays: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False,
+                                           compare=False)
 
     FIELDS = ("group_layers", "at_least_one", "coefficients", "bin_edges",
               "residual_quantiles", "copula_factor")
@@ -174,17 +178,19 @@ class HitCountModel:
         ``max_count`` (a group's cells)."""
         dtype, device = deposits.dtype, deposits.device
 
-        def tensor(values: Any) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
+        def tensor(name: str) -> torch.Tensor:
+            if name not in self._arrays:
+                self._arrays[name] = np.asarray(getattr(self, name), dtype=np.float64)
+            return torch.as_tensor(self._arrays[name], dtype=dtype, device=device)
 
         features = count_features(incident_energies, deposits, self.group_layers)
-        predicted = (features * tensor(self.coefficients)).sum(-1)  # (B, G)
-        edges = tensor(self.bin_edges)  # (G, K - 1)
+        predicted = (features * tensor("coefficients")).sum(-1)  # (B, G)
+        edges = tensor("bin_edges")  # (G, K - 1)
         bins = (predicted[..., None] >= edges).sum(-1)  # (B, G), as np.digitize
-        table = tensor(self.residual_quantiles)  # (G, K, Q)
+        table = tensor("residual_quantiles")  # (G, K, Q)
         n_levels = table.shape[-1]
         rows = table[torch.arange(self.n_groups, device=device), bins]  # (B, G, Q)
-        levels = 0.5 * (1 + torch.erf((noise.to(dtype) @ tensor(self.copula_factor).T)
+        levels = 0.5 * (1 + torch.erf((noise.to(dtype) @ tensor("copula_factor").T)
                                       / math.sqrt(2)))
         position = levels.clamp(0, 1) * (n_levels - 1)
         below = position.floor().clamp(max=n_levels - 2).long()
