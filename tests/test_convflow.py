@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from caloforge.cli import main
 from caloforge.data import ShowerData, read_showers, write_showers
 from caloforge.errors import CaloforgeError, GeometryError, OptionError
-from caloforge.geometry import CartesianLayer, CylindricalLayer, Geometry
+from caloforge.geometry import CartesianLayer, Geometry
 from caloforge.models import load_model
-from caloforge.models.base import shard_generator
 from caloforge.models.flows.convflow import (
     ConvL2LFlow,
     interquartile_spread,
@@ -25,36 +24,21 @@ from caloforge.models.flows.convflow import (
 )
 from caloforge.preprocessing import (
     MaxLogTransform,
-    group_quantile_map_nodes,
-    hit_rate_groups,
-    monotone_log_map,
 )
+from convflow_cases import CARTESIAN, CORES, CYLINDER, SIDE, trained_model, training_showers
+from convflow_cases import tiny as _tiny
 
 from conftest import assert_resume_matches_uninterrupted, random_showers, tiny_config
-
-# four Cartesian layers of 4 x 4 cells; three cylindrical layers of 4 radial x 6 angular bins
-CARTESIAN = Geometry("tiny-4x4x4", tuple(CartesianLayer(i, nx=4, ny=4, dx=10.0, dy=10.0)
-                                         for i in range(4)), threshold_mev=0.01)
-CYLINDER = Geometry("tiny-cyl", tuple(CylindricalLayer(i, r_edges=(0.0, 5.0, 10.0, 20.0, 40.0),
-                                                       n_alpha=6) for i in range(3)),
-                    threshold_mev=0.01)
-
-
-def _tiny(epochs: int = 1, **options):
-    return tiny_config(ConvL2LFlow, epochs, **options)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return random_showers(CARTESIAN, 240, seed=2)
+    return training_showers()
 
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("convflow"))
-    model = ConvL2LFlow(CARTESIAN, _tiny(2))
-    model.fit(data, run_dir)
-    return model, run_dir
+    return trained_model(data, str(tmp_path_factory.mktemp("convflow")))
 
 
 @settings(max_examples=30, deadline=None)
@@ -354,368 +338,6 @@ def test_shared_flow_on_a_cylinder_trains_and_samples(tmp_path):
     assert showers.shape == (20, CYLINDER.n_voxels) and np.isfinite(showers).all()
 
 
-def test_postprocess_spline_moves_cell_spectrum_towards_reference(trained, data):
-    model, _ = trained
-    reference = data.select(slice(0, 120))
-    before = model.sample(reference.incident_energies, seed=7).showers
-    model.fit_postprocess(reference, seed=1)
-    try:
-        after = model.sample(reference.incident_energies, seed=7).showers
-        x, y = (np.asarray(v) for v in model.postprocess_nodes)
-        assert (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
-        real = np.log10(reference.showers[reference.showers > 0])
-        levels = np.linspace(0.05, 0.95, 19)
-
-        def distance(showers):
-            cells = np.log10(showers[showers > 0])
-            return np.abs(np.quantile(cells, levels) - np.quantile(real, levels)).mean()
-
-        assert distance(after) < distance(before)
-        # zero cells stay zero
-        assert np.array_equal(after == 0, before == 0)
-    finally:
-        model.postprocess_nodes = None
-
-
-def test_layer_splines_map_each_layer_and_round_trip(trained, data, tmp_path):
-    """``postprocess: layer-spline``: one monotone map per layer, each fitted to that layer's
-    spectrum (a layer with too few hits keeps its own), saved and loaded with the model."""
-    model, _ = trained
-    reference = data.select(slice(0, 120))
-    size = 16
-    before = model.sample(reference.incident_energies, seed=7).showers
-    model.config.postprocess = "layer-spline"
-    try:
-        model.fit_postprocess(reference, nodes=32, seed=1)
-        assert model.postprocess_nodes is None
-        assert len(model.layer_postprocess_nodes) == CARTESIAN.n_layers
-        after = model.sample(reference.incident_energies, seed=7).showers
-        levels = np.linspace(0.05, 0.95, 19)
-
-        def distance(showers, layer):
-            part = slice(layer * size, (layer + 1) * size)
-            cells, real = showers[:, part], reference.showers[:, part]
-            return np.abs(np.quantile(np.log10(cells[cells > 0]), levels)
-                          - np.quantile(np.log10(real[real > 0]), levels)).mean()
-
-        for layer in range(CARTESIAN.n_layers):
-            assert model.layer_postprocess_nodes[layer] is not None
-            assert distance(after, layer) < distance(before, layer)
-        assert np.array_equal(after == 0, before == 0)
-        model.layer_postprocess_nodes[1] = None  # a layer left as generated
-        model.save(str(tmp_path / "layered"))
-        loaded = load_model(str(tmp_path / "layered"))
-        assert loaded.layer_postprocess_nodes[1] is None
-        again = loaded.sample(reference.incident_energies, seed=7).showers
-        np.testing.assert_array_equal(again[:, size:2 * size], before[:, size:2 * size])
-        np.testing.assert_array_equal(again[:, :size], after[:, :size])
-    finally:
-        model.config.postprocess = "none"
-        model.layer_postprocess_nodes = None
-
-
-def test_group_splines_give_each_calibration_group_its_spectrum(trained, data, tmp_path):
-    """``postprocess: group-spline``: one monotone map per calibration group (here one
-    ring of cells around the image centre per layer), each taking that group's hits to the
-    reference's spectrum of the group; empty cells stay empty, hits stay hits; saved and
-    loaded with the model."""
-    model, _ = trained
-    reference = data.select(slice(0, 120))
-    before = model.sample(reference.incident_energies, seed=7).showers
-    model.config.postprocess, model.config.hit_calibration_groups = "group-spline", "ring"
-    try:
-        model.fit_postprocess(reference, nodes=64, seed=1)
-        assert model.postprocess_nodes is None and model.layer_postprocess_nodes is None
-        groups = np.asarray(model.postprocess_groups)
-        assert groups.shape == (CARTESIAN.n_voxels,)
-        fitted = [g for g, nodes in enumerate(model.group_postprocess_nodes) if nodes]
-        assert len(fitted) >= 2
-        after = model.sample(reference.incident_energies, seed=7).showers
-        levels = np.linspace(0.05, 0.95, 19)
-
-        def distance(showers, group):
-            cells, real = showers[:, groups == group], reference.showers[:, groups == group]
-            return np.abs(np.quantile(np.log10(cells[cells > 0]), levels)
-                          - np.quantile(np.log10(real[real > 0]), levels)).mean()
-
-        for group in fitted:
-            assert distance(after, group) < distance(before, group)
-        assert np.array_equal(after == 0, before == 0)
-        assert after[after > 0].min() >= model.voxel_transform.threshold_mev
-        model.save(str(tmp_path / "grouped"))
-        loaded = load_model(str(tmp_path / "grouped"))
-        assert loaded.postprocess_groups == model.postprocess_groups
-        np.testing.assert_array_equal(loaded.sample(reference.incident_energies, seed=7).showers,
-                                      after)
-    finally:
-        model.config.postprocess, model.config.hit_calibration_groups = "none", "hit-rate"
-        model.postprocess_groups = model.group_postprocess_nodes = None
-
-
-def _square_symmetries(image: np.ndarray) -> list[np.ndarray]:
-    """The 8 images of ``image`` ``(..., H, H)`` under the square's symmetries."""
-    out = []
-    for turned in (image, np.swapaxes(image, -1, -2)):
-        out += [turned, turned[..., ::-1], turned[..., ::-1, :], turned[..., ::-1, ::-1]]
-    return out
-
-
-def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_path):
-    """``symmetrise: d4``: each shower is the unsymmetrised one (same seed) under one of the
-    8 symmetries of the square, all layers alike, every element drawn; a model whose hits
-    all lie on one place of the 2 x 2 squeeze blocks (the far-halo defect, exaggerated)
-    then puts them evenly on the four places; saved with the model; the exported function
-    (``showers_from_noise`` on ``draw_noise``) and its ONNX graph give what ``sample``
-    gives."""
-    model, _ = trained
-    energies = data.incident_energies[:120]
-    side = 4
-    plain = model.sample(energies, seed=4).showers.reshape(-1, CARTESIAN.n_layers, side, side)
-    model.config.symmetrise = "d4"
-    try:
-        turned = model.sample(energies, seed=4).showers.reshape(plain.shape)
-        elements = []
-        for shower, original in zip(turned, plain):
-            matches = [k for k, image in enumerate(_square_symmetries(original))
-                       if np.array_equal(image, shower)]
-            assert matches, "not a symmetry of the unsymmetrised shower"
-            elements.append(matches[0])
-        assert len(set(elements)) == 8
-        noise = model.draw_noise(len(energies), shard_generator(4, 0))
-        with torch.inference_mode():
-            traced = model.showers_from_noise(
-                noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
-        np.testing.assert_allclose(traced.numpy(), turned.reshape(len(energies), -1),
-                                   rtol=1e-4, atol=1e-5)
-        from caloforge.export import export_model
-
-        description = export_model(model, str(tmp_path / "d4.onnx"))
-        assert description["check"]["max_relative_deviation"] <= 1e-4
-        # only place (0, 1) of each squeeze block keeps hits: symmetrised, a quarter each
-        places = np.tile(model._block_places().ravel() % 4, CARTESIAN.n_layers)
-        model.voxel_cuts_mev = np.where(places == 1, 0.0, 1e9).tolist()
-        biased = model.sample(energies, seed=4).showers
-        share = np.array([(biased[:, places == p] > 0).sum() for p in range(4)])
-        assert share.sum() > 0 and np.abs(share / share.sum() - 0.25).max() < 0.06, share
-        model.config.symmetrise = "none"
-        unturned = model.sample(energies, seed=4).showers
-        assert (unturned[:, places != 1] > 0).sum() == 0
-        model.voxel_cuts_mev = None
-        model.config.symmetrise = "d4"
-        model.save(str(tmp_path / "d4"))
-        assert load_model(str(tmp_path / "d4")).config.symmetrise == "d4"
-        # the model is also conditioned on more than the incident energy: refused
-        conditions = model.conditions
-        model.conditions = type("Conditions", (), {"names": ["theta"]})()  # type: ignore
-        with pytest.raises(OptionError, match="incident energy alone"):
-            model.sample(energies, seed=4)
-        model.conditions = conditions
-    finally:
-        model.config.symmetrise = "none"
-        model.voxel_cuts_mev = None
-
-
-def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path, monkeypatch):
-    """``hit_counts: layer`` / ``band``: each layer (each radial band of it) keeps the drawn
-    number of hits, the cells furthest above their cut (no cuts fitted: the highest
-    cells), every hit where it has fewer, and the layer its energy; the layers' own draws
-    are those without counts (the counts' noise comes after them). The fitted count model
-    is saved with the model, and the exported function and ONNX graph give what
-    ``sample`` gives."""
-    model, _ = trained
-    energies = data.incident_energies[:60]
-    n_layers, size = CARTESIAN.n_layers, 16
-    plain = model.sample(energies, seed=5).showers.reshape(-1, n_layers, size)
-    # 4 x 4 cells: the inner 2 x 2 within 2 cells of the centre, the rest the second band
-    rows, columns = np.divmod(np.arange(size), 4)
-    outer = np.hypot(rows - 1.5, columns - 1.5) >= 2
-    try:
-        for kind, bands in (("layer", np.zeros(size, dtype=int)), ("band", outer.astype(int))):
-            model.config.hit_counts = kind
-            model.fit_hit_counts(data)
-            n_bands = bands.max() + 1
-            assert model.n_hit_counts == n_layers * n_bands
-            np.testing.assert_array_equal(model._count_bands(), bands)
-            wanted = torch.as_tensor(1.0 + np.add.outer(np.arange(len(energies)),
-                                                        np.arange(n_layers * n_bands)) % 4)
-            wanted[::7, n_bands:2 * n_bands] = 0  # layer 1 of every 7th shower: no hits
-            monkeypatch.setattr(model, "_hit_counts", lambda *_, w=wanted: w)
-            kept = model.sample(energies, seed=5).showers.reshape(plain.shape)
-            for shower, layer, band in np.ndindex(len(energies), n_layers, n_bands):
-                members = bands == band
-                before = plain[shower, layer, members]
-                after = kept[shower, layer, members]
-                n = min(int(wanted[shower, layer * n_bands + band]), int((before > 0).sum()))
-                # the band's n highest cells (and any tied with the n-th)
-                lowest_kept = np.sort(before)[::-1][n - 1] if n else np.inf
-                np.testing.assert_array_equal(after > 0, before >= lowest_kept)
-            for shower, layer in np.ndindex(len(energies), n_layers):
-                if kept[shower, layer].any():  # the layer's energy kept
-                    assert kept[shower, layer].sum() == pytest.approx(
-                        plain[shower, layer].sum(), rel=1e-5)
-            assert (kept[::7, 1] == 0).all()
-            monkeypatch.undo()
-    finally:
-        model.config.hit_counts = "none"
-        model.hit_count_model = None
-    # trained with the option: the count model fitted after training, saved and loaded;
-    # the exported function and its ONNX graph draw what sample draws
-    counting = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited", hit_counts="band",
-                                            hit_count_showers=len(data)))
-    counting.fit(data, str(tmp_path / "counts"))
-    assert counting.hit_count_model is not None
-    counted = counting.sample(energies, seed=5).showers
-    noise = counting.draw_noise(len(energies), shard_generator(5, 0))
-    assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size + 2)
-    with torch.inference_mode():
-        traced = counting.showers_from_noise(
-            noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
-    np.testing.assert_allclose(traced.numpy(), counted, rtol=1e-4, atol=1e-5)
-    from caloforge.export import export_model
-
-    description = export_model(counting, str(tmp_path / "counts.onnx"))
-    assert description["check"]["max_relative_deviation"] <= 1e-4
-    loaded = load_model(str(tmp_path / "counts"))
-    assert loaded.hit_count_model == counting.hit_count_model
-    np.testing.assert_array_equal(loaded.sample(energies, seed=5).showers, counted)
-    # faint cells are candidates: a count above the flows' hits makes the highest of them
-    # hits (>= the threshold), the layer keeping its deposit
-    fitted, counting.hit_count_model = counting.hit_count_model, None
-    plain = counting.sample(energies, seed=5).showers.reshape(-1, n_layers, size)
-    counting.hit_count_model = fitted
-    monkeypatch.setattr(counting, "_hit_counts",
-                        lambda *_: torch.full((len(energies), n_layers * 2), float(size)))
-    every = counting.sample(energies, seed=5).showers.reshape(plain.shape)
-    has_hits = plain.sum(-1) > 0
-    hits_before, hits_after = (plain > 0).sum(-1), (every > 0).sum(-1)
-    assert (hits_after >= hits_before).all()
-    assert hits_after.sum() > 1.5 * hits_before.sum()  # the flows' faint cells made hits
-    assert (every[every > 0] >= CARTESIAN.threshold_mev).all()
-    # (to within the faint hits scaled under the threshold and lifted back to it)
-    np.testing.assert_allclose(every.sum(-1)[has_hits], plain.sum(-1)[has_hits], rtol=1e-2)
-    with pytest.raises(OptionError, match="hit_counts needs layer_energy"):
-        type(model.config).from_dict({"hit_counts": "band"})
-    with pytest.raises(OptionError, match="hit_counts must be one of"):
-        type(model.config).from_dict({"hit_counts": "poisson", "layer_energy": "deposited"})
-
-
-def test_postprocess_energy_restored_keeps_each_layers_energy(trained, data):
-    """``postprocess_energy: restored``: after a spline that doubles every hit, each layer
-    is scaled back to its energy before the spline (``kept``: twice it); the hits stay the
-    same cells."""
-    model, _ = trained
-    energies = data.incident_energies[:60]
-    before = model.sample(energies, seed=6).showers.reshape(len(energies), 4, 16)
-    try:
-        model.postprocess_nodes = [[-6.0, 6.0], [-6.0 + np.log10(2), 6.0 + np.log10(2)]]
-        kept = model.sample(energies, seed=6).showers.reshape(before.shape)
-        np.testing.assert_allclose(kept.sum(-1), 2 * before.sum(-1), rtol=1e-4)
-        model.config.postprocess_energy = "restored"
-        restored = model.sample(energies, seed=6).showers.reshape(before.shape)
-        np.testing.assert_allclose(restored.sum(-1), before.sum(-1), rtol=1e-4)
-        np.testing.assert_array_equal(restored > 0, before > 0)
-    finally:
-        model.postprocess_nodes = None
-        model.config.postprocess_energy = "kept"
-    with pytest.raises(OptionError, match="postprocess_energy must be"):
-        type(model.config).from_dict({"postprocess_energy": "scaled"})
-
-
-def test_core_split_calibrated_spreads_the_core_as_the_data(trained, data, monkeypatch):
-    """``core_split: calibrated``: reference showers whose four central cells share their
-    energy half as unevenly as the model's (the ild-ecal hot core, exaggerated) give
-    factors near 1/2, and the model's cores then spread as the reference's; the four
-    keep their sum, every other cell stays as it was. Here the model's draws are given."""
-    model, _ = trained
-    rng = np.random.default_rng(8)
-    n, core = 2000, np.array([5, 6, 9, 10])  # the 2 x 2 centre of a 4 x 4 layer
-    np.testing.assert_array_equal(model._core_cells(), core)
-    generated = rng.uniform(0.02, 0.05, (n, 4, 16))
-    shares = rng.dirichlet([3, 3, 3, 3], (n, 4))
-    generated[:, :, core] = 10 * shares
-    reference = generated.copy()
-    reference[:, :, core] = 10 * (0.25 + 0.5 * (shares - 0.25))
-    generated, reference = (x.reshape(n, -1).astype(np.float32) for x in (generated, reference))
-    try:
-        model.config.core_split = "calibrated"
-        monkeypatch.setattr(model, "_sample_in_flow_frame", lambda *_: generated)
-        model.fit_core_split(ShowerData(data.incident_energies[:1].repeat(n), reference, {}, {}))
-        np.testing.assert_allclose(model.core_split_factors, 0.5, atol=0.02)
-        split = np.concatenate([model._split_core(torch.as_tensor(
-            generated[:, layer * 16:(layer + 1) * 16]), layer).numpy() for layer in range(4)],
-            axis=1)
-        for real, fake in zip(model._core_share_deviations(reference),
-                              model._core_share_deviations(split)):
-            assert fake.std() == pytest.approx(real.std(), rel=0.05)
-        shaped = [x.reshape(n, 4, 16) for x in (generated, split)]
-        np.testing.assert_allclose(shaped[1][:, :, core].sum(-1), shaped[0][:, :, core].sum(-1),
-                                   rtol=1e-5)
-        others = np.setdiff1d(np.arange(16), core)
-        np.testing.assert_array_equal(shaped[1][:, :, others], shaped[0][:, :, others])
-        # in sampling: only the core's cells of full cores move
-        monkeypatch.undo()
-        model.config.core_split = "none"
-        before = model.sample(data.incident_energies[:60], seed=7).showers.reshape(-1, 4, 16)
-        model.config.core_split = "calibrated"
-        after = model.sample(data.incident_energies[:60], seed=7).showers.reshape(-1, 4, 16)
-        np.testing.assert_array_equal(after[:, :, others], before[:, :, others])
-    finally:
-        model.config.core_split = "none"
-        model.core_split_factors = None
-    with pytest.raises(OptionError, match="core_split must be one of"):
-        type(model.config).from_dict({"core_split": "even"})
-    with pytest.raises(OptionError, match="core_split needs Cartesian layers"):
-        ConvL2LFlow(CYLINDER, _tiny(1, core_split="calibrated"))
-
-
-def test_block_groups_split_each_group_by_squeeze_place(trained, data):
-    """``hit_calibration_groups: hit-rate-block`` / ``ring-block``: the hit-rate bins or
-    rings, each split by the cell's place in its 2 x 2 squeeze block (the flow channel that
-    draws it) and by whether the block lies on the zero-padded border (the 8 x 8 case:
-    the outer ring of blocks)."""
-    model, _ = trained
-    rows, columns = np.divmod(np.arange(16), 4)
-    places = np.tile(rows % 2 * 2 + columns % 2, 4)
-    try:
-        for kind in ("hit-rate", "ring"):
-            model.config.hit_calibration_groups = kind
-            plain = model._cut_groups(data.showers)
-            model.config.hit_calibration_groups = f"{kind}-block"
-            groups = model._cut_groups(data.showers)
-            np.testing.assert_array_equal(groups // 8, plain)
-            np.testing.assert_array_equal(model._cut_groups(data.showers, split_blocks=False),
-                                          plain)  # what group-spline maps
-            np.testing.assert_array_equal(groups % 4, places)
-            # a 4 x 4 image is all border blocks (each block touches the zero padding)
-            assert ((groups // 4) % 2 == 1).all()
-    finally:
-        model.config.hit_calibration_groups = "hit-rate"
-    np.testing.assert_array_equal(plain[:16], np.floor(np.hypot(rows - 1.5, columns - 1.5)))
-    model.config.hit_calibration_groups = "hit-rate-block"
-    try:
-        hit_rate = model._cut_groups(data.showers) // 8
-    finally:
-        model.config.hit_calibration_groups = "hit-rate"
-    np.testing.assert_array_equal(hit_rate, hit_rate_groups(data.showers, [16] * 4))
-    border = ConvL2LFlow(CORES, _tiny(1))._block_places() >= 4  # 8 x 8: the outer blocks
-    inner = np.zeros((8, 8), dtype=bool)
-    inner[2:6, 2:6] = True
-    np.testing.assert_array_equal(border, ~inner)
-
-
-def test_group_quantile_maps_skip_groups_with_too_few_hits():
-    """A group with fewer hits than nodes in either set keeps its spectrum (None)."""
-    rng = np.random.default_rng(0)
-    reference = rng.lognormal(0.0, 1.0, (200, 4)) * (rng.random((200, 4)) < [1, 1, 0.05, 1])
-    generated = rng.lognormal(0.5, 1.5, (200, 4))
-    nodes = group_quantile_map_nodes(reference, generated, np.array([0, 0, 1, 2]), nodes=16)
-    assert nodes[0] is not None and nodes[1] is None and nodes[2] is not None
-    x, y = nodes[2]
-    assert np.all(np.diff(x) > 0)
-    real = np.log10(reference[:, 3][reference[:, 3] > 0])
-    np.testing.assert_allclose([y[0], y[-1]], [real.min(), real.max()])
-
-
 def test_energy_steps_give_the_energy_flow_its_own_optimiser_and_more_steps(data, tmp_path):
     """``energy_steps: k``: the energy flow gets its own optimiser and k steps per training
     step on random batches of the training layer energies; with the same epochs it fits
@@ -749,77 +371,6 @@ def test_energy_steps_give_the_energy_flow_its_own_optimiser_and_more_steps(data
     assert_resume_matches_uninterrupted(
         lambda: ConvL2LFlow(CARTESIAN, _tiny(3, layer_energy="deposited", energy_steps=2)),
         train, tmp_path / "resume")
-
-
-def _scipy_log_map(cells: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The post-processing as it was first written (scipy, float64): the reference."""
-    from scipy.interpolate import PchipInterpolator
-
-    spline = PchipInterpolator(x, y, extrapolate=True)
-    out = cells.astype(np.float64).copy()
-    above = cells > 0
-    logs = np.log10(out[above])
-    out[above] = 10.0 ** np.where(logs < x[0], logs + (y[0] - x[0]), np.where(
-        logs > x[-1], logs + (y[-1] - x[-1]), spline(logs)))
-    return out
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.integers(2, 130), st.integers(0, 10_000))
-def test_the_exportable_spline_is_scipys_pchip(nodes, seed):
-    rng = np.random.default_rng(seed)
-    x = np.sort(rng.uniform(-3, 3, nodes))
-    x = x[np.concatenate([[True], np.diff(x) > 1e-3])]
-    y = np.sort(rng.uniform(-3, 3, len(x)))
-    if len(x) < 2:
-        return
-    cells = 10.0 ** rng.uniform(-4, 4, 2000)  # inside and beyond both ends
-    cells[rng.random(2000) < 0.3] = 0.0
-    cells[:len(x)] = 10.0 ** x  # exactly on the nodes
-    produced = monotone_log_map(torch.tensor(cells, dtype=torch.float64), x.tolist(),
-                                y.tolist()).numpy()
-    np.testing.assert_allclose(produced, _scipy_log_map(cells, x, y), rtol=1e-9)
-    single = monotone_log_map(torch.tensor(cells, dtype=torch.float32), x.tolist(), y.tolist())
-    # float32 (what export runs): log10 to ~1e-7, amplified by steep random segments
-    np.testing.assert_allclose(single.numpy(), _scipy_log_map(cells, x, y), rtol=1e-4)
-    assert np.array_equal(produced == 0, cells == 0)
-
-
-@pytest.mark.parametrize("postprocess", ["layer-spline", "group-spline"])
-def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path, postprocess):
-    """Circular padding, a shared flow with position channels, 2x2 blocks whitened
-    (``cell_scale: block``), deposited layer energies, hit cuts per radial bin and bin of
-    the deposit keeping their energy per group, a sampling temperature and the
-    post-processing splines per layer or per calibration group: onnxruntime gives the
-    showers ``sample`` gives for the same noise."""
-    from caloforge.export import export_model, relative_deviation, run_onnx
-
-    data = random_showers(CYLINDER, 160, seed=5)
-    model = ConvL2LFlow(CYLINDER, _tiny(1, shared=True, position_channels=True,
-                                        noise_mev=0.009, hit_calibration_showers=100,
-                                        hit_calibration_groups="ring",
-                                        hit_calibration_energy="group", temperature=0.9,
-                                        layer_energy="deposited", cell_scale="block",
-                                        hit_calibration_bins=2,
-                                        postprocess=postprocess, postprocess_showers=100))
-    model.fit(data, str(tmp_path / "run"))
-    assert len(model.voxel_cuts_mev) == 4 * CYLINDER.n_voxels  # 2 x 2 bins
-    assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
-    fitted = (model.layer_postprocess_nodes if postprocess == "layer-spline"
-              else model.group_postprocess_nodes)
-    assert sum(nodes is not None for nodes in fitted) >= CYLINDER.n_layers
-    assert model.module is not None and model.module.block_whiten is not None
-    colour = model.module.block_colour
-    assert not torch.equal(colour, torch.eye(4).expand_as(colour))  # fitted, not identity
-    torch.testing.assert_close(colour[:, :, 0], colour[:, :, 1])  # pooled over the angle
-    output = str(tmp_path / "cyl.onnx")
-    description = export_model(model, output)
-    assert description["check"]["max_relative_deviation"] <= 1e-4
-    energies = data.incident_energies[:25]
-    noise = model.draw_noise(len(energies), shard_generator(3, 0)).numpy()
-    inputs = np.concatenate([noise, energies[:, None]], axis=1).astype(np.float32)
-    expected = model.sample(energies, seed=3).showers
-    assert relative_deviation(run_onnx(output, inputs), expected) <= 1e-4
 
 
 def test_layer_subsets_merge_through_the_cli(tmp_path):
@@ -914,9 +465,6 @@ def _xml(tmp_path) -> str:
     return str(path)
 
 
-SIDE = 8
-CORES = Geometry("cores-8x8", tuple(CartesianLayer(i, nx=SIDE, ny=SIDE, dx=5.0, dy=5.0)
-                                    for i in range(3)), threshold_mev=0.5)
 
 
 def _core_showers(n: int, seed: int, side: int = SIDE, jitter: float = 0.5) -> ShowerData:
