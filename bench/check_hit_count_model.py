@@ -26,21 +26,14 @@ from sklearn.model_selection import cross_val_score
 from caloforge.data import read_showers
 from caloforge.geometry import get_geometry
 from caloforge.hit_counts import HitCountModel
-from caloforge.models.flows.convflow import COUNT_BAND_EDGES
+from caloforge.models.flows.convflow import ConvFlowConfig, ConvL2LFlow
 
 
 def band_of_cells(geometry, kind: str) -> np.ndarray:
-    """Each cell's count group within its layer ``(S,)``: 0 (``layer``) or its radial band
-    (``band``: ``COUNT_BAND_EDGES`` cells from the centre of a Cartesian layer; the radial
-    row of a cylinder)."""
-    layer = geometry.layers[0]
-    size = geometry.layer_slices[0].stop - geometry.layer_slices[0].start
-    if kind == "layer":
-        return np.zeros(size, dtype=np.int64)
-    radii = geometry.voxel_radii[geometry.layer_slices[0]]
-    pitch = getattr(layer, "dx", None)
-    rings = radii / pitch if pitch else np.unique(radii, return_inverse=True)[1]
-    return np.unique(np.digitize(rings, COUNT_BAND_EDGES), return_inverse=True)[1]
+    """Each cell's count group within its layer ``(S,)``, exactly as convflow's
+    ``hit_counts: kind`` groups them (0 for ``layer``; the radial band for ``band``)."""
+    config = ConvFlowConfig.from_dict({"hit_counts": kind, "layer_energy": "deposited"})
+    return ConvL2LFlow(geometry, config)._count_bands()
 
 
 def counts_and_deposits(path: str, geometry, n: int, bands: np.ndarray
