@@ -4,11 +4,12 @@ The options that act after training: the sampling ``temperature`` (the voxel flo
 noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
 ``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts``,
-``hit_count_showers``, ``postprocess_energy`` and ``core_split``. The hit cuts and
-the post-processing spline(s), which are fitted to the model's own samples, are fitted
-again on the first training showers, exactly as after training (``end_fit``), unless only
-``symmetrise``, ``postprocess_energy`` or ``core_split`` change (they act after them; a
-``core_split`` is then fitted alone):
+``hit_count_showers``, ``postprocess_energy``, ``core_fraction`` (and its radius),
+``core_split`` and ``postprocess_showers``. The hit cuts and the post-processing spline(s),
+which are fitted to the model's own samples, are fitted again on the first training
+showers, exactly as after training (``end_fit``), unless only ``symmetrise``,
+``postprocess_energy``, ``core_fraction`` or ``core_split`` change (they act after them;
+the core fraction and the core split are then fitted alone, in that order):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -29,6 +30,7 @@ from caloforge.data import read_showers
 from caloforge.errors import OptionError
 from caloforge.models import load_model
 from caloforge.models.flows.convflow import (
+    CORE_FRACTIONS,
     CORE_SPLITS,
     CUT_GROUPS,
     HIT_COUNTS,
@@ -51,7 +53,10 @@ def main() -> int:
     parser.add_argument("--hit-counts", choices=HIT_COUNTS, default=None)
     parser.add_argument("--postprocess-energy", choices=["kept", "restored"], default=None)
     parser.add_argument("--core-split", choices=CORE_SPLITS, default=None)
+    parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
+    parser.add_argument("--core-fraction-radius", type=float, default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
+    parser.add_argument("--postprocess-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
@@ -73,30 +78,45 @@ def main() -> int:
                                              ("hit_counts", args.hit_counts),
                                              ("postprocess_energy", args.postprocess_energy),
                                              ("core_split", args.core_split),
-                                             ("hit_count_showers", args.hit_count_showers))
+                                             ("core_fraction", args.core_fraction),
+                                             ("core_fraction_radius",
+                                              args.core_fraction_radius),
+                                             ("hit_count_showers", args.hit_count_showers),
+                                             ("postprocess_showers",
+                                              args.postprocess_showers))
                if value is not None}
     if not changes:
         parser.error("nothing to change: give --temperature, --postprocess, "
                      "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
                      "--symmetrise")
-    after_all = {"symmetrise", "postprocess_energy", "core_split"}  # act after the rest
+    after_all = {"symmetrise", "postprocess_energy", "core_split", "core_fraction",
+                 "core_fraction_radius", "postprocess_showers"}  # act after the rest
     refit = not set(changes) <= after_all
-    core_only = not refit and changes.get("core_split", "none") != "none"
-    if (refit or core_only) and not args.train:
-        parser.error("refitting the hit cuts, counts, splines or core split needs --train")
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
-    if core_only:  # the rest as fitted: only the core's split, on the final pipeline
-        model.fit_core_split(read_showers(args.train, model.geometry,
-                                          max_showers=model.config.postprocess_showers))
+    config = model.config
+    # the rest as fitted: only the core fraction and/or split, on the final pipeline
+    fraction_only = not refit and config.core_fraction != "none" and bool(
+        {"core_fraction", "core_fraction_radius", "postprocess_showers"} & set(changes))
+    core_only = not refit and config.core_split != "none" and (
+        fraction_only or "core_split" in changes)
+    if (refit or core_only or fraction_only) and not args.train:
+        parser.error("refitting the hit cuts, counts, splines or core maps needs --train")
+    if fraction_only or core_only:
+        reference = read_showers(args.train, model.geometry,
+                                 max_showers=config.postprocess_showers)
+        if fraction_only:
+            model.fit_core_fraction(reference)
+        if core_only:
+            model.fit_core_split(reference)
     if refit:
-        config = model.config
         showers = max(config.hit_calibration_showers, config.postprocess_showers,
                       config.hit_count_showers if config.hit_counts != "none" else 0)
         model.end_fit(read_showers(args.train, model.geometry, max_showers=showers),
                       args.output)
     model.save(args.output)
-    done = ", hit cuts, counts and spline(s) refitted" if refit else (
-        ", core split fitted" if core_only else "")
+    done = ", hit cuts, counts and spline(s) refitted" if refit else "".join(
+        text for text, fitted in ((", core fraction fitted", fraction_only),
+                                  (", core split fitted", core_only)) if fitted)
     print(f"{args.output}: {changes}{done}")
     return 0
 

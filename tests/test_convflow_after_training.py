@@ -238,9 +238,11 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
     counting = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited", hit_counts="band",
                                             hit_count_showers=len(data), symmetrise="d4",
                                             postprocess="layer-spline",
-                                            postprocess_showers=len(data)))
+                                            postprocess_showers=len(data),
+                                            core_fraction="calibrated",
+                                            core_fraction_radius=1.0))
     counting.fit(data, str(tmp_path / "counts"))
-    assert counting.hit_count_model is not None
+    assert counting.hit_count_model is not None and counting.core_fraction_map is not None
     counted = counting.sample(energies, seed=5).showers
     noise = counting.draw_noise(len(energies), shard_generator(5, 0))
     assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size + 2) + 3
@@ -255,6 +257,7 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
     assert description["check"]["max_relative_deviation"] <= 1e-4
     loaded = load_model(str(tmp_path / "counts"))
     assert loaded.hit_count_model == counting.hit_count_model
+    assert loaded.core_fraction_map == counting.core_fraction_map
     np.testing.assert_array_equal(loaded.sample(energies, seed=5).showers, counted)
     # faint cells are candidates: a count above the flows' hits makes the highest of them
     # hits (>= the threshold), the layer keeping its deposit
@@ -345,6 +348,46 @@ def test_core_split_calibrated_spreads_the_core_as_the_data(trained, data, monke
         type(model.config).from_dict({"core_split": "even"})
     with pytest.raises(OptionError, match="core_split needs Cartesian layers"):
         ConvL2LFlow(CYLINDER, _tiny(1, core_split="calibrated"))
+
+
+def test_core_fraction_calibrated_moves_energy_between_core_and_rest(trained, data):
+    """``core_fraction: calibrated``: the core is the cells within the radius of the axis
+    (the first rows of a cylinder); fitted on the model's own draws, sampling then moves
+    energy between each layer's core and the rest and keeps every layer's energy and hits
+    (the same seed with and without the map); a radius that leaves no cell outside the
+    core, or none in it, is refused."""
+    model, _ = trained
+    rows, columns = np.divmod(np.arange(16), 4)
+    distance = np.hypot(rows - 1.5, columns - 1.5)
+    energies = data.incident_energies[:80]
+    try:
+        for radius in (1.0, 2.0):
+            model.config.core_fraction_radius = radius
+            np.testing.assert_array_equal(model._core_fraction_cells(),
+                                          np.flatnonzero(distance < radius))
+        model.config.core_fraction_radius = 1.0
+        model.config.core_fraction = "calibrated"
+        before = model.sample(energies, seed=7).showers.reshape(-1, 4, 16)
+        model.fit_core_fraction(data)
+        assert model.core_fraction_map is not None
+        after = model.sample(energies, seed=7).showers.reshape(-1, 4, 16)
+        np.testing.assert_allclose(after.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(after > 0, before > 0)
+        core = np.flatnonzero(distance < 1)
+        assert not np.allclose(after[:, :, core].sum(-1), before[:, :, core].sum(-1))
+        model.config.core_fraction_radius = 3.0
+        with pytest.raises(OptionError, match="leaves every cell in the core"):
+            model.fit_core_fraction(data)
+    finally:
+        model.config.core_fraction, model.config.core_fraction_radius = "none", 2.0
+        model.core_fraction_map = None
+    cylinder = ConvL2LFlow(CYLINDER, _tiny(1, core_fraction="calibrated",
+                                           core_fraction_radius=1.0))
+    assert len(cylinder._core_fraction_cells()) == CYLINDER.layers[0].n_alpha  # radial bin 0
+    for bad, words in (({"core_fraction": "even"}, "core_fraction must be one of"),
+                       ({"core_fraction_radius": 0}, "core_fraction_radius must be > 0")):
+        with pytest.raises(OptionError, match=words):
+            type(model.config).from_dict(bad)
 
 
 def test_block_groups_split_each_group_by_squeeze_place(trained, data):
