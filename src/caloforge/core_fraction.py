@@ -1,24 +1,28 @@
 """How much of each layer's energy a shower puts in its core, calibrated shower by shower.
 
 A shower's core fraction in a layer (the share of the layer's energy in the cells within a
-few cells of the axis) fluctuates from shower to shower; the radial centre of energy and
-the radial width follow it. Generative models can get the layer energies, the hit counts
-and the mean profile right and still fluctuate the core too little or too much (ild-ecal,
-convolutional flows: the spread of the 12-cell core fraction 0.6-0.7x the data's in layers
-0 and 15-18), and the high-level classifier reads that from the radial centres
-(docs/convflow.md "The core's share of the layer").
+few cells of the axis) fluctuates from shower to shower, and it follows the shower's
+development: on the ild-ecal reference, at fixed layer energy, a shower that has already
+deposited more of its energy before the layer is broader there (correlation -0.5 to -0.6
+in layers 14-17). The radial centre and width follow the core fraction, and so do their
+correlations across layers (0.5-0.6 between neighbours in the data). Generative models can
+get the layer energies, hit counts and mean profile right and still get this dependence
+too weak (convolutional flows: -0.3 to -0.4; neighbours' radial centres 0.3); the
+high-level classifier reads it (docs/convflow.md "The core's share of the layer").
 
 :class:`CoreFractionMap` is fitted on data and on the model's own showers for the same
-conditions: per layer and per bin of the layer's energy (the data's quantiles), the
-piecewise-linear map from the model's quantiles of the core fraction to the data's.
-Applied to a generated layer it moves energy between the core and the rest (each scaled by
-one factor, hits kept at or above the readout threshold), so the layer keeps its energy,
-its hits and, within the core and within the rest, its pattern; the map is monotone, so a
-shower keeps its rank among the model's showers and the fractions' correlations across
-layers stay the model's.
+conditions. Per layer, ``t = logit(core fraction)`` is regressed on
+``[1, v, v^2, F, F^2, u, u v]`` (``v = log(E_layer / MeV)``, ``F`` the share of the
+shower's energy deposited before the layer, ``u = log(E_inc / GeV)``) in each of the two,
+with the quantiles of the residuals. A generated layer's residual under the model's
+regression is mapped, quantile to quantile (piecewise linear), to a residual of the data's,
+and added to the data's prediction: the conditional distribution becomes the data's, and a
+shower keeps its rank given its conditions. The energy then moves between the core and
+the rest (each scaled by one factor, hits kept at or above the readout threshold): the
+layer keeps its energy, its hits and, within the core and within the rest, its pattern.
 
 All applying is torch operations that export to ONNX (no ``searchsorted``: the interval of
-a fraction is the count of nodes at or below it).
+a residual is the count of nodes at or below it).
 """
 
 from __future__ import annotations
@@ -31,7 +35,29 @@ import torch
 
 from .errors import CaloforgeError
 
-MIN_SHOWERS_PER_BIN = 20
+GEV_MEV = 1000.0
+N_FEATURES = 7
+MIN_SHOWERS_PER_LAYER = 50
+LOGIT_CLIP = 1e-6  # fractions kept within [1e-6, 1 - 1e-6] before the logit
+
+
+def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,
+                      incident_energies: torch.Tensor) -> torch.Tensor:
+    """Regressors ``(B, 7)`` of a layer's core fraction: ``[1, v, v^2, F, F^2, u, u v]``
+    from its energy ``(B,)`` MeV, the share ``F`` ``(B,)`` of the shower's energy before
+    it, and E_inc ``(B,)`` MeV (module docstring)."""
+    v = torch.log(layer_energy.clamp(min=torch.finfo(layer_energy.dtype).tiny))
+    u = torch.log(incident_energies.to(v.dtype) / GEV_MEV)
+    f = before_share.to(v.dtype)
+    return torch.stack([torch.ones_like(v), v, v * v, f, f * f, u, u * v], dim=1)
+
+
+def shares_before(layer_energies: torch.Tensor) -> torch.Tensor:
+    """``(B, L)``: each layer's share of the shower's energy deposited in the layers before
+    it, from the layer energies ``(B, L)`` MeV (0 for an empty shower)."""
+    before = layer_energies.cumsum(1) - layer_energies
+    total = layer_energies.sum(1, keepdim=True)
+    return before / total.clamp(min=torch.finfo(layer_energies.dtype).tiny)
 
 
 @dataclass
@@ -39,117 +65,123 @@ class CoreFractionMap:
     """The fitted maps (module docstring); plain lists, saved as JSON.
 
     ``core``: the voxel indices within a layer of the core cells; ``threshold_mev``: the
-    readout threshold (hits stay at or above it); ``energy_edges`` ``(L, n_bins - 1)``:
-    inner edges of log(layer energy / MeV); ``nodes`` ``(L, n_bins)``: per bin the pair
-    (model quantiles, data quantiles) of the core fraction ``(n_quantiles,)`` each, model's
-    strictly increasing, or None where either had fewer than 20 showers (identity)."""
+    readout threshold (hits stay at or above it); per layer (None where either sample had
+    fewer than 50 showers with hits in both the core and the rest: left as it is):
+    ``model_coefficients`` / ``data_coefficients`` ``(7,)`` of the regressions and
+    ``model_residuals`` / ``data_residuals`` ``(Q,)`` the residuals' quantiles at evenly
+    spaced levels (the model's strictly increasing)."""
 
     core: list[int]
     threshold_mev: float
-    energy_edges: list[list[float]]
-    nodes: list[list[list[list[float]] | None]]
+    model_coefficients: list[list[float] | None]
+    data_coefficients: list[list[float] | None]
+    model_residuals: list[list[float] | None]
+    data_residuals: list[list[float] | None]
 
-    FIELDS = ("core", "threshold_mev", "energy_edges", "nodes")
+    FIELDS = ("core", "threshold_mev", "model_coefficients", "data_coefficients",
+              "model_residuals", "data_residuals")
 
     def state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.FIELDS}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CoreFractionMap:
+        def floats(rows: Any) -> list[list[float] | None]:
+            return [None if row is None else [float(v) for v in row] for row in rows]
+
         try:
             out = cls(core=[int(i) for i in state["core"]],
                       threshold_mev=float(state["threshold_mev"]),
-                      energy_edges=[[float(e) for e in edges] for edges in state["energy_edges"]],
-                      nodes=[[None if pair is None else [[float(v) for v in pair[0]],
-                                                          [float(v) for v in pair[1]]]
-                              for pair in layer] for layer in state["nodes"]])
-        except (KeyError, TypeError, ValueError, IndexError) as error:
+                      **{name: floats(state[name]) for name in cls.FIELDS[2:]})
+        except (KeyError, TypeError, ValueError) as error:
             raise CaloforgeError(f"core fraction map state is malformed ({error})") from None
-        bins = len(out.energy_edges[0]) + 1 if out.energy_edges else 0
-        if (not out.core or min(out.core) < 0 or len(out.nodes) != len(out.energy_edges)
-                or any(len(edges) + 1 != bins for edges in out.energy_edges)):
+        rows = [getattr(out, name) for name in cls.FIELDS[2:]]
+        if not out.core or min(out.core) < 0 or len({len(r) for r in rows}) != 1:
             raise CaloforgeError("core fraction map state has inconsistent shapes")
-        for layer in out.nodes:
-            if len(layer) != bins:
+        for layer in zip(*rows):
+            if all(row is None for row in layer):
+                continue
+            model_beta, data_beta, model_q, data_q = layer
+            if (model_beta is None or data_beta is None or model_q is None or data_q is None
+                    or len(model_beta) != N_FEATURES or len(data_beta) != N_FEATURES
+                    or len(model_q) != len(data_q) or len(model_q) < 2):
                 raise CaloforgeError("core fraction map state has inconsistent shapes")
-            for pair in layer:
-                if pair is not None and (len(pair[0]) != len(pair[1]) or len(pair[0]) < 2
-                                         or np.any(np.diff(pair[0]) <= 0)):
-                    raise CaloforgeError("core fraction map state has a map whose model "
-                                         "quantiles are not strictly increasing")
+            if np.any(np.diff(model_q) <= 0):
+                raise CaloforgeError("core fraction map state has model residual quantiles "
+                                     "that are not strictly increasing")
         return out
 
     @classmethod
-    def fit(cls, real: np.ndarray, generated: np.ndarray, core: np.ndarray,
-            threshold_mev: float, n_bins: int = 5, n_quantiles: int = 21) -> CoreFractionMap:
+    def fit(cls, real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
+            generated_incident: np.ndarray, core: np.ndarray, threshold_mev: float,
+            n_quantiles: int = 21) -> CoreFractionMap:
         """Fit from ``real`` ``(N, L, S)`` and ``generated`` ``(M, L, S)`` layers (MeV, cells
-        in the same order; generated for the same conditions as the real) and the core's
-        voxel indices ``core`` within a layer. Only showers with hits in both the core and
-        the rest of a layer count (the others are left as they are when applied)."""
+        in the same order; generated for comparable conditions) with their E_inc ``(N,)``,
+        ``(M,)`` MeV and the core's voxel indices ``core`` within a layer. Only showers with
+        hits in both the core and the rest of a layer count (the others are left as they
+        are when applied)."""
         core_mask = np.zeros(real.shape[-1], dtype=bool)
         core_mask[np.asarray(core)] = True
         levels = np.linspace(0, 1, n_quantiles)
-        edges_out: list[list[float]] = []
-        nodes_out: list[list[list[list[float]] | None]] = []
-        real_parts = _fractions(real, core_mask, threshold_mev)
-        generated_parts = _fractions(generated, core_mask, threshold_mev)
+        fitted: dict[str, list[list[float] | None]] = {name: [] for name in cls.FIELDS[2:]}
+        samples = {"model": _regression_inputs(generated, generated_incident, core_mask,
+                                               threshold_mev),
+                   "data": _regression_inputs(real, real_incident, core_mask, threshold_mev)}
         for layer in range(real.shape[1]):
-            (real_energy, real_fraction, real_ok), (gen_energy, gen_fraction, gen_ok) = (
-                [part[:, layer] for part in parts] for parts in (real_parts, generated_parts))
-            if real_ok.sum() >= MIN_SHOWERS_PER_BIN * n_bins:
-                edges = np.quantile(np.log(real_energy[real_ok]), np.arange(1, n_bins) / n_bins)
-            else:
-                edges = np.full(n_bins - 1, np.inf)  # everything in bin 0
-            real_bin = np.digitize(np.log(np.maximum(real_energy, 1e-30)), edges)
-            gen_bin = np.digitize(np.log(np.maximum(gen_energy, 1e-30)), edges)
-            layer_nodes: list[list[list[float]] | None] = []
-            for number in range(n_bins):
-                fake = gen_fraction[gen_ok & (gen_bin == number)]
-                true = real_fraction[real_ok & (real_bin == number)]
-                if len(fake) < MIN_SHOWERS_PER_BIN or len(true) < MIN_SHOWERS_PER_BIN:
-                    layer_nodes.append(None)
-                    continue
-                model_q = np.quantile(fake, levels)
-                # ties (many equal fractions) would make the map a step: nudge them apart
-                model_q = np.maximum.accumulate(model_q + 1e-9 * np.arange(n_quantiles))
-                layer_nodes.append([model_q.tolist(), np.quantile(true, levels).tolist()])
-            edges_out.append(edges.tolist())
-            nodes_out.append(layer_nodes)
+            results = {}
+            for kind, (features, logits, ok) in samples.items():
+                chosen = ok[:, layer]
+                if chosen.sum() < MIN_SHOWERS_PER_LAYER:
+                    break
+                x, t = features[chosen, layer], logits[chosen, layer]
+                beta = np.linalg.lstsq(x, t, rcond=None)[0]
+                results[kind] = (beta, np.quantile(t - x @ beta, levels))
+            if len(results) < 2:
+                for name in fitted:
+                    fitted[name].append(None)
+                continue
+            model_q = results["model"][1]
+            # ties (many equal residuals) would make the map a step: nudge them apart
+            model_q = np.maximum.accumulate(model_q + 1e-9 * np.arange(n_quantiles))
+            fitted["model_coefficients"].append(results["model"][0].tolist())
+            fitted["data_coefficients"].append(results["data"][0].tolist())
+            fitted["model_residuals"].append(model_q.tolist())
+            fitted["data_residuals"].append(results["data"][1].tolist())
         return cls(core=[int(i) for i in np.asarray(core)], threshold_mev=float(threshold_mev),
-                   energy_edges=edges_out, nodes=nodes_out)
+                   **fitted)
 
-    def apply(self, cells: torch.Tensor, layer: int) -> torch.Tensor:
+    def apply(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
+              layer_energies: torch.Tensor) -> torch.Tensor:
         """One layer's cells ``(B, S)`` MeV with each shower's core fraction mapped (where
-        the shower has hits in both the core and the rest; others unchanged); the layer's
-        energy and hits are kept."""
-        pairs = self.nodes[layer]
-        if all(pair is None for pair in pairs):
+        the shower has hits in both the core and the rest; others unchanged), given E_inc
+        ``(B,)`` MeV and every layer's energy ``(B, L)`` MeV (for the share before this
+        layer); the layer's energy and hits are kept."""
+        if self.model_coefficients[layer] is None:
             return cells
         dtype, device = cells.dtype, cells.device
-        n_quantiles = len(next(pair for pair in pairs if pair is not None)[0])
-        identity = np.linspace(0, 1, n_quantiles).tolist()
-        xs = torch.tensor([identity if pair is None else pair[0] for pair in pairs],
-                          dtype=dtype, device=device)  # (n_bins, Q)
-        ys = torch.tensor([identity if pair is None else pair[1] for pair in pairs],
-                          dtype=dtype, device=device)
-        edges = torch.tensor(self.energy_edges[layer], dtype=dtype, device=device)
+
+        def tensor(name: str) -> torch.Tensor:
+            return torch.tensor(getattr(self, name)[layer], dtype=dtype, device=device)
+
         core = torch.zeros(cells.shape[1], dtype=torch.bool, device=device)
         core[torch.as_tensor(self.core, device=device)] = True
         hits = cells > 0
-        core_energy = torch.where(core, cells, torch.zeros_like(cells)).sum(1)
         energy = cells.sum(1)
-        core_hits = (hits & core).sum(1)
-        rest_hits = (hits & ~core).sum(1)
+        core_hits, rest_hits = (hits & core).sum(1), (hits & ~core).sum(1)
         tiny = torch.finfo(dtype).tiny
-        fraction = core_energy / energy.clamp(min=tiny)
-        bins = (torch.log(energy.clamp(min=tiny))[:, None] > edges).sum(1)
-        target = _piecewise_linear(fraction, xs[bins], ys[bins])
+        fraction = torch.where(core, cells, torch.zeros_like(cells)).sum(1) / energy.clamp(
+            min=tiny)
+        features = fraction_features(energy, shares_before(layer_energies.to(dtype))[:, layer],
+                                     incident_energies)
+        clipped = fraction.clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
+        residual = torch.log(clipped / (1 - clipped)) - features @ tensor("model_coefficients")
+        mapped = _piecewise_linear(residual, tensor("model_residuals"), tensor("data_residuals"))
+        target = torch.sigmoid(features @ tensor("data_coefficients") + mapped)
         lowest = self.threshold_mev * (1 + 1e-6)
         # each part keeps its hits at or above the threshold
         target = torch.minimum(torch.maximum(target, core_hits * lowest / energy.clamp(min=tiny)),
                                1 - rest_hits * lowest / energy.clamp(min=tiny))
         movable = (core_hits > 0) & (rest_hits > 0)
-        target = torch.where(movable, target, fraction)
         new_core = _rescaled(cells, core, target * energy, lowest)
         # the rest takes what the core did not (the core's hits may be held at the threshold)
         core_now = torch.where(core, new_core, torch.zeros_like(new_core)).sum(1)
@@ -185,24 +217,30 @@ def _rescaled(cells: torch.Tensor, part: torch.Tensor, goal: torch.Tensor, lowes
 
 def _piecewise_linear(values: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor
                       ) -> torch.Tensor:
-    """``values`` ``(B,)`` through the piecewise-linear map of each row's nodes ``xs``,
-    ``ys`` ``(B, Q)`` (``xs`` strictly increasing), constant beyond the ends."""
-    interval = (xs[:, 1:-1] <= values[:, None]).sum(1, keepdim=True)  # (B, 1) in 0 .. Q-2
-    x0, x1 = xs.gather(1, interval)[:, 0], xs.gather(1, interval + 1)[:, 0]
-    y0, y1 = ys.gather(1, interval)[:, 0], ys.gather(1, interval + 1)[:, 0]
+    """``values`` ``(B,)`` through the piecewise-linear map of the nodes ``xs`` (strictly
+    increasing), ``ys`` ``(Q,)``, constant beyond the ends."""
+    interval = (xs[1:-1][None] <= values[:, None]).sum(1)  # (B,) in 0 .. Q-2
+    x0, x1, y0, y1 = xs[interval], xs[interval + 1], ys[interval], ys[interval + 1]
     t = ((values - x0) / (x1 - x0)).clamp(0, 1)
     return y0 + t * (y1 - y0)
 
 
-def _fractions(layers: np.ndarray, core: np.ndarray, threshold_mev: float
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per shower and layer ``(N, L)``: the layer energy (MeV, hits only), the core's share
-    of it, and whether the core and the rest both have hits."""
+def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: np.ndarray,
+                       threshold_mev: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For showers ``(N, L, S)`` MeV and their E_inc ``(N,)`` MeV: the regressors
+    ``(N, L, 7)``, the logits of the core fractions ``(N, L)`` and whether the core and the
+    rest both have hits ``(N, L)``."""
     hits = np.where(layers >= threshold_mev, layers, 0).astype(np.float64)
     energy = hits.sum(-1)
-    core_energy = hits[..., core].sum(-1)
+    fraction = hits[..., core].sum(-1) / np.maximum(energy, 1e-300)
     ok = np.asarray((hits[..., core] > 0).any(-1) & (hits[..., ~core] > 0).any(-1))
-    return energy, core_energy / np.maximum(energy, 1e-300), ok
+    energies = torch.as_tensor(energy)
+    before = shares_before(energies)
+    incident = torch.as_tensor(np.asarray(incident_energies, dtype=np.float64).reshape(-1))
+    features = torch.stack([fraction_features(energies[:, layer], before[:, layer], incident)
+                            for layer in range(layers.shape[1])], dim=1).numpy()
+    clipped = np.clip(fraction, LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return features, np.log(clipped / (1 - clipped)), ok
 
 
-__all__ = ["CoreFractionMap"]
+__all__ = ["CoreFractionMap", "fraction_features", "shares_before"]

@@ -213,12 +213,13 @@ class ConvFlowConfig:
     (docs/convflow.md "What the hot core is"). Set after training;
     ``core_fraction``: ``calibrated`` maps each shower's core fraction per layer (the share
     of the layer's energy in the cells within ``core_fraction_radius`` cells of the axis;
-    the first rows of cylinders) from the model's quantiles to the data's, per fifth of the
-    layer energies (:class:`~caloforge.core_fraction.CoreFractionMap`, fitted on
-    ``postprocess_showers`` showers after the cuts, counts and spline(s), before the core
-    split), moving energy between the core and the rest: the layer keeps its energy and
-    hits. Why: on ild-ecal the flows' core fraction fluctuates 0.6-0.7x as much as the
-    data's in several layers and the classifier reads it from the radial centres
+    the first rows of cylinders) to the data's distribution given the layer energy, E_inc
+    and the share of the shower's energy before the layer, keeping the shower's rank
+    (:class:`~caloforge.core_fraction.CoreFractionMap`, fitted on ``postprocess_showers``
+    showers after the cuts, counts and spline(s), before the core split), moving energy
+    between the core and the rest: the layer keeps its energy and hits. Why: on ild-ecal
+    the flows' core fraction follows the shower's development too weakly, and the
+    classifier reads that from the radial centres and their correlations across layers
     (docs/convflow.md "The core's share of the layer"). Set after training.
     """
 
@@ -1171,7 +1172,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             mapped = torch.where(mapped > 0, mapped.clamp(
                 min=lowest_hit(self.voxel_transform.threshold_mev)), mapped)
         if self.core_fraction_map is not None and self.config.core_fraction != "none":
-            mapped = self.core_fraction_map.apply(mapped, layer)
+            mapped = self.core_fraction_map.apply(mapped, layer, incident_energies,
+                                                  layer_energies)
         cells = self._split_core(mapped, layer)
         return cells if bits is None else self._symmetrised(cells, bits)
 
@@ -1351,8 +1353,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         n_layers = self.geometry.n_layers
         self.core_fraction_map = CoreFractionMap.fit(
             reference.showers.reshape(len(reference), n_layers, -1),
-            generated.reshape(len(generated), n_layers, -1), core,
-            self.voxel_transform.threshold_mev)
+            reference.incident_energies, generated.reshape(len(generated), n_layers, -1),
+            reference.incident_energies, core, self.voxel_transform.threshold_mev)
 
     # --- the core's split (``core_split``) ---------------------------------------------
     def _core_cells(self) -> np.ndarray:
