@@ -149,3 +149,60 @@ def test_spline_inverse_leaves_no_reference_cycle():
     # glibc's mallopt is reachable on Linux (elsewhere the tuning is skipped)
     import sys
     assert tune_allocator() is sys.platform.startswith("linux")
+
+
+def test_the_cached_inverse_follows_the_weight():
+    """Sampling reuses the 1x1 convolution's inverse while its weight is unchanged; an
+    optimiser step or a loaded state dict changes the weight and the next inverse with it
+    (inference mode and no_grad alike); with gradients on it is computed afresh."""
+    block = InvertibleConv1x1(4, seed=1)
+    x = torch.randn(2, 4, 3, 5)
+    optimiser = torch.optim.SGD(block.parameters(), lr=0.1)
+    for step in range(2):
+        for context in (torch.inference_mode, torch.no_grad):
+            with context():
+                y, _ = block(x)
+                torch.testing.assert_close(block.inverse(y), x, rtol=0, atol=1e-5)
+                again, _ = block(x)
+                torch.testing.assert_close(block.inverse(again), x, rtol=0, atol=1e-5)
+        y, _ = block(x)
+        y.square().sum().backward()  # gradients flow through forward; the step moves W
+        optimiser.step()
+        optimiser.zero_grad()
+    other = InvertibleConv1x1(4, seed=7)
+    block.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(block.inverse(other(x)[0]), x, rtol=0, atol=1e-5)
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    block.inverse(z).sum().backward()
+    assert block.weight.grad is not None and block.weight.grad.abs().sum() > 0
+
+
+def test_zero_padded_convolutions_and_channels_last_u_nets_keep_their_values():
+    """The Cartesian convolution pads inside ``conv2d`` and the U-Net runs channels-last
+    on a CPU: the same values as padding first and running contiguous (float rounding)."""
+    torch.manual_seed(3)
+    net = UNet(3, 5, width=8)
+    torch.nn.init.normal_(net.out.conv.weight, std=0.3)
+    x = torch.randn(4, 3, 7, 9)
+
+    def reference(image: torch.Tensor) -> torch.Tensor:
+        def conv(layer: PaddedConv2d, value: torch.Tensor) -> torch.Tensor:
+            return layer.conv(torch.nn.functional.pad(value, (1, 1, 1, 1)))
+
+        for layer in net.encode:
+            image = torch.nn.functional.silu(conv(layer, image))
+        skip = image
+        low = torch.nn.functional.avg_pool2d(image, 2, ceil_mode=True)
+        for layer in net.down:
+            low = torch.nn.functional.silu(conv(layer, low))
+        up = torch.nn.functional.interpolate(low, size=skip.shape[-2:], mode="nearest")
+        image = torch.cat([skip, up], dim=1)
+        for layer in net.decode:
+            image = torch.nn.functional.silu(conv(layer, image))
+        return conv(net.out, image)
+
+    with torch.no_grad():
+        out = net(x)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)

@@ -52,11 +52,10 @@ class PaddedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pad
-        if self.circular:
-            x = F.pad(x, (p, p, 0, 0), mode="circular")
-            x = F.pad(x, (0, 0, p, p))
-        else:
-            x = F.pad(x, (p, p, p, p))
+        if not self.circular:  # zero padding inside the convolution: no padded copy
+            return F.conv2d(x, self.conv.weight, self.conv.bias, padding=p)
+        x = F.pad(x, (p, p, 0, 0), mode="circular")
+        x = F.pad(x, (0, 0, p, p))
         return self.conv(x)
 
 
@@ -81,6 +80,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            # oneDNN's convolutions run ~1.6x faster on channels-last images (ild-ecal, batch
+            # 100, 1 thread: 33 -> 20 ms per U-Net); same values to float rounding
+            x = x.contiguous(memory_format=torch.channels_last)
         for layer in self.encode:
             x = F.silu(layer(x))
         skip = x
@@ -92,7 +95,7 @@ class UNet(nn.Module):
         x = torch.cat([skip, up], dim=1)
         for layer in self.decode:
             x = F.silu(layer(x))
-        return self.out(x)
+        return self.out(x).contiguous()
 
 
 class ActNorm(nn.Module):
@@ -132,6 +135,9 @@ class InvertibleConv1x1(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))
         self.weight = nn.Parameter(q)
+        # the inverse for sampling, kept while the weight is unchanged: computing it is
+        # ~100 tiny operations, 14 % of an ild-ecal sampling pass when done every call
+        self._inverse_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +146,16 @@ class InvertibleConv1x1(nn.Module):
         return y, ladj.expand(len(x))
 
     def inverse(self, y: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return F.conv2d(y, cofactor_inverse(self.weight)[:, :, None, None])
+        return F.conv2d(y, self._inverse_weight()[:, :, None, None])
+
+    def _inverse_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled():  # gradients may flow through it: no cache
+            return cofactor_inverse(self.weight)
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype,
+               self.weight.device, torch.is_inference_mode_enabled())
+        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            self._inverse_cache = (key, cofactor_inverse(self.weight.detach()))
+        return self._inverse_cache[1]
 
 
 def cofactor_inverse(matrix: torch.Tensor) -> torch.Tensor:
