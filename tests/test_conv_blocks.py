@@ -158,7 +158,7 @@ def test_the_cached_inverse_follows_the_weight():
     block = InvertibleConv1x1(4, seed=1)
     x = torch.randn(2, 4, 3, 5)
     optimiser = torch.optim.SGD(block.parameters(), lr=0.1)
-    for step in range(2):
+    for _ in range(2):
         for context in (torch.inference_mode, torch.no_grad):
             with context():
                 y, _ = block(x)
