@@ -104,10 +104,9 @@ def main() -> int:
     if fraction_only or core_only:
         reference = read_showers(args.train, model.geometry,
                                  max_showers=config.postprocess_showers)
-        if fraction_only:
-            model.fit_core_fraction(reference)
+        mapped = model.fit_core_fraction(reference) if fraction_only else None
         if core_only:
-            model.fit_core_split(reference)
+            model.fit_core_split(reference, generated=mapped)
     if refit:
         showers = max(config.hit_calibration_showers, config.postprocess_showers,
                       config.hit_count_showers if config.hit_counts != "none" else 0)

@@ -240,9 +240,11 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
                                             postprocess="layer-spline",
                                             postprocess_showers=len(data),
                                             core_fraction="calibrated",
-                                            core_fraction_radius=1.0))
+                                            core_fraction_radius=1.0,
+                                            core_split="calibrated"))
     counting.fit(data, str(tmp_path / "counts"))
     assert counting.hit_count_model is not None and counting.core_fraction_map is not None
+    assert counting.core_split_factors is not None  # fitted on the core map's showers
     counted = counting.sample(energies, seed=5).showers
     noise = counting.draw_noise(len(energies), shard_generator(5, 0))
     assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size + 2) + 3
@@ -258,6 +260,7 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
     loaded = load_model(str(tmp_path / "counts"))
     assert loaded.hit_count_model == counting.hit_count_model
     assert loaded.core_fraction_map == counting.core_fraction_map
+    assert loaded.core_split_factors == counting.core_split_factors
     np.testing.assert_array_equal(loaded.sample(energies, seed=5).showers, counted)
     # faint cells are candidates: a count above the flows' hits makes the highest of them
     # hits (>= the threshold), the layer keeping its deposit

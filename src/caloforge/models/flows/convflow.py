@@ -829,10 +829,10 @@ class ConvL2LFlow(LayerEnergyFlows):
             self.fit_hit_counts(reference.select(slice(0, config.hit_count_showers)))
         if spline:
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
-        if fraction:
-            self.fit_core_fraction(reference.select(slice(0, config.postprocess_showers)))
+        late = reference.select(slice(0, config.postprocess_showers))
+        mapped = self.fit_core_fraction(late) if fraction else None
         if core:
-            self.fit_core_split(reference.select(slice(0, config.postprocess_showers)))
+            self.fit_core_split(late, generated=mapped)
 
     # --- the layer energies the flows learn (``layer_energy``) -------------------------
     @property
@@ -1339,11 +1339,12 @@ class ConvL2LFlow(LayerEnergyFlows):
         inside = torch.as_tensor((distance < self.config.core_fraction_radius).astype(np.int64))
         return np.flatnonzero(self._flat(inside[None])[0].numpy())
 
-    def fit_core_fraction(self, reference: ShowerData, seed: int = 4) -> None:
+    def fit_core_fraction(self, reference: ShowerData, seed: int = 4) -> np.ndarray:
         """``core_fraction: calibrated``: fit the per-layer maps of the core fraction from
         the model's showers for ``reference``'s conditions (everything before it applied) to
         ``reference``'s (:class:`~caloforge.core_fraction.CoreFractionMap`); clears the core
-        split, which acts after it."""
+        split, which acts after it. Returns those showers ``(N, n_voxels)`` MeV with the
+        map applied: what the core split is fitted on next (no second sampling)."""
         self.core_fraction_map = self.core_split_factors = None
         core = self._core_fraction_cells()
         if not len(core) or len(core) == self.voxels_per_pass:
@@ -1351,10 +1352,17 @@ class ConvL2LFlow(LayerEnergyFlows):
                               f"{'no' if not len(core) else 'every'} cell in the core")
         generated = self._sample_in_flow_frame(reference, seed)
         n_layers = self.geometry.n_layers
+        layers = generated.reshape(len(generated), n_layers, -1)
         self.core_fraction_map = CoreFractionMap.fit(
             reference.showers.reshape(len(reference), n_layers, -1),
-            reference.incident_energies, generated.reshape(len(generated), n_layers, -1),
-            reference.incident_energies, core, self.voxel_transform.threshold_mev)
+            reference.incident_energies, layers, reference.incident_energies, core,
+            self.voxel_transform.threshold_mev)
+        cells = torch.from_numpy(layers)
+        incident = torch.as_tensor(reference.incident_energies, dtype=cells.dtype)
+        energies = cells.sum(-1)
+        return torch.stack([self.core_fraction_map.apply(cells[:, layer], layer, incident,
+                                                         energies)
+                            for layer in range(n_layers)], dim=1).flatten(1).numpy()
 
     # --- the core's split (``core_split``) ---------------------------------------------
     def _core_cells(self) -> np.ndarray:
@@ -1378,13 +1386,16 @@ class ConvL2LFlow(LayerEnergyFlows):
             out.append(cells[full] / cells[full].sum(1, keepdims=True) - 0.25)
         return out
 
-    def fit_core_split(self, reference: ShowerData, seed: int = 2) -> None:
+    def fit_core_split(self, reference: ShowerData, seed: int = 2,
+                       generated: np.ndarray | None = None) -> None:
         """``core_split: calibrated``: per layer, the factor (0.25 .. 2) by which the
         model's core shares, sampled for ``reference``'s conditions with everything else
-        applied, must move from 1/4 to spread as ``reference``'s (standard deviations; 1
-        where either has fewer than 20 showers with a full core)."""
+        applied (or ``generated`` ``(N, n_voxels)`` MeV, such a sample), must move from 1/4
+        to spread as ``reference``'s (standard deviations; 1 where either has fewer than 20
+        showers with a full core)."""
         self.core_split_factors = None
-        generated = self._sample_in_flow_frame(reference, seed)
+        if generated is None:
+            generated = self._sample_in_flow_frame(reference, seed)
         factors = []
         for real, fake in zip(self._core_share_deviations(reference.showers),
                               self._core_share_deviations(generated)):
