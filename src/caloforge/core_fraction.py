@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import CaloforgeError
+from .preprocessing import lowest_hit
 
 GEV_MEV = 1000.0
 N_FEATURES = 7
@@ -177,7 +178,7 @@ class CoreFractionMap:
         residual = torch.log(clipped / (1 - clipped)) - features @ tensor("model_coefficients")
         mapped = _piecewise_linear(residual, tensor("model_residuals"), tensor("data_residuals"))
         target = torch.sigmoid(features @ tensor("data_coefficients") + mapped)
-        lowest = self.threshold_mev * (1 + 1e-6)
+        lowest = lowest_hit(self.threshold_mev)
         # each part keeps its hits at or above the threshold
         target = torch.minimum(torch.maximum(target, core_hits * lowest / energy.clamp(min=tiny)),
                                1 - rest_hits * lowest / energy.clamp(min=tiny))

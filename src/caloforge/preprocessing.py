@@ -541,6 +541,12 @@ def group_quantile_map_nodes(reference: np.ndarray, generated: np.ndarray, group
     return out
 
 
+def lowest_hit(threshold_mev: float) -> float:
+    """The least energy (MeV) a cell made a hit gets: just above the threshold, so that it
+    stays a hit in float32 (float32(0.075) < 0.075) and under ``cells < threshold`` cuts."""
+    return threshold_mev * (1 + 1e-6)
+
+
 def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> torch.Tensor:
     """Cells ``(...)`` MeV mapped through the monotone PCHIP interpolant of the nodes
     (``x``, ``y``) in log10 MeV (strictly increasing ``x``), linear with slope 1 beyond the

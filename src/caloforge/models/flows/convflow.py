@@ -53,6 +53,7 @@ from ...preprocessing import (
     group_quantile_map_nodes,
     hit_rate_groups,
     layer_quantile_map_nodes,
+    lowest_hit,
     monotone_log_map,
     quantile_map_nodes,
     uniform_noise,
@@ -73,12 +74,6 @@ CORE_SPLITS = ("none", "calibrated")
 CORE_FRACTIONS = ("none", "calibrated")
 SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
 HIT_COUNTS = ("none", "layer", "band")
-
-
-def lowest_hit(threshold_mev: float) -> float:
-    """The least energy (MeV) a cell made a hit gets: just above the threshold, so that it
-    stays a hit in float32 (float32(0.075) < 0.075) and under ``cells < threshold`` cuts."""
-    return threshold_mev * (1 + 1e-6)
 
 
 # hit_counts: band: the inner edges of the radial bands, in cells from the layer's centre
