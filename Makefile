@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 # module fixtures are built once); every test runs torch on one thread (tests/conftest.py)
 TEST_WORKERS ?= 2
 
+# one BLAS/OpenMP thread per worker: the workers share the cores (tests/conftest.py)
 test: setup lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # ruff (style, imports, likely bugs) and mypy (types) over the package; `make test` runs it
 lint: setup

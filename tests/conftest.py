@@ -19,6 +19,17 @@ os.environ.setdefault("CALOFORGE_NO_PROGRESS", "1")
 # Tiny models gain nothing from intra-op threads, and on a machine where another job holds
 # the cores, OpenMP threads spinning against it made a 3 s fit take 110 s.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A command run with --threads N (or any test) leaves torch at one thread for the
+    next test on this worker: two workers with two threads each on two cores once made a
+    27 s test take 162 s."""
+    yield
+    torch.set_num_threads(1)
+
+
 SHARED = Path(os.environ.get("CALOFORGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 

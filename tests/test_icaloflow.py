@@ -232,7 +232,7 @@ def test_cli_train_distill_generate_evaluate(tmp_path, capsys):
     write_showers(train, simulate(geometry, 96, seed=1), geometry)
     write_showers(test, simulate(geometry, 60, seed=2), geometry)
     run = str(tmp_path / "icf")
-    base = ["--geometry", "calochallenge-2", "--no-progress", "--threads", "2"]
+    base = ["--geometry", "calochallenge-2", "--no-progress", "--threads", "1"]
     assert main(["train", "icaloflow", "--data", str(train), "-o", run, "--preset", "tiny",
                  "--epochs", "1", "--stream", "on"] + base) == 0
     assert "trained icaloflow" in capsys.readouterr().out
