@@ -10,30 +10,51 @@ to MAPPED.h5 for ``caloforge evaluate``): the core fraction (energy within --rad
 the axis over the layer's) — its spread, and its partial correlation with the share of the
 shower's energy deposited before the layer (after a linear fit on log E_layer and
 log E_inc) — and the correlation of the radial centre of energy with the next layer's.
-Prints JSON. Cartesian square layers only (ild-ecal).
+Prints JSON. Layers of one image shape: Cartesian squares (ild-ecal; the core = cells whose
+centre lies within --radius cells of the axis) or cylinders (calochallenge-2/3; the core = the
+first --radius radial rows, as ``convflow``'s ``core_fraction_radius``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 import torch
 
-from caloforge.core_fraction import CoreFractionMap
+from caloforge.core_fraction import CoreFractionMap, core_cells
 from caloforge.data import ShowerData, read_showers, write_showers
 from caloforge.geometry import get_geometry
 
-SHOWN = (5, 10, 14, 17, 20, 23, 26)
+ILD_SHOWN = (5, 10, 14, 17, 20, 23, 26)
 
 
-def figures(data: ShowerData, n_layers: int, side: int, core: np.ndarray, threshold: float
-            ) -> dict[str, list[float]]:
-    layers = data.showers.reshape(len(data), n_layers, side * side).astype(np.float64)
+def shown_layers(n_layers: int) -> tuple[int, ...]:
+    """The layers reported: ild-ecal's usual seven, else seven spread over the middle."""
+    if n_layers == 30:
+        return ILD_SHOWN
+    return tuple(int(v) for v in np.linspace(n_layers // 8, n_layers - n_layers // 8 - 2, 7))
+
+
+def cell_radii(geometry: Any) -> np.ndarray:
+    """Each voxel of a layer's distance from the axis in cells ``(voxels per layer,)``: the
+    radial row + 0.5 for cylinders, the centre's distance from the image centre otherwise."""
+    image = geometry.uniform_layer_image
+    if image is None:
+        raise SystemExit(f"{geometry.name}: the layers differ in shape; one image shape needed")
+    kind, (height, width) = image
+    rows, columns = np.divmod(np.arange(height * width), width)
+    if kind == "cylindrical":
+        return columns + 0.5  # (angular bin, radial bin), the radial index fastest
+    return np.hypot(rows - (height - 1) / 2, columns - (width - 1) / 2)
+
+
+def figures(data: ShowerData, n_layers: int, radius: np.ndarray, core: np.ndarray,
+            threshold: float) -> dict[str, list[float]]:
+    layers = data.showers.reshape(len(data), n_layers, len(radius)).astype(np.float64)
     layers = np.where(layers >= threshold, layers, 0)
-    rows, columns = np.divmod(np.arange(side * side), side)
-    radius = np.hypot(rows - (side - 1) / 2, columns - (side - 1) / 2)
     energy = layers.sum(-1)
     fraction = layers[..., core].sum(-1) / np.maximum(energy, 1e-300)
     centre = (layers * radius).sum(-1) / np.maximum(energy, 1e-300)
@@ -41,7 +62,7 @@ def figures(data: ShowerData, n_layers: int, side: int, core: np.ndarray, thresh
     incident = np.log(np.asarray(data.incident_energies, dtype=np.float64).reshape(-1))
     out: dict[str, list[float]] = {"fraction_spread": [], "fraction_vs_share_before": [],
                                    "centre_r_next_layer_correlation": []}
-    for layer in SHOWN:
+    for layer in shown_layers(n_layers):
         hit = (energy[:, layer] > 0) & (energy[:, layer + 1] > 0)
         x = np.c_[np.ones(hit.sum()), np.log(energy[hit, layer]), incident[hit]]
         residual = fraction[hit, layer] - x @ np.linalg.lstsq(x, fraction[hit, layer],
@@ -66,10 +87,8 @@ def main() -> int:
     args = parser.parse_args()
     geometry = get_geometry(args.geometry)
     n_layers = geometry.n_layers
-    side = int(round(np.sqrt(geometry.n_voxels // n_layers)))
-    rows, columns = np.divmod(np.arange(side * side), side)
-    core = np.flatnonzero(np.hypot(rows - (side - 1) / 2, columns - (side - 1) / 2)
-                          < args.radius)
+    radius = cell_radii(geometry)
+    core = core_cells(geometry, args.radius)
     threshold = geometry.threshold_mev or 0.0
     reference = read_showers(args.reference, geometry)
     generated = read_showers(args.generated, geometry)
@@ -90,8 +109,8 @@ def main() -> int:
                                        showers=mapped.reshape(len(generated), -1).numpy())
         if args.output:
             write_showers(args.output, samples["mapped"], geometry)
-    print(json.dumps({"layers": SHOWN, "core_radius_cells": args.radius,
-                      **{name: figures(data, n_layers, side, core, threshold)
+    print(json.dumps({"layers": shown_layers(n_layers), "core_radius_cells": args.radius,
+                      **{name: figures(data, n_layers, radius, core, threshold)
                          for name, data in samples.items()}}, indent=1))
     return 0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 import torch
 
@@ -37,6 +38,18 @@ from caloforge.models.flows.convflow import (
     SYMMETRIES,
     ConvL2LFlow,
 )
+
+
+def open_run(args: argparse.Namespace, family: type[Any]) -> Any:
+    """The model of ``args.run_dir`` (torch set to ``args.threads``); refused when it is
+    not of ``family`` or ``args.output`` already holds a model."""
+    torch.set_num_threads(args.threads)
+    if os.path.exists(os.path.join(args.output, "model.json")):
+        raise OptionError(f"{args.output}: already holds a model")
+    model = load_model(args.run_dir)
+    if not isinstance(model, family):
+        raise OptionError(f"{args.run_dir}: a {model.family} model, not {family.family}")
+    return model
 
 
 def main() -> int:
@@ -60,12 +73,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if os.path.exists(os.path.join(args.output, "model.json")):
-        raise OptionError(f"{args.output}: already holds a model")
-    model = load_model(args.run_dir)
-    if not isinstance(model, ConvL2LFlow):
-        raise OptionError(f"{args.run_dir}: a {model.family} model, not convflow")
+    model = open_run(args, ConvL2LFlow)
     changes = {key: value for key, value in (("temperature", args.temperature),
                                              ("postprocess", args.postprocess),
                                              ("hit_calibration_groups",

@@ -67,6 +67,17 @@ def train_tiny_caloflow(run_dir: Path, geometry: Geometry, n: int = 200, seed: i
     return run_dir
 
 
+def showers_from_drawn_noise(model: Any, energies: np.ndarray, seed: int) -> np.ndarray:
+    """Showers ``(N, n_voxels)`` MeV of the exported path (``showers_from_noise``) fed the
+    noise ``model.sample(energies, seed=seed)`` draws: what that gives, to float rounding."""
+    from caloforge.models.base import shard_generator
+
+    noise = model.draw_noise(len(energies), shard_generator(seed, 0))
+    with torch.inference_mode():
+        return model.showers_from_noise(
+            noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)}).numpy()
+
+
 def tiny_config(model_class: Any, epochs: int, **options: Any) -> Any:
     """``model_class``'s tiny preset with ``epochs`` and the given options set."""
     config = model_class.preset("tiny")

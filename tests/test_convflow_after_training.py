@@ -19,7 +19,7 @@ from caloforge.preprocessing import group_quantile_map_nodes, hit_rate_groups, m
 from convflow_cases import CARTESIAN, CORES, CYLINDER, trained_model, training_showers
 from convflow_cases import tiny as _tiny
 
-from conftest import random_showers
+from conftest import random_showers, showers_from_drawn_noise
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +159,8 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
             assert matches, "not a symmetry of the unsymmetrised shower"
             elements.append(matches[0])
         assert len(set(elements)) == 8
-        noise = model.draw_noise(len(energies), shard_generator(4, 0))
-        with torch.inference_mode():
-            traced = model.showers_from_noise(
-                noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
-        np.testing.assert_allclose(traced.numpy(), turned.reshape(len(energies), -1),
+        traced = showers_from_drawn_noise(model, energies, seed=4)
+        np.testing.assert_allclose(traced, turned.reshape(len(energies), -1),
                                    rtol=1e-4, atol=1e-5)
         # only place (0, 1) of each squeeze block keeps hits: symmetrised, a quarter each
         places = np.tile(model._block_places().ravel() % 4, CARTESIAN.n_layers)
@@ -249,10 +246,8 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
     noise = counting.draw_noise(len(energies), shard_generator(5, 0))
     assert noise.shape[1] == counting.noise_features() == n_layers * (1 + size + 2) + 3
     assert counting.layer_postprocess_nodes is not None
-    with torch.inference_mode():
-        traced = counting.showers_from_noise(
-            noise, {"incident_energy": torch.as_tensor(energies, dtype=torch.float32)})
-    np.testing.assert_allclose(traced.numpy(), counted, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(showers_from_drawn_noise(counting, energies, seed=5), counted,
+                               rtol=1e-4, atol=1e-5)
     from caloforge.export import export_model
 
     description = export_model(counting, str(tmp_path / "counts.onnx"))

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from caloforge.core_fraction import CoreFractionMap
-from caloforge.errors import CaloforgeError
+from caloforge.core_fraction import CoreFractionMap, core_cells
+from caloforge.errors import CaloforgeError, OptionError
+from caloforge.geometry import get_geometry
 
 SIDE, N_LAYERS, THRESHOLD = 6, 2, 0.01
 CORE = np.flatnonzero(np.pad(np.ones((2, 2)), 2).ravel())  # the central 2 x 2 of 6 x 6
@@ -172,3 +173,20 @@ def test_an_identity_map_leaves_float32_layers_with_held_hits_as_they_are():
     layer = torch.as_tensor(cells)
     mapped = identity.apply(layer, 0, torch.tensor([5e4]), layer.sum(1, keepdim=True)).numpy()
     np.testing.assert_allclose(mapped, cells, rtol=1e-5)
+
+
+def test_core_cells_of_squares_and_cylinders():
+    """The core of a square layer is the cells whose centre lies within the radius of the
+    image's centre (ild-ecal, 30 x 30: 4, 12, 32 cells), of a cylinder its first radial rows
+    in every angular bin (calochallenge-2: 16 angles x 9 radii, the radial index fastest);
+    layers of different shapes have no one core."""
+    ild, cylinder = get_geometry("ild-ecal"), get_geometry("calochallenge-2")
+    assert [len(core_cells(ild, r)) for r in (1.0, 2.0, 3.0)] == [4, 12, 32]
+    np.testing.assert_array_equal(core_cells(ild, 1.0), [434, 435, 464, 465])
+    n_alpha, n_radial = cylinder.layers[0].shape
+    for rows in (1, 2, 5):
+        expected = [a * n_radial + r for a in range(n_alpha) for r in range(rows)]
+        np.testing.assert_array_equal(core_cells(cylinder, float(rows)), expected)
+    mixed = get_geometry("calochallenge-1-photons")
+    with pytest.raises(OptionError, match="one image shape"):
+        core_cells(mixed, 2.0)

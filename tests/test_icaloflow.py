@@ -18,7 +18,13 @@ from caloforge.models import load_model
 from caloforge.models.flows.icaloflow import ICaloFlow, ICaloFlowConfig, ICaloFlowStudent
 from caloforge.training import StreamedBatches, TensorBatches, TrainingConfig, read_log
 
-from conftest import assert_resume_matches_uninterrupted, random_showers, simulate, tiny_config
+from conftest import (
+    assert_resume_matches_uninterrupted,
+    random_showers,
+    showers_from_drawn_noise,
+    simulate,
+    tiny_config,
+)
 
 # five layers of 3 x 3 cells: Flow-2 for layer 0, the shared Flow-3 for layers 1-4
 GEOMETRY = Geometry("tiny-5x3x3", tuple(CartesianLayer(i, nx=3, ny=3, dx=10.0, dy=10.0)
@@ -74,6 +80,43 @@ def test_layer_chain_and_reproducibility(teacher, data):
     assert (missing >= -1e-5 * flow1 - 1e-6).all()
     assert (missing <= cut * threshold + 1e-5 * flow1).all()
     assert np.abs(missing).max() > 0 or cut.sum() == 0
+
+
+def test_core_fraction_calibrated_moves_energy_between_core_and_rest(teacher, data, tmp_path):
+    """``core_fraction: calibrated`` (issue 28, calochallenge-2's high-level features):
+    fitted on the model's own draws, sampling then moves energy between each layer's core
+    (here the centre cell of 3 x 3) and the rest, keeping every layer's energy and hits (the
+    same seed with and without the map); saved, loaded and from noise (the exported path)
+    it gives the same showers; a radius that leaves no cell outside the core is refused."""
+    model, _ = teacher
+    energies = data.incident_energies[:200]
+    before = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
+    try:
+        model.config.core_fraction, model.config.core_fraction_radius = "calibrated", 1.0
+        model.fit_core_fraction(data.select(slice(0, 600)))
+        assert model.core_fraction_map is not None and model.core_fraction_map.core == [4]
+        after = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
+        np.testing.assert_allclose(after.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(after > 0, before > 0)
+        assert not np.allclose(after[..., 4], before[..., 4])
+        model.save(str(tmp_path / "cf"))
+        loaded = load_model(str(tmp_path / "cf"))
+        assert loaded.core_fraction_map == model.core_fraction_map
+        np.testing.assert_array_equal(loaded.sample(energies, seed=7).showers,
+                                      after.reshape(len(energies), -1))
+        np.testing.assert_allclose(showers_from_drawn_noise(model, energies, seed=7),
+                                   after.reshape(len(energies), -1),
+                                   rtol=1e-4, atol=1e-5)
+        model.config.core_fraction_radius = 2.0  # the corners lie 1.41 cells out
+        with pytest.raises(OptionError, match="leaves every cell in the core"):
+            model.fit_core_fraction(data)
+    finally:
+        model.config.core_fraction, model.config.core_fraction_radius = "none", 2.0
+        model.core_fraction_map = None
+    for bad, words in (({"core_fraction": "even"}, "core_fraction must be none or calibrated"),
+                       ({"core_fraction_radius": 0}, "core_fraction_radius must be > 0")):
+        with pytest.raises(OptionError, match=words):
+            ICaloFlowConfig.from_dict(bad)
 
 
 def test_likelihood_improves_and_round_trips(teacher, data, tmp_path):

@@ -33,13 +33,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CaloforgeError
+from .errors import CaloforgeError, OptionError
+from .geometry import Geometry
 from .preprocessing import lowest_hit
 
 GEV_MEV = 1000.0
 N_FEATURES = 7
 MIN_SHOWERS_PER_LAYER = 50
 LOGIT_CLIP = 1e-6  # fractions kept within [1e-6, 1 - 1e-6] before the logit
+
+
+def core_cells(geometry: Geometry, radius: float) -> np.ndarray:
+    """The voxel indices within a layer ``(K,)`` of the core: for square Cartesian images
+    the cells whose centre lies within ``radius`` cells of the image's centre, for cylinders
+    the first ``radius`` radial rows (every angular bin; ring ``i`` counts as ``i + 0.5``).
+    The geometry's layers must share one image (:attr:`Geometry.uniform_layer_image`)."""
+    image = geometry.uniform_layer_image
+    if image is None:
+        raise OptionError(f"{geometry.name}: a core needs layers of one image shape")
+    kind, (height, width) = image
+    rows, columns = np.divmod(np.arange(height * width), width)
+    if kind == "cylindrical":  # (angular bin, radial bin), the radial index fastest
+        distance = columns + 0.5
+    else:
+        distance = np.hypot(rows - (height - 1) / 2, columns - (width - 1) / 2)
+    return np.flatnonzero(distance < radius)
 
 
 def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core_fraction import CoreFractionMap
+from ...core_fraction import CoreFractionMap, core_cells
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
@@ -1326,13 +1326,8 @@ class ConvL2LFlow(LayerEnergyFlows):
     # --- the core's share of each layer (``core_fraction``) -----------------------------
     def _core_fraction_cells(self) -> np.ndarray:
         """The voxel indices within a layer of the cells within ``core_fraction_radius``
-        cells of the axis (cell centres; the first rows of a cylinder)."""
-        h, w = self.image_shape
-        rows, columns = np.mgrid[0:h, 0:w]
-        distance = rows + 0.5 if self.circular else np.hypot(rows - (h - 1) / 2,
-                                                             columns - (w - 1) / 2)
-        inside = torch.as_tensor((distance < self.config.core_fraction_radius).astype(np.int64))
-        return np.flatnonzero(self._flat(inside[None])[0].numpy())
+        cells of the axis (:func:`~caloforge.core_fraction.core_cells`)."""
+        return core_cells(self.geometry, self.config.core_fraction_radius)
 
     def fit_core_fraction(self, reference: ShowerData, seed: int = 4) -> np.ndarray:
         """``core_fraction: calibrated``: fit the per-layer maps of the core fraction from

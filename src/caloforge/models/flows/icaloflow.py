@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...core_fraction import CoreFractionMap, core_cells
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import GeometryError, OptionError
 from ...geometry import Geometry
@@ -69,6 +70,12 @@ class ICaloFlowConfig:
     ``postprocess``: ``none`` or ``spline``: after the hit calibration, a monotone map of
     the voxel spectrum fitted between generated and training voxels (the L2LFlows
     post-processing, on ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_postprocess`).
+    ``core_fraction``: ``none`` or ``calibrated``: after those, each layer's share of its
+    energy in the core (the first ``core_fraction_radius`` radial rows of a cylinder, the
+    cells within that many cells of the axis of a square layer) mapped shower by shower so
+    that its dependence on the layer energy, the share of the shower before the layer and
+    E_inc is the data's (:class:`~caloforge.core_fraction.CoreFractionMap`, fitted on
+    ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_core_fraction`).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
@@ -83,6 +90,8 @@ class ICaloFlowConfig:
     hit_calibration_showers: int = 1000
     postprocess: str = "none"
     postprocess_showers: int = 2000
+    core_fraction: str = "none"
+    core_fraction_radius: float = 2.0
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -92,6 +101,12 @@ class ICaloFlowConfig:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
+        if out.core_fraction not in ("none", "calibrated"):
+            raise OptionError(f"core_fraction must be none or calibrated, got "
+                              f"{out.core_fraction!r}")
+        if not out.core_fraction_radius > 0:
+            raise OptionError(f"core_fraction_radius must be > 0 (cells), got "
+                              f"{out.core_fraction_radius}")
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
@@ -186,6 +201,7 @@ class ICaloFlow(LayerEnergyFlows):
         self.previous_mean, self.previous_std = 0.0, 1.0
         self.hit_cuts_mev: list[float] | None = None  # see calibrate_hits
         self.postprocess_nodes: list[list[float]] | None = None  # see fit_postprocess
+        self.core_fraction_map: CoreFractionMap | None = None  # see fit_core_fraction
 
     PRESETS = PRESETS
 
@@ -292,16 +308,18 @@ class ICaloFlow(LayerEnergyFlows):
 
     # --- hit/no-hit calibration --------------------------------------------------------
     def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
-        """Calibrate the hit cuts, then fit the spectrum map, on the first training showers
-        (each where configured)."""
+        """Calibrate the hit cuts, then fit the spectrum map, then the core fraction map, on
+        the first training showers (each where configured)."""
         config = self.config
+        later = config.postprocess == "spline" or config.core_fraction == "calibrated"
         reference = first_showers(data, max(config.hit_calibration_showers,
-                                            config.postprocess_showers
-                                            if config.postprocess == "spline" else 0))
+                                            config.postprocess_showers if later else 0))
         if config.hit_calibration_showers:
             self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
         if config.postprocess == "spline":
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
+        if config.core_fraction == "calibrated":
+            self.fit_core_fraction(reference.select(slice(0, config.postprocess_showers)))
 
     def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
         """Set a cut per layer (MeV, >= the readout threshold) so that the model, sampling
@@ -313,7 +331,7 @@ class ICaloFlow(LayerEnergyFlows):
         (docs/icaloflow.md). The cut removes the faintest generated voxels of a layer
         until its hit count is the data's; the layer keeps its energy above the readout
         threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
-        self.hit_cuts_mev = self.postprocess_nodes = None
+        self.hit_cuts_mev = self.postprocess_nodes = self.core_fraction_map = None
         generated = self._sample_like(reference, seed)
         self.hit_cuts_mev = occupancy_cuts(reference.showers, generated,
                                            list(self.geometry.layer_sizes),
@@ -324,9 +342,24 @@ class ICaloFlow(LayerEnergyFlows):
         this model generates for ``reference``'s conditions (hit cuts applied) to
         ``reference``'s own voxels above threshold. At generation each layer is mapped
         through it, then scaled back to its Flow-1 energy."""
-        self.postprocess_nodes = None
+        self.postprocess_nodes = self.core_fraction_map = None
         self.postprocess_nodes = quantile_map_nodes(reference.showers,
                                                     self._sample_like(reference, seed))
+
+    def fit_core_fraction(self, reference: ShowerData, seed: int = 5) -> None:
+        """Fit the per-layer core fraction maps from this model's showers for
+        ``reference``'s conditions (hit cuts and spectrum map applied) to ``reference``'s
+        (:class:`~caloforge.core_fraction.CoreFractionMap`)."""
+        self.core_fraction_map = None
+        core = core_cells(self.geometry, self.config.core_fraction_radius)
+        if not len(core) or len(core) == self.layer_size:
+            raise OptionError(f"core_fraction_radius {self.config.core_fraction_radius} leaves "
+                              f"{'no' if not len(core) else 'every'} cell in the core")
+        shape = (self.geometry.n_layers, self.layer_size)
+        self.core_fraction_map = CoreFractionMap.fit(
+            reference.showers.reshape(len(reference), *shape), reference.incident_energies,
+            self._sample_like(reference, seed).reshape(len(reference), *shape),
+            reference.incident_energies, core, self.voxel_transform.threshold_mev)
 
     def _sample_like(self, reference: ShowerData, seed: int) -> np.ndarray:
         """Showers ``(N, n_voxels)`` for ``reference``'s conditions, on the module's device."""
@@ -334,19 +367,26 @@ class ICaloFlow(LayerEnergyFlows):
         return self.sample(reference.incident_energies, reference.conditions, seed=seed,
                            device=device).showers
 
-    def _generated_layer(self, x: torch.Tensor, layer_energy: torch.Tensor,
-                         cut: torch.Tensor | None) -> torch.Tensor:
-        """Voxels ``(B, S)`` MeV of one layer from its flow output ``x`` ``(B, S)`` and its
-        Flow-1 energy ``(B, 1)``: renormalised, cut, mapped through the spectrum spline
-        (where fitted) and scaled back to the layer energy."""
+    def _generated_layer(self, x: torch.Tensor, layer: int, layer_energies: torch.Tensor,
+                         incident_energies: torch.Tensor, cut: torch.Tensor | None
+                         ) -> torch.Tensor:
+        """Voxels ``(B, S)`` MeV of layer ``layer`` from its flow output ``x`` ``(B, S)``,
+        the Flow-1 energies ``(B, L)`` MeV and E_inc ``(B,)`` MeV: renormalised to its
+        energy, cut, mapped through the spectrum spline and scaled back to the layer
+        energy, its core fraction mapped (each where fitted)."""
+        layer_energy = layer_energies[:, layer:layer + 1]
         voxels = self.voxel_transform.inverse(x, layer_energy, cut)
-        if self.postprocess_nodes is None:
-            return voxels
-        mapped = monotone_log_map(voxels, *self.postprocess_nodes)
-        sums = mapped.sum(-1, keepdim=True)
-        scale = torch.where(sums > 0, layer_energy / sums.clamp(min=torch.finfo(x.dtype).tiny),
-                            torch.zeros_like(sums))
-        return mapped * scale
+        if self.postprocess_nodes is not None:
+            mapped = monotone_log_map(voxels, *self.postprocess_nodes)
+            sums = mapped.sum(-1, keepdim=True)
+            scale = torch.where(sums > 0,
+                                layer_energy / sums.clamp(min=torch.finfo(x.dtype).tiny),
+                                torch.zeros_like(sums))
+            voxels = mapped * scale
+        if self.core_fraction_map is not None:
+            voxels = self.core_fraction_map.apply(voxels, layer, incident_energies,
+                                                  layer_energies)
+        return voxels
 
     def _layer_cuts(self, device: torch.device | str) -> torch.Tensor | None:
         """The calibrated cuts ``(L,)`` MeV, or None (threshold only)."""
@@ -383,6 +423,7 @@ class ICaloFlow(LayerEnergyFlows):
                 self._start_layer_sampling(energies, conditions, seed, shard, batch_size, device)
             module = self.module
             cuts = self._layer_cuts(device)
+            incident = torch.as_tensor(energies, dtype=layer_energies.dtype, device=device)
             previous = torch.empty(n, size, device=device)
             for layer in range(n_layers):
                 # one draw per layer for the whole shard: independent of the batch size
@@ -398,7 +439,7 @@ class ICaloFlow(LayerEnergyFlows):
                             previous[a:b], index)
                     x = finite_logits(flow_inverse(flow, flow_context, z[a:b].to(device)))
                     voxels = self._generated_layer(
-                        x, layer_energies[a:b, layer:layer + 1],
+                        x, layer, layer_energies[a:b], incident[a:b],
                         None if cuts is None else cuts[layer:layer + 1])
                     out[a:b, layer * size:(layer + 1) * size] = voxels.cpu().numpy()
                     previous[a:b] = x
@@ -444,7 +485,8 @@ class ICaloFlow(LayerEnergyFlows):
                 index)
         previous = finite_logits(flow_inverse(flow, flow_context, z))
         cuts = self._layer_cuts(noise.device)
-        voxels = self._generated_layer(previous, state["layer_energies"][:, step:step + 1],
+        voxels = self._generated_layer(previous, step, state["layer_energies"],
+                                       state["incident_energy"],
                                        None if cuts is None else cuts[step:step + 1])
         return voxels, {"previous": previous}
 
@@ -452,7 +494,9 @@ class ICaloFlow(LayerEnergyFlows):
     def to_json_state(self) -> dict[str, Any]:
         return {**super().to_json_state(), "previous_mean": self.previous_mean,
                 "previous_std": self.previous_std, "hit_cuts_mev": self.hit_cuts_mev,
-                "postprocess_nodes": self.postprocess_nodes}
+                "postprocess_nodes": self.postprocess_nodes,
+                "core_fraction_map": None if self.core_fraction_map is None
+                else self.core_fraction_map.state()}
 
     def _restore_extra_state(self, state: dict[str, Any]) -> None:
         self.previous_mean = float(state["previous_mean"])
@@ -461,6 +505,9 @@ class ICaloFlow(LayerEnergyFlows):
         self.hit_cuts_mev = None if cuts is None else [float(c) for c in cuts]
         nodes = state.get("postprocess_nodes")
         self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
+        fraction = state.get("core_fraction_map")  # saved before core_fraction: absent
+        self.core_fraction_map = None if fraction is None else CoreFractionMap.from_state(
+            fraction)
 
 
 def _cpu_student() -> DistillationConfig:
