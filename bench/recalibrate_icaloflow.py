@@ -1,12 +1,16 @@
-"""Issue 28: a trained iCaloFlow run (teacher or student) re-saved with its core fraction
-calibrated (``core_fraction: calibrated``; the hit cuts and the spectrum map kept as fitted):
+"""Issue 28: a trained iCaloFlow run (teacher or student) re-saved with other after-training
+options: hit counts (``hit_counts``) and/or the core fraction map (``core_fraction``); the
+hit cuts kept as fitted:
 
-    python bench/recalibrate_icaloflow.py RUN --train TRAIN.h5 --core-fraction calibrated \\
-        [--core-fraction-radius 2] [--postprocess-showers 2000] -o RUN-CF
+    python bench/recalibrate_icaloflow.py RUN --train TRAIN.h5 --hit-counts layer \\
+        --core-fraction rings [--core-fraction-radius 2] [--postprocess-showers 2000] \\
+        [--hit-count-showers 5000] -o RUN-CF
 
-The map is fitted, as after training (``end_fit``), on the model's showers for the first
-``postprocess_showers`` training showers' conditions against those showers. The new run
-directory then generates and evaluates with the ordinary commands.
+Fitted as after training (``end_fit``): the count model on the first ``hit_count_showers``
+training showers, then (where configured) the spectrum map and the core fraction map on the
+model's showers for the first ``postprocess_showers`` training showers' conditions against
+those showers. The new run directory then generates and evaluates with the ordinary
+commands.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import argparse
 from recalibrate_convflow import open_run
 
 from caloforge.data import read_showers
-from caloforge.models.flows.icaloflow import ICaloFlow
+from caloforge.hit_counts import HIT_COUNTS
+from caloforge.models.flows.icaloflow import CORE_FRACTIONS, ICaloFlow
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a trained icaloflow or icaloflow-student run")
     parser.add_argument("--train", required=True, help="its training file")
-    parser.add_argument("--core-fraction", choices=["none", "calibrated"], required=True)
+    parser.add_argument("--hit-counts", choices=HIT_COUNTS, default=None)
+    parser.add_argument("--hit-count-showers", type=int, default=None)
+    parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
     parser.add_argument("--postprocess-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -31,14 +38,25 @@ def main() -> int:
     args = parser.parse_args()
     model = open_run(args, ICaloFlow)
     changes = {key: value for key, value in (
+        ("hit_counts", args.hit_counts), ("hit_count_showers", args.hit_count_showers),
         ("core_fraction", args.core_fraction),
         ("core_fraction_radius", args.core_fraction_radius),
         ("postprocess_showers", args.postprocess_showers)) if value is not None}
-    model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
-    model.core_fraction_map = None
-    if model.config.core_fraction == "calibrated":
-        model.fit_core_fraction(read_showers(args.train, model.geometry,
-                                             max_showers=model.config.postprocess_showers))
+    if not changes:
+        parser.error("nothing to change: give --hit-counts and/or --core-fraction")
+    model.config = config = type(model.config).from_dict({**model.config.to_dict(), **changes})
+    counted = config.hit_counts != "none"
+    reference = read_showers(args.train, model.geometry, max_showers=max(
+        config.postprocess_showers, config.hit_count_showers if counted else 0))
+    if "hit_counts" in changes or "hit_count_showers" in changes:
+        model.hit_count_model = None
+        if counted:
+            model.fit_hit_counts(reference.select(slice(0, config.hit_count_showers)))
+        if config.postprocess == "spline":
+            model.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
+    model.core_fraction_maps = None
+    if config.core_fraction != "none":
+        model.fit_core_fraction(reference.select(slice(0, config.postprocess_showers)))
     model.save(args.output)
     print(f"{args.output}: {changes}")
     return 0

@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from caloforge.core_fraction import CoreFractionMap, core_cells
+from caloforge.core_fraction import (
+    CoreFractionMap,
+    core_cells,
+    fit_core_fraction_maps,
+    ring_radii,
+)
 from caloforge.errors import CaloforgeError, OptionError
 from caloforge.geometry import get_geometry
 
@@ -190,3 +195,24 @@ def test_core_cells_of_squares_and_cylinders():
     mixed = get_geometry("calochallenge-1-photons")
     with pytest.raises(OptionError, match="one image shape"):
         core_cells(mixed, 2.0)
+
+
+def test_ring_maps_are_fitted_one_after_the_other():
+    """``core_fraction: rings``: cores of radius 1, 2, ... out to the radius; each map is
+    fitted on the showers the maps before it leave, and the returned showers are those of
+    the whole chain (the layer energies and hits kept)."""
+    assert ring_radii(2.0) == [1.0, 2.0] and ring_radii(2.5) == [1.0, 2.0, 2.5]
+    assert ring_radii(0.5) == [0.5]
+    real, real_incident = _layers(1500, spread=0.6, follows_development=2.0, seed=1)
+    model, model_incident = _layers(1500, spread=0.25, follows_development=0.0, seed=2)
+    inner = np.flatnonzero(np.pad(np.ones((2, 2)), 2).ravel())
+    outer = np.flatnonzero(np.pad(np.ones((4, 4)), 1).ravel())
+    maps, mapped = fit_core_fraction_maps(real, real_incident, model, model_incident,
+                                          [inner, outer], THRESHOLD)
+    assert [m.core for m in maps] == [inner.tolist(), outer.tolist()]
+    first = maps[0].apply_layers(model, model_incident)
+    np.testing.assert_allclose(mapped, maps[1].apply_layers(first, model_incident))
+    assert maps[1] == CoreFractionMap.fit(real, real_incident, first, model_incident, outer,
+                                          THRESHOLD)
+    np.testing.assert_allclose(mapped.sum(-1), model.sum(-1), rtol=1e-7)
+    np.testing.assert_array_equal(mapped > 0, model > 0)

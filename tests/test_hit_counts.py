@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from caloforge.errors import CaloforgeError
-from caloforge.hit_counts import HitCountModel
+from caloforge.errors import CaloforgeError, OptionError
+from caloforge.geometry import get_geometry
+from caloforge.hit_counts import HitCountModel, count_bands
 
 N_LAYERS = 4
 
@@ -115,3 +116,17 @@ def test_any_energies_and_noise_give_whole_counts(fitted, rows):
     assert torch.isfinite(drawn).all() and (drawn >= 0).all() and (drawn <= 900).all()
     assert torch.equal(drawn, torch.round(drawn))
     assert torch.equal(drawn == 0, d == 0)
+
+
+def test_count_bands_of_squares_and_cylinders():
+    """``hit_counts: band``: radial bands at 2, 4, 6, 9 and 14 cells, numbered from the
+    centre out without empty ones (ild-ecal 30 x 30: 12 cells in the first); a cylinder's
+    bands are its radial rows grouped the same way (calochallenge-2, 9 rows: 0-1, 2-3, 4-5,
+    6-8, each in all 16 angular bins); ``layer``: one group."""
+    ild, cylinder = get_geometry("ild-ecal"), get_geometry("calochallenge-2")
+    assert np.bincount(count_bands(ild, "band")).tolist() == [12, 40, 60, 144, 360, 284]
+    bands = count_bands(cylinder, "band").reshape(16, 9)
+    assert (bands == bands[0]).all() and bands[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert (count_bands(cylinder, "layer") == 0).all()
+    with pytest.raises(OptionError, match="one image shape"):
+        count_bands(get_geometry("calochallenge-1-photons"), "band")

@@ -82,39 +82,87 @@ def test_layer_chain_and_reproducibility(teacher, data):
     assert np.abs(missing).max() > 0 or cut.sum() == 0
 
 
-def test_core_fraction_calibrated_moves_energy_between_core_and_rest(teacher, data, tmp_path):
-    """``core_fraction: calibrated`` (issue 28, calochallenge-2's high-level features):
-    fitted on the model's own draws, sampling then moves energy between each layer's core
-    (here the centre cell of 3 x 3) and the rest, keeping every layer's energy and hits (the
-    same seed with and without the map); saved, loaded and from noise (the exported path)
-    it gives the same showers; a radius that leaves no cell outside the core is refused."""
+def _same_saved_loaded_and_traced(model, energies, seed, showers, path):
+    """Assert that ``model`` saved to ``path`` and loaded samples ``showers`` for
+    ``energies`` and ``seed``, and its exported path (``showers_from_noise``) too; returns
+    the loaded model."""
+    model.save(str(path))
+    loaded = load_model(str(path))
+    expected = showers.reshape(len(energies), -1)
+    np.testing.assert_array_equal(loaded.sample(energies, seed=seed).showers, expected)
+    np.testing.assert_allclose(showers_from_drawn_noise(model, energies, seed=seed), expected,
+                               rtol=1e-4, atol=1e-5)
+    return loaded
+
+
+def test_core_fraction_maps_move_energy_between_core_and_rest(teacher, data, tmp_path):
+    """``core_fraction: calibrated`` / ``rings`` (issue 28, calochallenge-2's high-level
+    features): fitted on the model's own draws, sampling then moves energy between each
+    layer's core (the centre cell of 3 x 3; with rings then the centre and its 4
+    neighbours) and the rest, keeping every layer's energy and hits (the same seed with
+    and without the maps); saved, loaded and from noise (the exported path) it gives the
+    same showers; a radius that leaves no cell outside the core is refused."""
     model, _ = teacher
     energies = data.incident_energies[:200]
     before = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
     try:
-        model.config.core_fraction, model.config.core_fraction_radius = "calibrated", 1.0
-        model.fit_core_fraction(data.select(slice(0, 600)))
-        assert model.core_fraction_map is not None and model.core_fraction_map.core == [4]
-        after = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
-        np.testing.assert_allclose(after.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(after > 0, before > 0)
-        assert not np.allclose(after[..., 4], before[..., 4])
-        model.save(str(tmp_path / "cf"))
-        loaded = load_model(str(tmp_path / "cf"))
-        assert loaded.core_fraction_map == model.core_fraction_map
-        np.testing.assert_array_equal(loaded.sample(energies, seed=7).showers,
-                                      after.reshape(len(energies), -1))
-        np.testing.assert_allclose(showers_from_drawn_noise(model, energies, seed=7),
-                                   after.reshape(len(energies), -1),
-                                   rtol=1e-4, atol=1e-5)
+        for kind, radius, cores in (("calibrated", 1.0, [[4]]),
+                                    ("rings", 1.2, [[4], [1, 3, 4, 5, 7]])):
+            model.config.core_fraction, model.config.core_fraction_radius = kind, radius
+            model.fit_core_fraction(data.select(slice(0, 600)))
+            assert [m.core for m in model.core_fraction_maps] == cores
+            after = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
+            np.testing.assert_allclose(after.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(after > 0, before > 0)
+            assert not np.allclose(after[..., 4], before[..., 4])
+            loaded = _same_saved_loaded_and_traced(model, energies, 7, after, tmp_path / kind)
+            assert loaded.core_fraction_maps == model.core_fraction_maps
         model.config.core_fraction_radius = 2.0  # the corners lie 1.41 cells out
-        with pytest.raises(OptionError, match="leaves every cell in the core"):
+        with pytest.raises(OptionError, match="2 leaves every cell in the core"):
             model.fit_core_fraction(data)
     finally:
         model.config.core_fraction, model.config.core_fraction_radius = "none", 2.0
-        model.core_fraction_map = None
-    for bad, words in (({"core_fraction": "even"}, "core_fraction must be none or calibrated"),
+        model.core_fraction_maps = None
+    for bad, words in (({"core_fraction": "even"}, "core_fraction must be one of"),
                        ({"core_fraction_radius": 0}, "core_fraction_radius must be > 0")):
+        with pytest.raises(OptionError, match=words):
+            ICaloFlowConfig.from_dict(bad)
+
+
+def test_hit_counts_give_each_layer_the_data_hits(teacher, data, tmp_path):
+    """``hit_counts: layer`` / ``band``: a count per layer (per radial band) drawn from a
+    model of the data's hits given E_inc and the layer energies; each layer keeps that many
+    of its highest voxels, faint ones under the threshold included, at its deposit. The
+    tiny flows' hits (cut at 3x the threshold) are far from the data's; the counts bring
+    every layer's mean hits to the data's (within 10 %) and keep the layer energies (faint
+    voxels made hits are held at the threshold: at most one threshold more each); saved,
+    loaded and from noise the same showers; one noise number more per count; bad options
+    refused."""
+    model, _ = teacher
+    energies, n_layers = data.incident_energies[:600], GEOMETRY.n_layers
+    real_hits = (data.showers[:600].reshape(-1, n_layers, 9) >= 0.01).sum(-1).mean(0)
+    cuts = model.hit_cuts_mev
+    try:
+        model.hit_cuts_mev = [3 * 0.01] * n_layers
+        cut = model.sample(energies, seed=5).showers.reshape(-1, n_layers, 9)
+        assert np.abs((cut > 0).sum(-1).mean(0) / real_hits - 1).max() > 0.3
+        for kind, bands in (("layer", 1), ("band", 1)):  # 3 x 3: one band within 2 cells
+            model.config.hit_counts = kind
+            model.fit_hit_counts(data)
+            assert model.n_hit_counts == n_layers * bands
+            assert model.noise_features() == n_layers * (1 + 9) + n_layers * bands
+            counted = model.sample(energies, seed=5).showers.reshape(-1, n_layers, 9)
+            np.testing.assert_allclose((counted > 0).sum(-1).mean(0), real_hits, rtol=0.1)
+            assert counted[counted > 0].min() >= 0.01
+            both = (counted.sum(-1) > 0) & (cut.sum(-1) > 0)
+            np.testing.assert_allclose(counted.sum(-1)[both], cut.sum(-1)[both], rtol=1e-4,
+                                       atol=9 * 0.01)
+            loaded = _same_saved_loaded_and_traced(model, energies, 5, counted, tmp_path / kind)
+            assert loaded.hit_count_model == model.hit_count_model
+    finally:
+        model.hit_cuts_mev, model.config.hit_counts, model.hit_count_model = cuts, "none", None
+    for bad, words in (({"hit_counts": "cells"}, "hit_counts must be one of"),
+                       ({"hit_count_showers": 10}, "hit_count_showers must be >= 200")):
         with pytest.raises(OptionError, match=words):
             ICaloFlowConfig.from_dict(bad)
 

@@ -60,6 +60,33 @@ def core_cells(geometry: Geometry, radius: float) -> np.ndarray:
     return np.flatnonzero(distance < radius)
 
 
+def ring_radii(radius: float) -> list[float]:
+    """The cores of ``core_fraction: rings`` out to ``radius`` (cells): 1, 2, ... below it,
+    then ``radius`` itself (2 -> [1, 2]; 2.5 -> [1, 2, 2.5])."""
+    return [float(r) for r in range(1, int(np.ceil(radius)))] + [float(radius)]
+
+
+def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
+                           generated_incident: np.ndarray, cores: list[np.ndarray],
+                           threshold_mev: float) -> tuple[list[CoreFractionMap], np.ndarray]:
+    """One :class:`CoreFractionMap` per core in ``cores`` (voxel indices within a layer),
+    applied in that order: each fitted on ``generated`` ``(M, L, S)`` MeV as the maps before
+    it leave them, against ``real`` ``(N, L, S)`` MeV (E_inc ``(N,)``, ``(M,)`` MeV).
+    Returns the maps and ``generated`` with all of them applied.
+
+    Why a chain (``core_fraction: rings``): one map sets the share of one core and scales
+    the cells inside it by one factor; a second map for a wider core then sets that share
+    and scales the first core with its ring, keeping their ratio, so the innermost share
+    and the next ring's both follow the data."""
+    maps = []
+    for core in cores:
+        fraction_map = CoreFractionMap.fit(real, real_incident, generated, generated_incident,
+                                           core, threshold_mev)
+        generated = fraction_map.apply_layers(generated, generated_incident)
+        maps.append(fraction_map)
+    return maps, generated
+
+
 def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,
                       incident_energies: torch.Tensor) -> torch.Tensor:
     """Regressors ``(B, 7)`` of a layer's core fraction: ``[1, v, v^2, F, F^2, u, u v]``
@@ -168,6 +195,15 @@ class CoreFractionMap:
             fitted["data_residuals"].append(results["data"][1].tolist())
         return cls(core=[int(i) for i in np.asarray(core)], threshold_mev=float(threshold_mev),
                    **fitted)
+
+    def apply_layers(self, layers: np.ndarray, incident_energies: np.ndarray) -> np.ndarray:
+        """Every layer of showers ``(N, L, S)`` MeV mapped (:meth:`apply`), with their E_inc
+        ``(N,)`` MeV; the layer energies are their own sums (the map keeps them)."""
+        cells = torch.from_numpy(np.ascontiguousarray(layers))
+        incident = torch.as_tensor(np.asarray(incident_energies).reshape(-1), dtype=cells.dtype)
+        energies = cells.sum(-1)
+        return torch.stack([self.apply(cells[:, layer], layer, incident, energies)
+                            for layer in range(cells.shape[1])], dim=1).numpy()
 
     def apply(self, cells: torch.Tensor, layer: int, incident_energies: torch.Tensor,
               layer_energies: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,87 @@ import numpy as np
 import torch
 from scipy.special import ndtri
 
-from .errors import CaloforgeError
+from .errors import CaloforgeError, OptionError
+from .geometry import Geometry
+from .preprocessing import lowest_hit
 
 GEV_MEV = 1000.0
+HIT_COUNTS = ("none", "layer", "band")
+# hit_counts: band: the inner edges of the radial bands, in cells from the layer's centre
+# (square images) or in radial rows (cylinders)
+COUNT_BAND_EDGES = (2, 4, 6, 9, 14)
+
+
+def count_bands(geometry: Geometry, kind: str) -> np.ndarray:
+    """Each cell's count group within a layer ``(S,)`` for ``hit_counts`` ``kind``: all 0
+    for ``layer``; for ``band`` its radial band (:data:`COUNT_BAND_EDGES`; the cell
+    centre's distance in cells from a square image's centre, or the radial row of a
+    cylinder), numbered from the centre out, without empty bands. The geometry's layers
+    must share one image (:attr:`Geometry.uniform_layer_image`)."""
+    image = geometry.uniform_layer_image
+    if image is None:
+        raise OptionError(f"{geometry.name}: hit counts need layers of one image shape")
+    layer_kind, (height, width) = image
+    if kind != "band":
+        return np.zeros(height * width, dtype=np.int64)
+    rows, columns = np.divmod(np.arange(height * width), width)
+    if layer_kind == "cylindrical":  # (angular bin, radial bin), the radial index fastest
+        rings = columns.astype(np.float64)
+    else:
+        rings = np.hypot(rows - (height - 1) / 2, columns - (width - 1) / 2)
+    return np.unique(np.digitize(rings, COUNT_BAND_EDGES), return_inverse=True)[1].ravel()
+
+
+def fit_layer_counts(showers: np.ndarray, incident_energies: np.ndarray, bands: np.ndarray,
+                     threshold_mev: float) -> HitCountModel:
+    """The count model of ``showers`` ``(N, L, S)`` MeV: hits per layer and band (``bands``
+    ``(S,)``, :func:`count_bands`; the innermost band of a layer with a deposit has at
+    least one), given the layer deposits (cells at or above ``threshold_mev``) and E_inc
+    ``(N,)`` MeV."""
+    n_showers, n_layers = showers.shape[:2]
+    hits = showers >= threshold_mev
+    n_bands = int(bands.max()) + 1
+    counts = np.stack([hits[:, :, bands == band].sum(-1) for band in range(n_bands)],
+                      axis=-1)  # (N, L, n_bands)
+    return HitCountModel.fit(
+        counts.reshape(n_showers, -1), np.where(hits, showers, 0).sum(-1, dtype=np.float64),
+        np.asarray(incident_energies, dtype=np.float64).reshape(-1),
+        group_layers=np.repeat(np.arange(n_layers), n_bands).tolist(),
+        at_least_one=np.tile(np.arange(n_bands) == 0, n_layers).tolist())
+
+
+def counted_cells(cells: torch.Tensor, cuts: torch.Tensor, counts: torch.Tensor,
+                  bands: np.ndarray, threshold_mev: float) -> torch.Tensor:
+    """One layer's cells ``(B, S)`` MeV (those under the readout threshold with their
+    values) with ``counts`` ``(B, n_bands)`` hits in each band (``bands`` ``(S,)``, see
+    :func:`count_bands`): the cells of the band with the highest cell / cut (``cuts``
+    ``(S,)`` or ``(B, S)`` MeV), none for a count of 0; the layer keeps its deposit (the
+    energy of its cells at or above the threshold), in proportion.
+
+    Cells under the threshold are candidates too, ranked by the same cell / cut: where the
+    model drew fewer hits in a band than the count, its highest faint cells become hits, at
+    the threshold plus a tenth of their value (their order kept for a spline after)."""
+    scores = cells.clamp(min=0) / cuts
+    kept_scores = torch.zeros_like(cells)
+    for band in range(counts.shape[1]):
+        members = torch.as_tensor(np.flatnonzero(bands == band), device=cells.device)
+        ranked = scores[:, members].sort(dim=1, descending=True).values
+        count = counts[:, band]
+        last = (count.long() - 1).clamp(min=0, max=len(members) - 1)
+        kept = ranked.gather(1, last[:, None])  # (B, 1): the band's lowest score kept
+        kept = torch.where(count[:, None] > 0, kept, torch.full_like(kept, float("inf")))
+        kept_scores[:, members] = kept.expand(-1, len(members))
+    # just under the kept score: cells / cuts * cuts can round above the cell
+    keep = (scores >= kept_scores * (1 - 1e-6)) & (cells > 0)
+    values = torch.where(cells >= threshold_mev, cells, threshold_mev + 0.1 * cells.clamp(min=0))
+    kept_cells = torch.where(keep, values, torch.zeros_like(values))
+    deposit = torch.where(cells >= threshold_mev, cells, torch.zeros_like(cells)).sum(1)
+    total = kept_cells.sum(1)
+    scale = torch.where(total > 0, deposit / total.clamp(min=torch.finfo(total.dtype).tiny),
+                        torch.zeros_like(total))
+    kept_cells = kept_cells * scale[:, None]
+    return torch.where(kept_cells > 0, kept_cells.clamp(min=lowest_hit(threshold_mev)),
+                       kept_cells)
 
 
 def count_features(incident_energies: torch.Tensor, deposits: torch.Tensor,

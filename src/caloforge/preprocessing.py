@@ -231,18 +231,23 @@ class VoxelTransform(JsonState):
         return LogitTransform(self.alpha).forward(normalised)
 
     def inverse(self, x: torch.Tensor, layer_energies: torch.Tensor,
-                layer_cuts: torch.Tensor | None = None) -> torch.Tensor:
+                layer_cuts: torch.Tensor | None = None, keep_below: bool = False
+                ) -> torch.Tensor:
         """``x`` ``(B, n_voxels)`` logit space and ``layer_energies`` ``(B, L)`` MeV ->
         voxels ``(B, n_voxels)`` MeV.
 
         ``layer_cuts`` ``(L,)`` MeV (each >= the threshold; see :func:`occupancy_cuts`):
         voxels below their layer's cut are emptied and the layer's other voxels scaled up
-        to keep its energy above the threshold (:meth:`cut_voxels`)."""
+        to keep its energy above the threshold (:meth:`cut_voxels`). ``keep_below``: no
+        cut at all, the voxels under the threshold keep their values (candidate hits for a
+        count, :func:`~caloforge.hit_counts.counted_cells`)."""
         shares = LogitTransform(self.alpha).inverse(x)
         sums = self.layer_sums(shares)
         index = self._index(x.device)
         shares = shares / sums[:, index].clamp(min=torch.finfo(x.dtype).tiny)
         voxels = shares * layer_energies[:, index]
+        if keep_below:
+            return voxels
         voxels = cut_below(voxels, self.threshold_mev)
         return voxels if layer_cuts is None else self.cut_layers(voxels, layer_cuts)
 

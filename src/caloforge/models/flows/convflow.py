@@ -44,7 +44,13 @@ from ...core_fraction import CoreFractionMap, core_cells
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
-from ...hit_counts import HitCountModel
+from ...hit_counts import (
+    HIT_COUNTS,
+    HitCountModel,
+    count_bands,
+    counted_cells,
+    fit_layer_counts,
+)
 from ...preprocessing import (
     LogitTransform,
     MaxLogTransform,
@@ -73,11 +79,6 @@ SYMMETRIES = ("none", "d4")
 CORE_SPLITS = ("none", "calibrated")
 CORE_FRACTIONS = ("none", "calibrated")
 SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
-HIT_COUNTS = ("none", "layer", "band")
-
-
-# hit_counts: band: the inner edges of the radial bands, in cells from the layer's centre
-COUNT_BAND_EDGES = (2, 4, 6, 9, 14)
 
 
 @dataclass
@@ -913,20 +914,10 @@ class ConvL2LFlow(LayerEnergyFlows):
         """Fit the hit count model (``hit_counts``) on ``reference``'s hits per layer (or
         band of a layer), layer deposits (cells at or above the readout threshold) and
         incident energies."""
-        threshold = self.voxel_transform.threshold_mev
-        n_layers = self.geometry.n_layers
-        showers = reference.showers.reshape(len(reference), n_layers, -1)
-        hits = showers >= threshold
-        bands = self._count_bands()
-        n_bands = int(bands.max()) + 1
-        counts = np.stack([hits[:, :, bands == band].sum(-1) for band in range(n_bands)],
-                          axis=-1)  # (N, L, n_bands)
-        self.hit_count_model = HitCountModel.fit(
-            counts.reshape(len(reference), -1),
-            np.where(hits, showers, 0).sum(-1, dtype=np.float64),
-            np.asarray(reference.incident_energies, dtype=np.float64).reshape(-1),
-            group_layers=np.repeat(np.arange(n_layers), n_bands).tolist(),
-            at_least_one=np.tile(np.arange(n_bands) == 0, n_layers).tolist())
+        self.hit_count_model = fit_layer_counts(
+            reference.showers.reshape(len(reference), self.geometry.n_layers, -1),
+            reference.incident_energies, self._count_bands(),
+            self.voxel_transform.threshold_mev)
 
     @property
     def n_hit_counts(self) -> int:
@@ -936,16 +927,9 @@ class ConvL2LFlow(LayerEnergyFlows):
         return self.geometry.n_layers * (int(self._count_bands().max()) + 1)
 
     def _count_bands(self) -> np.ndarray:
-        """Each cell's radial band ``(S,)`` (image order as the voxels; ``hit_counts:
-        band``, else all 0), numbered from the centre out, without empty bands."""
-        if self.config.hit_counts != "band":
-            return np.zeros(self.voxels_per_pass, dtype=np.int64)
-        h, w = self.image_shape
-        rows, columns = np.mgrid[0:h, 0:w]
-        rings = rows if self.circular else np.hypot(rows - (h - 1) / 2, columns - (w - 1) / 2)
-        bands = np.digitize(rings, COUNT_BAND_EDGES)
-        bands = np.unique(bands, return_inverse=True)[1].reshape(h, w)
-        return self._flat(torch.as_tensor(bands)[None])[0].numpy()
+        """Each cell's count band ``(S,)`` in the geometry's cell order (``hit_counts:
+        band``, else all 0; :func:`~caloforge.hit_counts.count_bands`)."""
+        return count_bands(self.geometry, self.config.hit_counts)
 
     def _hit_counts(self, incident_energies: torch.Tensor, layer_energies: torch.Tensor,
                     noise: torch.Tensor) -> torch.Tensor | None:
@@ -961,38 +945,12 @@ class ConvL2LFlow(LayerEnergyFlows):
     def _counted(self, cells: torch.Tensor, cuts: torch.Tensor, counts: torch.Tensor
                  ) -> torch.Tensor:
         """One layer's cells ``(B, S)`` MeV (those under the readout threshold with their
-        values, see :meth:`_cells`) with ``counts`` ``(B, n_bands)`` hits in each band:
-        the cells of the band with the highest cell / cut (``cuts`` ``(S,)`` or ``(B, S)``
-        MeV), none for a count of 0; the layer keeps its deposit (the hits' energy), in
-        proportion.
-
-        Cells under the threshold are candidates too, ranked by the same cell / cut: where
-        the flows drew fewer hits in a band than the count (ild-ecal: 2-9 cells out in the
-        last layers, 0.6-0.8x the data's hits), its highest faint cells become hits, at the
-        threshold plus a tenth of their value (their order kept for the spline after)."""
-        threshold = self.voxel_transform.threshold_mev
-        scores = cells.clamp(min=0) / cuts
-        bands = self._count_bands()
-        kept_scores = torch.zeros_like(cells)
-        for band in range(counts.shape[1]):
-            members = torch.as_tensor(np.flatnonzero(bands == band), device=cells.device)
-            ranked = scores[:, members].sort(dim=1, descending=True).values
-            count = counts[:, band]
-            last = (count.long() - 1).clamp(min=0, max=len(members) - 1)
-            kept = ranked.gather(1, last[:, None])  # (B, 1): the band's lowest score kept
-            kept = torch.where(count[:, None] > 0, kept, torch.full_like(kept, float("inf")))
-            kept_scores[:, members] = kept.expand(-1, len(members))
-        # just under the kept score: cells / cuts * cuts can round above the cell
-        keep = (scores >= kept_scores * (1 - 1e-6)) & (cells > 0)
-        values = torch.where(cells >= threshold, cells, threshold + 0.1 * cells.clamp(min=0))
-        kept_cells = torch.where(keep, values, torch.zeros_like(values))
-        deposit = torch.where(cells >= threshold, cells, torch.zeros_like(cells)).sum(1)
-        total = kept_cells.sum(1)
-        scale = torch.where(total > 0, deposit / total.clamp(min=torch.finfo(total.dtype).tiny),
-                            torch.zeros_like(total))
-        kept_cells = kept_cells * scale[:, None]
-        return torch.where(kept_cells > 0, kept_cells.clamp(min=lowest_hit(threshold)),
-                           kept_cells)
+        values, see :meth:`_cells`) with ``counts`` ``(B, n_bands)`` hits in each band,
+        ranked by cell / cut (:func:`~caloforge.hit_counts.counted_cells`). Where the flows
+        drew fewer hits in a band than the count (ild-ecal: 2-9 cells out in the last
+        layers, 0.6-0.8x the data's hits), its highest faint cells become hits."""
+        return counted_cells(cells, cuts, counts, self._count_bands(),
+                             self.voxel_transform.threshold_mev)
 
     def _cut_groups(self, showers: np.ndarray, split_blocks: bool = True) -> np.ndarray:
         """Each voxel's calibration group ``(n_voxels,)`` (``hit_calibration_groups``);

@@ -36,10 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core_fraction import CoreFractionMap, core_cells
+from ...core_fraction import CoreFractionMap, core_cells, fit_core_fraction_maps, ring_radii
 from ...data import ShowerData, ShowerStream, first_showers
-from ...errors import GeometryError, OptionError
+from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
+from ...hit_counts import (
+    HIT_COUNTS,
+    HitCountModel,
+    count_bands,
+    counted_cells,
+    fit_layer_counts,
+)
 from ...preprocessing import (
     LogitTransform,
     VoxelTransform,
@@ -70,12 +77,20 @@ class ICaloFlowConfig:
     ``postprocess``: ``none`` or ``spline``: after the hit calibration, a monotone map of
     the voxel spectrum fitted between generated and training voxels (the L2LFlows
     post-processing, on ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_postprocess`).
-    ``core_fraction``: ``none`` or ``calibrated``: after those, each layer's share of its
-    energy in the core (the first ``core_fraction_radius`` radial rows of a cylinder, the
-    cells within that many cells of the axis of a square layer) mapped shower by shower so
-    that its dependence on the layer energy, the share of the shower before the layer and
-    E_inc is the data's (:class:`~caloforge.core_fraction.CoreFractionMap`, fitted on
-    ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_core_fraction`).
+    ``hit_counts``: ``layer`` draws each shower's number of hits per layer, ``band`` per
+    radial band of a layer, from a model fitted on the first ``hit_count_showers`` training
+    showers given E_inc and every layer's energy
+    (:class:`~caloforge.hit_counts.HitCountModel`, one more noise number per count); each
+    layer then keeps that many of its highest voxels (the faint ones under the threshold
+    too) at its deposit, instead of the hit cuts.
+    ``core_fraction``: ``none``, ``calibrated`` or ``rings``: after those, each layer's
+    share of its energy in the core (the first ``core_fraction_radius`` radial rows of a
+    cylinder, the cells within that many cells of the axis of a square layer) mapped shower
+    by shower so that its dependence on the layer energy, the share of the shower before
+    the layer and E_inc is the data's (:class:`~caloforge.core_fraction.CoreFractionMap`,
+    fitted on ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_core_fraction`);
+    ``rings``: one map per core of radius 1, 2, ... out to ``core_fraction_radius``, in
+    that order (:func:`~caloforge.core_fraction.ring_radii`).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
@@ -90,6 +105,8 @@ class ICaloFlowConfig:
     hit_calibration_showers: int = 1000
     postprocess: str = "none"
     postprocess_showers: int = 2000
+    hit_counts: str = "none"
+    hit_count_showers: int = 5000
     core_fraction: str = "none"
     core_fraction_radius: float = 2.0
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -101,9 +118,14 @@ class ICaloFlowConfig:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
-        if out.core_fraction not in ("none", "calibrated"):
-            raise OptionError(f"core_fraction must be none or calibrated, got "
-                              f"{out.core_fraction!r}")
+        if out.hit_counts not in HIT_COUNTS:
+            raise OptionError(f"hit_counts must be one of {', '.join(HIT_COUNTS)}, got "
+                              f"{out.hit_counts!r}")
+        if out.hit_count_showers < 200:
+            raise OptionError(f"hit_count_showers must be >= 200, got {out.hit_count_showers}")
+        if out.core_fraction not in CORE_FRACTIONS:
+            raise OptionError(f"core_fraction must be one of {', '.join(CORE_FRACTIONS)}, "
+                              f"got {out.core_fraction!r}")
         if not out.core_fraction_radius > 0:
             raise OptionError(f"core_fraction_radius must be > 0 (cells), got "
                               f"{out.core_fraction_radius}")
@@ -143,6 +165,7 @@ def _tiny_config() -> ICaloFlowConfig:
                            training=TrainingConfig(epochs=2, batch_size=32))
 
 
+CORE_FRACTIONS = ("none", "calibrated", "rings")
 PRESETS: dict[str, Callable[[], Any]] = {"cpu": _cpu_config, "paper": _paper_config,
                                        "tiny": _tiny_config}
 
@@ -201,7 +224,8 @@ class ICaloFlow(LayerEnergyFlows):
         self.previous_mean, self.previous_std = 0.0, 1.0
         self.hit_cuts_mev: list[float] | None = None  # see calibrate_hits
         self.postprocess_nodes: list[list[float]] | None = None  # see fit_postprocess
-        self.core_fraction_map: CoreFractionMap | None = None  # see fit_core_fraction
+        self.core_fraction_maps: list[CoreFractionMap] | None = None  # see fit_core_fraction
+        self.hit_count_model: HitCountModel | None = None  # see fit_hit_counts
 
     PRESETS = PRESETS
 
@@ -308,17 +332,21 @@ class ICaloFlow(LayerEnergyFlows):
 
     # --- hit/no-hit calibration --------------------------------------------------------
     def end_fit(self, data: ShowerData | ShowerStream, run_dir: str) -> None:
-        """Calibrate the hit cuts, then fit the spectrum map, then the core fraction map, on
-        the first training showers (each where configured)."""
+        """Calibrate the hit cuts, fit the hit count model, then the spectrum map, then the
+        core fraction map, on the first training showers (each where configured)."""
         config = self.config
-        later = config.postprocess == "spline" or config.core_fraction == "calibrated"
+        later = config.postprocess == "spline" or config.core_fraction != "none"
+        counts = config.hit_counts != "none"
         reference = first_showers(data, max(config.hit_calibration_showers,
-                                            config.postprocess_showers if later else 0))
+                                            config.postprocess_showers if later else 0,
+                                            config.hit_count_showers if counts else 0))
         if config.hit_calibration_showers:
             self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
+        if counts:
+            self.fit_hit_counts(reference.select(slice(0, config.hit_count_showers)))
         if config.postprocess == "spline":
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
-        if config.core_fraction == "calibrated":
+        if config.core_fraction != "none":
             self.fit_core_fraction(reference.select(slice(0, config.postprocess_showers)))
 
     def calibrate_hits(self, reference: ShowerData, seed: int = 3) -> None:
@@ -331,35 +359,72 @@ class ICaloFlow(LayerEnergyFlows):
         (docs/icaloflow.md). The cut removes the faintest generated voxels of a layer
         until its hit count is the data's; the layer keeps its energy above the readout
         threshold (:meth:`~caloforge.preprocessing.VoxelTransform.cut_voxels`)."""
-        self.hit_cuts_mev = self.postprocess_nodes = self.core_fraction_map = None
+        self.hit_cuts_mev = self.postprocess_nodes = self.core_fraction_maps = None
+        self.hit_count_model = None
         generated = self._sample_like(reference, seed)
         self.hit_cuts_mev = occupancy_cuts(reference.showers, generated,
                                            list(self.geometry.layer_sizes),
                                            self.voxel_transform.threshold_mev)
+
+    def fit_hit_counts(self, reference: ShowerData) -> None:
+        """Fit the hit count model (``hit_counts``) on ``reference``'s hits per layer (or
+        radial band), layer deposits and E_inc (data alone); clears the spectrum and core
+        fraction maps, fitted on the showers it changes."""
+        self.postprocess_nodes = self.core_fraction_maps = None
+        self.hit_count_model = fit_layer_counts(
+            reference.showers.reshape(len(reference), self.geometry.n_layers, -1),
+            reference.incident_energies, self._count_bands(),
+            self.voxel_transform.threshold_mev)
+
+    def _count_bands(self) -> np.ndarray:
+        """Each voxel's count group within a layer ``(S,)``
+        (:func:`~caloforge.hit_counts.count_bands`)."""
+        return count_bands(self.geometry, self.config.hit_counts)
+
+    @property
+    def n_hit_counts(self) -> int:
+        """The counts drawn per shower (``hit_counts``): layers x bands, or 0."""
+        if self.config.hit_counts == "none":
+            return 0
+        return self.geometry.n_layers * (int(self._count_bands().max()) + 1)
+
+    def _hit_counts(self, incident_energies: torch.Tensor, layer_energies: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor | None:
+        """Each shower's hits per layer (and band) ``(B, L x n_bands)`` drawn from ``noise``
+        of that shape given E_inc ``(B,)`` MeV and the Flow-1 energies ``(B, L)`` MeV; None
+        without a fitted count model."""
+        if self.hit_count_model is None or self.config.hit_counts == "none":
+            return None
+        return self.hit_count_model.draw(incident_energies.to(layer_energies.dtype),
+                                         layer_energies, noise.to(layer_energies.dtype),
+                                         max_count=float(self.layer_size))
 
     def fit_postprocess(self, reference: ShowerData, seed: int = 4) -> None:
         """Fit the monotone map (PCHIP in log10 MeV through 128 quantiles) from the voxels
         this model generates for ``reference``'s conditions (hit cuts applied) to
         ``reference``'s own voxels above threshold. At generation each layer is mapped
         through it, then scaled back to its Flow-1 energy."""
-        self.postprocess_nodes = self.core_fraction_map = None
+        self.postprocess_nodes = self.core_fraction_maps = None
         self.postprocess_nodes = quantile_map_nodes(reference.showers,
                                                     self._sample_like(reference, seed))
 
     def fit_core_fraction(self, reference: ShowerData, seed: int = 5) -> None:
-        """Fit the per-layer core fraction maps from this model's showers for
-        ``reference``'s conditions (hit cuts and spectrum map applied) to ``reference``'s
-        (:class:`~caloforge.core_fraction.CoreFractionMap`)."""
-        self.core_fraction_map = None
-        core = core_cells(self.geometry, self.config.core_fraction_radius)
-        if not len(core) or len(core) == self.layer_size:
-            raise OptionError(f"core_fraction_radius {self.config.core_fraction_radius} leaves "
-                              f"{'no' if not len(core) else 'every'} cell in the core")
+        """Fit the per-layer core fraction map(s) (``core_fraction``) from this model's
+        showers for ``reference``'s conditions (hit cuts or counts and spectrum map applied)
+        to ``reference``'s (:func:`~caloforge.core_fraction.fit_core_fraction_maps`)."""
+        self.core_fraction_maps = None
+        radius = self.config.core_fraction_radius
+        radii = ring_radii(radius) if self.config.core_fraction == "rings" else [radius]
+        cores = [core_cells(self.geometry, r) for r in radii]
+        for r, core in zip(radii, cores):
+            if not len(core) or len(core) == self.layer_size:
+                raise OptionError(f"core_fraction_radius {r:g} leaves "
+                                  f"{'no' if not len(core) else 'every'} cell in the core")
         shape = (self.geometry.n_layers, self.layer_size)
-        self.core_fraction_map = CoreFractionMap.fit(
+        self.core_fraction_maps = fit_core_fraction_maps(
             reference.showers.reshape(len(reference), *shape), reference.incident_energies,
             self._sample_like(reference, seed).reshape(len(reference), *shape),
-            reference.incident_energies, core, self.voxel_transform.threshold_mev)
+            reference.incident_energies, cores, self.voxel_transform.threshold_mev)[0]
 
     def _sample_like(self, reference: ShowerData, seed: int) -> np.ndarray:
         """Showers ``(N, n_voxels)`` for ``reference``'s conditions, on the module's device."""
@@ -368,14 +433,23 @@ class ICaloFlow(LayerEnergyFlows):
                            device=device).showers
 
     def _generated_layer(self, x: torch.Tensor, layer: int, layer_energies: torch.Tensor,
-                         incident_energies: torch.Tensor, cut: torch.Tensor | None
-                         ) -> torch.Tensor:
+                         incident_energies: torch.Tensor, cut: torch.Tensor | None,
+                         counts: torch.Tensor | None = None) -> torch.Tensor:
         """Voxels ``(B, S)`` MeV of layer ``layer`` from its flow output ``x`` ``(B, S)``,
         the Flow-1 energies ``(B, L)`` MeV and E_inc ``(B,)`` MeV: renormalised to its
-        energy, cut, mapped through the spectrum spline and scaled back to the layer
-        energy, its core fraction mapped (each where fitted)."""
+        energy, cut (or, given every layer's hit ``counts`` ``(B, L x n_bands)``, that many
+        voxels kept per band), mapped through the spectrum spline and scaled back to the
+        layer energy, its core fraction mapped (each where fitted)."""
         layer_energy = layer_energies[:, layer:layer + 1]
-        voxels = self.voxel_transform.inverse(x, layer_energy, cut)
+        if counts is None:
+            voxels = self.voxel_transform.inverse(x, layer_energy, cut)
+        else:
+            n_bands = counts.shape[1] // self.geometry.n_layers
+            threshold = self.voxel_transform.threshold_mev
+            raw = self.voxel_transform.inverse(x, layer_energy, keep_below=True)
+            voxels = counted_cells(raw, torch.full_like(raw[0], threshold),
+                                   counts[:, layer * n_bands:(layer + 1) * n_bands],
+                                   self._count_bands(), threshold)
         if self.postprocess_nodes is not None:
             mapped = monotone_log_map(voxels, *self.postprocess_nodes)
             sums = mapped.sum(-1, keepdim=True)
@@ -383,9 +457,8 @@ class ICaloFlow(LayerEnergyFlows):
                                 layer_energy / sums.clamp(min=torch.finfo(x.dtype).tiny),
                                 torch.zeros_like(sums))
             voxels = mapped * scale
-        if self.core_fraction_map is not None:
-            voxels = self.core_fraction_map.apply(voxels, layer, incident_energies,
-                                                  layer_energies)
+        for fraction_map in self.core_fraction_maps or []:
+            voxels = fraction_map.apply(voxels, layer, incident_energies, layer_energies)
         return voxels
 
     def _layer_cuts(self, device: torch.device | str) -> torch.Tensor | None:
@@ -424,6 +497,9 @@ class ICaloFlow(LayerEnergyFlows):
             module = self.module
             cuts = self._layer_cuts(device)
             incident = torch.as_tensor(energies, dtype=layer_energies.dtype, device=device)
+            # drawn whether or not the count model is fitted yet: the same noise follows
+            count_noise = torch.randn(n, self.n_hit_counts, generator=generator).to(device)
+            counts = self._hit_counts(incident, layer_energies, count_noise)
             previous = torch.empty(n, size, device=device)
             for layer in range(n_layers):
                 # one draw per layer for the whole shard: independent of the batch size
@@ -440,7 +516,8 @@ class ICaloFlow(LayerEnergyFlows):
                     x = finite_logits(flow_inverse(flow, flow_context, z[a:b].to(device)))
                     voxels = self._generated_layer(
                         x, layer, layer_energies[a:b], incident[a:b],
-                        None if cuts is None else cuts[layer:layer + 1])
+                        None if cuts is None else cuts[layer:layer + 1],
+                        None if counts is None else counts[a:b])
                     out[a:b, layer * size:(layer + 1) * size] = voxels.cpu().numpy()
                     previous[a:b] = x
         return self._sampled_data(energies, out, conditions)
@@ -450,12 +527,13 @@ class ICaloFlow(LayerEnergyFlows):
     # the noise of a calochallenge-3 shard at once would not fit in memory); these give the
     # same showers for the same draws, shower by shower, for `caloforge export`.
     def noise_features(self) -> int:
-        return self.geometry.n_layers * (1 + self.layer_size)
+        return self.geometry.n_layers * (1 + self.layer_size) + self.n_hit_counts
 
     def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Flow-1's noise ``(n, L)``, then each layer's ``(n, S)`` in order: the draws
-        :meth:`sample` makes."""
-        draws = [torch.randn(n, self.geometry.n_layers, generator=generator)]
+        """Flow-1's noise ``(n, L)``, the hit counts' ``(n, L x n_bands)`` (``hit_counts``),
+        then each layer's ``(n, S)`` in order: the draws :meth:`sample` makes."""
+        draws = [torch.randn(n, self.geometry.n_layers, generator=generator),
+                 torch.randn(n, self.n_hit_counts, generator=generator)]
         draws += [torch.randn(n, self.layer_size, generator=generator)
                   for _ in range(self.geometry.n_layers)]
         return torch.cat(draws, dim=1)
@@ -472,8 +550,9 @@ class ICaloFlow(LayerEnergyFlows):
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Layer ``step``'s voxels ``(B, S)`` MeV from its noise and the layer before it."""
         assert self.module is not None
-        n_layers, size = self.geometry.n_layers, self.layer_size
-        z = noise[:, n_layers + step * size:n_layers + (step + 1) * size]
+        n_layers, size, n_counts = self.geometry.n_layers, self.layer_size, self.n_hit_counts
+        start = n_layers + n_counts + step * size
+        z = noise[:, start:start + size]
         context, log_energies = state["context"], state["log_energies"]
         if step == 0:
             flow, flow_context = self.module.flow2, torch.cat(
@@ -485,9 +564,12 @@ class ICaloFlow(LayerEnergyFlows):
                 index)
         previous = finite_logits(flow_inverse(flow, flow_context, z))
         cuts = self._layer_cuts(noise.device)
+        # every step draws the counts again from the same noise: the steps share no state
+        counts = self._hit_counts(state["incident_energy"], state["layer_energies"],
+                                  noise[:, n_layers:n_layers + n_counts])
         voxels = self._generated_layer(previous, step, state["layer_energies"],
                                        state["incident_energy"],
-                                       None if cuts is None else cuts[step:step + 1])
+                                       None if cuts is None else cuts[step:step + 1], counts)
         return voxels, {"previous": previous}
 
     # --- persistence ------------------------------------------------------------------
@@ -495,8 +577,10 @@ class ICaloFlow(LayerEnergyFlows):
         return {**super().to_json_state(), "previous_mean": self.previous_mean,
                 "previous_std": self.previous_std, "hit_cuts_mev": self.hit_cuts_mev,
                 "postprocess_nodes": self.postprocess_nodes,
-                "core_fraction_map": None if self.core_fraction_map is None
-                else self.core_fraction_map.state()}
+                "core_fraction_maps": None if self.core_fraction_maps is None
+                else [fraction_map.state() for fraction_map in self.core_fraction_maps],
+                "hit_count_model": None if self.hit_count_model is None
+                else self.hit_count_model.state()}
 
     def _restore_extra_state(self, state: dict[str, Any]) -> None:
         self.previous_mean = float(state["previous_mean"])
@@ -505,9 +589,13 @@ class ICaloFlow(LayerEnergyFlows):
         self.hit_cuts_mev = None if cuts is None else [float(c) for c in cuts]
         nodes = state.get("postprocess_nodes")
         self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
-        fraction = state.get("core_fraction_map")  # saved before core_fraction: absent
-        self.core_fraction_map = None if fraction is None else CoreFractionMap.from_state(
-            fraction)
+        maps = state.get("core_fraction_maps")  # saved before core_fraction: absent
+        if maps is not None and not isinstance(maps, list):
+            raise CaloforgeError("core fraction maps state is not a list")
+        self.core_fraction_maps = None if maps is None else [
+            CoreFractionMap.from_state(fraction) for fraction in maps]
+        counts = state.get("hit_count_model")  # saved before hit_counts: absent
+        self.hit_count_model = None if counts is None else HitCountModel.from_state(counts)
 
 
 def _cpu_student() -> DistillationConfig:
