@@ -240,7 +240,7 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
                                             core_fraction_radius=1.0,
                                             core_split="calibrated"))
     counting.fit(data, str(tmp_path / "counts"))
-    assert counting.hit_count_model is not None and counting.core_fraction_map is not None
+    assert counting.hit_count_model is not None and counting.core_fraction_maps is not None
     assert counting.core_split_factors is not None  # fitted on the core map's showers
     counted = counting.sample(energies, seed=5).showers
     noise = counting.draw_noise(len(energies), shard_generator(5, 0))
@@ -254,7 +254,7 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
     assert description["check"]["max_relative_deviation"] <= 1e-4
     loaded = load_model(str(tmp_path / "counts"))
     assert loaded.hit_count_model == counting.hit_count_model
-    assert loaded.core_fraction_map == counting.core_fraction_map
+    assert loaded.core_fraction_maps == counting.core_fraction_maps
     assert loaded.core_split_factors == counting.core_split_factors
     np.testing.assert_array_equal(loaded.sample(energies, seed=5).showers, counted)
     # faint cells are candidates: a count above the flows' hits makes the highest of them
@@ -367,18 +367,25 @@ def test_core_fraction_calibrated_moves_energy_between_core_and_rest(trained, da
         model.config.core_fraction = "calibrated"
         before = model.sample(energies, seed=7).showers.reshape(-1, 4, 16)
         model.fit_core_fraction(data)
-        assert model.core_fraction_map is not None
+        assert model.core_fraction_maps is not None and len(model.core_fraction_maps) == 1
         after = model.sample(energies, seed=7).showers.reshape(-1, 4, 16)
         np.testing.assert_allclose(after.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(after > 0, before > 0)
         core = np.flatnonzero(distance < 1)
         assert not np.allclose(after[:, :, core].sum(-1), before[:, :, core].sum(-1))
+        # rings: cores of 1 and 2 cells (4 and 12 of 4 x 4), one map after the other
+        model.config.core_fraction, model.config.core_fraction_radius = "rings", 2.0
+        model.fit_core_fraction(data)
+        assert [len(m.core) for m in model.core_fraction_maps] == [4, 12]
+        ringed = model.sample(energies, seed=7).showers.reshape(-1, 4, 16)
+        np.testing.assert_allclose(ringed.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ringed > 0, before > 0)
         model.config.core_fraction_radius = 3.0
         with pytest.raises(OptionError, match="leaves every cell in the core"):
             model.fit_core_fraction(data)
     finally:
         model.config.core_fraction, model.config.core_fraction_radius = "none", 2.0
-        model.core_fraction_map = None
+        model.core_fraction_maps = None
     cylinder = ConvL2LFlow(CYLINDER, _tiny(1, core_fraction="calibrated",
                                            core_fraction_radius=1.0))
     assert len(cylinder._core_fraction_cells()) == CYLINDER.layers[0].n_alpha  # radial bin 0

@@ -14,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 from caloforge.core_fraction import (
     CoreFractionMap,
     core_cells,
+    core_fraction_maps_from_state,
     fit_core_fraction_maps,
     ring_radii,
 )
@@ -216,3 +217,18 @@ def test_ring_maps_are_fitted_one_after_the_other():
                                           THRESHOLD)
     np.testing.assert_allclose(mapped.sum(-1), model.sum(-1), rtol=1e-7)
     np.testing.assert_array_equal(mapped > 0, model > 0)
+
+
+def test_saved_maps_of_either_layout_load():
+    """Families save ``core_fraction_maps`` (a list); convflow files from before ``rings``
+    hold one ``core_fraction_map``: both load as a list, neither as None, a non-list is
+    refused."""
+    real, real_incident = _layers(400, spread=0.6, follows_development=2.0, seed=1)
+    fitted = CoreFractionMap.fit(real, real_incident, real, real_incident, CORE, THRESHOLD)
+    assert core_fraction_maps_from_state({"core_fraction_map": fitted.state()}) == [fitted]
+    assert core_fraction_maps_from_state({"core_fraction_maps": [fitted.state()] * 2}) == [
+        fitted, fitted]
+    assert core_fraction_maps_from_state({}) is None
+    assert core_fraction_maps_from_state({"core_fraction_map": None}) is None
+    with pytest.raises(CaloforgeError, match="not a list"):
+        core_fraction_maps_from_state({"core_fraction_maps": fitted.state()})

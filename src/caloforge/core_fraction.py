@@ -38,6 +38,7 @@ from .geometry import Geometry
 from .preprocessing import lowest_hit
 
 GEV_MEV = 1000.0
+CORE_FRACTIONS = ("none", "calibrated", "rings")  # the families' ``core_fraction`` option
 N_FEATURES = 7
 MIN_SHOWERS_PER_LAYER = 50
 LOGIT_CLIP = 1e-6  # fractions kept within [1e-6, 1 - 1e-6] before the logit
@@ -85,6 +86,39 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
         generated = fraction_map.apply_layers(generated, generated_incident)
         maps.append(fraction_map)
     return maps, generated
+
+
+def fit_option_maps(geometry: Geometry, kind: str, radius: float, real: np.ndarray,
+                    real_incident: np.ndarray, generated: np.ndarray,
+                    generated_incident: np.ndarray, threshold_mev: float
+                    ) -> tuple[list[CoreFractionMap], np.ndarray]:
+    """The maps of a family's ``core_fraction`` option ``kind`` (``calibrated``: one core of
+    ``radius`` cells; ``rings``: :func:`ring_radii`) fitted as in
+    :func:`fit_core_fraction_maps` on layers ``(N, L, S)`` / ``(M, L, S)`` MeV; a radius
+    that leaves no cell in the core, or none outside it, is refused (OptionError)."""
+    radii = ring_radii(radius) if kind == "rings" else [radius]
+    cores = [core_cells(geometry, r) for r in radii]
+    for r, core in zip(radii, cores):
+        if not len(core) or len(core) == real.shape[-1]:
+            raise OptionError(f"core_fraction_radius {r:g} leaves "
+                              f"{'no' if not len(core) else 'every'} cell in the core")
+    return fit_core_fraction_maps(real, real_incident, generated, generated_incident, cores,
+                                  threshold_mev)
+
+
+def core_fraction_maps_from_state(state: dict[str, Any]) -> list[CoreFractionMap] | None:
+    """A family's saved maps: ``state["core_fraction_maps"]`` (a list of map states), or a
+    single ``"core_fraction_map"`` (convflow files saved before ``rings``); None when the
+    state has neither (saved before ``core_fraction``)."""
+    if "core_fraction_map" in state and "core_fraction_maps" not in state:
+        single = state["core_fraction_map"]
+        return None if single is None else [CoreFractionMap.from_state(single)]
+    maps = state.get("core_fraction_maps")
+    if maps is None:
+        return None
+    if not isinstance(maps, list):
+        raise CaloforgeError("core fraction maps state is not a list")
+    return [CoreFractionMap.from_state(fraction) for fraction in maps]
 
 
 def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,

@@ -40,7 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core_fraction import CoreFractionMap, core_cells
+from ...core_fraction import (
+    CORE_FRACTIONS,
+    CoreFractionMap,
+    core_cells,
+    core_fraction_maps_from_state,
+    fit_option_maps,
+)
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
@@ -77,7 +83,6 @@ POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
 SYMMETRIES = ("none", "d4")
 CORE_SPLITS = ("none", "calibrated")
-CORE_FRACTIONS = ("none", "calibrated")
 SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
 
 
@@ -207,10 +212,12 @@ class ConvFlowConfig:
     flows split that core 1.5-1.9x as unevenly as the data, so the hottest cell (the
     largest share times a core energy that is right) is 3-16 % too hot
     (docs/convflow.md "What the hot core is"). Set after training;
-    ``core_fraction``: ``calibrated`` maps each shower's core fraction per layer (the share
-    of the layer's energy in the cells within ``core_fraction_radius`` cells of the axis;
-    the first rows of cylinders) to the data's distribution given the layer energy, E_inc
-    and the share of the shower's energy before the layer, keeping the shower's rank
+    ``core_fraction``: ``calibrated`` maps each shower's core fraction per layer (the
+    share of the layer's energy in the cells within ``core_fraction_radius`` cells of the
+    axis; the first rows of cylinders; ``rings``: one map per core of radius 1, 2, ... out
+    to it, each fitted after the one before) to the data's distribution given the layer
+    energy, E_inc and the share of the shower's energy before the layer, keeping the
+    shower's rank
     (:class:`~caloforge.core_fraction.CoreFractionMap`, fitted on ``postprocess_showers``
     showers after the cuts, counts and spline(s), before the core split), moving energy
     between the core and the rest: the layer keeps its energy and hits. Why: on ild-ecal
@@ -525,7 +532,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.voxel_cut_edges: dict[str, list[float]] | None = None
         self.hit_count_model: HitCountModel | None = None  # hit_counts; see fit_hit_counts
         self.core_split_factors: list[float] | None = None  # core_split; see fit_core_split
-        self.core_fraction_map: CoreFractionMap | None = None  # see fit_core_fraction
+        self.core_fraction_maps: list[CoreFractionMap] | None = None  # see fit_core_fraction
         self._energy_pool: dict[str, torch.Tensor] | None = None  # see energy_steps
 
     PRESETS = PRESETS
@@ -882,7 +889,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
         self.voxel_cut_edges = self.hit_count_model = self.core_split_factors = None
-        self.core_fraction_map = None
+        self.core_fraction_maps = None
         generated = self._sample_in_flow_frame(reference, seed)
         groups = self._cut_groups(reference.showers)
         threshold = self.voxel_transform.threshold_mev
@@ -1124,9 +1131,9 @@ class ConvL2LFlow(LayerEnergyFlows):
             mapped = mapped * scale[:, None]
             mapped = torch.where(mapped > 0, mapped.clamp(
                 min=lowest_hit(self.voxel_transform.threshold_mev)), mapped)
-        if self.core_fraction_map is not None and self.config.core_fraction != "none":
-            mapped = self.core_fraction_map.apply(mapped, layer, incident_energies,
-                                                  layer_energies)
+        if self.config.core_fraction != "none":
+            for fraction_map in self.core_fraction_maps or []:
+                mapped = fraction_map.apply(mapped, layer, incident_energies, layer_energies)
         cells = self._split_core(mapped, layer)
         return cells if bits is None else self._symmetrised(cells, bits)
 
@@ -1233,7 +1240,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
         # these act after the spline(s): refitted after them
-        self.core_split_factors = self.core_fraction_map = None
+        self.core_split_factors = self.core_fraction_maps = None
         generated = self._sample_in_flow_frame(reference, seed)
         if self.config.postprocess == "group-spline":
             groups = self._cut_groups(reference.showers, split_blocks=False)
@@ -1288,29 +1295,20 @@ class ConvL2LFlow(LayerEnergyFlows):
         return core_cells(self.geometry, self.config.core_fraction_radius)
 
     def fit_core_fraction(self, reference: ShowerData, seed: int = 4) -> np.ndarray:
-        """``core_fraction: calibrated``: fit the per-layer maps of the core fraction from
-        the model's showers for ``reference``'s conditions (everything before it applied) to
-        ``reference``'s (:class:`~caloforge.core_fraction.CoreFractionMap`); clears the core
-        split, which acts after it. Returns those showers ``(N, n_voxels)`` MeV with the
-        map applied: what the core split is fitted on next (no second sampling)."""
-        self.core_fraction_map = self.core_split_factors = None
-        core = self._core_fraction_cells()
-        if not len(core) or len(core) == self.voxels_per_pass:
-            raise OptionError(f"core_fraction_radius {self.config.core_fraction_radius} leaves "
-                              f"{'no' if not len(core) else 'every'} cell in the core")
-        generated = self._sample_in_flow_frame(reference, seed)
+        """``core_fraction``: fit the per-layer map(s) of the core fraction from the model's
+        showers for ``reference``'s conditions (everything before them applied) to
+        ``reference``'s (:func:`~caloforge.core_fraction.fit_option_maps`); clears the core
+        split, which acts after them. Returns those showers ``(N, n_voxels)`` MeV with the
+        maps applied: what the core split is fitted on next (no second sampling)."""
+        self.core_fraction_maps = self.core_split_factors = None
         n_layers = self.geometry.n_layers
-        layers = generated.reshape(len(generated), n_layers, -1)
-        self.core_fraction_map = CoreFractionMap.fit(
+        generated = self._sample_in_flow_frame(reference, seed)
+        self.core_fraction_maps, mapped = fit_option_maps(
+            self.geometry, self.config.core_fraction, self.config.core_fraction_radius,
             reference.showers.reshape(len(reference), n_layers, -1),
-            reference.incident_energies, layers, reference.incident_energies, core,
-            self.voxel_transform.threshold_mev)
-        cells = torch.from_numpy(layers)
-        incident = torch.as_tensor(reference.incident_energies, dtype=cells.dtype)
-        energies = cells.sum(-1)
-        return torch.stack([self.core_fraction_map.apply(cells[:, layer], layer, incident,
-                                                         energies)
-                            for layer in range(n_layers)], dim=1).flatten(1).numpy()
+            reference.incident_energies, generated.reshape(len(generated), n_layers, -1),
+            reference.incident_energies, self.voxel_transform.threshold_mev)
+        return mapped.reshape(len(generated), -1)
 
     # --- the core's split (``core_split``) ---------------------------------------------
     def _core_cells(self) -> np.ndarray:
@@ -1383,8 +1381,8 @@ class ConvL2LFlow(LayerEnergyFlows):
                 "hit_count_model": None if self.hit_count_model is None
                 else self.hit_count_model.state(),
                 "core_split_factors": self.core_split_factors,
-                "core_fraction_map": None if self.core_fraction_map is None
-                else self.core_fraction_map.state()}
+                "core_fraction_maps": None if self.core_fraction_maps is None
+                else [fraction_map.state() for fraction_map in self.core_fraction_maps]}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -1413,9 +1411,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.hit_count_model = None if counts is None else HitCountModel.from_state(counts)
         factors = state.get("core_split_factors")  # saved before core_split: absent
         self.core_split_factors = None if factors is None else [float(f) for f in factors]
-        fraction = state.get("core_fraction_map")  # saved before core_fraction: absent
-        self.core_fraction_map = None if fraction is None else CoreFractionMap.from_state(
-            fraction)
+        self.core_fraction_maps = core_fraction_maps_from_state(state)
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -1465,7 +1461,7 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
                if k not in ("config", "trained_parts", "postprocess_nodes",
                             "layer_postprocess_nodes", "voxel_cuts_mev",
                             "voxel_cut_edges", "hit_count_model", "core_split_factors",
-                            "core_fraction_map")}}
+                            "core_fraction_maps")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "interquartile_spread", "merge_runs",

@@ -36,9 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core_fraction import CoreFractionMap, core_cells, fit_core_fraction_maps, ring_radii
+from ...core_fraction import (
+    CORE_FRACTIONS,
+    CoreFractionMap,
+    core_fraction_maps_from_state,
+    fit_option_maps,
+)
 from ...data import ShowerData, ShowerStream, first_showers
-from ...errors import CaloforgeError, GeometryError, OptionError
+from ...errors import GeometryError, OptionError
 from ...geometry import Geometry
 from ...hit_counts import (
     HIT_COUNTS,
@@ -165,7 +170,6 @@ def _tiny_config() -> ICaloFlowConfig:
                            training=TrainingConfig(epochs=2, batch_size=32))
 
 
-CORE_FRACTIONS = ("none", "calibrated", "rings")
 PRESETS: dict[str, Callable[[], Any]] = {"cpu": _cpu_config, "paper": _paper_config,
                                        "tiny": _tiny_config}
 
@@ -413,18 +417,12 @@ class ICaloFlow(LayerEnergyFlows):
         showers for ``reference``'s conditions (hit cuts or counts and spectrum map applied)
         to ``reference``'s (:func:`~caloforge.core_fraction.fit_core_fraction_maps`)."""
         self.core_fraction_maps = None
-        radius = self.config.core_fraction_radius
-        radii = ring_radii(radius) if self.config.core_fraction == "rings" else [radius]
-        cores = [core_cells(self.geometry, r) for r in radii]
-        for r, core in zip(radii, cores):
-            if not len(core) or len(core) == self.layer_size:
-                raise OptionError(f"core_fraction_radius {r:g} leaves "
-                                  f"{'no' if not len(core) else 'every'} cell in the core")
         shape = (self.geometry.n_layers, self.layer_size)
-        self.core_fraction_maps = fit_core_fraction_maps(
+        self.core_fraction_maps = fit_option_maps(
+            self.geometry, self.config.core_fraction, self.config.core_fraction_radius,
             reference.showers.reshape(len(reference), *shape), reference.incident_energies,
             self._sample_like(reference, seed).reshape(len(reference), *shape),
-            reference.incident_energies, cores, self.voxel_transform.threshold_mev)[0]
+            reference.incident_energies, self.voxel_transform.threshold_mev)[0]
 
     def _sample_like(self, reference: ShowerData, seed: int) -> np.ndarray:
         """Showers ``(N, n_voxels)`` for ``reference``'s conditions, on the module's device."""
@@ -589,11 +587,7 @@ class ICaloFlow(LayerEnergyFlows):
         self.hit_cuts_mev = None if cuts is None else [float(c) for c in cuts]
         nodes = state.get("postprocess_nodes")
         self.postprocess_nodes = None if nodes is None else [list(map(float, v)) for v in nodes]
-        maps = state.get("core_fraction_maps")  # saved before core_fraction: absent
-        if maps is not None and not isinstance(maps, list):
-            raise CaloforgeError("core fraction maps state is not a list")
-        self.core_fraction_maps = None if maps is None else [
-            CoreFractionMap.from_state(fraction) for fraction in maps]
+        self.core_fraction_maps = core_fraction_maps_from_state(state)
         counts = state.get("hit_count_model")  # saved before hit_counts: absent
         self.hit_count_model = None if counts is None else HitCountModel.from_state(counts)
 
