@@ -4,13 +4,13 @@
         [--fit 5000] [--n 3000] [--groups layer|band] [--repeats 3]
 
 Fits :class:`~caloforge.hit_counts.HitCountModel` on the first ``--fit`` showers of TRAIN
-(hits per layer, or per radial band of each layer as ``convflow``'s ``hit_counts: band``
+(hits per layer, or per radial band of each layer as the families' ``hit_counts: band``
 counts them), draws counts for the first ``--n`` showers of TEST given their own E_inc and
 layer deposits, and trains gradient-boosted trees (scikit-learn, 3-fold) to tell
 ``[log E_inc, log(1 + deposits), log(1 + counts)]`` of the real showers from the same with
 the drawn counts. AUC 0.5: the drawn counts follow the energies as the data's do. Also the
-same without the copula (the groups' residuals drawn independently): what it buys. Prints
-JSON.
+same without the copula (the groups' residuals drawn independently) and with the unbounded
+target ``log(1 + n)`` of models fitted before the group sizes: what each buys. Prints JSON.
 """
 
 from __future__ import annotations
@@ -25,15 +25,7 @@ from sklearn.model_selection import cross_val_score
 
 from caloforge.data import read_showers
 from caloforge.geometry import get_geometry
-from caloforge.hit_counts import HitCountModel
-from caloforge.models.flows.convflow import ConvFlowConfig, ConvL2LFlow
-
-
-def band_of_cells(geometry, kind: str) -> np.ndarray:
-    """Each cell's count group within its layer ``(S,)``, exactly as convflow's
-    ``hit_counts: kind`` groups them (0 for ``layer``; the radial band for ``band``)."""
-    config = ConvFlowConfig.from_dict({"hit_counts": kind, "layer_energy": "deposited"})
-    return ConvL2LFlow(geometry, config)._count_bands()
+from caloforge.hit_counts import HitCountModel, count_bands
 
 
 def counts_and_deposits(path: str, geometry, n: int, bands: np.ndarray
@@ -72,15 +64,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     geometry = get_geometry(args.geometry)
-    bands = band_of_cells(geometry, args.groups)
+    bands = count_bands(geometry, args.groups)
     n_bands = int(bands.max()) + 1
     group_layers = np.repeat(np.arange(geometry.n_layers), n_bands).tolist()
     at_least_one = np.tile(np.arange(n_bands) == 0, geometry.n_layers).tolist()
     fit_energies, fit_deposits, fit_counts = counts_and_deposits(args.train, geometry,
                                                                  args.fit, bands)
     energies, deposits, counts = counts_and_deposits(args.reference, geometry, args.n, bands)
+    sizes = np.tile(np.bincount(bands, minlength=n_bands), geometry.n_layers).tolist()
     model = HitCountModel.fit(fit_counts, fit_deposits, fit_energies, group_layers,
-                              at_least_one)
+                              at_least_one, group_sizes=sizes)
+    unbounded = HitCountModel.fit(fit_counts, fit_deposits, fit_energies, group_layers,
+                                  at_least_one)
     noise = torch.randn(len(energies), model.n_groups, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1))
 
@@ -93,7 +88,9 @@ def main() -> int:
            "n_groups": model.n_groups, "fitted_on": len(fit_energies), "n": len(energies),
            "auc": {"count_model": auc(energies, deposits, counts, drawn(model), args.repeats),
                    "without_copula": auc(energies, deposits, counts, drawn(independent),
-                                         args.repeats)},
+                                         args.repeats),
+                   "unbounded_log_count": auc(energies, deposits, counts, drawn(unbounded),
+                                              args.repeats)},
            "mean_hits_real_drawn": [round(float(counts.sum(1).mean()), 1),
                                     round(float(drawn(model).sum(1).mean()), 1)]}
     print(json.dumps(out, indent=1))

@@ -130,3 +130,32 @@ def test_count_bands_of_squares_and_cylinders():
     assert (count_bands(cylinder, "layer") == 0).all()
     with pytest.raises(OptionError, match="one image shape"):
         count_bands(get_geometry("calochallenge-1-photons"), "band")
+
+
+def test_nearly_full_groups_are_drawn_nearly_full():
+    """With the groups' sizes (``group_sizes``, what the families fit now) the target is
+    bounded at both ends: for groups of 40 cells that the highest fifth of the deposits
+    mostly fill (as calochallenge-2's middle layers at the highest energies), the drawn
+    counts there have the data's spread (within 10 %) and share of nearly full groups
+    (within 0.05), never above the size; with ``log(1 + n)`` alone the spread is 15 % or
+    more too wide. The sizes round-trip and a wrong number of them is refused."""
+    energies, deposits, counts = _showers(4000, seed=7)
+    sizes = [40] * N_LAYERS
+    counts = np.minimum(counts, 40)
+    fresh_energies, fresh_deposits, fresh_counts = _showers(4000, seed=8)
+    real = np.minimum(fresh_counts, 40)[:, 1]
+    top = fresh_deposits[:, 1] >= np.quantile(fresh_deposits[:, 1], 0.8)
+    bounded = HitCountModel.fit(counts, deposits, energies, group_sizes=sizes)
+    drawn = _draw(bounded, fresh_energies, fresh_deposits, seed=9)[:, 1]
+    assert drawn.max() <= 40
+    assert abs(drawn[top].std() / real[top].std() - 1) < 0.1
+    assert abs((drawn[top] >= 36).mean() - (real[top] >= 36).mean()) < 0.05
+    unbounded = HitCountModel.fit(counts, deposits, energies)
+    spread = _draw(unbounded, fresh_energies, fresh_deposits, seed=9)[top, 1].std()
+    assert spread > 1.15 * real[top].std()
+    loaded = HitCountModel.from_state(json.loads(json.dumps(bounded.state())))
+    assert loaded == bounded and loaded.group_sizes == sizes
+    with pytest.raises(CaloforgeError, match="group sizes"):
+        HitCountModel.from_state({**bounded.state(), "group_sizes": [40]})
+    with pytest.raises(CaloforgeError, match="group sizes"):
+        HitCountModel.fit(counts, deposits, energies, group_sizes=[40])

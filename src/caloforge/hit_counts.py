@@ -11,7 +11,8 @@ the classifier reads them from the sparsity, the widths and the radial centres
 :class:`HitCountModel` is fitted on data alone, then draws a count per group of cells
 (each group within one layer ``l(g)``: a layer, or a radial band of it) for any conditions:
 
-* ``t_g = log(1 + n_g)`` is regressed, group by group, on
+* ``t_g = log(1 + n_g) - log(1 + S_g - n_g)`` (``S_g`` the group's cells; ``log(1 + n_g)``
+  for models fitted before the sizes were kept) is regressed, group by group, on
   ``[1, u, u^2, v_0 .. v_{L-1}, log(1 + sum_j D_j), v_l(g)^2, u v_l(g)]`` with
   ``u = log(E_inc / GeV)`` and ``v_j = log(1 + D_j / MeV)`` (``D_j`` the layer deposits):
   every layer's deposit, because a layer's count also follows its neighbours';
@@ -83,7 +84,8 @@ def fit_layer_counts(showers: np.ndarray, incident_energies: np.ndarray, bands: 
         counts.reshape(n_showers, -1), np.where(hits, showers, 0).sum(-1, dtype=np.float64),
         np.asarray(incident_energies, dtype=np.float64).reshape(-1),
         group_layers=np.repeat(np.arange(n_layers), n_bands).tolist(),
-        at_least_one=np.tile(np.arange(n_bands) == 0, n_layers).tolist())
+        at_least_one=np.tile(np.arange(n_bands) == 0, n_layers).tolist(),
+        group_sizes=np.tile(np.bincount(bands, minlength=n_bands), n_layers).tolist())
 
 
 def counted_cells(cells: torch.Tensor, cuts: torch.Tensor, counts: torch.Tensor,
@@ -144,7 +146,11 @@ class HitCountModel:
     band); ``coefficients`` ``(G, L + 6)``; ``bin_edges`` ``(G, n_bins - 1)`` inner edges
     of the predicted ``log(1 + n)``; ``residual_quantiles`` ``(G, n_bins, n_quantiles)``
     at evenly spaced levels 0..1; ``copula_factor`` ``(G, G)`` with ``F F^T`` the normal
-    scores' correlation."""
+    scores' correlation; ``group_sizes`` ``(G,)`` the cells of each group, or None (models
+    fitted before it): with sizes S the target is ``log(1 + n) - log(1 + S - n)``, bounded
+    at both ends, so a group that is nearly full (calochallenge-2's middle layers at high
+    energy: 143 of 144 cells, spread 1) is drawn nearly full, not spread by a residual
+    fitted where the count still grows."""
 
     group_layers: list[int]
     at_least_one: list[bool]
@@ -152,6 +158,7 @@ class HitCountModel:
     bin_edges: list[list[float]]
     residual_quantiles: list[list[list[float]]]
     copula_factor: list[list[float]]
+    group_sizes: list[int] | None = None
     # the lists above as float64 arrays, made on the first draw (a draw per layer step of
     # an exported graph would otherwise convert ~60,000 numbers each time)
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False,
@@ -165,12 +172,14 @@ class HitCountModel:
         return len(self.group_layers)
 
     def state(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return {name: getattr(self, name) for name in (*self.FIELDS, "group_sizes")}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> HitCountModel:
         try:
-            model = cls(**{key: state[key] for key in cls.FIELDS})
+            model = cls(**{key: state[key] for key in cls.FIELDS},
+                        group_sizes=None if state.get("group_sizes") is None
+                        else [int(v) for v in state["group_sizes"]])
             shapes = [np.asarray(getattr(model, name), dtype=np.float64).shape
                       for name in cls.FIELDS]
             layers = np.asarray(model.group_layers, dtype=np.int64)
@@ -183,16 +192,22 @@ class HitCountModel:
                 or shapes[4][:2] != (g, shapes[3][1] + 1) or shapes[5] != (g, g)
                 or layers.min() < 0 or layers.max() >= n_features - 6):
             raise CaloforgeError(f"hit count model state has inconsistent shapes {shapes}")
+        sizes = model.group_sizes
+        if sizes is not None and (len(sizes) != g or min(sizes) < 1):
+            raise CaloforgeError(f"hit count model state has {len(sizes)} group sizes "
+                                 f"(min {min(sizes, default=0)}) for {g} groups")
         return model
 
     @classmethod
     def fit(cls, counts: np.ndarray, deposits: np.ndarray, incident_energies: np.ndarray,
             group_layers: list[int] | None = None, at_least_one: list[bool] | None = None,
-            n_bins: int = 10, n_quantiles: int = 33, seed: int = 0) -> HitCountModel:
+            n_bins: int = 10, n_quantiles: int = 33, seed: int = 0,
+            group_sizes: list[int] | None = None) -> HitCountModel:
         """Fit on data: hit counts ``(N, G)`` per group, layer deposits ``(N, L)`` MeV (cells
         at or above the threshold) and E_inc ``(N,)`` MeV; group g in layer
         ``group_layers[g]`` (default: the groups are the layers) and, where
-        ``at_least_one[g]`` (default: all), never empty in a layer with a deposit. Needs at
+        ``at_least_one[g]`` (default: all), never empty in a layer with a deposit; with
+        ``group_sizes`` (cells per group) the bounded target (class docstring). Needs at
         least ``20 * n_bins`` showers."""
         counts = np.asarray(counts, dtype=np.float64)
         n, n_groups = counts.shape
@@ -206,6 +221,12 @@ class HitCountModel:
                                   torch.as_tensor(deposits, dtype=torch.float64),
                                   layers).numpy()
         targets = np.log1p(counts)
+        if group_sizes is not None:
+            sizes = np.asarray(group_sizes, dtype=np.float64)
+            if sizes.shape != (n_groups,) or (counts > sizes).any():
+                raise CaloforgeError(f"{len(sizes)} group sizes for {n_groups} groups, or a "
+                                     "count above its group's size")
+            targets = targets - np.log1p(sizes - counts)
         coefficients, predictions = [], np.empty_like(targets)
         for group in range(n_groups):
             x = features[:, group]
@@ -246,7 +267,8 @@ class HitCountModel:
                    coefficients=np.asarray(coefficients).tolist(),
                    bin_edges=np.asarray(edges).tolist(),
                    residual_quantiles=np.asarray(quantiles).tolist(),
-                   copula_factor=factor.tolist())
+                   copula_factor=factor.tolist(),
+                   group_sizes=None if group_sizes is None else [int(v) for v in group_sizes])
 
     def draw(self, incident_energies: torch.Tensor, deposits: torch.Tensor,
              noise: torch.Tensor, max_count: float = 1e6) -> torch.Tensor:
@@ -275,9 +297,15 @@ class HitCountModel:
         low = rows.gather(-1, below[..., None])[..., 0]
         high = rows.gather(-1, (below + 1)[..., None])[..., 0]
         residual = low + (position - below.to(dtype)) * (high - low)
-        # clamped before exp: far outside the fitted range the regression can overflow
-        log_counts = (predicted + residual).clamp(max=math.log1p(max_count))
-        counts = torch.round(torch.exp(log_counts) - 1).clamp(min=0, max=max_count)
+        target = predicted + residual
+        if self.group_sizes is None:
+            # clamped before exp: far outside the fitted range the regression can overflow
+            counts = torch.exp(target.clamp(max=math.log1p(max_count))) - 1
+        else:  # n = (S + 2) sigmoid(t) - 1 inverts t = log(1 + n) - log(1 + S - n)
+            sizes = tensor("group_sizes")
+            counts = (sizes + 2) * torch.sigmoid(target) - 1
+            counts = torch.minimum(counts, sizes)
+        counts = torch.round(counts).clamp(min=0, max=max_count)
         at_least_one = torch.as_tensor(self.at_least_one, device=device)
         counts = torch.where(at_least_one, counts.clamp(min=1), counts)
         has_deposit = deposits[:, self.group_layers] > 0
