@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import torch
 
 from caloforge.data import read_showers
-from caloforge.errors import OptionError
+from caloforge.errors import CaloforgeError, OptionError
 from caloforge.models import load_model
 from caloforge.models.flows.convflow import (
     CORE_FRACTIONS,
@@ -128,5 +129,15 @@ def main() -> int:
     return 0
 
 
+def run_main(main: Any) -> None:
+    """Run a recalibration script's ``main``: a caloforge error (a wrong run, option or file)
+    is one line on stderr and exit status 1, not a traceback."""
+    try:
+        raise SystemExit(main())
+    except CaloforgeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from recalibrate_convflow import open_run
+from recalibrate_convflow import open_run, run_main
 
 from caloforge.data import read_showers
 from caloforge.hit_counts import HIT_COUNTS
@@ -63,4 +63,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

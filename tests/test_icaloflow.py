@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -165,6 +168,29 @@ def test_hit_counts_give_each_layer_the_data_hits(teacher, data, tmp_path):
                        ({"hit_count_showers": 10}, "hit_count_showers must be >= 200")):
         with pytest.raises(OptionError, match=words):
             ICaloFlowConfig.from_dict(bad)
+
+
+def test_recalibration_script_adds_counts_and_rings_to_a_trained_run(teacher, data, tmp_path):
+    """``bench/recalibrate_icaloflow.py`` (how a trained run gets the after-training options):
+    the count model and the ring maps fitted and saved in a new run directory, which then
+    generates; an output that already holds a model is refused with one line."""
+    _, run_dir = teacher
+    train = tmp_path / "train.h5"
+    write_showers(train, data, GEOMETRY)
+    script = Path(__file__).parents[1] / "bench" / "recalibrate_icaloflow.py"
+    command = [sys.executable, str(script), run_dir, "--train", str(train), "--hit-counts",
+               "layer", "--core-fraction", "rings", "--core-fraction-radius", "1.2",
+               "--hit-count-showers", "1000", "--postprocess-showers", "600", "-o",
+               str(tmp_path / "recalibrated")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    model = load_model(str(tmp_path / "recalibrated"))
+    assert model.hit_count_model is not None and model.config.hit_counts == "layer"
+    assert [m.core for m in model.core_fraction_maps] == [[4], [1, 3, 4, 5, 7]]
+    assert model.sample(data.incident_energies[:50], seed=1).showers.shape == (50, 45)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds a model" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
 def test_likelihood_improves_and_round_trips(teacher, data, tmp_path):
