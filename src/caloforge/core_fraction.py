@@ -252,14 +252,16 @@ class CoreFractionMap:
         def tensor(name: str) -> torch.Tensor:
             return torch.tensor(getattr(self, name)[layer], dtype=dtype, device=device)
 
-        core = torch.zeros(cells.shape[1], dtype=torch.bool, device=device)
-        core[torch.as_tensor(self.core, device=device)] = True
-        hits = cells > 0
+        # the core's and the rest's columns (constants: exported graphs gather them)
+        core_mask = np.zeros(cells.shape[1], dtype=bool)
+        core_mask[self.core] = True
+        order = np.r_[np.flatnonzero(core_mask), np.flatnonzero(~core_mask)]
+        core_cells_now = cells[:, torch.as_tensor(order[:len(self.core)], device=device)]
+        rest_cells_now = cells[:, torch.as_tensor(order[len(self.core):], device=device)]
         energy = cells.sum(1)
-        core_hits, rest_hits = (hits & core).sum(1), (hits & ~core).sum(1)
+        core_hits, rest_hits = (core_cells_now > 0).sum(1), (rest_cells_now > 0).sum(1)
         tiny = torch.finfo(dtype).tiny
-        fraction = torch.where(core, cells, torch.zeros_like(cells)).sum(1) / energy.clamp(
-            min=tiny)
+        fraction = core_cells_now.sum(1) / energy.clamp(min=tiny)
         features = fraction_features(energy, shares_before(layer_energies.to(dtype))[:, layer],
                                      incident_energies)
         clipped = fraction.clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
@@ -271,30 +273,30 @@ class CoreFractionMap:
         target = torch.minimum(torch.maximum(target, core_hits * lowest / energy.clamp(min=tiny)),
                                1 - rest_hits * lowest / energy.clamp(min=tiny))
         movable = (core_hits > 0) & (rest_hits > 0)
-        new_core = _rescaled(cells, core, target * energy, lowest)
+        new_core = _rescaled(core_cells_now, target * energy, lowest)
         # the rest takes what the core did not (the core's hits may be held at the threshold)
-        core_now = torch.where(core, new_core, torch.zeros_like(new_core)).sum(1)
-        new_rest = _rescaled(cells, ~core, energy - core_now, lowest)
-        return torch.where(movable[:, None], torch.where(core, new_core, new_rest), cells)
+        new_rest = _rescaled(rest_cells_now, energy - new_core.sum(1), lowest)
+        back = torch.as_tensor(np.argsort(order), device=device)
+        rescaled = torch.cat([new_core, new_rest], dim=1)[:, back]
+        return torch.where(movable[:, None], rescaled, cells)
 
 
-def _rescaled(cells: torch.Tensor, part: torch.Tensor, goal: torch.Tensor, lowest: float
-              ) -> torch.Tensor:
-    """``cells`` ``(B, S)`` of ``part`` ``(S,)`` scaled by the one factor f that makes
-    ``sum(max(f c, lowest))`` over the part's hits equal ``goal`` ``(B,)`` (hits held at
+def _rescaled(cells: torch.Tensor, goal: torch.Tensor, lowest: float) -> torch.Tensor:
+    """``cells`` ``(B, K)`` (one part of a layer) with its hits scaled by the one factor f
+    that makes ``sum(max(f c, lowest))`` over them equal ``goal`` ``(B,)`` (hits held at
     ``lowest`` where scaling would put them under it; all at ``lowest`` where the goal is
-    below that); other cells as given.
+    below that); empty cells stay empty.
 
     Exact: with the hits sorted largest first, the k largest scale and the rest are held,
     ``f_k = (goal - (n - k) lowest) / (sum of the k largest)``; the k-th largest stays at or
     above ``lowest`` (``c_k f_k >= lowest``) exactly for k up to the solution's (the sum is
     increasing in f), so the largest such k is the solution. The test allows 1e-6 of
     ``lowest`` for rounding: hits already at it would otherwise fail it both ways."""
-    hits = part & (cells > 0)
+    hits = cells > 0
     values = torch.where(hits, cells, torch.zeros_like(cells))
-    ordered = values.sort(dim=1, descending=True).values  # (B, S)
+    ordered = values.sort(dim=1, descending=True).values  # (B, K)
     n = hits.sum(1, keepdim=True)  # (B, 1)
-    k = torch.arange(1, cells.shape[1] + 1, device=cells.device)[None]  # (1, S)
+    k = torch.arange(1, cells.shape[1] + 1, device=cells.device)[None]  # (1, K)
     factor = (goal[:, None] - (n - k) * lowest) / ordered.cumsum(1).clamp(
         min=torch.finfo(cells.dtype).tiny)
     free = (k <= n) & (ordered * factor >= lowest * (1 - 1e-6))
