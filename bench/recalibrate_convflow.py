@@ -28,17 +28,12 @@ from typing import Any
 
 import torch
 
+from caloforge.core_fraction import CORE_FRACTIONS
 from caloforge.data import read_showers
 from caloforge.errors import CaloforgeError, OptionError
+from caloforge.hit_counts import HIT_COUNTS
 from caloforge.models import load_model
-from caloforge.models.flows.convflow import (
-    CORE_FRACTIONS,
-    CORE_SPLITS,
-    CUT_GROUPS,
-    HIT_COUNTS,
-    SYMMETRIES,
-    ConvL2LFlow,
-)
+from caloforge.models.flows.convflow import CORE_SPLITS, CUT_GROUPS, SYMMETRIES, ConvL2LFlow
 
 
 def open_run(args: argparse.Namespace, family: type[Any]) -> Any:

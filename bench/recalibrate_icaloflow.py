@@ -19,9 +19,10 @@ import argparse
 
 from recalibrate_convflow import open_run, run_main
 
+from caloforge.core_fraction import CORE_FRACTIONS
 from caloforge.data import read_showers
 from caloforge.hit_counts import HIT_COUNTS
-from caloforge.models.flows.icaloflow import CORE_FRACTIONS, ICaloFlow
+from caloforge.models.flows.icaloflow import ICaloFlow
 
 
 def main() -> int:

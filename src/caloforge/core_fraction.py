@@ -61,6 +61,16 @@ def core_cells(geometry: Geometry, radius: float) -> np.ndarray:
     return np.flatnonzero(distance < radius)
 
 
+def check_core_fraction_options(kind: str, radius: float) -> None:
+    """Refuse (OptionError) a family's ``core_fraction`` option not in
+    :data:`CORE_FRACTIONS` or a ``core_fraction_radius`` (cells) that is not positive."""
+    if kind not in CORE_FRACTIONS:
+        raise OptionError(f"core_fraction must be one of {', '.join(CORE_FRACTIONS)}, got "
+                          f"{kind!r}")
+    if not radius > 0:
+        raise OptionError(f"core_fraction_radius must be > 0 (cells), got {radius}")
+
+
 def ring_radii(radius: float) -> list[float]:
     """The cores of ``core_fraction: rings`` out to ``radius`` (cells): 1, 2, ... below it,
     then ``radius`` itself (2 -> [1, 2]; 2.5 -> [1, 2, 2.5])."""

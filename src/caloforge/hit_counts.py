@@ -49,6 +49,15 @@ HIT_COUNTS = ("none", "layer", "band")
 COUNT_BAND_EDGES = (2, 4, 6, 9, 14)
 
 
+def check_count_options(kind: str, showers: int) -> None:
+    """Refuse (OptionError) a family's ``hit_counts`` option not in :data:`HIT_COUNTS` or
+    ``hit_count_showers`` under 200 (the count model needs 20 showers per bin)."""
+    if kind not in HIT_COUNTS:
+        raise OptionError(f"hit_counts must be one of {', '.join(HIT_COUNTS)}, got {kind!r}")
+    if showers < 200:
+        raise OptionError(f"hit_count_showers must be >= 200, got {showers}")
+
+
 def count_bands(geometry: Geometry, kind: str) -> np.ndarray:
     """Each cell's count group within a layer ``(S,)`` for ``hit_counts`` ``kind``: all 0
     for ``layer``; for ``band`` its radial band (:data:`COUNT_BAND_EDGES`; the cell

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from ...core_fraction import (
-    CORE_FRACTIONS,
     CoreFractionMap,
+    check_core_fraction_options,
     core_cells,
     core_fraction_maps_from_state,
     fit_option_maps,
@@ -51,8 +51,8 @@ from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
 from ...geometry import Geometry
 from ...hit_counts import (
-    HIT_COUNTS,
     HitCountModel,
+    check_count_options,
     count_bands,
     counted_cells,
     fit_layer_counts,
@@ -307,26 +307,17 @@ class ConvFlowConfig:
         if out.core_split not in CORE_SPLITS:
             raise OptionError(f"core_split must be one of {', '.join(CORE_SPLITS)}, got "
                               f"{out.core_split!r}")
-        if out.core_fraction not in CORE_FRACTIONS:
-            raise OptionError(f"core_fraction must be one of {', '.join(CORE_FRACTIONS)}, got "
-                              f"{out.core_fraction!r}")
-        if not out.core_fraction_radius > 0:
-            raise OptionError(f"core_fraction_radius must be > 0 (cells), got "
-                              f"{out.core_fraction_radius}")
+        check_core_fraction_options(out.core_fraction, out.core_fraction_radius)
         if out.symmetrise not in SYMMETRIES:
             raise OptionError(f"symmetrise must be one of {', '.join(SYMMETRIES)}, got "
                               f"{out.symmetrise!r}")
-        if out.hit_counts not in HIT_COUNTS:
-            raise OptionError(f"hit_counts must be one of {', '.join(HIT_COUNTS)}, got "
-                              f"{out.hit_counts!r}")
+        check_count_options(out.hit_counts, out.hit_count_showers)
         if out.hit_counts != "none" and out.layer_energy != "deposited":
             raise OptionError("hit_counts needs layer_energy: deposited (the counts are drawn "
                               "given the layer deposits)")
         if out.hit_counts != "none" and out.hit_calibration_energy != "layer":
             raise OptionError("hit_counts keeps each layer's energy in proportion: it needs "
                               "hit_calibration_energy: layer")
-        if out.hit_count_showers < 200:
-            raise OptionError(f"hit_count_showers must be >= 200, got {out.hit_count_showers}")
         if out.normalise_by not in ("max", "energy", "fixed"):
             raise OptionError(f"normalise_by must be max, energy or fixed, got "
                               f"{out.normalise_by!r}")

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from ...core_fraction import (
-    CORE_FRACTIONS,
     CoreFractionMap,
+    check_core_fraction_options,
     core_fraction_maps_from_state,
     fit_option_maps,
 )
@@ -46,8 +46,8 @@ from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import GeometryError, OptionError
 from ...geometry import Geometry
 from ...hit_counts import (
-    HIT_COUNTS,
     HitCountModel,
+    check_count_options,
     count_bands,
     counted_cells,
     fit_layer_counts,
@@ -123,17 +123,8 @@ class ICaloFlowConfig:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
-        if out.hit_counts not in HIT_COUNTS:
-            raise OptionError(f"hit_counts must be one of {', '.join(HIT_COUNTS)}, got "
-                              f"{out.hit_counts!r}")
-        if out.hit_count_showers < 200:
-            raise OptionError(f"hit_count_showers must be >= 200, got {out.hit_count_showers}")
-        if out.core_fraction not in CORE_FRACTIONS:
-            raise OptionError(f"core_fraction must be one of {', '.join(CORE_FRACTIONS)}, "
-                              f"got {out.core_fraction!r}")
-        if not out.core_fraction_radius > 0:
-            raise OptionError(f"core_fraction_radius must be > 0 (cells), got "
-                              f"{out.core_fraction_radius}")
+        check_count_options(out.hit_counts, out.hit_count_showers)
+        check_core_fraction_options(out.core_fraction, out.core_fraction_radius)
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
