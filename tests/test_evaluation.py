@@ -347,3 +347,23 @@ def test_evaluate_cli_bad_inputs(tmp_path, capsys):
         assert not (out / "metrics.json").exists()
     assert main(["evaluate", "--reference", str(ref), "--generated", str(ref), "--geometry",
                  GEOMETRY.name, "-o", str(tmp_path / "r"), "--metrics", "nope"]) == 1
+
+
+def test_evaluate_cli_without_plots_keeps_the_separation_powers(tmp_path):
+    sim = ReferenceSimulator("calochallenge-1-photons")
+    rng = np.random.default_rng(3)
+    files = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for path in files:
+        write_showers(path, sim.simulate(np.full(150, 1e4), "photon", rng=rng), GEOMETRY)
+    powers = {}
+    for plots in (True, False):
+        out = tmp_path / f"report-{plots}"
+        args = ["evaluate", "--reference", str(files[0]), "--generated", str(files[1]),
+                "--geometry", GEOMETRY.name, "-o", str(out), "--metrics", "hist"]
+        assert main(args + ([] if plots else ["--no-plots"])) == 0
+        powers[plots] = json.loads((out / "metrics.json").read_text())["separation_power"]
+        pngs = sorted(p.name for p in out.glob("*.png"))
+        assert (len(pngs) > 5) if plots else (pngs == []), pngs
+        assert ("data:image/png" in (out / "report.html").read_text()) == plots
+    np.testing.assert_equal(powers[True], powers[False])  # NaN == NaN here
+    assert len(powers[False]) > 20

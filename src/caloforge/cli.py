@@ -269,6 +269,9 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
                         help="voxel threshold in MeV (default: the geometry's)")
     parser.add_argument("--max-showers", type=int, default=None,
                         help="use at most this many showers of each file")
+    parser.add_argument("--no-plots", dest="plots", action="store_false",
+                        help="separation powers without the histogram PNGs (their drawing "
+                             "takes minutes on calochallenge-3)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -284,7 +287,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         classifier_preset=preset, classifier_width=args.classifier_width,
         classifier_epochs=args.classifier_epochs, repeats=args.repeats,
         threshold_mev=args.threshold,
-        max_showers=args.max_showers, seed=args.seed or 0, device=device,
+        max_showers=args.max_showers, seed=args.seed or 0, device=device, plots=args.plots,
         extra={"reference_file": args.reference, "generated_file": args.generated})
     settings.validate()
     if args.max_showers is not None and args.max_showers < 1:

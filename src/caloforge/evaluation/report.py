@@ -77,6 +77,7 @@ class EvaluationSettings:
     seed: int = 0
     device: str = "cpu"
     labels: tuple[str, str] = ("reference", "generated")
+    plots: bool = True  # False: separation powers without the PNGs (minutes on 40k voxels)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -149,8 +150,8 @@ class _Comparison:
 def _metric_histograms(pair: _Comparison) -> dict[str, Any]:
     pair.log("histograms and separation powers ...")
     powers, binning, pair.images = _histograms(
-        *pair.features, *pair.showers, pair.threshold, pair.dataset, pair.output_dir,
-        pair.settings.labels)
+        *pair.features, *pair.showers, pair.threshold, pair.dataset,
+        pair.output_dir if pair.settings.plots else None, pair.settings.labels)
     return {"separation_power": powers, "separation_power_binning": binning}
 
 
@@ -294,11 +295,11 @@ def _prdc(high_ref: np.ndarray, high_gen: np.ndarray, seed: int) -> dict[str, An
 
 def _histograms(ref: FeatureSet, gen: FeatureSet, ref_showers: np.ndarray,
                 gen_showers: np.ndarray, threshold: float, dataset: str | None,
-                output_dir: str, labels: tuple[str, str]
+                output_dir: str | None, labels: tuple[str, str]
                 ) -> tuple[dict[str, float], dict[str, str], list[tuple[str, str]]]:
     """Separation power of every feature and the voxel spectrum, their binning ("official"
     fixed ranges for the CaloChallenge datasets where the official plots have one, else
-    "quantile"), and the PNGs."""
+    "quantile"), and the PNGs (none when ``output_dir`` is None)."""
     values_ref, values_gen = dict(ref.values), dict(gen.values)
     ref_voxels = ref_showers[ref_showers > 0].astype(np.float64)
     gen_voxels = gen_showers[gen_showers > 0].astype(np.float64)
@@ -322,7 +323,9 @@ def _histograms(ref: FeatureSet, gen: FeatureSet, ref_showers: np.ndarray,
     separation = {name: separation_power(values_ref[name], values_gen[name], bins[name],
                                          clip=name not in unclipped)
                   for name in names}
-    images = []
+    images: list[tuple[str, str]] = []
+    if output_dir is None:
+        return separation, binning, images
     groups = FEATURE_GROUPS + (("voxel_energy", "Voxel energy spectrum [MeV]",
                                 lambda n: n == "voxel_energy"),)
     for key, title, select in groups:
