@@ -234,3 +234,15 @@ def test_fast_spline_equals_zuko(seed, bins, bound):
     torch.testing.assert_close(ladj, ladj_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ours.inv(y), zukos.inv(y), rtol=1e-8, atol=1e-8 * bound)
     torch.testing.assert_close(ours.inv(y), x, rtol=1e-6, atol=1e-6 * bound)
+    # the gathered inverse is zuko's inverse over all knots, to the last bit, gradients too
+    params = [p.clone().requires_grad_() for p in (widths, heights, derivatives)]
+    fresh = RQSpline(*params, bound=bound)
+    gathered = fresh._inverse(y)
+    over_all_knots = MonotonicRQSTransform._inverse(fresh, y)
+    assert torch.equal(gathered, over_all_knots)
+    for left, right in zip(torch.autograd.grad(gathered.sum(), params, retain_graph=True),
+                           torch.autograd.grad(over_all_knots.sum(), params), strict=True):
+        torch.testing.assert_close(left, right, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():  # the in-place constructor: the same knots
+        assert torch.equal(RQSpline(widths, heights, derivatives, bound=bound).vertical,
+                           fresh.vertical.detach())
