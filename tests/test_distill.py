@@ -243,6 +243,11 @@ def test_fast_spline_equals_zuko(seed, bins, bound):
     for left, right in zip(torch.autograd.grad(gathered.sum(), params, retain_graph=True),
                            torch.autograd.grad(over_all_knots.sum(), params), strict=True):
         torch.testing.assert_close(left, right, rtol=1e-12, atol=1e-12)
+    # one spline's knots for a batch of values (broadcast as zuko does)
+    many = y[None, :].expand(3, 50) * torch.tensor([[0.5], [1.0], [1.5]], dtype=torch.float64)
+    torch.testing.assert_close(fresh._inverse(many).detach(),
+                               MonotonicRQSTransform._inverse(fresh, many).detach(),
+                               rtol=0, atol=0)
     with torch.inference_mode():  # the in-place constructor: the same knots
         assert torch.equal(RQSpline(widths, heights, derivatives, bound=bound).vertical,
                            fresh.vertical.detach())

@@ -118,13 +118,14 @@ class RQSpline(MonotonicRQSTransform):
         k = torch.sum(self.vertical < y[..., None], dim=-1) - 1
         mask = (0 <= k) & (k < bins)
         k = k % bins
-        k0_k1 = torch.stack((k, k + 1), dim=-1)  # (*, 2)
-        widths, vertical = broadcast(self._widths, self.vertical, ignore=1)
-        k0_k1 = k0_k1.expand(*vertical.shape[:-1], 2)
+        k0_k1 = torch.stack((k, k + 1), dim=-1)  # (*, 2), * = y's and the knots' broadcast
+        shape = k.shape
+        widths = self._widths.expand(*shape, bins + 1)
+        vertical = self.vertical.expand(*shape, bins + 1)
         x0, x1 = self._x_knots(widths.gather(-1, k0_k1), widths[..., -1:]).unbind(-1)
         y0, y1 = vertical.gather(-1, k0_k1).unbind(-1)
         # the raw slopes without zuko's padding: knot j is raw[j - 1], knots 0 and K are 0
-        raw = self._raw_derivatives.expand(*vertical.shape[:-1], bins - 1)
+        raw = self._raw_derivatives.expand(*shape, bins - 1)
         inner = (k0_k1 > 0) & (k0_k1 < bins)
         picked = (raw.gather(-1, (k0_k1 - 1).clamp(0, bins - 2)) if bins > 1
                   else torch.zeros_like(y0.unsqueeze(-1).expand(*y0.shape, 2)))
