@@ -53,8 +53,10 @@ def layer_orders(layer_sizes: list[int], blocks: int, seed: int) -> list[torch.T
 
 def _soft_clip_exp(values: torch.Tensor, log_slope: float) -> torch.Tensor:
     """``exp(v / (1 + |2 v / log_slope|))`` (zuko's soft clipping, then exp), in one buffer
-    where no gradient is recorded (the same arithmetic, element for element)."""
-    if values.requires_grad and torch.is_grad_enabled():
+    where no gradient is recorded (the same arithmetic, element for element); out of place
+    while a graph is traced (the ONNX exporter has no ``div(..., out=)``)."""
+    if ((values.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()):
         return torch.exp(values / (1 + abs(2 * values / log_slope)))
     scale = values * 2
     scale.div_(log_slope).abs_().add_(1)
