@@ -248,6 +248,11 @@ def test_fast_spline_equals_zuko(seed, bins, bound):
     torch.testing.assert_close(fresh._inverse(many).detach(),
                                MonotonicRQSTransform._inverse(fresh, many).detach(),
                                rtol=0, atol=0)
+    # at the knots themselves, the bounds and beyond them (identity outside)
+    edges = torch.cat([fresh.vertical.detach()[:, ::max(bins // 3, 1)].T,
+                       torch.tensor([-2.0, -1.0, 1.0, 2.0], dtype=torch.float64)[:, None]
+                       * bound * torch.ones(1, 50, dtype=torch.float64)])
+    assert torch.equal(fresh._inverse(edges), MonotonicRQSTransform._inverse(fresh, edges))
     with torch.inference_mode():  # the in-place constructor: the same knots
         assert torch.equal(RQSpline(widths, heights, derivatives, bound=bound).vertical,
                            fresh.vertical.detach())
