@@ -22,30 +22,13 @@ The new run directory then generates and evaluates with the ordinary commands.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from typing import Any
 
-import torch
+from recalibration import open_run, run_main
 
 from caloforge.core_fraction import CORE_FRACTIONS
 from caloforge.data import read_showers
-from caloforge.errors import CaloforgeError, OptionError
 from caloforge.hit_counts import HIT_COUNTS
-from caloforge.models import load_model
 from caloforge.models.flows.convflow import CORE_SPLITS, CUT_GROUPS, SYMMETRIES, ConvL2LFlow
-
-
-def open_run(args: argparse.Namespace, family: type[Any]) -> Any:
-    """The model of ``args.run_dir`` (torch set to ``args.threads``); refused when it is
-    not of ``family`` or ``args.output`` already holds a model."""
-    torch.set_num_threads(args.threads)
-    if os.path.exists(os.path.join(args.output, "model.json")):
-        raise OptionError(f"{args.output}: already holds a model")
-    model = load_model(args.run_dir)
-    if not isinstance(model, family):
-        raise OptionError(f"{args.run_dir}: a {model.family} model, not {family.family}")
-    return model
 
 
 def main() -> int:
@@ -122,16 +105,6 @@ def main() -> int:
                                   (", core split fitted", core_only)) if fitted)
     print(f"{args.output}: {changes}{done}")
     return 0
-
-
-def run_main(main: Any) -> None:
-    """Run a recalibration script's ``main``: a caloforge error (a wrong run, option or file)
-    is one line on stderr and exit status 1, not a traceback."""
-    try:
-        raise SystemExit(main())
-    except CaloforgeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from recalibrate_convflow import open_run, run_main
+from recalibration import open_run, run_main
 
 from caloforge.core_fraction import CORE_FRACTIONS
 from caloforge.data import read_showers
