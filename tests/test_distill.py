@@ -253,6 +253,9 @@ def test_fast_spline_equals_zuko(seed, bins, bound):
                        torch.tensor([-2.0, -1.0, 1.0, 2.0], dtype=torch.float64)[:, None]
                        * bound * torch.ones(1, 50, dtype=torch.float64)])
     assert torch.equal(fresh._inverse(edges), MonotonicRQSTransform._inverse(fresh, edges))
-    with torch.inference_mode():  # the in-place constructor: the same knots
-        assert torch.equal(RQSpline(widths, heights, derivatives, bound=bound).vertical,
-                           fresh.vertical.detach())
+    with torch.inference_mode():  # the in-place constructor and the binary search
+        quick = RQSpline(widths, heights, derivatives, bound=bound)
+        assert torch.equal(quick.vertical, fresh.vertical.detach())
+        for values in [y, *edges]:  # at the knots too: searchsorted counts the knots < y
+            assert torch.equal(quick._inverse(values),
+                               MonotonicRQSTransform._inverse(quick, values))

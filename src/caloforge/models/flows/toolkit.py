@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from zuko.distributions import DiagNormal
 from zuko.flows import Flow, UnconditionalDistribution
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+from zuko.lazy import LazyInverse
 from zuko.transforms import MonotonicRQSTransform
 from zuko.utils import broadcast, unpack
+
+from .grouped_made import grouped_head
 
 
 @dataclass
@@ -51,16 +54,34 @@ def layer_orders(layer_sizes: list[int], blocks: int, seed: int) -> list[torch.T
     return orders
 
 
+def _records_graph(values: torch.Tensor) -> bool:
+    """True where ``values`` take part in a gradient or an exported graph (no in-place or
+    ``out=`` arithmetic then)."""
+    return ((values.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 def _soft_clip_exp(values: torch.Tensor, log_slope: float) -> torch.Tensor:
     """``exp(v / (1 + |2 v / log_slope|))`` (zuko's soft clipping, then exp), in one buffer
     where no gradient is recorded (the same arithmetic, element for element); out of place
     while a graph is traced (the ONNX exporter has no ``div(..., out=)``)."""
-    if ((values.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()):
+    if _records_graph(values):
         return torch.exp(values / (1 + abs(2 * values / log_slope)))
     scale = values * 2
     scale.div_(log_slope).abs_().add_(1)
     return torch.div(values, scale, out=scale).exp_()
+
+
+def _padded_cumsum(values: torch.Tensor) -> torch.Tensor:
+    """``(*, K) -> (*, K + 1)``: 0, then the cumulative sums. Where no graph is recorded
+    the sums are written straight into the padded buffer (the same values; a cumsum over 8
+    bins and a pad were ~3x the cost of one product over the same tensor)."""
+    if _records_graph(values):
+        return F.pad(torch.cumsum(values, dim=-1), (1, 0), value=0)
+    padded = values.new_empty(*values.shape[:-1], values.shape[-1] + 1)
+    padded[..., 0] = 0
+    torch.cumsum(values, dim=-1, out=padded[..., 1:])
+    return padded
 
 
 class RQSpline(MonotonicRQSTransform):
@@ -85,10 +106,8 @@ class RQSpline(MonotonicRQSTransform):
         self.bound = bound
         self._log_slope = log_slope = math.log(slope)
         # cumulative sums normalised by their last entry = cumsum of the softmax
-        self._widths = F.pad(torch.cumsum(_soft_clip_exp(widths, log_slope), dim=-1), (1, 0),
-                             value=0)
-        heights = F.pad(torch.cumsum(_soft_clip_exp(heights, log_slope), dim=-1), (1, 0),
-                        value=0)
+        self._widths = _padded_cumsum(_soft_clip_exp(widths, log_slope))
+        heights = _padded_cumsum(_soft_clip_exp(heights, log_slope))
         self.vertical = bound * (2 * heights / heights[..., -1:] - 1)
         self._raw_derivatives = derivatives
         self._horizontal: torch.Tensor | None = None
@@ -117,7 +136,10 @@ class RQSpline(MonotonicRQSTransform):
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         """zuko's inverse with the knots gathered before they are transformed."""
         bins = self.vertical.shape[-1] - 1
-        k = torch.sum(self.vertical < y[..., None], dim=-1) - 1
+        if _records_graph(y) or self.vertical.shape[:-1] != y.shape:
+            k = torch.sum(self.vertical < y[..., None], dim=-1) - 1
+        else:  # the knots are increasing: a binary search counts those below y
+            k = torch.searchsorted(self.vertical, y[..., None]).squeeze(-1) - 1
         mask = (0 <= k) & (k < bins)
         k = k % bins
         k0_k1 = torch.stack((k, k + 1), dim=-1)  # (*, 2), * = y's and the knots' broadcast
@@ -189,10 +211,10 @@ def build_maf(features: int, context: int, config: FlowConfig,
 
 def flow_inverse(flow: Flow, context: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
     """``flow(context).transform.inv(z)``: base-space values ``(B, D)`` -> data space
-    ``(B, D)``, each MADE block inverted by :func:`made_inverse` (other transforms, e.g. a
-    student's inverse-autoregressive blocks, by their own ``inv``). While a graph is being
-    exported the blocks keep zuko's inverse (the exported graphs are built and checked with
-    it)."""
+    ``(B, D)``, each MADE block inverted by :func:`made_inverse`, each inverse-autoregressive
+    block (a student's) by :func:`iaf_block` where no gradient is recorded (other
+    transforms by their own ``inv``). While a graph is being exported the blocks keep
+    zuko's inverse (the exported graphs are built and checked with it)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return flow(context).transform.inv(z)
     transforms = getattr(flow.transform, "transforms", [flow.transform])
@@ -200,9 +222,33 @@ def flow_inverse(flow: Flow, context: torch.Tensor | None, z: torch.Tensor) -> t
     for lazy in reversed(list(transforms)):
         if isinstance(lazy, MaskedAutoregressiveTransform) and lazy.order is not None:
             h = made_inverse(lazy, context, h)
+        elif (isinstance(lazy, LazyInverse) and not torch.is_grad_enabled()
+              and isinstance(lazy.transform, MaskedAutoregressiveTransform)
+              and lazy.transform.order is not None):
+            h = iaf_block(lazy.transform, context, h)
         else:
             h = lazy(context).inv(h)
     return h
+
+
+def _hyper_inputs(x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    return torch.cat(broadcast(x, context, ignore=1), dim=-1) if context is not None else x
+
+
+def iaf_block(block: MaskedAutoregressiveTransform, context: torch.Tensor | None,
+              h: torch.Tensor) -> torch.Tensor:
+    """One inverse-autoregressive step of a student ``(B, D) -> (B, D)``: the hyper network
+    on ``h`` in one pass (:func:`~.grouped_made.grouped_head`, without the products its
+    masks zero), then every feature's univariate transform (``block.univariate``, the
+    inverse spline). Equals ``LazyInverse(block)(context).inv(h)`` up to the order of float
+    additions."""
+    head = grouped_head(block) if h.dim() == 2 else None
+    if head is None:
+        return block(context)(h)
+    phi = head.outputs_by_group(_hyper_inputs(h, context)).unflatten(-1, (-1, block.total))
+    transform = block.univariate(*unpack(phi, block.shapes))
+    x = transform(h[..., head.order])
+    return torch.empty_like(h).index_copy_(-1, head.order, x.to(h.dtype))
 
 
 def made_inverse(block: MaskedAutoregressiveTransform, context: torch.Tensor | None,
@@ -215,9 +261,13 @@ def made_inverse(block: MaskedAutoregressiveTransform, context: torch.Tensor | N
     splines dominate, and a sweep only settles the features of one autoregressive group.
     Here pass p takes the last layer's rows of group p only: a fully autoregressive block of
     45 features (Flow-1 of calochallenge-2) costs ~6x less. The result is zuko's: the masks
-    make the unsettled features' weights exactly zero."""
+    make the unsettled features' weights exactly zero. Where no gradient is recorded the
+    rows also read only the hidden units their masks let through
+    (:func:`~.grouped_made.grouped_head`)."""
+    head = None if torch.is_grad_enabled() else grouped_head(block)
     hidden, last = list(block.hyper)[:-1], block.hyper[-1]
-    weight, bias = last.mask * last.weight, last.bias
+    weight, bias = (last.mask * last.weight, last.bias) if head is None else (head.weight,
+                                                                               head.bias)
     total = block.total
     x = torch.zeros_like(y)
     for group in range(block.passes):
@@ -225,10 +275,15 @@ def made_inverse(block: MaskedAutoregressiveTransform, context: torch.Tensor | N
         if features.numel() == 0:
             continue
         rows = (features[:, None] * total + torch.arange(total, device=y.device)).flatten()
-        h = torch.cat(broadcast(x, context, ignore=1), dim=-1) if context is not None else x
-        for layer in hidden:
-            h = layer(h)
-        phi = F.linear(h, weight[rows], bias[rows]).unflatten(-1, (-1, total))
-        spline = block.univariate(*unpack(phi, block.shapes))
+        inputs = _hyper_inputs(x, context)
+        if head is None:
+            h = inputs
+            for layer in hidden:
+                h = layer(h)
+            phi = F.linear(h, weight[rows], bias[rows])
+        else:
+            n = max(int(head.prefix[features].max()), 1)
+            phi = F.linear(head.hidden_units(inputs)[..., :n], weight[rows, :n], bias[rows])
+        spline = block.univariate(*unpack(phi.unflatten(-1, (-1, total)), block.shapes))
         x = x.index_copy(-1, features, spline.inv(y[..., features]).to(x.dtype))
     return x
