@@ -94,8 +94,8 @@ def _masked(layer: MaskedLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build(layers: list[torch.nn.Module], outputs_per_feature: int) -> GroupedHead | None:
-    linear = [layer for layer in layers if isinstance(layer, MaskedLinear)]
-    if (len(linear) < 2 or not isinstance(layers[-1], MaskedLinear)
+    # linear, activation, ..., linear: at least one hidden layer, nothing nested
+    if (len(layers) < 3 or not isinstance(layers[-1], MaskedLinear)
             or any(isinstance(layer, MaskedLinear) == (i % 2 == 1) for i, layer in
                    enumerate(layers))
             or any(list(layer.children()) for layer in layers)):
