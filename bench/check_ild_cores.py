@@ -10,7 +10,8 @@ and the hits between the 0.075 MeV cut and 0.1 MeV; how the four central cells s
 energy (the spread of each one's share and the mean largest share, over showers with energy
 there: the reference simulator's core is those four cells in 99.7 % of the showers, so the
 mean hottest cell is the mean largest share times the core energy); the hottest cell
-generated over reference in every layer (mean, and how many layers are within 10 %).
+generated over reference in every layer (mean, how many layers are within 10 %, and per
+layer with its standard error).
 Prints JSON.
 """
 
@@ -54,6 +55,22 @@ def core_figures(showers: np.ndarray) -> dict:
     }
 
 
+def hottest_cell_ratio(generated: np.ndarray, reference: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the mean hottest cell of ``generated`` over ``reference`` ``(N, 27000)``
+    MeV and the ratio's standard error from both samples' spreads ``(30,)``: in a layer
+    that few showers reach (ild-ecal layer 0: a hit in 2.5 % of them) the mean of 3,000
+    showers is itself uncertain by ~14 %, more than a 10 % target can resolve."""
+    means, relative_variance = [], 0.0
+    for showers in (generated, reference):
+        hottest = showers.reshape(len(showers), LAYERS, -1).max(-1).astype(np.float64)
+        mean = np.maximum(hottest.mean(0), 1e-9)
+        means.append(mean)
+        relative_variance = relative_variance + hottest.var(0) / len(hottest) / mean ** 2
+    ratio = means[0] / means[1]
+    return ratio, ratio * np.sqrt(relative_variance)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("generated")
@@ -62,15 +79,16 @@ def main() -> int:
     args = parser.parse_args()
     reference = read_showers(args.reference).showers[:args.n]
     generated = read_showers(args.generated).showers[:args.n]
-    hottest_ratio = (generated.reshape(len(generated), LAYERS, -1).max(-1).mean(0)
-                     / np.maximum(reference.reshape(len(reference), LAYERS, -1).max(-1).mean(0),
-                                  1e-9))
+    hottest_ratio, ratio_error = hottest_cell_ratio(generated, reference)
     print(json.dumps({"reference": core_figures(reference),
                       "generated": core_figures(generated),
                       "hottest_cell_generated_over_reference_mean": round(
                           float(hottest_ratio.mean()), 3),
                       "layers_with_hottest_cell_within_10_percent": int(
-                          (np.abs(hottest_ratio - 1) < 0.1).sum())}, indent=1))
+                          (np.abs(hottest_ratio - 1) < 0.1).sum()),
+                      "hottest_cell_ratio_per_layer": hottest_ratio.round(3).tolist(),
+                      "hottest_cell_ratio_standard_error_per_layer": ratio_error.round(3)
+                      .tolist()}, indent=1))
     return 0
 
 

@@ -5,11 +5,12 @@ noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
 ``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts``,
 ``hit_count_showers``, ``postprocess_energy``, ``core_fraction`` (and its radius),
-``core_split`` and ``postprocess_showers``. The hit cuts and the post-processing spline(s),
-which are fitted to the model's own samples, are fitted again on the first training
-showers, exactly as after training (``end_fit``), unless only ``symmetrise``,
-``postprocess_energy``, ``core_fraction`` or ``core_split`` change (they act after them;
-the core fraction and the core split are then fitted alone, in that order):
+``core_split``, ``postprocess_showers`` and ``layer_hits`` (and its showers). The hit
+cuts and the post-processing spline(s), which are fitted to the model's own samples, are
+fitted again on the first training showers, exactly as after training (``end_fit``),
+unless only ``symmetrise``, ``postprocess_energy``, ``core_fraction`` or ``core_split``
+change (they act after them; the core fraction and the core split are then fitted alone,
+in that order):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
@@ -28,7 +29,13 @@ from recalibration import open_run, run_main
 from caloforge.core_fraction import CORE_FRACTIONS
 from caloforge.data import read_showers
 from caloforge.hit_counts import HIT_COUNTS
-from caloforge.models.flows.convflow import CORE_SPLITS, CUT_GROUPS, SYMMETRIES, ConvL2LFlow
+from caloforge.models.flows.convflow import (
+    CORE_SPLITS,
+    CUT_GROUPS,
+    LAYER_HITS,
+    SYMMETRIES,
+    ConvL2LFlow,
+)
 
 
 def main() -> int:
@@ -48,6 +55,8 @@ def main() -> int:
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
+    parser.add_argument("--layer-hits", choices=LAYER_HITS, default=None)
+    parser.add_argument("--layer-hit-showers", type=int, default=None)
     parser.add_argument("--postprocess-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
@@ -69,6 +78,8 @@ def main() -> int:
                                              ("core_fraction_radius",
                                               args.core_fraction_radius),
                                              ("hit_count_showers", args.hit_count_showers),
+                                             ("layer_hits", args.layer_hits),
+                                             ("layer_hit_showers", args.layer_hit_showers),
                                              ("postprocess_showers",
                                               args.postprocess_showers))
                if value is not None}
@@ -96,7 +107,8 @@ def main() -> int:
             model.fit_core_split(reference, generated=mapped)
     if refit:
         showers = max(config.hit_calibration_showers, config.postprocess_showers,
-                      config.hit_count_showers if config.hit_counts != "none" else 0)
+                      config.hit_count_showers if config.hit_counts != "none" else 0,
+                      config.layer_hit_showers if config.layer_hits != "none" else 0)
         model.end_fit(read_showers(args.train, model.geometry, max_showers=showers),
                       args.output)
     model.save(args.output)

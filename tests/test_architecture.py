@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "caloforge"
 # foundations: import nothing from models, training, evaluation or cli (the registry names
 # the families' modules as strings and imports none of them)
 FOUNDATIONS = ("errors", "runtime", "distributed", "atomic", "geometry", "detectors",
-               "response", "data", "preprocessing", "hit_counts", "core_fraction", "features",
-               "plotting", "simulator", "registry", "_version")
+               "response", "data", "preprocessing", "hit_counts", "core_fraction",
+               "layer_hits", "features", "plotting", "simulator", "registry", "_version")
 HIGHER = ("models", "training", "evaluation", "cli", "sampling", "export")
 
 

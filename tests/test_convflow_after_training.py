@@ -510,3 +510,56 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     inputs = np.concatenate([noise, energies[:, None]], axis=1).astype(np.float32)
     expected = model.sample(energies, seed=3).showers
     assert relative_deviation(run_onnx(output, inputs), expected) <= 1e-4
+
+
+def test_layer_hits_calibrated_route_every_draw_through_the_map(tmp_path):
+    """``layer_hits: calibrated``: fitted after training and saved with the model; sampling
+    (and the exported graph, which draws the energies step by step) takes every layer
+    energy through the map, so a layer whose flow draws too few hits is hit as the map
+    says and its hits carry the mapped deposit."""
+    from caloforge.export import export_model, relative_deviation, run_onnx
+    from caloforge.layer_hits import LayerHitMap
+
+    data = random_showers(CARTESIAN, 240, seed=9)
+    rare = np.random.default_rng(10).random(len(data)) < 0.8  # layer 0 empty in ~80 %
+    data.showers[rare, :16] = 0.0
+    run = str(tmp_path / "run")
+    model = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited", layer_hits="calibrated",
+                                         layer_hit_showers=240))
+    model.fit(data, run)
+    assert model.layer_hit_map is not None
+    assert load_model(run).layer_hit_map.state() == model.layer_hit_map.state()
+    threshold = model.voxel_transform.threshold_mev
+    energies = data.incident_energies[:60]
+    model.layer_hit_map = None
+    with torch.inference_mode():
+        raw = model._start_layer_sampling(energies, {}, 3, 0, 1000, "cpu")[3]
+    # a map for a flow that loses half of layer 0's hits under the threshold: that layer
+    # gets mapped
+    deposits = CARTESIAN.layer_energies(np.where(data.showers >= threshold, data.showers, 0))
+    rng = np.random.default_rng(11)
+    drawn = np.where(deposits > 0, deposits, rng.uniform(0, model.deposit_floor_mev,
+                                                         deposits.shape))
+    hit = deposits[:, 0] > 0
+    drawn[hit, 0] = threshold * np.exp(rng.normal(0, 1, hit.sum()))
+    model.layer_hit_map = LayerHitMap.fit(deposits, data.incident_energies, drawn,
+                                          data.incident_energies, threshold,
+                                          0.5 * model.deposit_floor_mev)
+    assert model.layer_hit_map.active[0][0]
+    mapped = model.layer_hit_map.apply(raw, torch.as_tensor(energies, dtype=raw.dtype))
+    assert not torch.equal(mapped[:, 0], raw[:, 0])
+    showers = model.sample(energies, seed=3).showers
+    sums = CARTESIAN.layer_energies(showers)
+    expected = np.where(mapped.numpy() >= threshold, mapped.numpy(), 0.0)
+    np.testing.assert_allclose(sums, expected, rtol=1e-4, atol=1e-6)
+    output = str(tmp_path / "hits.onnx")
+    assert export_model(model, output)["check"]["max_relative_deviation"] <= 1e-4
+    noise = model.draw_noise(len(energies), shard_generator(3, 0)).numpy()
+    inputs = np.concatenate([noise, energies[:, None]], axis=1).astype(np.float32)
+    assert relative_deviation(run_onnx(output, inputs), showers) <= 1e-4
+    with pytest.raises(OptionError, match="layer_hits needs layer_energy"):
+        type(model.config).from_dict({"layer_hits": "calibrated"})
+    with pytest.raises(OptionError, match="layer_hits must be"):
+        type(model.config).from_dict({"layer_hits": "always", "layer_energy": "deposited"})
+    with pytest.raises(OptionError, match="layer_hit_showers must be"):
+        type(model.config).from_dict({"layer_hit_showers": 10})

@@ -79,6 +79,7 @@ ENERGY_PART = "energy"
 ENERGY_PLAYER = "energy"  # the energy flow's own optimiser (``energy_steps``)
 CUT_GROUPS = ("hit-rate", "hit-rate-block", "ring", "ring-block", "layer")
 LAYER_ENERGIES = ("noisy", "deposited")
+LAYER_HITS = ("none", "calibrated")
 POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
 SYMMETRIES = ("none", "d4")
@@ -181,6 +182,16 @@ class ConvFlowConfig:
     energy flow saw ~240 batches in 30 minutes and its layer energies alone were told from
     the data's with AUC 0.95 (40 epochs of it alone: 0.54; docs/convflow.md "The far
     halo's hits and the layer energies' correlations");
+    ``layer_hits``: ``calibrated`` fits, after training, one boundary per layer on the
+    energy flow's draws for the first ``layer_hit_showers`` training showers' conditions, so
+    that each layer is empty as often as in the data, and maps the draws above it quantile
+    to quantile onto the data's hit deposits, the order of the showers kept; only layers
+    where the flow draws too few hits (:class:`~caloforge.layer_hits.LayerHitMap`; needs
+    ``layer_energy: deposited``). Fitted before, and so seen by, the cuts, counts, splines
+    and core maps. Why: a smooth density smears the jump from an empty layer to a hit of at
+    least the threshold, and the first ild-ecal layer had a hit in 1.0-1.2 % of the
+    generated showers against the data's 2.5 % (docs/convflow.md "Layers that are rarely
+    hit"). Set after training;
     ``symmetrise``: ``d4`` turns every generated shower (all its layers alike) by one of the
     8 symmetries of the square grid (flips in x and y, transposition), drawn uniformly per
     shower from three more numbers of its noise. Only where the data are invariant under
@@ -256,6 +267,8 @@ class ConvFlowConfig:
     hit_calibration_energy: str = "layer"
     temperature: float = 1.0
     energy_steps: int = 0
+    layer_hits: str = "none"
+    layer_hit_showers: int = 20_000
     symmetrise: str = "none"
     hit_counts: str = "none"
     hit_count_showers: int = 5000
@@ -293,6 +306,14 @@ class ConvFlowConfig:
         if out.energy_steps and out.layer_energy != "deposited":
             raise OptionError("energy_steps needs layer_energy: deposited (the energy flow's "
                               "extra batches are drawn from the layer deposits)")
+        if out.layer_hits not in LAYER_HITS:
+            raise OptionError(f"layer_hits must be one of {', '.join(LAYER_HITS)}, got "
+                              f"{out.layer_hits!r}")
+        if out.layer_hits != "none" and out.layer_energy != "deposited":
+            raise OptionError("layer_hits needs layer_energy: deposited (the boundaries are "
+                              "of the layer deposits)")
+        if out.layer_hit_showers < 200:
+            raise OptionError(f"layer_hit_showers must be >= 200, got {out.layer_hit_showers}")
         if not 0 < out.temperature <= 2:
             raise OptionError(f"temperature must be in (0, 2], got {out.temperature}")
         if out.cell_scale not in CELL_SCALES:
@@ -791,7 +812,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             (f"hit_counts: {self.config.hit_counts}", self.config.hit_counts != "none"),
             (f"core_split: {self.config.core_split}", self.config.core_split != "none"),
             (f"core_fraction: {self.config.core_fraction}",
-             self.config.core_fraction != "none"))
+             self.config.core_fraction != "none"),
+            (f"layer_hits: {self.config.layer_hits}", self.config.layer_hits != "none"))
             if wanted]
         if whole_model and len(self.parts) < self.geometry.n_layers + 1:
             raise OptionError(f"{whole_model[0]} needs every part in one run (it samples "
@@ -811,12 +833,19 @@ class ConvL2LFlow(LayerEnergyFlows):
         counts = config.hit_counts != "none"
         core = config.core_split != "none"
         fraction = config.core_fraction != "none"
-        if not (spline or config.hit_calibration_showers or counts or core or fraction):
+        hits = config.layer_hits != "none"
+        self.layer_hit_map = None
+        if not (spline or config.hit_calibration_showers or counts or core or fraction
+                or hits):
             return
         after = spline or core or fraction
         reference = first_showers(data, max(config.hit_calibration_showers,
                                             config.postprocess_showers if after else 0,
-                                            config.hit_count_showers if counts else 0))
+                                            config.hit_count_showers if counts else 0,
+                                            config.layer_hit_showers if hits else 0))
+        if hits:  # first: everything after samples the calibrated layer energies
+            self.fit_layer_hits(reference.select(slice(0, config.layer_hit_showers)),
+                                empty_mev=0.5 * self.deposit_floor_mev)
         if config.hit_calibration_showers:
             self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
         if counts:
@@ -1439,7 +1468,7 @@ def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
     merged.module.load_state_dict(weights)
     merged.trained_parts = sorted(owner, key=lambda p: -1 if p == ENERGY_PART else int(p))
     merged.postprocess_nodes = merged.layer_postprocess_nodes = merged.voxel_cuts_mev = None
-    merged.voxel_cut_edges = None
+    merged.voxel_cut_edges = merged.layer_hit_map = None
     merged.training_summary = {"merged_from": [m.training_summary for m in models]}
     return merged
 
@@ -1452,7 +1481,7 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
                if k not in ("config", "trained_parts", "postprocess_nodes",
                             "layer_postprocess_nodes", "voxel_cuts_mev",
                             "voxel_cut_edges", "hit_count_model", "core_split_factors",
-                            "core_fraction_maps")}}
+                            "core_fraction_maps", "layer_hit_map")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "interquartile_spread", "merge_runs",

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from ...data import ShowerData
+from ...features import apply_threshold
 from ...geometry import Geometry
+from ...layer_hits import LayerHitMap
 from ...preprocessing import ConditionTransform, LayerEnergyTransform, VoxelTransform
 from ..base import ConditionedModel, shard_generator
 from .toolkit import flow_inverse
@@ -78,6 +80,8 @@ class LayerEnergyFlows(ConditionedModel):
         self.layer_log_mean = [0.0] * geometry.n_layers
         self.layer_log_std = [1.0] * geometry.n_layers
         self.module: Any = None
+        # which layers have a hit at all, calibrated after training (layer_hits.py)
+        self.layer_hit_map: LayerHitMap | None = None
 
     @property
     def voxels_per_pass(self) -> int:
@@ -185,10 +189,34 @@ class LayerEnergyFlows(ConditionedModel):
         module = self.module.to(device).eval()
         z1 = torch.randn(len(energies), self.geometry.n_layers, generator=generator)
         e_inc = torch.as_tensor(energies, dtype=torch.float32, device=device)
-        return torch.cat([
+        return self._hits_calibrated(torch.cat([
             self.layer_transform.inverse(flow_inverse(module.flow1, context, z1[a:b].to(device)),
                                          e_inc[a:b])
-            for (a, b), context in zip(spans, contexts)])
+            for (a, b), context in zip(spans, contexts)]), e_inc)
+
+    def _hits_calibrated(self, layer_energies: torch.Tensor, incident_energies: torch.Tensor
+                         ) -> torch.Tensor:
+        """The energy flow's layer energies ``(B, L)`` MeV for E_inc ``(B,)`` MeV through the
+        fitted :class:`~caloforge.layer_hits.LayerHitMap` (unchanged without one)."""
+        if self.layer_hit_map is None:
+            return layer_energies
+        return self.layer_hit_map.apply(layer_energies, incident_energies)
+
+    def fit_layer_hits(self, reference: ShowerData, empty_mev: float, seed: int = 5) -> None:
+        """Fit the :class:`~caloforge.layer_hits.LayerHitMap` from the energy flow's draws
+        for ``reference``'s conditions to ``reference``'s layer deposits (the cells at or
+        above the readout threshold); ``empty_mev``: what an emptied layer's deposit
+        becomes (under any hit)."""
+        self.layer_hit_map = None
+        with torch.inference_mode():
+            drawn = self._start_layer_sampling(reference.incident_energies,
+                                               reference.conditions, seed, 0, 10_000, "cpu")[3]
+        threshold = self.voxel_transform.threshold_mev
+        deposits = self.geometry.layer_energies(apply_threshold(reference.showers, threshold),
+                                                dtype=np.float64)
+        self.layer_hit_map = LayerHitMap.fit(deposits, reference.incident_energies,
+                                             drawn.double().numpy(),
+                                             reference.incident_energies, threshold, empty_mev)
 
     # --- sampling from noise in steps: what `caloforge export` exports graph by graph ---
     # A family that draws its layers from noise one after the other (iCaloFlow, convflow)
@@ -233,7 +261,9 @@ class LayerEnergyFlows(ConditionedModel):
         no_cells = noise[:, :0]
         if step < blocks - 1:
             return no_cells, {"energy_flow": inverted}
-        layer_energies = self.layer_transform.inverse(inverted, state["incident_energy"])
+        layer_energies = self._hits_calibrated(
+            self.layer_transform.inverse(inverted, state["incident_energy"]),
+            state["incident_energy"])
         return no_cells, {"energy_flow": inverted, "layer_energies": layer_energies,
                           "log_energies": self._layer_context(layer_energies)}
 
@@ -267,7 +297,9 @@ class LayerEnergyFlows(ConditionedModel):
         return {"config": self.config.to_dict(), "conditions": self.conditions.state(),
                 "layer_transform": self.layer_transform.state(),
                 "voxel_transform": self.voxel_transform.state(),
-                "layer_log_mean": self.layer_log_mean, "layer_log_std": self.layer_log_std}
+                "layer_log_mean": self.layer_log_mean, "layer_log_std": self.layer_log_std,
+                "layer_hit_map": None if self.layer_hit_map is None
+                else self.layer_hit_map.state()}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -278,6 +310,8 @@ class LayerEnergyFlows(ConditionedModel):
         model.voxel_transform = cls.voxel_transform_class.from_state(state["voxel_transform"])
         model.layer_log_mean = list(state["layer_log_mean"])
         model.layer_log_std = list(state["layer_log_std"])
+        hit_map = state.get("layer_hit_map")  # saved before the map: absent
+        model.layer_hit_map = None if hit_map is None else LayerHitMap.from_state(hit_map)
         model._restore_extra_state(state)
         model.module = model._new_module()
         return model

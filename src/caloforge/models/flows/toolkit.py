@@ -139,7 +139,7 @@ class RQSpline(MonotonicRQSTransform):
         if _records_graph(y) or self.vertical.shape[:-1] != y.shape:
             k = torch.sum(self.vertical < y[..., None], dim=-1) - 1
         else:  # the knots are increasing: a binary search counts those below y
-            k = torch.searchsorted(self.vertical, y[..., None]).squeeze(-1) - 1
+            k = torch.searchsorted(self.vertical, y.contiguous()[..., None]).squeeze(-1) - 1
         mask = (0 <= k) & (k < bins)
         k = k % bins
         k0_k1 = torch.stack((k, k + 1), dim=-1)  # (*, 2), * = y's and the knots' broadcast

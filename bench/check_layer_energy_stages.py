@@ -1,0 +1,120 @@
+"""Issue 28: which step of a convflow model's sampling moves the layer energies.
+
+    python bench/check_layer_energy_stages.py RUN --reference TEST.h5 [--n 3000] \\
+        [--threads 1] [--seed 1] [-o OUT.json]
+
+Draws showers for the first --n held-out showers' conditions once and records each layer's
+energy (the cells at or above the readout threshold) after every step the model applies:
+the energy flow's deposits (``flow``; under the threshold read as an empty layer), the
+voxel flows' cells scaled to the deposit (``cells``), the calibrated cuts or hit counts
+(``cuts``), the spline(s) (``spline``), each core-fraction map (``core_map_1``, ...) and
+the core split (``split``). For each: the fast classifier (one repeat) on the energy
+columns of the official high-level input (log10 E_inc, log10(E_layer + 1e-8) per layer,
+log10 E_tot) against the held-out showers', the share of showers with a hit in the first
+layers, and the mean layer energy over the reference's per layer. Prints JSON. The step
+where the AUC jumps is the one that breaks the layer energies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from caloforge.atomic import write_json_atomic
+from caloforge.data import read_showers
+from caloforge.evaluation.classifier import get_preset, repeated_classifier_test
+from caloforge.features import apply_threshold
+from caloforge.models import load_model
+
+FIRST_LAYERS = 4
+
+
+def energy_columns(layer_energies: np.ndarray, incident: np.ndarray) -> np.ndarray:
+    """``(N, L)`` MeV layer energies, ``(N,)`` MeV E_inc -> ``(N, L + 2)`` classifier input."""
+    return np.column_stack([np.log10(incident), np.log10(layer_energies + 1e-8),
+                            np.log10(layer_energies.sum(1) + 1e-8)])
+
+
+def record_layers(method: Callable[..., torch.Tensor], name: str, threshold: float,
+                  store: dict[str, list[np.ndarray]]) -> Callable[..., torch.Tensor]:
+    """``method`` (returns one layer's cells ``(B, S)`` MeV, called layer after layer),
+    recording each call's layer energy above ``threshold`` under ``name``."""
+    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+        cells = method(*args, **kwargs)
+        store[name].append(torch.where(cells >= threshold, cells, torch.zeros_like(cells))
+                           .sum(1).double().cpu().numpy())
+        return cells
+    return wrapped
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run")
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("-o", "--output")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model: Any = load_model(args.run)
+    geometry = model.geometry
+    data = read_showers(args.reference, geometry, max_showers=args.n)
+    threshold = model.voxel_transform.threshold_mev
+    store: dict[str, list[np.ndarray]] = defaultdict(list)
+
+    flow1 = model._sample_flow1
+
+    def flow_deposits(*a: Any, **k: Any) -> torch.Tensor:
+        energies = flow1(*a, **k)
+        store["flow"] = [e for e in torch.where(energies >= threshold, energies,
+                                                torch.zeros_like(energies))
+                         .double().cpu().numpy().T]
+        return energies
+
+    model._sample_flow1 = flow_deposits
+    model._cells = record_layers(model._cells, "cells", threshold, store)
+    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, store)
+    model._postprocess = record_layers(model._postprocess, "spline", threshold, store)
+    for i, fraction_map in enumerate(model.core_fraction_maps or []):
+        fraction_map.apply = record_layers(fraction_map.apply, f"core_map_{i + 1}",
+                                           threshold, store)
+    model._split_core = record_layers(model._split_core, "split", threshold, store)
+    generated = model.sample(data.incident_energies, data.conditions, seed=args.seed)
+    final = geometry.layer_energies(apply_threshold(generated.showers, threshold),
+                                    dtype=np.float64)
+    real = geometry.layer_energies(apply_threshold(data.showers, threshold), dtype=np.float64)
+    real_mean = np.maximum(real.mean(0), 1e-12)
+    stages: dict[str, Any] = {}
+    for name, layers in [*store.items(), ("final", list(final.T))]:
+        energies = np.stack(layers, axis=1)
+        auc = repeated_classifier_test(energy_columns(real, data.incident_energies),
+                                       energy_columns(energies, data.incident_energies),
+                                       get_preset("fast"), repeats=1)["auc_mean"]
+        ratio = energies.mean(0) / real_mean
+        stages[name] = {"energy_columns_auc": round(float(auc), 4),
+                        "hit_share_first_layers": (energies[:, :FIRST_LAYERS] > 0).mean(0)
+                        .round(4).tolist(),
+                        "mean_energy_over_reference_first_layers": ratio[:FIRST_LAYERS]
+                        .round(3).tolist(),
+                        "mean_energy_over_reference_range": [round(float(ratio.min()), 3),
+                                                             round(float(ratio.max()), 3)]}
+        print(name, stages[name], file=sys.stderr, flush=True)
+    out = {"run": args.run, "reference": args.reference, "n": args.n, "seed": args.seed,
+           "reference_hit_share_first_layers": (real[:, :FIRST_LAYERS] > 0).mean(0)
+           .round(4).tolist(), "stages": stages}
+    if args.output:
+        write_json_atomic(args.output, out)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
