@@ -157,8 +157,8 @@ def _fit_bin(reference: np.ndarray, generated: np.ndarray, threshold_mev: float,
         mapped = bool(x[0] < threshold_mev)
         if not mapped:
             x = y = identity
-        # strictly increasing nodes, the boundary above what an emptied layer holds
         active.append(mapped)
+        # strictly increasing nodes, the boundary above what an emptied layer holds
         x_nodes.append(_increasing(np.maximum(x, empty_mev * 1.001 + 1e-12)).tolist())
         y_nodes.append(_increasing(np.maximum(y, threshold_mev)).tolist())
     return active, x_nodes, y_nodes
