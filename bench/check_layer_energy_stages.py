@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from check_layer_energies import energy_columns
 
 from caloforge.atomic import write_json_atomic
 from caloforge.data import read_showers
@@ -34,12 +35,6 @@ from caloforge.features import apply_threshold
 from caloforge.models import load_model
 
 FIRST_LAYERS = 4
-
-
-def energy_columns(layer_energies: np.ndarray, incident: np.ndarray) -> np.ndarray:
-    """``(N, L)`` MeV layer energies, ``(N,)`` MeV E_inc -> ``(N, L + 2)`` classifier input."""
-    return np.column_stack([np.log10(incident), np.log10(layer_energies + 1e-8),
-                            np.log10(layer_energies.sum(1) + 1e-8)])
 
 
 def record_layers(method: Callable[..., torch.Tensor], name: str, threshold: float,
