@@ -11,8 +11,9 @@ voxel flows' cells scaled to the deposit (``cells``), the calibrated cuts or hit
 the core split (``split``). For each: the fast classifier (one repeat) on the energy
 columns of the official high-level input (log10 E_inc, log10(E_layer + 1e-8) per layer,
 log10 E_tot) against the held-out showers', the share of showers with a hit in the first
-layers, and the mean layer energy over the reference's per layer. Prints JSON. The step
-where the AUC jumps is the one that breaks the layer energies.
+layers, the mean layer energy over the reference's per layer and the first layers' mean
+hottest cell over the reference's (0 for an empty layer, as ``check_ild_cores.py``).
+Prints JSON. The step where the AUC jumps is the one that breaks the layer energies.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ FIRST_LAYERS = 4
 
 
 def record_layers(method: Callable[..., torch.Tensor], name: str, threshold: float,
-                  store: dict[str, list[np.ndarray]]) -> Callable[..., torch.Tensor]:
+                  store: dict[str, list[np.ndarray]], hottest: dict[str, list[np.ndarray]]
+                  ) -> Callable[..., torch.Tensor]:
     """``method`` (returns one layer's cells ``(B, S)`` MeV, called layer after layer),
-    recording each call's layer energy above ``threshold`` under ``name``."""
+    recording each call's layer energy above ``threshold`` under ``name`` in ``store`` and
+    its hottest cell (0 when none reaches it) in ``hottest``."""
     def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
         cells = method(*args, **kwargs)
-        store[name].append(torch.where(cells >= threshold, cells, torch.zeros_like(cells))
-                           .sum(1).double().cpu().numpy())
+        kept = torch.where(cells >= threshold, cells, torch.zeros_like(cells))
+        store[name].append(kept.sum(1).double().cpu().numpy())
+        hottest[name].append(kept.amax(1).double().cpu().numpy())
         return cells
     return wrapped
 
@@ -64,6 +68,7 @@ def main() -> int:
     data = read_showers(args.reference, geometry, max_showers=args.n)
     threshold = model.voxel_transform.threshold_mev
     store: dict[str, list[np.ndarray]] = defaultdict(list)
+    hottest: dict[str, list[np.ndarray]] = defaultdict(list)
 
     flow1 = model._sample_flow1
 
@@ -75,18 +80,23 @@ def main() -> int:
         return energies
 
     model._sample_flow1 = flow_deposits
-    model._cells = record_layers(model._cells, "cells", threshold, store)
-    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, store)
-    model._postprocess = record_layers(model._postprocess, "spline", threshold, store)
+    model._cells = record_layers(model._cells, "cells", threshold, store, hottest)
+    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, store, hottest)
+    model._postprocess = record_layers(model._postprocess, "spline", threshold, store, hottest)
     for i, fraction_map in enumerate(model.core_fraction_maps or []):
         fraction_map.apply = record_layers(fraction_map.apply, f"core_map_{i + 1}",
-                                           threshold, store)
-    model._split_core = record_layers(model._split_core, "split", threshold, store)
+                                           threshold, store, hottest)
+    model._split_core = record_layers(model._split_core, "split", threshold, store, hottest)
     generated = model.sample(data.incident_energies, data.conditions, seed=args.seed)
     final = geometry.layer_energies(apply_threshold(generated.showers, threshold),
                                     dtype=np.float64)
     real = geometry.layer_energies(apply_threshold(data.showers, threshold), dtype=np.float64)
     real_mean = np.maximum(real.mean(0), 1e-12)
+    real_cells = apply_threshold(data.showers, threshold)
+    first_cells = geometry.layer_slices[:FIRST_LAYERS]
+    real_hottest = np.array([real_cells[:, cells].max(1).mean() for cells in first_cells])
+    final_cells = apply_threshold(generated.showers, threshold)
+    hottest["final"] = [final_cells[:, cells].max(1).astype(np.float64) for cells in first_cells]
     stages: dict[str, Any] = {}
     for name, layers in [*store.items(), ("final", list(final.T))]:
         energies = np.stack(layers, axis=1)
@@ -101,6 +111,10 @@ def main() -> int:
                         .round(3).tolist(),
                         "mean_energy_over_reference_range": [round(float(ratio.min()), 3),
                                                              round(float(ratio.max()), 3)]}
+        if hottest.get(name):
+            hot = np.stack(hottest[name][:FIRST_LAYERS], axis=1).mean(0)
+            stages[name]["hottest_cell_over_reference_first_layers"] = \
+                (hot / np.maximum(real_hottest, 1e-12)).round(3).tolist()
         print(name, stages[name], file=sys.stderr, flush=True)
     out = {"run": args.run, "reference": args.reference, "n": args.n, "seed": args.seed,
            "reference_hit_share_first_layers": (real[:, :FIRST_LAYERS] > 0).mean(0)
