@@ -432,7 +432,7 @@ def test_convflow_options_are_checked(tmp_path, capsys):
                ("hit_calibration_groups: radius",
                 "hit_calibration_groups must be one of hit-rate, hit-rate-block, ring, "
                 "ring-block, layer"),
-               ("symmetrise: mirror", "symmetrise must be one of none, d4"),
+               ("symmetrise: mirror", "symmetrise must be one of none, d4, rotations"),
                ("symmetrise: d4", "symmetrise: d4 needs square Cartesian layers"),
                ("layer_energy: raw", "layer_energy must be one of noisy, deposited"),
                ("layer_energy: deposited\nnormalise_by: fixed",

@@ -186,6 +186,45 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
         model.voxel_cuts_mev = None
 
 
+def _cylinder_symmetries(image: np.ndarray) -> list[np.ndarray]:
+    """The 2 n_alpha images of ``image`` ``(..., n_alpha, n_radial)`` under the turns by
+    whole angular bins and the reflection in the angle."""
+    n_alpha = image.shape[-2]
+    return [np.roll(mirrored, -k, axis=-2) for mirrored in (image, image[..., ::-1, :])
+            for k in range(n_alpha)]
+
+
+def test_symmetrise_rotations_turns_each_cylinder_shower_by_one_angular_symmetry(tmp_path):
+    """``symmetrise: rotations`` (cylinders): each shower is the unsymmetrised one (same
+    seed) turned by whole angular bins and maybe reflected, all layers alike, every one of
+    the 2 n_alpha elements drawn; the exported function gives what ``sample`` gives; saved
+    with the model; refused on Cartesian layers (and ``d4`` on cylinders)."""
+    data = random_showers(CYLINDER, 160, seed=5)
+    model = ConvL2LFlow(CYLINDER, _tiny(1))
+    model.fit(data, str(tmp_path / "run"))
+    energies = data.incident_energies[:150]
+    n_alpha, n_radial = 6, 4
+    shape = (-1, CYLINDER.n_layers, n_alpha, n_radial)
+    plain = model.sample(energies, seed=4).showers.reshape(shape)
+    model.config.symmetrise = "rotations"
+    turned = model.sample(energies, seed=4).showers.reshape(shape)
+    elements = []
+    for shower, original in zip(turned, plain):
+        matches = [k for k, image in enumerate(_cylinder_symmetries(original))
+                   if np.array_equal(image, shower)]
+        assert matches, "not a symmetry of the unsymmetrised shower"
+        elements.append(matches[0])
+    assert len(set(elements)) == 2 * n_alpha
+    traced = showers_from_drawn_noise(model, energies, seed=4)
+    np.testing.assert_allclose(traced, turned.reshape(len(energies), -1), rtol=1e-4, atol=1e-5)
+    model.save(str(tmp_path / "turned"))
+    assert load_model(str(tmp_path / "turned")).config.symmetrise == "rotations"
+    with pytest.raises(OptionError, match="rotations needs cylindrical layers"):
+        ConvL2LFlow(CARTESIAN, _tiny(1, symmetrise="rotations"))
+    with pytest.raises(OptionError, match="d4 needs square Cartesian layers"):
+        ConvL2LFlow(CYLINDER, _tiny(1, symmetrise="d4"))
+
+
 def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path, monkeypatch):
     """``hit_counts: layer`` / ``band``: each layer (each radial band of it) keeps the drawn
     number of hits, the cells furthest above their cut (no cuts fitted: the highest
@@ -481,8 +520,9 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     """Circular padding, a shared flow with position channels, 2x2 blocks whitened
     (``cell_scale: block``), deposited layer energies, hit cuts per radial bin and bin of
     the deposit keeping their energy per group, a sampling temperature and the
-    post-processing splines per calibration group: onnxruntime gives the showers ``sample``
-    gives for the same noise. (Per-layer splines: the hit-count test's export.)"""
+    post-processing splines per calibration group and the angular symmetry (``symmetrise:
+    rotations``): onnxruntime gives the showers ``sample`` gives for the same noise.
+    (Per-layer splines: the hit-count test's export.)"""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
@@ -492,7 +532,8 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         hit_calibration_energy="group", temperature=0.9,
                                         layer_energy="deposited", cell_scale="block",
                                         hit_calibration_bins=2,
-                                        postprocess="group-spline", postprocess_showers=100))
+                                        postprocess="group-spline", postprocess_showers=100,
+                                        symmetrise="rotations"))
     model.fit(data, str(tmp_path / "run"))
     assert len(model.voxel_cuts_mev) == 4 * CYLINDER.n_voxels  # 2 x 2 bins
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts

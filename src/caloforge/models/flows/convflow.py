@@ -33,6 +33,8 @@ disjoint parts into one model, the unit of parallel training.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,9 +84,11 @@ LAYER_ENERGIES = ("noisy", "deposited")
 LAYER_HITS = ("none", "calibrated")
 POSTPROCESS = ("none", "spline", "layer-spline", "group-spline")
 CELL_SCALES = ("layer", "cell", "robust", "block")
-SYMMETRIES = ("none", "d4")
+SYMMETRIES = ("none", "d4", "rotations")
 CORE_SPLITS = ("none", "calibrated")
-SYMMETRY_BITS = 3  # flip x, flip y, transpose: the 8 elements of the square's group
+# d4: flip x, flip y, transpose (the 8 elements of the square's group); rotations: reflect,
+# turn (the third unused: one noise layout for both)
+SYMMETRY_BITS = 3
 
 
 @dataclass
@@ -200,7 +204,11 @@ class ConvFlowConfig:
     cells as four channels and, in the far halo, favour one of the four places (2x its hits);
     the classifier sees that hit pattern (docs/convflow.md "The halo's hit pattern"). Over
     an invariant data distribution the symmetrised model is never further away (in KL) than
-    the model itself. Set after training; acts on generation only;
+    the model itself. ``rotations``: the same for cylinders (calochallenge-2/3), every shower
+    turned by one of the ``n_alpha`` angular steps and reflected (alpha -> -alpha) with
+    probability 1/2, drawn from two of the three numbers: the flows' 2 x 2 squeeze blocks
+    pair neighbouring angular bins, and training's random rolls make the flows nearly, not
+    exactly, invariant. Set after training; acts on generation only;
     ``hit_counts``: ``layer`` draws each shower's number of hits per layer, ``band`` per
     radial band of each layer (cells 0-2, 2-4, 4-6, 6-9, 9-14 and 14+ from the centre; the
     rows of cylinders), from a model fitted on the first ``hit_count_showers`` training
@@ -524,6 +532,9 @@ class ConvL2LFlow(LayerEnergyFlows):
                                           or self.image_shape[0] != self.image_shape[1]):
             raise OptionError(f"symmetrise: d4 needs square Cartesian layers; {geometry.name!r} "
                               f"layers are {'cylinders' if self.circular else self.image_shape}")
+        if config.symmetrise == "rotations" and not self.circular:
+            raise OptionError(f"symmetrise: rotations needs cylindrical layers; "
+                              f"{geometry.name!r} layers are Cartesian (d4 for square ones)")
         threshold, noise = threshold_and_noise(config, geometry, self.noise_per_threshold)
         super().__init__(geometry, config, MaxLogTransform(
             noise, threshold, config.voxel_logit_alpha, normalise_by=config.normalise_by))
@@ -1178,13 +1189,31 @@ class ConvL2LFlow(LayerEnergyFlows):
         """One layer's cells ``(B, H * W)`` turned by each shower's symmetry of the square:
         flipped in x where ``bits[:, 0] > 0``, in y where ``bits[:, 1] > 0``, then
         transposed where ``bits[:, 2] > 0`` (``bits`` ``(B, 3)``, standard normal: each of
-        the 8 elements with probability 1/8). Torch operations only (exported)."""
+        the 8 elements with probability 1/8); of the cylinder (``rotations``): see
+        :meth:`_rotated`. Torch operations only (exported)."""
+        if self.config.symmetrise == "rotations":
+            return self._rotated(cells, bits)
         h, w = self.image_shape
         image = cells.reshape(-1, h, w)
         image = torch.where(bits[:, 0, None, None] > 0, image.flip(-1), image)
         image = torch.where(bits[:, 1, None, None] > 0, image.flip(-2), image)
         image = torch.where(bits[:, 2, None, None] > 0, image.transpose(-1, -2), image)
         return image.reshape(-1, h * w)
+
+    def _rotated(self, cells: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """One cylindrical layer's cells ``(B, n_alpha * n_radial)`` (angular bin-major)
+        reflected in the angle (bin ``i`` -> ``n_alpha - 1 - i``: the bins are symmetric
+        about alpha = 0) where ``bits[:, 0] > 0``, then turned by ``k`` angular bins, ``k =
+        floor(Phi(bits[:, 1]) n_alpha)`` uniform over the ``n_alpha`` steps (``Phi`` the
+        standard normal CDF)."""
+        n_radial, n_alpha = self.image_shape
+        image = cells.reshape(-1, n_alpha, n_radial)
+        image = torch.where(bits[:, 0, None, None] > 0, image.flip(-2), image)
+        uniform = 0.5 * (1 + torch.erf(bits[:, 1] / math.sqrt(2)))
+        steps = (uniform * n_alpha).floor().clamp(max=n_alpha - 1).to(torch.long)  # (B,)
+        source = (torch.arange(n_alpha, device=cells.device)[None] + steps[:, None]) % n_alpha
+        image = image.gather(1, source[:, :, None].expand(-1, -1, n_radial))
+        return image.reshape(-1, n_alpha * n_radial)
 
     def noise_features(self) -> int:
         h, w = self.image_shape
