@@ -138,6 +138,18 @@ def _square_symmetries(image: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _symmetry_elements(turned: np.ndarray, plain: np.ndarray, symmetries) -> set[int]:
+    """Which element of ``symmetries(shower)`` (a list of images) each of ``turned`` is of
+    the same-seed ``plain`` shower; asserts every one is some element."""
+    elements = set()
+    for shower, original in zip(turned, plain):
+        matches = [k for k, image in enumerate(symmetries(original))
+                   if np.array_equal(image, shower)]
+        assert matches, "not a symmetry of the unsymmetrised shower"
+        elements.add(matches[0])
+    return elements
+
+
 def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_path):
     """``symmetrise: d4``: each shower is the unsymmetrised one (same seed) under one of the
     8 symmetries of the square, all layers alike, every element drawn; a model whose hits
@@ -152,13 +164,7 @@ def test_symmetrise_turns_each_shower_by_one_square_symmetry(trained, data, tmp_
     model.config.symmetrise = "d4"
     try:
         turned = model.sample(energies, seed=4).showers.reshape(plain.shape)
-        elements = []
-        for shower, original in zip(turned, plain):
-            matches = [k for k, image in enumerate(_square_symmetries(original))
-                       if np.array_equal(image, shower)]
-            assert matches, "not a symmetry of the unsymmetrised shower"
-            elements.append(matches[0])
-        assert len(set(elements)) == 8
+        assert len(_symmetry_elements(turned, plain, _square_symmetries)) == 8
         traced = showers_from_drawn_noise(model, energies, seed=4)
         np.testing.assert_allclose(traced, turned.reshape(len(energies), -1),
                                    rtol=1e-4, atol=1e-5)
@@ -208,13 +214,7 @@ def test_symmetrise_rotations_turns_each_cylinder_shower_by_one_angular_symmetry
     plain = model.sample(energies, seed=4).showers.reshape(shape)
     model.config.symmetrise = "rotations"
     turned = model.sample(energies, seed=4).showers.reshape(shape)
-    elements = []
-    for shower, original in zip(turned, plain):
-        matches = [k for k, image in enumerate(_cylinder_symmetries(original))
-                   if np.array_equal(image, shower)]
-        assert matches, "not a symmetry of the unsymmetrised shower"
-        elements.append(matches[0])
-    assert len(set(elements)) == 2 * n_alpha
+    assert len(_symmetry_elements(turned, plain, _cylinder_symmetries)) == 2 * n_alpha
     traced = showers_from_drawn_noise(model, energies, seed=4)
     np.testing.assert_allclose(traced, turned.reshape(len(energies), -1), rtol=1e-4, atol=1e-5)
     model.save(str(tmp_path / "turned"))

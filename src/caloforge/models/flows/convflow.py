@@ -34,7 +34,6 @@ disjoint parts into one model, the unit of parallel training.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
