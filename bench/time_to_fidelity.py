@@ -13,8 +13,10 @@ stage the model generates the held-out incident energies (``--n-eval`` showers, 
 and `caloforge evaluate` runs the separation powers and both classifiers (fast preset, 3
 repeats). Each stage's figures go into ``--results`` as soon as they exist, and a stage
 already recorded there is skipped, so the script can be stopped at any point and run again
-(also in a later session: the run directory holds the checkpoint). Figures are measured on
-the reference simulator, not Geant4.
+(also in a later session: the run directory holds the checkpoint). ``--run DIR --stages M``
+measures a run trained by hand to M minutes (its `caloforge train --time-budget Mm`) as that
+stage, without a training call. Figures are measured on the reference simulator, not
+Geant4.
 """
 
 from __future__ import annotations
@@ -75,27 +77,31 @@ def line_key(family: str, geometry: str, tag: str) -> str:
 
 def run_stage(args: argparse.Namespace, minutes: int) -> dict:
     """Train the run up to ``minutes`` of training, generate, evaluate; the stage's figures."""
-    run_dir = os.path.join(args.work, "run")
-    resume = os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
-    started = time.perf_counter()
-    training = caloforge("train", args.family, "--data", args.train, "--geometry", args.geometry,
-              "-o", run_dir, "--time-budget", f"{minutes}m", "--threads", str(args.threads),
-              "--stream", args.stream, *(["--resume"] if resume else []),
-              *(["--config", args.config] if args.config and not resume else []))
-    train_wall = time.perf_counter() - started
+    run_dir = args.run or os.path.join(args.work, "run")
+    peak_rss_gb = train_wall = None
+    if not args.run:
+        resume = os.path.exists(os.path.join(run_dir, "checkpoint.safetensors"))
+        started = time.perf_counter()
+        training = caloforge(
+            "train", args.family, "--data", args.train, "--geometry", args.geometry, "-o",
+            run_dir, "--time-budget", f"{minutes}m", "--threads", str(args.threads), "--stream",
+            args.stream, *(["--resume"] if resume else []),
+            *(["--config", args.config] if args.config and not resume else []))
+        train_wall = round(time.perf_counter() - started, 1)
+        peak_rss_gb = round(training.peak_rss_gb, 2)
     summary = training_summary(run_dir)
     generated = os.path.join(args.work, f"generated-{minutes}m.h5")
     step = generate(run_dir, args.test, generated, args.threads, args.n_eval)
     metrics = evaluate(args.test, generated, args.geometry,
                        os.path.join(args.work, f"report-{minutes}m"),
-                       ["--metrics", "hist,cls-low,cls-high", "--max-showers", str(args.n_eval)])
+                       ["--metrics", "hist,cls-low,cls-high", "--max-showers", str(args.n_eval),
+                        "--no-plots"])
     cores = hottest_cell_ratios(args.test, generated, args.geometry, args.n_eval)
     os.remove(generated)  # hundreds of MB per stage; the report keeps the figures
     return {"stage_min": minutes, "train_min": round(summary["train_seconds"] / 60, 1),
             "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
             "best_val_loss": summary["best_val_loss"],
-            "train_call_wall_s": round(train_wall, 1),
-            "train_peak_rss_gb": round(training.peak_rss_gb, 2),
+            "train_call_wall_s": train_wall, "train_peak_rss_gb": peak_rss_gb,
             "generation_ms_per_shower": round(1e3 * step.wall_s / args.n_eval, 1),
             "n_eval": args.n_eval, **headline(metrics),
             "max_separation_power": separation_summary(metrics.get("separation_power", {})),
@@ -194,6 +200,10 @@ def main() -> int:
     parser.add_argument("--config", default=None, help="YAML over the cpu preset (first stage)")
     parser.add_argument("--tag", default="cpu", help="names a line that is not the default")
     parser.add_argument("--work", default=None, help="run folder (default bench-output/ttf/..)")
+    parser.add_argument("--run", default=None,
+                        help="measure this run as it stands, as the one --stages stage (trained "
+                             "by hand or elsewhere to that budget): no training call")
+    parser.add_argument("--note", default=None, help="a note for the measured stage")
     parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--plot-file", default=PLOT)
     parser.add_argument("--plot", action="store_true", help="only redraw plot and table")
@@ -202,6 +212,8 @@ def main() -> int:
     if not args.plot:
         if not (args.family and args.geometry and args.train and args.test):
             parser.error("--family, --geometry, --train and --test are needed to measure")
+        if args.run and "," in args.stages:
+            parser.error("--run measures one stage: give --stages the minutes it was trained")
         key = line_key(args.family, args.geometry, args.tag)
         args.work = args.work or os.path.join("bench-output", "ttf",
                                               f"{args.family}-{args.geometry}-{args.tag}")
@@ -210,6 +222,8 @@ def main() -> int:
                 print(f"{key}: {minutes} min already measured")
                 continue
             stage = run_stage(args, minutes)
+            if args.note:
+                stage["note"] = args.note
             results = update_json(args.results, functools.partial(
                 record_stage, key=key, family=args.family, geometry=args.geometry, stage=stage))
             print(json.dumps(stage), flush=True)
