@@ -9,6 +9,8 @@ from caloforge.data import (
     ShowerFile,
     ShowerStream,
     ShowerWriter,
+    first_showers,
+    iter_first_showers,
     read_showers,
     write_showers,
 )
@@ -62,6 +64,25 @@ def test_streaming_batches_cover_file(tmp_path):
         joined = ShowerData.concatenate(list(reader.iter_batches(25)))
     assert sizes == [25, 25, 25, 25, 3]
     np.testing.assert_array_equal(joined.showers, data.showers)
+
+
+@pytest.mark.parametrize("n, chunk", [(30, 30), (1, 50), (99, 40), (250, 64), (500, 100),
+                                      (900, 1000)])
+def test_first_showers_in_pieces_are_the_first_showers(tmp_path, n, chunk):
+    """``iter_first_showers``: the pieces of showers in memory or of a stream (whole blocks
+    of 30) join to what ``first_showers`` reads at once, none larger than needed."""
+    geometry = get_geometry("lhcb-ecal")
+    data = random_showers(geometry, 500)
+    path = tmp_path / "s.h5"
+    write_showers(path, data, geometry)
+    with ShowerStream(path, geometry, block_size=30) as stream:
+        for source in (data, stream):
+            pieces = list(iter_first_showers(source, n, chunk))
+            expected = first_showers(source, n)
+            assert sum(len(p) for p in pieces) == len(expected) == min(n, 500)
+            assert max(len(p) for p in pieces) <= max(chunk, 30)
+            np.testing.assert_array_equal(ShowerData.concatenate(pieces).showers,
+                                          expected.showers)
 
 
 def test_stream_blocks_bounded_by_voxel_values(tmp_path, monkeypatch):

@@ -444,6 +444,23 @@ def first_showers(data: ShowerData | ShowerStream, n: int) -> ShowerData:
     return data.select(slice(0, n))
 
 
+def iter_first_showers(data: ShowerData | ShowerStream, n: int,
+                       chunk: int = 1000) -> Iterator[ShowerData]:
+    """The first ``n`` showers (fewer if there are not so many) in consecutive pieces of
+    about ``chunk`` showers (a stream: whole blocks, at least one), never all in memory."""
+    if isinstance(data, ShowerStream):
+        per_piece = max(1, chunk // data.block_size)
+        n_blocks = min(data.n_blocks, -(-n // data.block_size))
+        left = n
+        for first in range(0, n_blocks, per_piece):
+            piece = data.read_blocks(np.arange(first, min(first + per_piece, n_blocks)))
+            yield piece.select(slice(0, left))
+            left -= len(piece)
+        return
+    for start in range(0, min(n, len(data)), chunk):
+        yield data.select(slice(start, min(start + chunk, n)))
+
+
 def _offset_problem(problem: str, offset: int) -> str:
     """Rewrite 'shower i' in a batch-relative problem statement to the file index."""
     return re.sub(r"shower (\d+)", lambda m: f"shower {int(m.group(1)) + offset}", problem)

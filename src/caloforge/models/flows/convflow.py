@@ -849,13 +849,12 @@ class ConvL2LFlow(LayerEnergyFlows):
                 or hits):
             return
         after = spline or core or fraction
+        if hits:  # first: everything after samples the calibrated layer energies
+            self.fit_layer_hits(data, config.layer_hit_showers,
+                                empty_mev=0.5 * self.deposit_floor_mev)
         reference = first_showers(data, max(config.hit_calibration_showers,
                                             config.postprocess_showers if after else 0,
-                                            config.hit_count_showers if counts else 0,
-                                            config.layer_hit_showers if hits else 0))
-        if hits:  # first: everything after samples the calibrated layer energies
-            self.fit_layer_hits(reference.select(slice(0, config.layer_hit_showers)),
-                                empty_mev=0.5 * self.deposit_floor_mev)
+                                            config.hit_count_showers if counts else 0))
         if config.hit_calibration_showers:
             self.calibrate_hits(reference.select(slice(0, config.hit_calibration_showers)))
         if counts:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data import ShowerData
+from ...data import ShowerData, ShowerStream, iter_first_showers
 from ...features import apply_threshold
 from ...geometry import Geometry
 from ...layer_hits import LayerHitMap
@@ -202,21 +202,29 @@ class LayerEnergyFlows(ConditionedModel):
             return layer_energies
         return self.layer_hit_map.apply(layer_energies, incident_energies)
 
-    def fit_layer_hits(self, reference: ShowerData, empty_mev: float, seed: int = 5) -> None:
+    def fit_layer_hits(self, reference: ShowerData | ShowerStream, n_showers: int,
+                       empty_mev: float, seed: int = 5) -> None:
         """Fit the :class:`~caloforge.layer_hits.LayerHitMap` from the energy flow's draws
-        for ``reference``'s conditions to ``reference``'s layer deposits (the cells at or
-        above the readout threshold); ``empty_mev``: what an emptied layer's deposit
-        becomes (under any hit)."""
+        for the conditions of ``reference``'s first ``n_showers`` to their layer deposits
+        (the cells at or above the readout threshold); ``empty_mev``: what an emptied layer's
+        deposit becomes (under any hit). The showers are read a thousand at a time: only
+        their layer sums are kept (20,000 calochallenge-3 showers are 3.2 GB)."""
         self.layer_hit_map = None
-        with torch.inference_mode():
-            drawn = self._start_layer_sampling(reference.incident_energies,
-                                               reference.conditions, seed, 0, 10_000, "cpu")[3]
         threshold = self.voxel_transform.threshold_mev
-        deposits = self.geometry.layer_energies(apply_threshold(reference.showers, threshold),
-                                                dtype=np.float64)
-        self.layer_hit_map = LayerHitMap.fit(deposits, reference.incident_energies,
-                                             drawn.double().numpy(),
-                                             reference.incident_energies, threshold, empty_mev)
+        deposits, conditions = [], []
+        for piece in iter_first_showers(reference, n_showers):
+            deposits.append(self.geometry.layer_energies(apply_threshold(piece.showers, threshold),
+                                                         dtype=np.float64))
+            conditions.append(ShowerData(piece.incident_energies,
+                                         np.zeros((len(piece), 0), np.float32),
+                                         piece.conditions, piece.condition_units))
+        light = ShowerData.concatenate(conditions)
+        with torch.inference_mode():
+            drawn = self._start_layer_sampling(light.incident_energies, light.conditions, seed,
+                                               0, 10_000, "cpu")[3]
+        self.layer_hit_map = LayerHitMap.fit(np.concatenate(deposits), light.incident_energies,
+                                             drawn.double().numpy(), light.incident_energies,
+                                             threshold, empty_mev)
 
     # --- sampling from noise in steps: what `caloforge export` exports graph by graph ---
     # A family that draws its layers from noise one after the other (iCaloFlow, convflow)
