@@ -11,8 +11,9 @@ voxel flows' cells scaled to the deposit (``cells``), the calibrated cuts or hit
 the core split (``split``). For each: the fast classifier (one repeat) on the energy
 columns of the official high-level input (log10 E_inc, log10(E_layer + 1e-8) per layer,
 log10 E_tot) against the held-out showers', the share of showers with a hit in the first
-layers, the mean layer energy over the reference's per layer and the first layers' mean
-hottest cell over the reference's (0 for an empty layer, as ``check_ild_cores.py``).
+layers, the mean layer energy over the reference's per layer, the mean and spread of the
+summed layer energies over E_inc, and the first layers' mean hottest cell over the
+reference's (0 for an empty layer, as ``check_ild_cores.py``).
 Prints JSON. The step where the AUC jumps is the one that breaks the layer energies.
 """
 
@@ -111,12 +112,18 @@ def main() -> int:
                         .round(3).tolist(),
                         "mean_energy_over_reference_range": [round(float(ratio.min()), 3),
                                                              round(float(ratio.max()), 3)]}
+        response = energies.sum(1) / data.incident_energies
+        stages[name]["e_tot_over_e_inc_mean_std"] = [round(float(response.mean()), 4),
+                                                     round(float(response.std()), 4)]
         if hottest.get(name):
             hot = np.stack(hottest[name][:FIRST_LAYERS], axis=1).mean(0)
             stages[name]["hottest_cell_over_reference_first_layers"] = \
                 (hot / np.maximum(real_hottest, 1e-12)).round(3).tolist()
         print(name, stages[name], file=sys.stderr, flush=True)
+    real_response = real.sum(1) / data.incident_energies
     out = {"run": args.run, "reference": args.reference, "n": args.n, "seed": args.seed,
+           "reference_e_tot_over_e_inc_mean_std": [round(float(real_response.mean()), 4),
+                                                   round(float(real_response.std()), 4)],
            "reference_hit_share_first_layers": (real[:, :FIRST_LAYERS] > 0).mean(0)
            .round(4).tolist(), "stages": stages}
     if args.output:

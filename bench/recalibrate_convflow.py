@@ -27,7 +27,7 @@ import argparse
 from recalibration import open_run, run_main
 
 from caloforge.core_fraction import CORE_FRACTIONS
-from caloforge.data import read_showers
+from caloforge.data import ShowerStream, read_showers
 from caloforge.hit_counts import HIT_COUNTS
 from caloforge.models.flows.convflow import (
     CORE_SPLITS,
@@ -109,8 +109,9 @@ def main() -> int:
         showers = max(config.hit_calibration_showers, config.postprocess_showers,
                       config.hit_count_showers if config.hit_counts != "none" else 0,
                       config.layer_hit_showers if config.layer_hits != "none" else 0)
-        model.end_fit(read_showers(args.train, model.geometry, max_showers=showers),
-                      args.output)
+        # streamed: the fits read only the showers each needs (layer_hits: 20,000 layer sums)
+        with ShowerStream(args.train, model.geometry, max_showers=showers) as stream:
+            model.end_fit(stream, args.output)
     model.save(args.output)
     done = ", hit cuts, counts and spline(s) refitted" if refit else "".join(
         text for text, fitted in ((", core fraction fitted", fraction_only),
