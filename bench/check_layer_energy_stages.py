@@ -89,14 +89,13 @@ def main() -> int:
                                            threshold, store, hottest)
     model._split_core = record_layers(model._split_core, "split", threshold, store, hottest)
     generated = model.sample(data.incident_energies, data.conditions, seed=args.seed)
-    final = geometry.layer_energies(apply_threshold(generated.showers, threshold),
-                                    dtype=np.float64)
-    real = geometry.layer_energies(apply_threshold(data.showers, threshold), dtype=np.float64)
-    real_mean = np.maximum(real.mean(0), 1e-12)
+    final_cells = apply_threshold(generated.showers, threshold)
     real_cells = apply_threshold(data.showers, threshold)
+    final = geometry.layer_energies(final_cells, dtype=np.float64)
+    real = geometry.layer_energies(real_cells, dtype=np.float64)
+    real_mean = np.maximum(real.mean(0), 1e-12)
     first_cells = geometry.layer_slices[:FIRST_LAYERS]
     real_hottest = np.array([real_cells[:, cells].max(1).mean() for cells in first_cells])
-    final_cells = apply_threshold(generated.showers, threshold)
     hottest["final"] = [final_cells[:, cells].max(1).astype(np.float64) for cells in first_cells]
     stages: dict[str, Any] = {}
     for name, layers in [*store.items(), ("final", list(final.T))]:
