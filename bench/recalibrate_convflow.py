@@ -5,17 +5,20 @@ noise is drawn with this standard deviation), ``postprocess`` (none, spline,
 layer-spline or group-spline; docs/convflow.md), ``hit_calibration_groups``,
 ``hit_calibration_bins``, ``hit_calibration_showers``, ``symmetrise``, ``hit_counts``,
 ``hit_count_showers``, ``postprocess_energy``, ``core_fraction`` (and its radius),
-``core_split``, ``postprocess_showers`` and ``layer_hits`` (and its showers). The hit
+``core_split``, ``ring_spread``, ``postprocess_showers`` and ``layer_hits`` (and its
+showers). The hit
 cuts and the post-processing spline(s), which are fitted to the model's own samples, are
 fitted again on the first training showers, exactly as after training (``end_fit``),
-unless only ``symmetrise``, ``postprocess_energy``, ``core_fraction`` or ``core_split``
-change (they act after them; the core fraction and the core split are then fitted alone,
-in that order):
+unless only ``symmetrise``, ``postprocess_energy``, ``core_fraction``, ``ring_spread``
+or ``core_split`` change (they act after them; the core fraction, the rings' spread and
+the core split are then fitted alone, in that order):
 
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --temperature 0.9 -o RUN-T09
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --postprocess layer-spline \
         -o RUN-LS
     python bench/recalibrate_convflow.py RUN --symmetrise d4 -o RUN-D4
+    python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --ring-spread calibrated \
+        -o RUN-RS
 
 The new run directory then generates and evaluates with the ordinary commands.
 """
@@ -36,6 +39,7 @@ from caloforge.models.flows.convflow import (
     SYMMETRIES,
     ConvL2LFlow,
 )
+from caloforge.ring_spread import RING_SPREADS
 
 
 def main() -> int:
@@ -54,6 +58,7 @@ def main() -> int:
     parser.add_argument("--core-split", choices=CORE_SPLITS, default=None)
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
+    parser.add_argument("--ring-spread", choices=RING_SPREADS, default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--layer-hits", choices=LAYER_HITS, default=None)
     parser.add_argument("--layer-hit-showers", type=int, default=None)
@@ -77,6 +82,7 @@ def main() -> int:
                                              ("core_fraction", args.core_fraction),
                                              ("core_fraction_radius",
                                               args.core_fraction_radius),
+                                             ("ring_spread", args.ring_spread),
                                              ("hit_count_showers", args.hit_count_showers),
                                              ("layer_hits", args.layer_hits),
                                              ("layer_hit_showers", args.layer_hit_showers),
@@ -88,21 +94,25 @@ def main() -> int:
                      "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
                      "--symmetrise")
     after_all = {"symmetrise", "postprocess_energy", "core_split", "core_fraction",
-                 "core_fraction_radius", "postprocess_showers"}  # act after the rest
+                 "core_fraction_radius", "ring_spread", "postprocess_showers"}  # act last
     refit = not set(changes) <= after_all
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
     config = model.config
     # the rest as fitted: only the core fraction and/or split, on the final pipeline
     fraction_only = not refit and config.core_fraction != "none" and bool(
         {"core_fraction", "core_fraction_radius", "postprocess_showers"} & set(changes))
+    spread_only = not refit and config.ring_spread != "none" and (
+        fraction_only or bool({"ring_spread", "postprocess_showers"} & set(changes)))
     core_only = not refit and config.core_split != "none" and (
-        fraction_only or "core_split" in changes)
-    if (refit or core_only or fraction_only) and not args.train:
+        fraction_only or spread_only or "core_split" in changes)
+    if (refit or core_only or fraction_only or spread_only) and not args.train:
         parser.error("refitting the hit cuts, counts, splines or core maps needs --train")
-    if fraction_only or core_only:
+    if fraction_only or spread_only or core_only:
         reference = read_showers(args.train, model.geometry,
                                  max_showers=config.postprocess_showers)
         mapped = model.fit_core_fraction(reference) if fraction_only else None
+        if spread_only:
+            mapped = model.fit_ring_spread(reference, generated=mapped)
         if core_only:
             model.fit_core_split(reference, generated=mapped)
     if refit:
@@ -115,6 +125,7 @@ def main() -> int:
     model.save(args.output)
     done = ", hit cuts, counts and spline(s) refitted" if refit else "".join(
         text for text, fitted in ((", core fraction fitted", fraction_only),
+                                  (", rings' spread fitted", spread_only),
                                   (", core split fitted", core_only)) if fitted)
     print(f"{args.output}: {changes}{done}")
     return 0

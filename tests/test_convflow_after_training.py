@@ -223,6 +223,10 @@ def test_symmetrise_rotations_turns_each_cylinder_shower_by_one_angular_symmetry
         ConvL2LFlow(CARTESIAN, _tiny(1, symmetrise="rotations"))
     with pytest.raises(OptionError, match="d4 needs square Cartesian layers"):
         ConvL2LFlow(CYLINDER, _tiny(1, symmetrise="d4"))
+    with pytest.raises(OptionError, match="ring_spread needs cylindrical layers"):
+        ConvL2LFlow(CARTESIAN, _tiny(1, ring_spread="calibrated"))
+    with pytest.raises(OptionError, match="ring_spread must be one of"):
+        type(model.config).from_dict({"ring_spread": "yes"})
 
 
 def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path, monkeypatch):
@@ -521,8 +525,9 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     (``cell_scale: block``), deposited layer energies, hit cuts per radial bin and bin of
     the deposit keeping their energy per group, a sampling temperature and the
     post-processing splines per calibration group and the angular symmetry (``symmetrise:
-    rotations``): onnxruntime gives the showers ``sample`` gives for the same noise.
-    (Per-layer splines: the hit-count test's export.)"""
+    rotations``) and the rings' angular spread (``ring_spread``): onnxruntime gives the
+    showers ``sample`` gives for the same noise. (Per-layer splines: the hit-count test's
+    export.)"""
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
@@ -533,8 +538,10 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         layer_energy="deposited", cell_scale="block",
                                         hit_calibration_bins=2,
                                         postprocess="group-spline", postprocess_showers=100,
-                                        symmetrise="rotations"))
+                                        symmetrise="rotations", ring_spread="calibrated"))
     model.fit(data, str(tmp_path / "run"))
+    assert model.ring_spread_map is not None  # fitted after training, applied in the graph
+    assert any(flags and any(flags) for flags in model.ring_spread_map.fitted)
     assert len(model.voxel_cuts_mev) == 4 * CYLINDER.n_voxels  # 2 x 2 bins
     assert max(model.voxel_cuts_mev) > CYLINDER.threshold_mev  # the export applies real cuts
     assert model.group_postprocess_nodes is not None

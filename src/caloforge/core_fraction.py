@@ -35,7 +35,7 @@ import torch
 
 from .errors import CaloforgeError, OptionError
 from .geometry import Geometry
-from .preprocessing import lowest_hit
+from .preprocessing import lowest_hit, piecewise_linear, rescale_hits
 
 GEV_MEV = 1000.0
 CORE_FRACTIONS = ("none", "calibrated", "rings")  # the families' ``core_fraction`` option
@@ -276,54 +276,19 @@ class CoreFractionMap:
                                      incident_energies)
         clipped = fraction.clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
         residual = torch.log(clipped / (1 - clipped)) - features @ tensor("model_coefficients")
-        mapped = _piecewise_linear(residual, tensor("model_residuals"), tensor("data_residuals"))
+        mapped = piecewise_linear(residual, tensor("model_residuals"), tensor("data_residuals"))
         target = torch.sigmoid(features @ tensor("data_coefficients") + mapped)
         lowest = lowest_hit(self.threshold_mev)
         # each part keeps its hits at or above the threshold
         target = torch.minimum(torch.maximum(target, core_hits * lowest / energy.clamp(min=tiny)),
                                1 - rest_hits * lowest / energy.clamp(min=tiny))
         movable = (core_hits > 0) & (rest_hits > 0)
-        new_core = _rescaled(core_cells_now, target * energy, lowest)
+        new_core = rescale_hits(core_cells_now, target * energy, lowest)
         # the rest takes what the core did not (the core's hits may be held at the threshold)
-        new_rest = _rescaled(rest_cells_now, energy - new_core.sum(1), lowest)
+        new_rest = rescale_hits(rest_cells_now, energy - new_core.sum(1), lowest)
         back = torch.as_tensor(np.argsort(order), device=device)
         rescaled = torch.cat([new_core, new_rest], dim=1)[:, back]
         return torch.where(movable[:, None], rescaled, cells)
-
-
-def _rescaled(cells: torch.Tensor, goal: torch.Tensor, lowest: float) -> torch.Tensor:
-    """``cells`` ``(B, K)`` (one part of a layer) with its hits scaled by the one factor f
-    that makes ``sum(max(f c, lowest))`` over them equal ``goal`` ``(B,)`` (hits held at
-    ``lowest`` where scaling would put them under it; all at ``lowest`` where the goal is
-    below that); empty cells stay empty.
-
-    Exact: with the hits sorted largest first, the k largest scale and the rest are held,
-    ``f_k = (goal - (n - k) lowest) / (sum of the k largest)``; the k-th largest stays at or
-    above ``lowest`` (``c_k f_k >= lowest``) exactly for k up to the solution's (the sum is
-    increasing in f), so the largest such k is the solution. The test allows 1e-6 of
-    ``lowest`` for rounding: hits already at it would otherwise fail it both ways."""
-    hits = cells > 0
-    values = torch.where(hits, cells, torch.zeros_like(cells))
-    ordered = values.sort(dim=1, descending=True).values  # (B, K)
-    n = hits.sum(1, keepdim=True)  # (B, 1)
-    k = torch.arange(1, cells.shape[1] + 1, device=cells.device)[None]  # (1, K)
-    factor = (goal[:, None] - (n - k) * lowest) / ordered.cumsum(1).clamp(
-        min=torch.finfo(cells.dtype).tiny)
-    free = (k <= n) & (ordered * factor >= lowest * (1 - 1e-6))
-    chosen = (free * k).argmax(1, keepdim=True)  # the largest such k (index k - 1)
-    f = torch.where(free.any(1, keepdim=True), factor.gather(1, chosen),
-                    torch.zeros_like(goal[:, None]))
-    return torch.where(hits, (cells * f).clamp(min=lowest), cells)
-
-
-def _piecewise_linear(values: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor
-                      ) -> torch.Tensor:
-    """``values`` ``(B,)`` through the piecewise-linear map of the nodes ``xs`` (strictly
-    increasing), ``ys`` ``(Q,)``, constant beyond the ends."""
-    interval = (xs[1:-1][None] <= values[:, None]).sum(1)  # (B,) in 0 .. Q-2
-    x0, x1, y0, y1 = xs[interval], xs[interval + 1], ys[interval], ys[interval + 1]
-    t = ((values - x0) / (x1 - x0)).clamp(0, 1)
-    return y0 + t * (y1 - y0)
 
 
 def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: np.ndarray,

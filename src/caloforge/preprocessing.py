@@ -552,6 +552,49 @@ def lowest_hit(threshold_mev: float) -> float:
     return threshold_mev * (1 + 1e-6)
 
 
+def rescale_hits(cells: torch.Tensor, goal: torch.Tensor, lowest: float) -> torch.Tensor:
+    """``cells`` ``(..., K)`` (one part of a layer) with the hits along the last axis scaled
+    by the one factor f that makes ``sum(max(f c, lowest))`` over them equal ``goal``
+    ``(...)`` (hits held at ``lowest`` where scaling would put them under it; all at
+    ``lowest`` where the goal is below that); empty cells stay empty.
+
+    Exact: with the hits sorted largest first, the k largest scale and the rest are held,
+    ``f_k = (goal - (n - k) lowest) / (sum of the k largest)``; the k-th largest stays at or
+    above ``lowest`` (``c_k f_k >= lowest``) exactly for k up to the solution's (the sum is
+    increasing in f), so the largest such k is the solution. The test allows 1e-6 of
+    ``lowest`` for rounding: hits already at it would otherwise fail it both ways."""
+    hits = cells > 0
+    values = torch.where(hits, cells, torch.zeros_like(cells))
+    ordered = values.sort(dim=-1, descending=True).values  # (..., K)
+    n = hits.sum(-1, keepdim=True)  # (..., 1)
+    k = torch.arange(1, cells.shape[-1] + 1, device=cells.device)  # (K,)
+    factor = (goal[..., None] - (n - k) * lowest) / ordered.cumsum(-1).clamp(
+        min=torch.finfo(cells.dtype).tiny)
+    free = (k <= n) & (ordered * factor >= lowest * (1 - 1e-6))
+    chosen = (free * k).argmax(-1, keepdim=True)  # the largest such k (index k - 1)
+    f = torch.where(free.any(-1, keepdim=True), factor.gather(-1, chosen),
+                    torch.zeros_like(goal[..., None]))
+    return torch.where(hits, (cells * f).clamp(min=lowest), cells)
+
+
+def piecewise_linear(values: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor
+                     ) -> torch.Tensor:
+    """``values`` ``(B, *G)`` through piecewise-linear maps of the nodes ``xs`` (strictly
+    increasing), ``ys`` ``(*G, Q)`` (one map per trailing index ``G``, e.g. none or one per
+    ring), constant beyond the ends. Torch operations that export to ONNX (no
+    ``searchsorted``: the interval of a value is the count of nodes at or below it)."""
+    interval = (xs[..., 1:-1] <= values[..., None]).sum(-1, keepdim=True)  # (B, *G, 1)
+    def node(table: torch.Tensor, offset: int) -> torch.Tensor:
+        return table.expand(*values.shape, table.shape[-1]).gather(-1, interval + offset)[..., 0]
+    x0, x1, y0, y1 = node(xs, 0), node(xs, 1), node(ys, 0), node(ys, 1)
+    width = x1 - x0
+    # nodes a hair apart in float64 can meet in float32: such an interval is a step
+    t = torch.where(width > 0, (values - x0) / torch.where(width > 0, width,
+                                                           torch.ones_like(width)),
+                    torch.zeros_like(values)).clamp(0, 1)
+    return y0 + t * (y1 - y0)
+
+
 def monotone_log_map(cells: torch.Tensor, x: list[float], y: list[float]) -> torch.Tensor:
     """Cells ``(...)`` MeV mapped through the monotone PCHIP interpolant of the nodes
     (``x``, ``y``) in log10 MeV (strictly increasing ``x``), linear with slope 1 beyond the

@@ -71,6 +71,7 @@ from ...preprocessing import (
     quantile_map_nodes,
     uniform_noise,
 )
+from ...ring_spread import RingSpreadMap, check_ring_spread_option, fit_ring_spread
 from ...training import DEFAULT_BETAS, Player, TrainingConfig, config_from_dict
 from .conv_blocks import ConvFlow, squeeze, unsqueeze
 from .layered import LayerEnergyFlows, finite_logits, threshold_and_noise
@@ -241,7 +242,15 @@ class ConvFlowConfig:
     between the core and the rest: the layer keeps its energy and hits. Why: on ild-ecal
     the flows' core fraction follows the shower's development too weakly, and the
     classifier reads that from the radial centres and their correlations across layers
-    (docs/convflow.md "The core's share of the layer"). Set after training.
+    (docs/convflow.md "The core's share of the layer"). Set after training;
+    ``ring_spread``: ``calibrated`` (cylinders) maps how unevenly each ring of each layer
+    shares its energy among its angular cells (the spread of the log energies of its hits)
+    to the data's distribution given the ring's energy and hits, shower by shower, by one
+    power of the ring's cells (:class:`~caloforge.ring_spread.RingSpreadMap`, fitted on
+    ``postprocess_showers`` showers after everything before it): each ring keeps its energy
+    and hits. Why: on calochallenge-3, with the rings' energies right, the flows put them
+    into too few angular cells, the hottest cell 1.5-3x the data's (docs/convflow.md "The
+    rings' angular spread"). Set after training.
     """
 
     energy: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[64, 64]))
@@ -282,6 +291,7 @@ class ConvFlowConfig:
     core_split: str = "none"
     core_fraction: str = "none"
     core_fraction_radius: float = 2.0
+    ring_spread: str = "none"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -336,6 +346,7 @@ class ConvFlowConfig:
             raise OptionError(f"core_split must be one of {', '.join(CORE_SPLITS)}, got "
                               f"{out.core_split!r}")
         check_core_fraction_options(out.core_fraction, out.core_fraction_radius)
+        check_ring_spread_option(out.ring_spread)
         if out.symmetrise not in SYMMETRIES:
             raise OptionError(f"symmetrise must be one of {', '.join(SYMMETRIES)}, got "
                               f"{out.symmetrise!r}")
@@ -531,6 +542,9 @@ class ConvL2LFlow(LayerEnergyFlows):
                                           or self.image_shape[0] != self.image_shape[1]):
             raise OptionError(f"symmetrise: d4 needs square Cartesian layers; {geometry.name!r} "
                               f"layers are {'cylinders' if self.circular else self.image_shape}")
+        if config.ring_spread != "none" and not self.circular:
+            raise OptionError(f"ring_spread needs cylindrical layers (rings of angular "
+                              f"cells); {geometry.name!r} layers are Cartesian")
         if config.symmetrise == "rotations" and not self.circular:
             raise OptionError(f"symmetrise: rotations needs cylindrical layers; "
                               f"{geometry.name!r} layers are Cartesian (d4 for square ones)")
@@ -555,6 +569,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.hit_count_model: HitCountModel | None = None  # hit_counts; see fit_hit_counts
         self.core_split_factors: list[float] | None = None  # core_split; see fit_core_split
         self.core_fraction_maps: list[CoreFractionMap] | None = None  # see fit_core_fraction
+        self.ring_spread_map: RingSpreadMap | None = None  # see fit_ring_spread
         self._energy_pool: dict[str, torch.Tensor] | None = None  # see energy_steps
 
     PRESETS = PRESETS
@@ -823,7 +838,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             (f"core_split: {self.config.core_split}", self.config.core_split != "none"),
             (f"core_fraction: {self.config.core_fraction}",
              self.config.core_fraction != "none"),
-            (f"layer_hits: {self.config.layer_hits}", self.config.layer_hits != "none"))
+            (f"layer_hits: {self.config.layer_hits}", self.config.layer_hits != "none"),
+            (f"ring_spread: {self.config.ring_spread}", self.config.ring_spread != "none"))
             if wanted]
         if whole_model and len(self.parts) < self.geometry.n_layers + 1:
             raise OptionError(f"{whole_model[0]} needs every part in one run (it samples "
@@ -844,11 +860,12 @@ class ConvL2LFlow(LayerEnergyFlows):
         core = config.core_split != "none"
         fraction = config.core_fraction != "none"
         hits = config.layer_hits != "none"
+        spread = config.ring_spread != "none"
         self.layer_hit_map = None
         if not (spline or config.hit_calibration_showers or counts or core or fraction
-                or hits):
+                or hits or spread):
             return
-        after = spline or core or fraction
+        after = spline or core or fraction or spread
         if hits:  # first: everything after samples the calibrated layer energies
             self.fit_layer_hits(data, config.layer_hit_showers,
                                 empty_mev=0.5 * self.deposit_floor_mev)
@@ -863,6 +880,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             self.fit_postprocess(reference.select(slice(0, config.postprocess_showers)))
         late = reference.select(slice(0, config.postprocess_showers))
         mapped = self.fit_core_fraction(late) if fraction else None
+        if spread:
+            mapped = self.fit_ring_spread(late, generated=mapped)
         if core:
             self.fit_core_split(late, generated=mapped)
 
@@ -918,7 +937,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.voxel_cuts_mev = self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
         self.voxel_cut_edges = self.hit_count_model = self.core_split_factors = None
-        self.core_fraction_maps = None
+        self.core_fraction_maps = self.ring_spread_map = None
         generated = self._sample_in_flow_frame(reference, seed)
         groups = self._cut_groups(reference.showers)
         threshold = self.voxel_transform.threshold_mev
@@ -1163,6 +1182,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         if self.config.core_fraction != "none":
             for fraction_map in self.core_fraction_maps or []:
                 mapped = fraction_map.apply(mapped, layer, incident_energies, layer_energies)
+        if self.config.ring_spread != "none" and self.ring_spread_map is not None:
+            mapped = self.ring_spread_map.apply(mapped, layer)
         cells = self._split_core(mapped, layer)
         return cells if bits is None else self._symmetrised(cells, bits)
 
@@ -1287,7 +1308,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         self.postprocess_nodes = self.layer_postprocess_nodes = None
         self.postprocess_groups = self.group_postprocess_nodes = None
         # these act after the spline(s): refitted after them
-        self.core_split_factors = self.core_fraction_maps = None
+        self.core_split_factors = self.core_fraction_maps = self.ring_spread_map = None
         generated = self._sample_in_flow_frame(reference, seed)
         if self.config.postprocess == "group-spline":
             groups = self._cut_groups(reference.showers, split_blocks=False)
@@ -1347,7 +1368,7 @@ class ConvL2LFlow(LayerEnergyFlows):
         ``reference``'s (:func:`~caloforge.core_fraction.fit_option_maps`); clears the core
         split, which acts after them. Returns those showers ``(N, n_voxels)`` MeV with the
         maps applied: what the core split is fitted on next (no second sampling)."""
-        self.core_fraction_maps = self.core_split_factors = None
+        self.core_fraction_maps = self.core_split_factors = self.ring_spread_map = None
         n_layers = self.geometry.n_layers
         generated = self._sample_in_flow_frame(reference, seed)
         self.core_fraction_maps, mapped = fit_option_maps(
@@ -1355,6 +1376,23 @@ class ConvL2LFlow(LayerEnergyFlows):
             reference.showers.reshape(len(reference), n_layers, -1),
             reference.incident_energies, generated.reshape(len(generated), n_layers, -1),
             reference.incident_energies, self.voxel_transform.threshold_mev)
+        return mapped.reshape(len(generated), -1)
+
+    # --- the rings' angular spread (``ring_spread``) -----------------------------------
+    def fit_ring_spread(self, reference: ShowerData, seed: int = 5,
+                        generated: np.ndarray | None = None) -> np.ndarray:
+        """``ring_spread``: fit the map of each ring's angular spread from the model's
+        showers for ``reference``'s conditions with everything before it applied (or
+        ``generated`` ``(N, n_voxels)`` MeV, such a sample) to ``reference``'s
+        (:func:`~caloforge.ring_spread.fit_ring_spread`). Returns those showers with the
+        map applied ``(N, n_voxels)`` MeV."""
+        self.ring_spread_map = None
+        if generated is None:
+            generated = self._sample_in_flow_frame(reference, seed)
+        n_layers = self.geometry.n_layers
+        self.ring_spread_map, mapped = fit_ring_spread(
+            self.geometry, reference.showers.reshape(len(reference), n_layers, -1),
+            generated.reshape(len(generated), n_layers, -1), self.voxel_transform.threshold_mev)
         return mapped.reshape(len(generated), -1)
 
     # --- the core's split (``core_split``) ---------------------------------------------
@@ -1429,7 +1467,9 @@ class ConvL2LFlow(LayerEnergyFlows):
                 else self.hit_count_model.state(),
                 "core_split_factors": self.core_split_factors,
                 "core_fraction_maps": None if self.core_fraction_maps is None
-                else [fraction_map.state() for fraction_map in self.core_fraction_maps]}
+                else [fraction_map.state() for fraction_map in self.core_fraction_maps],
+                "ring_spread_map": None if self.ring_spread_map is None
+                else self.ring_spread_map.state()}
 
     @classmethod
     def from_json_state(cls, state: dict[str, Any], geometry: Geometry) -> Any:
@@ -1459,6 +1499,8 @@ class ConvL2LFlow(LayerEnergyFlows):
         factors = state.get("core_split_factors")  # saved before core_split: absent
         self.core_split_factors = None if factors is None else [float(f) for f in factors]
         self.core_fraction_maps = core_fraction_maps_from_state(state)
+        spread = state.get("ring_spread_map")  # saved before ring_spread: absent
+        self.ring_spread_map = None if spread is None else RingSpreadMap.from_state(spread)
 
 
 def merge_runs(models: list[ConvL2LFlow]) -> ConvL2LFlow:
@@ -1508,7 +1550,7 @@ def _comparable_state(model: ConvL2LFlow) -> dict[str, Any]:
                if k not in ("config", "trained_parts", "postprocess_nodes",
                             "layer_postprocess_nodes", "voxel_cuts_mev",
                             "voxel_cut_edges", "hit_count_model", "core_split_factors",
-                            "core_fraction_maps", "layer_hit_map")}}
+                            "core_fraction_maps", "layer_hit_map", "ring_spread_map")}}
 
 
 __all__ = ["ConvFlowConfig", "ConvL2LFlow", "PRESETS", "interquartile_spread", "merge_runs",
