@@ -16,10 +16,12 @@ from caloforge.core_fraction import (
     core_cells,
     core_fraction_maps_from_state,
     fit_core_fraction_maps,
+    fit_option_maps,
+    profile_radii,
     ring_radii,
 )
 from caloforge.errors import CaloforgeError, OptionError
-from caloforge.geometry import get_geometry
+from caloforge.geometry import CylindricalLayer, Geometry, get_geometry
 
 SIDE, N_LAYERS, THRESHOLD = 6, 2, 0.01
 CORE = np.flatnonzero(np.pad(np.ones((2, 2)), 2).ravel())  # the central 2 x 2 of 6 x 6
@@ -232,3 +234,82 @@ def test_saved_maps_of_either_layout_load():
     assert core_fraction_maps_from_state({"core_fraction_map": None}) is None
     with pytest.raises(CaloforgeError, match="not a list"):
         core_fraction_maps_from_state({"core_fraction_maps": fitted.state()})
+
+
+N_ALPHA, N_RINGS = 8, 5
+RINGED = Geometry("ringed", tuple(CylindricalLayer(i, r_edges=tuple(5.0 * r for r in range(
+    N_RINGS + 1)), n_alpha=N_ALPHA) for i in range(N_LAYERS)), threshold_mev=THRESHOLD)
+
+
+def _ring_profiles(n: int, width_spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Showers ``(n, 2, 40)`` MeV on :data:`RINGED` (8 angles x 5 rings, the radial index
+    fastest) and their E_inc: per layer an energy log-uniform in 10..1000 MeV, ring shares
+    falling as exp(-r / w) with one width per shower, w = 1.2 exp(N(0, width_spread)),
+    and 0.1 of it again per layer; each ring's energy over its angles by Dirichlet(3)."""
+    rng = np.random.default_rng(seed)
+    energy = np.exp(rng.uniform(np.log(10), np.log(1000), (n, N_LAYERS)))
+    width = 1.2 * np.exp(width_spread * rng.normal(size=(n, 1))
+                         + 0.1 * rng.normal(size=(n, N_LAYERS)))
+    shares = np.exp(-np.arange(N_RINGS) / width[..., None])
+    shares /= shares.sum(-1, keepdims=True)
+    angles = rng.dirichlet(np.full(N_ALPHA, 3.0), (n, N_LAYERS, N_RINGS))  # (n, L, R, A)
+    cells = np.swapaxes(angles * (shares * energy[..., None])[..., None], -1, -2)
+    cells = cells.reshape(n, N_LAYERS, N_ALPHA * N_RINGS)
+    return np.where(cells >= THRESHOLD, cells, 0), 20 * energy.sum(1)
+
+
+def _ring_shares(cells: np.ndarray) -> np.ndarray:
+    rings = cells.reshape(*cells.shape[:2], N_ALPHA, N_RINGS).sum(2)
+    return rings / rings.sum(-1, keepdims=True)
+
+
+def test_profile_maps_give_every_ring_the_datas_share():
+    """``core_fraction: profile``: one map per ring boundary, from the outside in, each
+    within the next ring (the cells outside it untouched), so that none undoes another:
+    every ring's share of the layer gets the data's mean (within 0.01) and spread (within
+    10 %; the model's widths spread 2x as much), the layer's energy and hits kept. With
+    ``rings`` out to the same radius, the second map rescales the share the first set."""
+    assert profile_radii(RINGED) == [1.0, 2.0, 3.0, 4.0]
+    assert profile_radii(get_geometry("ild-ecal"))[-1] == 20.0  # out to the corners
+    real, real_incident = _ring_profiles(4000, 0.3, seed=1)
+    model, model_incident = _ring_profiles(4000, 0.6, seed=2)
+    maps, _ = fit_option_maps(RINGED, "profile", 2.0, real, real_incident, model,
+                              model_incident, THRESHOLD)
+    assert [len(m.core) for m in maps] == [N_ALPHA * r for r in (4, 3, 2, 1)]
+    assert maps[0].within is None and len(maps[1].within) == N_ALPHA * 4
+    fresh, incident = _ring_profiles(4000, 0.6, seed=3)
+    mapped = fresh
+    for fraction_map in maps:
+        mapped = fraction_map.apply_layers(mapped, incident)
+    np.testing.assert_allclose(mapped.sum(-1), fresh.sum(-1), rtol=1e-6)
+    np.testing.assert_array_equal(mapped > 0, fresh > 0)
+    true, before, after = (_ring_shares(x) for x in (real, fresh, mapped))
+    assert before[..., 0].std() > 1.3 * true[..., 0].std()  # the defect is there to fix
+    np.testing.assert_allclose(after.mean(0), true.mean(0), atol=0.01)
+    np.testing.assert_allclose(after.std(0) / true.std(0), 1, atol=0.1)
+    rings, _ = fit_option_maps(RINGED, "rings", 2.0, real, real_incident, model,
+                               model_incident, THRESHOLD)
+    chained = fresh
+    for fraction_map in rings:
+        chained = fraction_map.apply_layers(chained, incident)
+    worst = np.abs(_ring_shares(chained)[..., 0].std(0) / true[..., 0].std(0) - 1).max()
+    assert worst > np.abs(after[..., 0].std(0) / true[..., 0].std(0) - 1).max()
+
+
+def test_a_map_within_some_cells_leaves_the_others_and_the_state_keeps_them():
+    real, real_incident = _ring_profiles(600, 0.3, seed=4)
+    model, model_incident = _ring_profiles(600, 0.6, seed=5)
+    core = np.arange(0, N_ALPHA * N_RINGS, N_RINGS)  # ring 0 of every angle
+    within = np.sort(np.r_[core, core + 1])  # rings 0 and 1
+    fitted = CoreFractionMap.fit(real, real_incident, model, model_incident, core, THRESHOLD,
+                                 within=within)
+    mapped = fitted.apply_layers(model, model_incident)
+    outside = np.setdiff1d(np.arange(N_ALPHA * N_RINGS), within)
+    np.testing.assert_array_equal(mapped[..., outside], model[..., outside])
+    np.testing.assert_allclose(mapped[..., within].sum(-1), model[..., within].sum(-1),
+                               rtol=1e-6)
+    assert not np.allclose(mapped, model)
+    state = json.loads(json.dumps(fitted.state()))
+    assert CoreFractionMap.from_state(state) == fitted
+    with pytest.raises(CaloforgeError, match="not inside"):
+        CoreFractionMap.from_state({**state, "within": [int(i) for i in core[:3]]})

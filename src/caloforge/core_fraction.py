@@ -38,7 +38,8 @@ from .geometry import Geometry
 from .preprocessing import lowest_hit, piecewise_linear, rescale_hits
 
 GEV_MEV = 1000.0
-CORE_FRACTIONS = ("none", "calibrated", "rings")  # the families' ``core_fraction`` option
+# the families' ``core_fraction`` option
+CORE_FRACTIONS = ("none", "calibrated", "rings", "profile")
 N_FEATURES = 7
 MIN_SHOWERS_PER_LAYER = 50
 LOGIT_CLIP = 1e-6  # fractions kept within [1e-6, 1 - 1e-6] before the logit
@@ -71,6 +72,22 @@ def check_core_fraction_options(kind: str, radius: float) -> None:
         raise OptionError(f"core_fraction_radius must be > 0 (cells), got {radius}")
 
 
+def profile_radii(geometry: Geometry) -> list[float]:
+    """The radii (cells) of ``core_fraction: profile``: 1, 2, ... up to the last that
+    leaves a cell outside (cylinders: each radial row; square images: the bands one cell
+    wide out to the corners)."""
+    image = geometry.uniform_layer_image
+    if image is None:
+        raise OptionError(f"{geometry.name}: a core needs layers of one image shape")
+    kind, (height, width) = image
+    if kind == "cylindrical":
+        outermost = width
+    else:
+        outermost = int(np.ceil(np.hypot((height - 1) / 2, (width - 1) / 2)))
+    return [float(r) for r in range(1, outermost)
+            if 0 < len(core_cells(geometry, r)) < height * width]
+
+
 def ring_radii(radius: float) -> list[float]:
     """The cores of ``core_fraction: rings`` out to ``radius`` (cells): 1, 2, ... below it,
     then ``radius`` itself (2 -> [1, 2]; 2.5 -> [1, 2, 2.5])."""
@@ -79,7 +96,9 @@ def ring_radii(radius: float) -> list[float]:
 
 def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
                            generated_incident: np.ndarray, cores: list[np.ndarray],
-                           threshold_mev: float) -> tuple[list[CoreFractionMap], np.ndarray]:
+                           threshold_mev: float,
+                           withins: list[np.ndarray | None] | None = None
+                           ) -> tuple[list[CoreFractionMap], np.ndarray]:
     """One :class:`CoreFractionMap` per core in ``cores`` (voxel indices within a layer),
     applied in that order: each fitted on ``generated`` ``(M, L, S)`` MeV as the maps before
     it leave them, against ``real`` ``(N, L, S)`` MeV (E_inc ``(N,)``, ``(M,)`` MeV).
@@ -88,11 +107,14 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
     Why a chain (``core_fraction: rings``): one map sets the share of one core and scales
     the cells inside it by one factor; a second map for a wider core then sets that share
     and scales the first core with its ring, keeping their ratio, so the innermost share
-    and the next ring's both follow the data."""
+    and the next ring's both follow the data, nearly: the second map rescales what the first
+    set. ``withins`` (one per core; None: the whole layer) confine each map to those cells,
+    the rest of the layer untouched: ``profile`` passes the cores from the outside in, each
+    within the next ring, so that no map undoes another."""
     maps = []
-    for core in cores:
+    for core, within in zip(cores, withins or [None] * len(cores)):
         fraction_map = CoreFractionMap.fit(real, real_incident, generated, generated_incident,
-                                           core, threshold_mev)
+                                           core, threshold_mev, within=within)
         generated = fraction_map.apply_layers(generated, generated_incident)
         maps.append(fraction_map)
     return maps, generated
@@ -103,9 +125,17 @@ def fit_option_maps(geometry: Geometry, kind: str, radius: float, real: np.ndarr
                     generated_incident: np.ndarray, threshold_mev: float
                     ) -> tuple[list[CoreFractionMap], np.ndarray]:
     """The maps of a family's ``core_fraction`` option ``kind`` (``calibrated``: one core of
-    ``radius`` cells; ``rings``: :func:`ring_radii`) fitted as in
-    :func:`fit_core_fraction_maps` on layers ``(N, L, S)`` / ``(M, L, S)`` MeV; a radius
-    that leaves no cell in the core, or none outside it, is refused (OptionError)."""
+    ``radius`` cells; ``rings``: :func:`ring_radii`; ``profile``: the whole radial profile,
+    each core of :func:`profile_radii` within the next, from the outside in; ``radius`` not
+    used) fitted as in :func:`fit_core_fraction_maps` on layers ``(N, L, S)`` / ``(M, L,
+    S)`` MeV; a radius that leaves no cell in the core, or none outside it, is refused
+    (OptionError)."""
+    if kind == "profile":
+        radii = profile_radii(geometry)
+        outer = [core_cells(geometry, r) for r in radii[1:]] + [None]
+        cores = [core_cells(geometry, r) for r in radii]
+        return fit_core_fraction_maps(real, real_incident, generated, generated_incident,
+                                      cores[::-1], threshold_mev, withins=outer[::-1])
     radii = ring_radii(radius) if kind == "rings" else [radius]
     cores = [core_cells(geometry, r) for r in radii]
     for r, core in zip(radii, cores):
@@ -154,8 +184,10 @@ def shares_before(layer_energies: torch.Tensor) -> torch.Tensor:
 class CoreFractionMap:
     """The fitted maps (module docstring); plain lists, saved as JSON.
 
-    ``core``: the voxel indices within a layer of the core cells; ``threshold_mev``: the
-    readout threshold (hits stay at or above it); per layer (None where either sample had
+    ``core``: the voxel indices within a layer of the core cells; ``within``: the cells the
+    map acts on (the core among them; None: the whole layer, the fraction the core's share
+    of the layer); ``threshold_mev``: the readout threshold (hits stay at or above it); per
+    layer (None where either sample had
     fewer than 50 showers with hits in both the core and the rest: left as it is):
     ``model_coefficients`` / ``data_coefficients`` ``(7,)`` of the regressions and
     ``model_residuals`` / ``data_residuals`` ``(Q,)`` the residuals' quantiles at evenly
@@ -167,12 +199,13 @@ class CoreFractionMap:
     data_coefficients: list[list[float] | None]
     model_residuals: list[list[float] | None]
     data_residuals: list[list[float] | None]
+    within: list[int] | None = None
 
     FIELDS = ("core", "threshold_mev", "model_coefficients", "data_coefficients",
               "model_residuals", "data_residuals")
 
     def state(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return {**{name: getattr(self, name) for name in self.FIELDS}, "within": self.within}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CoreFractionMap:
@@ -180,14 +213,18 @@ class CoreFractionMap:
             return [None if row is None else [float(v) for v in row] for row in rows]
 
         try:
+            within = state.get("within")  # saved before profile: absent (the whole layer)
             out = cls(core=[int(i) for i in state["core"]],
                       threshold_mev=float(state["threshold_mev"]),
+                      within=None if within is None else [int(i) for i in within],
                       **{name: floats(state[name]) for name in cls.FIELDS[2:]})
         except (KeyError, TypeError, ValueError) as error:
             raise CaloforgeError(f"core fraction map state is malformed ({error})") from None
         rows = [getattr(out, name) for name in cls.FIELDS[2:]]
         if not out.core or min(out.core) < 0 or len({len(r) for r in rows}) != 1:
             raise CaloforgeError("core fraction map state has inconsistent shapes")
+        if out.within is not None and not set(out.core) < set(out.within):
+            raise CaloforgeError("core fraction map state has a core not inside its cells")
         for layer in zip(*rows):
             if all(row is None for row in layer):
                 continue
@@ -204,19 +241,24 @@ class CoreFractionMap:
     @classmethod
     def fit(cls, real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
             generated_incident: np.ndarray, core: np.ndarray, threshold_mev: float,
-            n_quantiles: int = 21) -> CoreFractionMap:
+            n_quantiles: int = 21, within: np.ndarray | None = None) -> CoreFractionMap:
         """Fit from ``real`` ``(N, L, S)`` and ``generated`` ``(M, L, S)`` layers (MeV, cells
         in the same order; generated for comparable conditions) with their E_inc ``(N,)``,
         ``(M,)`` MeV and the core's voxel indices ``core`` within a layer. Only showers with
         hits in both the core and the rest of a layer count (the others are left as they
-        are when applied)."""
+        are when applied). ``within``: the cells the map acts on (class docstring)."""
         core_mask = np.zeros(real.shape[-1], dtype=bool)
         core_mask[np.asarray(core)] = True
+        within_mask = np.ones(real.shape[-1], dtype=bool)
+        if within is not None:
+            within_mask = np.zeros(real.shape[-1], dtype=bool)
+            within_mask[np.asarray(within)] = True
         levels = np.linspace(0, 1, n_quantiles)
         fitted: dict[str, list[list[float] | None]] = {name: [] for name in cls.FIELDS[2:]}
         samples = {"model": _regression_inputs(generated, generated_incident, core_mask,
-                                               threshold_mev),
-                   "data": _regression_inputs(real, real_incident, core_mask, threshold_mev)}
+                                               within_mask, threshold_mev),
+                   "data": _regression_inputs(real, real_incident, core_mask, within_mask,
+                                              threshold_mev)}
         for layer in range(real.shape[1]):
             results = {}
             for kind, (features, logits, ok) in samples.items():
@@ -238,6 +280,7 @@ class CoreFractionMap:
             fitted["model_residuals"].append(model_q.tolist())
             fitted["data_residuals"].append(results["data"][1].tolist())
         return cls(core=[int(i) for i in np.asarray(core)], threshold_mev=float(threshold_mev),
+                   within=None if within is None else [int(i) for i in np.asarray(within)],
                    **fitted)
 
     def apply_layers(self, layers: np.ndarray, incident_energies: np.ndarray) -> np.ndarray:
@@ -254,7 +297,7 @@ class CoreFractionMap:
         """One layer's cells ``(B, S)`` MeV with each shower's core fraction mapped (where
         the shower has hits in both the core and the rest; others unchanged), given E_inc
         ``(B,)`` MeV and every layer's energy ``(B, L)`` MeV (for the share before this
-        layer); the layer's energy and hits are kept."""
+        layer); the layer's energy and hits are kept, and the cells outside ``within``."""
         if self.model_coefficients[layer] is None:
             return cells
         dtype, device = cells.dtype, cells.device
@@ -265,10 +308,17 @@ class CoreFractionMap:
         # the core's and the rest's columns (constants: exported graphs gather them)
         core_mask = np.zeros(cells.shape[1], dtype=bool)
         core_mask[self.core] = True
-        order = np.r_[np.flatnonzero(core_mask), np.flatnonzero(~core_mask)]
-        core_cells_now = cells[:, torch.as_tensor(order[:len(self.core)], device=device)]
-        rest_cells_now = cells[:, torch.as_tensor(order[len(self.core):], device=device)]
-        energy = cells.sum(1)
+        within_mask = np.ones(cells.shape[1], dtype=bool)
+        if self.within is not None:
+            within_mask = np.zeros(cells.shape[1], dtype=bool)
+            within_mask[self.within] = True
+        n_core, n_within = int(core_mask.sum()), int(within_mask.sum())
+        order = np.r_[np.flatnonzero(core_mask), np.flatnonzero(within_mask & ~core_mask),
+                      np.flatnonzero(~within_mask)]
+        core_cells_now = cells[:, torch.as_tensor(order[:n_core], device=device)]
+        rest_cells_now = cells[:, torch.as_tensor(order[n_core:n_within], device=device)]
+        outside_now = cells[:, torch.as_tensor(order[n_within:], device=device)]
+        energy = core_cells_now.sum(1) + rest_cells_now.sum(1)
         core_hits, rest_hits = (core_cells_now > 0).sum(1), (rest_cells_now > 0).sum(1)
         tiny = torch.finfo(dtype).tiny
         fraction = core_cells_now.sum(1) / energy.clamp(min=tiny)
@@ -287,21 +337,24 @@ class CoreFractionMap:
         # the rest takes what the core did not (the core's hits may be held at the threshold)
         new_rest = rescale_hits(rest_cells_now, energy - new_core.sum(1), lowest)
         back = torch.as_tensor(np.argsort(order), device=device)
-        rescaled = torch.cat([new_core, new_rest], dim=1)[:, back]
+        rescaled = torch.cat([new_core, new_rest, outside_now], dim=1)[:, back]
         return torch.where(movable[:, None], rescaled, cells)
 
 
 def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: np.ndarray,
-                       threshold_mev: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       within: np.ndarray, threshold_mev: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For showers ``(N, L, S)`` MeV and their E_inc ``(N,)`` MeV: the regressors
-    ``(N, L, 7)``, the logits of the core fractions ``(N, L)`` and whether the core and the
-    rest both have hits ``(N, L)``."""
+    ``(N, L, 7)`` (of the energy within ``within``), the logits of the core fractions of
+    that energy ``(N, L)`` and whether the core and the rest of ``within`` both have hits
+    ``(N, L)``; ``core`` and ``within`` are boolean masks ``(S,)``."""
     hits = np.where(layers >= threshold_mev, layers, 0).astype(np.float64)
-    energy = hits.sum(-1)
+    layer_energies = torch.as_tensor(hits.sum(-1))
+    before = shares_before(layer_energies)
+    energy = hits[..., within].sum(-1)
     fraction = hits[..., core].sum(-1) / np.maximum(energy, 1e-300)
-    ok = np.asarray((hits[..., core] > 0).any(-1) & (hits[..., ~core] > 0).any(-1))
+    ok = np.asarray((hits[..., core] > 0).any(-1) & (hits[..., within & ~core] > 0).any(-1))
     energies = torch.as_tensor(energy)
-    before = shares_before(energies)
     incident = torch.as_tensor(np.asarray(incident_energies, dtype=np.float64).reshape(-1))
     features = torch.stack([fraction_features(energies[:, layer], before[:, layer], incident)
                             for layer in range(layers.shape[1])], dim=1).numpy()

@@ -234,7 +234,10 @@ class ConvFlowConfig:
     ``core_fraction``: ``calibrated`` maps each shower's core fraction per layer (the
     share of the layer's energy in the cells within ``core_fraction_radius`` cells of the
     axis; the first rows of cylinders; ``rings``: one map per core of radius 1, 2, ... out
-    to it, each fitted after the one before) to the data's distribution given the layer
+    to it, each fitted after the one before; ``profile``: the whole radial profile, one map
+    per ring boundary from the outside in, each moving energy only between a core and the
+    next ring, so that no map rescales the share another set) to the data's distribution
+    given the layer
     energy, E_inc and the share of the shower's energy before the layer, keeping the
     shower's rank
     (:class:`~caloforge.core_fraction.CoreFractionMap`, fitted on ``postprocess_showers``

@@ -88,14 +88,17 @@ class ICaloFlowConfig:
     (:class:`~caloforge.hit_counts.HitCountModel`, one more noise number per count); each
     layer then keeps that many of its highest voxels (the faint ones under the threshold
     too) at its deposit, instead of the hit cuts.
-    ``core_fraction``: ``none``, ``calibrated`` or ``rings``: after those, each layer's
+    ``core_fraction``: ``none``, ``calibrated``, ``rings`` or ``profile``: after those, each
+    layer's
     share of its energy in the core (the first ``core_fraction_radius`` radial rows of a
     cylinder, the cells within that many cells of the axis of a square layer) mapped shower
     by shower so that its dependence on the layer energy, the share of the shower before
     the layer and E_inc is the data's (:class:`~caloforge.core_fraction.CoreFractionMap`,
     fitted on ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_core_fraction`);
     ``rings``: one map per core of radius 1, 2, ... out to ``core_fraction_radius``, in
-    that order (:func:`~caloforge.core_fraction.ring_radii`).
+    that order (:func:`~caloforge.core_fraction.ring_radii`); ``profile``: the whole radial
+    profile, one map per ring boundary from the outside in, each within the next ring
+    (:func:`~caloforge.core_fraction.profile_radii`; the radius is not used).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
