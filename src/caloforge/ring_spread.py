@@ -53,21 +53,23 @@ def cylinder_shape(geometry: Geometry) -> tuple[int, int]:
 def ring_statistics(rings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor]:
     """For rings ``(B, R, A)`` MeV (A angular cells each): the regressors ``(B, R, 4)``,
-    ``log s`` ``(B, R)`` (module docstring), the mean log energy of the hits ``(B, R)``
-    and whether the ring has at least three hits and a spread ``(B, R)``."""
+    ``log s`` ``(B, R)`` (module docstring), each hit's log energy less the ring's mean
+    ``(B, R, A)`` (0 for empty cells) and whether the ring has at least three hits and a
+    spread ``(B, R)``."""
     hits = rings > 0
     n = hits.sum(-1)
     tiny = torch.finfo(rings.dtype).tiny
     logs = torch.log(torch.where(hits, rings, torch.ones_like(rings)))
     count = n.clamp(min=1).to(rings.dtype)
     mean = (logs * hits).sum(-1) / count
-    variance = (((logs - mean[..., None]) * hits) ** 2).sum(-1) / count
+    centred = (logs - mean[..., None]) * hits
+    variance = (centred ** 2).sum(-1) / count
     spread = variance.sqrt()
     v = torch.log(rings.sum(-1).clamp(min=tiny))
     h = torch.log(count)
     features = torch.stack([torch.ones_like(v), v, v * v, h], dim=-1)
     ok = (n >= MIN_HITS) & (spread > 1e-6)
-    return features, torch.log(spread.clamp(min=tiny)), mean, ok
+    return features, torch.log(spread.clamp(min=tiny)), centred, ok
 
 
 @dataclass
@@ -188,7 +190,7 @@ class RingSpreadMap:
             return torch.tensor(getattr(self, name)[layer], dtype=dtype, device=device)
 
         rings = cells.reshape(-1, self.n_angular, self.n_radial).transpose(1, 2)  # (B, R, A)
-        features, log_spread, mean_log, ok = ring_statistics(rings)
+        features, log_spread, centred, ok = ring_statistics(rings)
         residual = log_spread - (features * table("model_coefficients")).sum(-1)
         mapped = piecewise_linear(residual, table("model_residuals"), table("data_residuals"))
         target = (features * table("data_coefficients")).sum(-1) + mapped
@@ -196,8 +198,7 @@ class RingSpreadMap:
         movable = ok & torch.tensor(flags, device=device)  # (B, R)
         hits = rings > 0
         # relative to the ring's mean log energy: the powers stay in float range
-        logs = torch.log(torch.where(hits, rings, torch.ones_like(rings)))
-        powered = torch.where(hits, torch.exp(gamma[..., None] * (logs - mean_log[..., None])),
+        powered = torch.where(hits, torch.exp(gamma[..., None] * centred),
                               torch.zeros_like(rings))
         rescaled = rescale_hits(powered, rings.sum(-1), lowest_hit(self.threshold_mev))
         out = torch.where(movable[..., None], rescaled, rings)
