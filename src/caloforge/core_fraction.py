@@ -27,7 +27,7 @@ a residual is the count of nodes at or below it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -200,6 +200,10 @@ class CoreFractionMap:
     model_residuals: list[list[float] | None]
     data_residuals: list[list[float] | None]
     within: list[int] | None = None
+    # per layer size: the column order (core, rest within, outside) and its two cut points;
+    # apply runs per layer, map and batch, so it is worked out once
+    _orders: dict[int, tuple[np.ndarray, int, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     FIELDS = ("core", "threshold_mev", "model_coefficients", "data_coefficients",
               "model_residuals", "data_residuals")
@@ -247,12 +251,7 @@ class CoreFractionMap:
         ``(M,)`` MeV and the core's voxel indices ``core`` within a layer. Only showers with
         hits in both the core and the rest of a layer count (the others are left as they
         are when applied). ``within``: the cells the map acts on (class docstring)."""
-        core_mask = np.zeros(real.shape[-1], dtype=bool)
-        core_mask[np.asarray(core)] = True
-        within_mask = np.ones(real.shape[-1], dtype=bool)
-        if within is not None:
-            within_mask = np.zeros(real.shape[-1], dtype=bool)
-            within_mask[np.asarray(within)] = True
+        core_mask, within_mask = _masks(real.shape[-1], core, within)
         levels = np.linspace(0, 1, n_quantiles)
         fitted: dict[str, list[list[float] | None]] = {name: [] for name in cls.FIELDS[2:]}
         samples = {"model": _regression_inputs(generated, generated_incident, core_mask,
@@ -283,6 +282,16 @@ class CoreFractionMap:
                    within=None if within is None else [int(i) for i in np.asarray(within)],
                    **fitted)
 
+    def _column_order(self, n_cells: int) -> tuple[np.ndarray, int, int]:
+        """The cells of a layer of ``n_cells`` ordered core, rest within, outside ``(S,)``,
+        with the core's count and the within cells' count."""
+        if n_cells not in self._orders:
+            core_mask, within_mask = _masks(n_cells, self.core, self.within)
+            order = np.r_[np.flatnonzero(core_mask), np.flatnonzero(within_mask & ~core_mask),
+                          np.flatnonzero(~within_mask)]
+            self._orders[n_cells] = (order, int(core_mask.sum()), int(within_mask.sum()))
+        return self._orders[n_cells]
+
     def apply_layers(self, layers: np.ndarray, incident_energies: np.ndarray) -> np.ndarray:
         """Every layer of showers ``(N, L, S)`` MeV mapped (:meth:`apply`), with their E_inc
         ``(N,)`` MeV; the layer energies are their own sums (the map keeps them)."""
@@ -306,15 +315,7 @@ class CoreFractionMap:
             return torch.tensor(getattr(self, name)[layer], dtype=dtype, device=device)
 
         # the core's and the rest's columns (constants: exported graphs gather them)
-        core_mask = np.zeros(cells.shape[1], dtype=bool)
-        core_mask[self.core] = True
-        within_mask = np.ones(cells.shape[1], dtype=bool)
-        if self.within is not None:
-            within_mask = np.zeros(cells.shape[1], dtype=bool)
-            within_mask[self.within] = True
-        n_core, n_within = int(core_mask.sum()), int(within_mask.sum())
-        order = np.r_[np.flatnonzero(core_mask), np.flatnonzero(within_mask & ~core_mask),
-                      np.flatnonzero(~within_mask)]
+        order, n_core, n_within = self._column_order(cells.shape[1])
         core_cells_now = cells[:, torch.as_tensor(order[:n_core], device=device)]
         rest_cells_now = cells[:, torch.as_tensor(order[n_core:n_within], device=device)]
         outside_now = cells[:, torch.as_tensor(order[n_within:], device=device)]
@@ -339,6 +340,18 @@ class CoreFractionMap:
         back = torch.as_tensor(np.argsort(order), device=device)
         rescaled = torch.cat([new_core, new_rest, outside_now], dim=1)[:, back]
         return torch.where(movable[:, None], rescaled, cells)
+
+
+def _masks(n_cells: int, core: Any, within: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks ``(S,)`` of the core's cells and of the cells a map acts on (every
+    cell where ``within`` is None)."""
+    core_mask = np.zeros(n_cells, dtype=bool)
+    core_mask[np.asarray(core)] = True
+    within_mask = np.ones(n_cells, dtype=bool)
+    if within is not None:
+        within_mask = np.zeros(n_cells, dtype=bool)
+        within_mask[np.asarray(within)] = True
+    return core_mask, within_mask
 
 
 def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: np.ndarray,
