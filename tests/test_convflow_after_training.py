@@ -525,9 +525,11 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     (``cell_scale: block``), deposited layer energies, hit cuts per radial bin and bin of
     the deposit keeping their energy per group, a sampling temperature and the
     post-processing splines per calibration group and the angular symmetry (``symmetrise:
-    rotations``) and the rings' angular spread (``ring_spread``): onnxruntime gives the
+    rotations``), the radial profile (``core_fraction: profile``) and the rings' angular
+    spread (``ring_spread``): onnxruntime gives the
     showers ``sample`` gives for the same noise. (Per-layer splines: the hit-count test's
     export.)"""
+    from caloforge.core_fraction import is_nested_chain
     from caloforge.export import export_model, relative_deviation, run_onnx
 
     data = random_showers(CYLINDER, 160, seed=5)
@@ -538,8 +540,13 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         layer_energy="deposited", cell_scale="block",
                                         hit_calibration_bins=2,
                                         postprocess="group-spline", postprocess_showers=100,
-                                        symmetrise="rotations", ring_spread="calibrated"))
+                                        symmetrise="rotations", ring_spread="calibrated",
+                                        core_fraction="profile"))
     model.fit(data, str(tmp_path / "run"))
+    # the radial profile's maps, applied ring by ring in the graph too
+    assert model.core_fraction_maps is not None and is_nested_chain(model.core_fraction_maps)
+    assert any(beta is not None for fraction_map in model.core_fraction_maps
+               for beta in fraction_map.model_coefficients)
     assert model.ring_spread_map is not None  # fitted after training, applied in the graph
     assert any(flags and any(flags) for flags in model.ring_spread_map.fitted)
     assert len(model.voxel_cuts_mev) == 4 * CYLINDER.n_voxels  # 2 x 2 bins

@@ -13,6 +13,8 @@ from hypothesis.extra.numpy import arrays
 
 from caloforge.core_fraction import (
     CoreFractionMap,
+    apply_core_fraction_maps,
+    apply_maps_to_layers,
     core_cells,
     core_fraction_maps_from_state,
     fit_core_fraction_maps,
@@ -22,6 +24,7 @@ from caloforge.core_fraction import (
 )
 from caloforge.errors import CaloforgeError, OptionError
 from caloforge.geometry import CylindricalLayer, Geometry, get_geometry
+from caloforge.preprocessing import lowest_hit
 
 SIDE, N_LAYERS, THRESHOLD = 6, 2, 0.01
 CORE = np.flatnonzero(np.pad(np.ones((2, 2)), 2).ravel())  # the central 2 x 2 of 6 x 6
@@ -278,9 +281,7 @@ def test_profile_maps_give_every_ring_the_datas_share():
     assert [len(m.core) for m in maps] == [N_ALPHA * r for r in (4, 3, 2, 1)]
     assert maps[0].within is None and len(maps[1].within) == N_ALPHA * 4
     fresh, incident = _ring_profiles(4000, 0.6, seed=3)
-    mapped = fresh
-    for fraction_map in maps:
-        mapped = fraction_map.apply_layers(mapped, incident)
+    mapped = apply_maps_to_layers(maps, fresh, incident)
     np.testing.assert_allclose(mapped.sum(-1), fresh.sum(-1), rtol=1e-6)
     np.testing.assert_array_equal(mapped > 0, fresh > 0)
     true, before, after = (_ring_shares(x) for x in (real, fresh, mapped))
@@ -294,6 +295,40 @@ def test_profile_maps_give_every_ring_the_datas_share():
         chained = fraction_map.apply_layers(chained, incident)
     worst = np.abs(_ring_shares(chained)[..., 0].std(0) / true[..., 0].std(0) - 1).max()
     assert worst > np.abs(after[..., 0].std(0) / true[..., 0].std(0) - 1).max()
+
+
+def test_a_nested_chain_is_applied_ring_by_ring_as_one_map_after_the_other():
+    """``profile``'s chain sets every ring's energy first and rescales each ring once; one
+    map after the other gives the same cells where no intermediate scale holds a hit at the
+    threshold (here: a threshold far below every hit), the cells outside the first map's
+    untouched and a layer a map left unfitted passed through; with hits held (a threshold
+    among the hits) the layer still keeps its energy and its hits."""
+    real, real_incident = _ring_profiles(3000, 0.3, seed=6)
+    model, model_incident = _ring_profiles(3000, 0.6, seed=7)
+    maps, _ = fit_option_maps(RINGED, "profile", 2.0, real, real_incident, model,
+                              model_incident, THRESHOLD)
+    inner = maps[1:]  # a chain within rings 0-3: ring 4 outside it
+    inner[1].model_coefficients[1] = None  # this map leaves layer 1 alone
+    fresh, incident = _ring_profiles(500, 0.6, seed=8)
+    for threshold, chain in ((1e-9, inner), (THRESHOLD, maps)):
+        for fraction_map in chain:
+            fraction_map.threshold_mev = threshold
+        cells = torch.as_tensor(fresh, dtype=torch.float64)
+        energies, e_inc = cells.sum(-1), torch.as_tensor(incident)
+        for layer in range(N_LAYERS):
+            fast = apply_core_fraction_maps(chain, cells[:, layer], layer, e_inc, energies)
+            slow = cells[:, layer]
+            for fraction_map in chain:
+                slow = fraction_map.apply(slow, layer, e_inc, energies)
+            assert not torch.allclose(fast, cells[:, layer])
+            torch.testing.assert_close(fast.sum(1), cells[:, layer].sum(1))
+            torch.testing.assert_close(fast > 0, cells[:, layer] > 0)
+            if threshold < THRESHOLD:
+                torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
+                outside = torch.arange(N_RINGS - 1, N_ALPHA * N_RINGS, N_RINGS)
+                torch.testing.assert_close(fast[:, outside], cells[:, layer, outside])
+            else:
+                assert (fast[fast > 0] >= lowest_hit(THRESHOLD) * (1 - 1e-9)).all()
 
 
 def test_a_map_within_some_cells_leaves_the_others_and_the_state_keeps_them():

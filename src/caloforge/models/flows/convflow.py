@@ -43,6 +43,7 @@ from torch import nn
 
 from ...core_fraction import (
     CoreFractionMap,
+    apply_core_fraction_maps,
     check_core_fraction_options,
     core_cells,
     core_fraction_maps_from_state,
@@ -1183,8 +1184,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             mapped = torch.where(mapped > 0, mapped.clamp(
                 min=lowest_hit(self.voxel_transform.threshold_mev)), mapped)
         if self.config.core_fraction != "none":
-            for fraction_map in self.core_fraction_maps or []:
-                mapped = fraction_map.apply(mapped, layer, incident_energies, layer_energies)
+            mapped = apply_core_fraction_maps(self.core_fraction_maps or [], mapped, layer,
+                                              incident_energies, layer_energies)
         if self.config.ring_spread != "none" and self.ring_spread_map is not None:
             mapped = self.ring_spread_map.apply(mapped, layer)
         cells = self._split_core(mapped, layer)

@@ -38,6 +38,7 @@ import torch
 
 from ...core_fraction import (
     CoreFractionMap,
+    apply_core_fraction_maps,
     check_core_fraction_options,
     core_fraction_maps_from_state,
     fit_option_maps,
@@ -449,8 +450,8 @@ class ICaloFlow(LayerEnergyFlows):
                                 layer_energy / sums.clamp(min=torch.finfo(x.dtype).tiny),
                                 torch.zeros_like(sums))
             voxels = mapped * scale
-        for fraction_map in self.core_fraction_maps or []:
-            voxels = fraction_map.apply(voxels, layer, incident_energies, layer_energies)
+        voxels = apply_core_fraction_maps(self.core_fraction_maps or [], voxels, layer,
+                                          incident_energies, layer_energies)
         return voxels
 
     def _layer_cuts(self, device: torch.device | str) -> torch.Tensor | None:
