@@ -151,16 +151,21 @@ def write_plot_and_table(results: dict, plot: str, table: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    lines = sorted(results.get("lines", {}).items())
+    # the legend goes under the panels (one entry per line would cover them); 20 colours
+    legend_inches = 0.3 + 0.17 * ((len(lines) + 1) // 2)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5 + legend_inches), sharey=True)
+    colours = plt.get_cmap("tab20").colors
     rows = ["| family / geometry | training (min) | epochs | AUC low | AUC high | largest "
             "separation power (group) | held-out showers |", "|---|---|---|---|---|---|---|"]
-    for key, line in sorted(results.get("lines", {}).items()):
+    for index, (key, line) in enumerate(lines):
         stages = sorted(line["stages"], key=lambda s: s["stage_min"])
         for axis, name in zip(axes, ("auc_low", "auc_high")):
             points = [(s["train_min"], s[name][0], s[name][1]) for s in stages if name in s]
             if points:
                 x, y, error = zip(*points)
-                axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=key)
+                axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=key,
+                              color=colours[index % len(colours)])
         for s in stages:
             worst = max(s["max_separation_power"].items(), key=lambda kv: kv[1],
                         default=("-", 0.0))
@@ -175,9 +180,10 @@ def write_plot_and_table(results: dict, plot: str, table: str) -> None:
         axis.axhline(0.5, color="grey", lw=0.5)
         axis.set_xlim(0, 130)
     axes[0].set_ylabel("AUC (fast preset, 3 repeats; 0.5 = indistinguishable)")
-    axes[0].legend(fontsize=8)
-    figure.suptitle("Time to fidelity (reference simulator, 2-core CPU)")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    figure.suptitle("Time to fidelity (reference simulator, not Geant4; 2-core CPU)")
+    figure.tight_layout(rect=(0, legend_inches / (4.5 + legend_inches), 1, 1))
     os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
     figure.savefig(plot, dpi=110)
     with open(table, "w") as stream:
