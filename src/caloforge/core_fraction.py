@@ -117,8 +117,11 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
         fraction_map = CoreFractionMap.fit(real, real_incident, mapped, generated_incident,
                                            core, threshold_mev, within=within)
         maps.append(fraction_map)
-        # as generation will apply them (a nested chain differs from one after the other)
-        mapped = apply_maps_to_layers(maps, generated, generated_incident)
+        # as generation will apply them: a nested chain all over again (it differs from one
+        # map after the other), any other chain one map more
+        mapped = (apply_maps_to_layers(maps, generated, generated_incident)
+                  if is_nested_chain(maps) else fraction_map.apply_layers(mapped,
+                                                                          generated_incident))
     return maps, mapped
 
 
