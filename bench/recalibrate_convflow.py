@@ -36,6 +36,7 @@ from caloforge.models.flows.convflow import (
     CORE_SPLITS,
     CUT_GROUPS,
     LAYER_HITS,
+    POSTPROCESS_ENERGIES,
     SYMMETRIES,
     ConvL2LFlow,
 )
@@ -54,7 +55,7 @@ def main() -> int:
     parser.add_argument("--hit-calibration-showers", type=int, default=None)
     parser.add_argument("--symmetrise", choices=SYMMETRIES, default=None)
     parser.add_argument("--hit-counts", choices=HIT_COUNTS, default=None)
-    parser.add_argument("--postprocess-energy", choices=["kept", "restored"], default=None)
+    parser.add_argument("--postprocess-energy", choices=POSTPROCESS_ENERGIES, default=None)
     parser.add_argument("--core-split", choices=CORE_SPLITS, default=None)
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)

@@ -344,6 +344,40 @@ def test_postprocess_energy_restored_keeps_each_layers_energy(trained, data):
         type(model.config).from_dict({"postprocess_energy": "scaled"})
 
 
+def test_postprocess_energy_drawn_hands_on_the_energy_flows_draws(data, tmp_path):
+    """``postprocess_energy: drawn`` (issue 28: on ild-ecal the cuts and maps move each
+    layer's sum shower by shower and loosen the layers' correlations): each layer's hits
+    sum to the deposit the energy flow drew for it, also after a spline that doubles every
+    hit; the hit pattern is that of ``kept``; needs ``layer_energy: deposited``."""
+    model = ConvL2LFlow(CARTESIAN, _tiny(1, layer_energy="deposited"))
+    model.fit(data, str(tmp_path))
+    energies = data.incident_energies[:60]
+    n_layers = CARTESIAN.n_layers
+    with torch.inference_mode():
+        drawn = model._start_layer_sampling(energies, {}, 6, 0, 10_000, "cpu")[3].numpy()
+    kept = model.sample(energies, seed=6).showers.reshape(len(energies), n_layers, -1)
+    lowest = CARTESIAN.threshold_mev
+    try:
+        for nodes in (None, [[-6.0, 6.0], [-6.0 + np.log10(2), 6.0 + np.log10(2)]]):
+            model.postprocess_nodes = nodes
+            model.config.postprocess_energy = "drawn"
+            out = model.sample(energies, seed=6).showers.reshape(kept.shape)
+            np.testing.assert_array_equal(out > 0, kept > 0)
+            hits = (out > 0).sum(-1)
+            reachable = (hits > 0) & (drawn >= hits * lowest * 1.01)
+            assert reachable.mean() > 0.5
+            np.testing.assert_allclose(out.sum(-1)[reachable], drawn[reachable], rtol=1e-4)
+            assert (out[out > 0] >= lowest).all()
+            model.config.postprocess_energy = "kept"
+        doubled = model.sample(energies, seed=6).showers.reshape(kept.shape)
+        np.testing.assert_allclose(doubled.sum(-1), 2 * kept.sum(-1), rtol=1e-4)
+    finally:
+        model.postprocess_nodes = None
+        model.config.postprocess_energy = "kept"
+    with pytest.raises(OptionError, match="postprocess_energy: drawn needs layer_energy"):
+        type(model.config).from_dict({"postprocess_energy": "drawn"})
+
+
 def test_core_split_calibrated_spreads_the_core_as_the_data(trained, data, monkeypatch):
     """``core_split: calibrated``: reference showers whose four central cells share their
     energy half as unevenly as the model's (the ild-ecal hot core, exaggerated) give
@@ -525,7 +559,8 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
     (``cell_scale: block``), deposited layer energies, hit cuts per radial bin and bin of
     the deposit keeping their energy per group, a sampling temperature and the
     post-processing splines per calibration group and the angular symmetry (``symmetrise:
-    rotations``), the radial profile (``core_fraction: profile``) and the rings' angular
+    rotations``), each layer scaled to the energy flow's draw (``postprocess_energy:
+    drawn``), the radial profile (``core_fraction: profile``) and the rings' angular
     spread (``ring_spread``): onnxruntime gives the
     showers ``sample`` gives for the same noise. (Per-layer splines: the hit-count test's
     export.)"""
@@ -541,7 +576,8 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         hit_calibration_bins=2,
                                         postprocess="group-spline", postprocess_showers=100,
                                         symmetrise="rotations", ring_spread="calibrated",
-                                        core_fraction="profile"))
+                                        core_fraction="profile",
+                                        postprocess_energy="drawn"))
     model.fit(data, str(tmp_path / "run"))
     # the radial profile's maps, applied ring by ring in the graph too
     assert model.core_fraction_maps is not None and is_nested_chain(model.core_fraction_maps)
