@@ -1,14 +1,18 @@
 """Issue 28: which high-level features give generated showers away.
 
     python bench/check_feature_groups.py GENERATED.h5 --reference TEST.h5 \\
-        --geometry ild-ecal [--n 3000] [--repeats 1] [--threads 2]
+        --geometry ild-ecal [--n 3000] [--repeats 1] [--threads 2] [--layer L]
 
 The official high-level classifier input (``classifier_high_level_inputs``) cut into
 groups of columns — layer energies (with E_inc and E_tot), sparsity, centres in x/y,
 widths in x/y, centres in r, widths in r, and per block of layers — and the fast
 classifier trained on each group alone (same splits and rules as ``caloforge evaluate``).
 A group whose AUC alone is near the full one is what the full classifier uses; a group
-near 0.5 is modelled. Prints JSON: AUC per group, and of all columns.
+near 0.5 is modelled. ``--layer L``: instead, layer L's own columns (energy, sparsity,
+radial centre and width, and x/y where it has them) together, each alone and every pair of
+its energy, sparsity, radial centre and radial width, each with E_inc: what within one
+layer gives it away.
+Prints JSON: AUC per group, and of all columns.
 """
 
 from __future__ import annotations
@@ -61,6 +65,26 @@ def layer_block_columns(groups: dict[str, np.ndarray], n_layers: int, n_xy: int,
     return np.concatenate(out)
 
 
+def layer_columns(groups: dict[str, np.ndarray], n_layers: int, n_xy: int, layer: int
+                  ) -> dict[str, np.ndarray]:
+    """Layer ``layer``'s columns of ``column_groups``: alone, every pair of its energy,
+    sparsity, radial centre and width, and all of them (with x/y where every layer has
+    them); each with the E_inc column."""
+    own = {"energy": groups["energies"][1 + layer:2 + layer],
+           "sparsity": groups["sparsity"][layer:layer + 1],
+           "centre_r": groups["centres_r"][layer:layer + 1],
+           "width_r": groups["widths_r"][layer:layer + 1]}
+    out = dict(own)
+    names = list(own)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            out[f"{first}+{second}"] = np.concatenate([own[first], own[second]])
+    out[f"layer_{layer}"] = layer_block_columns(groups, n_layers, n_xy, layer, layer + 1)
+    # each with log10 E_inc: what a layer does at a given incident energy
+    e_inc = groups["energies"][:1]
+    return {name: np.concatenate([e_inc, columns]) for name, columns in out.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("generated")
@@ -71,6 +95,8 @@ def main() -> int:
     parser.add_argument("--layer-blocks", type=int, default=5,
                         help="also every per-layer column of this many blocks of layers")
     parser.add_argument("--only", nargs="+", default=None, help="just these groups")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="score this layer's own columns and their pairs instead")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,8 +110,13 @@ def main() -> int:
     n_layers = geometry.n_layers
     n_xy = sum(layer_has_xy(layer) for layer in geometry.layers)
     groups = column_groups(n_layers, n_xy)
+    if args.layer is not None:
+        if not 0 <= args.layer < n_layers:
+            parser.error(f"--layer must be in 0..{n_layers - 1}")
+        groups = layer_columns(groups, n_layers, n_xy, args.layer)
+        args.layer_blocks = 0
     edges = np.linspace(0, n_layers, args.layer_blocks + 1).round().astype(int)
-    for first, last in zip(edges[:-1], edges[1:]):
+    for first, last in zip(edges[:-1], edges[1:]) if args.layer_blocks else ():
         groups[f"layers_{first}-{last - 1}"] = layer_block_columns(groups, n_layers, n_xy,
                                                                    first, last)
     preset = get_preset("fast")

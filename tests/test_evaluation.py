@@ -275,6 +275,79 @@ def test_low_level_normed_inputs():
     assert inputs[0, -1] == pytest.approx(-8.0)  # an empty layer: log10(1e-8)
 
 
+def test_inputs_built_in_blocks_equal_the_whole(monkeypatch):
+    """The evaluation builds its inputs a block of showers at a time (memory: 20,000
+    calochallenge-3 showers are 3.2 GB in float32, twice that in float64); blocks that do
+    not divide the sample give the arrays of one block (the features to float64 rounding:
+    BLAS sums a matrix product in another order for another number of rows)."""
+    from caloforge.evaluation import features as evaluation_features
+
+    rng = np.random.default_rng(4)
+    showers = (rng.exponential(1.0, (37, GEOMETRY.n_voxels))
+               * (rng.random((37, GEOMETRY.n_voxels)) < 0.3)).astype(np.float32)
+    energies = rng.uniform(1e3, 1e5, 37)
+    whole = high_level_features(showers, energies, GEOMETRY, rows_per_block=100)
+    blocked = high_level_features(showers, energies, GEOMETRY, rows_per_block=5)
+    assert list(blocked.values) == list(whole.values) and blocked.kinds == whole.kinds
+    for name, values in whole.values.items():
+        np.testing.assert_allclose(blocked.values[name], values, rtol=1e-12, atol=1e-12)
+    expected = (evaluation_features.classifier_low_level_inputs(showers, energies),
+                classifier_low_level_normed_inputs(showers, energies, GEOMETRY))
+    monkeypatch.setattr(evaluation_features, "ROWS_PER_BLOCK", 6)
+    np.testing.assert_array_equal(
+        evaluation_features.classifier_low_level_inputs(showers, energies), expected[0])
+    np.testing.assert_array_equal(
+        classifier_low_level_normed_inputs(showers, energies, GEOMETRY), expected[1])
+
+
+def test_classifier_reads_its_training_rows_batch_by_batch():
+    """The classifier's training split is read row by row from the two samples instead of
+    copied out: the rows it gathers, their labels and the standardisation moments are those
+    of the copied-out split."""
+    from caloforge.evaluation.classifier import _Rows
+
+    rng = np.random.default_rng(5)
+    reference = rng.normal(0, 1, (50, 7)).astype(np.float32)
+    generated = rng.normal(3, 2, (40, 7)).astype(np.float32)
+    rows = _Rows(reference, generated, rng.permutation(50)[:30], rng.permutation(40)[:25])
+    copied = np.concatenate([reference[rows.rows[0]], generated[rows.rows[1]]])
+    assert len(rows) == 55
+    np.testing.assert_array_equal(rows.labels(), np.r_[np.zeros(30), np.ones(25)])
+    positions = rng.permutation(55)[:17]
+    np.testing.assert_array_equal(rows.take(positions), copied[positions])
+    mean, std = rows.moments(chunk=4)
+    np.testing.assert_allclose(mean, copied.astype(np.float64).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(std, copied.astype(np.float64).std(0), rtol=1e-8)
+
+
+def test_showers_are_thresholded_in_a_copy_unless_handed_over(samples, tmp_path):
+    """Voxels under the threshold are zeroed in a copy of the caller's arrays (left as
+    they were), in the arrays themselves where the caller hands them over (the CLI: no
+    second copy of 20,000 fine-grained showers), and not at all where none lies under it;
+    the separation powers are the same every way."""
+    rng = np.random.default_rng(6)
+    faint = [ShowerData(s.incident_energies[:400], s.showers[:400].copy(), {}, {})
+             for s in samples]
+    for sample in faint:
+        empty = sample.showers == 0
+        sample.showers[empty & (rng.random(sample.showers.shape) < 0.05)] = \
+            0.5 * GEOMETRY.threshold_mev
+    originals = [sample.showers.copy() for sample in faint]
+    settings = EvaluationSettings(metrics=("hist",), repeats=1)
+    copied = evaluate_samples(*faint, GEOMETRY, str(tmp_path / "a"), settings,
+                              log=lambda _: None)
+    for sample, original in zip(faint, originals):
+        np.testing.assert_array_equal(sample.showers, original)
+    handed = evaluate_samples(*faint, GEOMETRY, str(tmp_path / "b"), settings,
+                              log=lambda _: None, own_showers=True)
+    for sample in faint:
+        assert not ((sample.showers > 0) & (sample.showers < GEOMETRY.threshold_mev)).any()
+    clean = evaluate_samples(*faint, GEOMETRY, str(tmp_path / "c"), settings,
+                             log=lambda _: None)
+    assert copied["separation_power"] == handed["separation_power"] == \
+        clean["separation_power"]
+
+
 def test_high_level_inputs_follow_the_official_order(samples):
     reference, _ = samples
     features = high_level_features(reference.showers[:50], reference.incident_energies[:50],

@@ -296,7 +296,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     reference = load_for_evaluation(args.reference, geometry, args.max_showers)
     generated = load_for_evaluation(args.generated, geometry, args.max_showers)
     result = evaluate_samples(reference, generated, geometry, args.output, settings,
-                              progress=progress, log=log.info)
+                              progress=progress, log=log.info, own_showers=True)
     print(format_summary(result))
     print(f"report: {args.output}/report.html")
     return 0

@@ -41,10 +41,25 @@ class FeatureSet:
 
 
 def high_level_features(showers: np.ndarray, incident_energies: np.ndarray,
-                        geometry: Geometry) -> FeatureSet:
-    """Features of thresholded showers ``(N, n_voxels)`` MeV with E_inc ``(N,)`` MeV."""
-    showers = np.asarray(showers, dtype=np.float64)
+                        geometry: Geometry, rows_per_block: int = 2000) -> FeatureSet:
+    """Features of thresholded showers ``(N, n_voxels)`` MeV with E_inc ``(N,)`` MeV.
+
+    Computed in float64 ``rows_per_block`` showers at a time (every feature is one
+    shower's): a float64 copy of 20,000 calochallenge-3 showers would be 6.5 GB."""
     e_inc = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+    blocks = [_block_features(showers[start:start + rows_per_block],
+                              e_inc[start:start + rows_per_block], geometry)
+              for start in range(0, max(len(e_inc), 1), rows_per_block)]
+    if len(blocks) == 1:
+        return blocks[0]
+    return FeatureSet({name: np.concatenate([block.values[name] for block in blocks])
+                       for name in blocks[0].values}, blocks[0].kinds)
+
+
+def _block_features(showers: np.ndarray, e_inc: np.ndarray, geometry: Geometry
+                    ) -> FeatureSet:
+    """:func:`high_level_features` of one block of showers (E_inc ``(N,)`` float64)."""
+    showers = np.asarray(showers, dtype=np.float64)
     values: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
     total = showers.sum(axis=1)
