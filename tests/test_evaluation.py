@@ -300,6 +300,25 @@ def test_inputs_built_in_blocks_equal_the_whole(monkeypatch):
         classifier_low_level_normed_inputs(showers, energies, GEOMETRY), expected[1])
 
 
+def test_low_level_inputs_built_for_the_rows_asked_for(samples):
+    """``LowLevelInputs`` (the report's low-level input) gives the rows of
+    ``classifier_low_level_inputs`` for any index, and the classifier trained on it gives
+    exactly the AUC it gives on the whole array."""
+    from caloforge.evaluation.features import LowLevelInputs, classifier_low_level_inputs
+
+    reference, generated = (s.select(slice(0, 300)) for s in samples)
+    generated.showers[:, :50] *= 1.3  # something to find
+    lazy = [LowLevelInputs(s.showers, s.incident_energies) for s in (reference, generated)]
+    whole = [classifier_low_level_inputs(s.showers, s.incident_energies)
+             for s in (reference, generated)]
+    assert lazy[0].shape == whole[0].shape and len(lazy[0]) == 300
+    rows = np.random.default_rng(7).permutation(300)[:40]
+    np.testing.assert_array_equal(lazy[0][rows], whole[0][rows])
+    preset = get_preset("fast", epochs=3)
+    assert classifier_test(*lazy, preset, seed=3)["auc"] == \
+        classifier_test(*whole, preset, seed=3)["auc"]
+
+
 def test_classifier_reads_its_training_rows_batch_by_batch():
     """The classifier's training split is read row by row from the two samples instead of
     copied out: the rows it gathers, their labels and the standardisation moments are those

@@ -28,11 +28,27 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import CaloforgeError, OptionError
+
+
+class Rows(Protocol):
+    """What the classifier reads a sample from: an ``(N, d)`` array, or an object that
+    builds the rows asked for (``rows[index]`` ``(len(index), d)``; e.g.
+    :class:`~caloforge.evaluation.features.LowLevelInputs`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -167,10 +183,11 @@ def estimate_training_seconds(n_inputs: int, n_train: int, preset: ClassifierPre
     return min(timings[1:]) * steps * preset.max_epochs * (1 + 0.25 / 3)
 
 
-def classifier_test(reference: np.ndarray, generated: np.ndarray, preset: ClassifierPreset,
+def classifier_test(reference: Rows, generated: Rows, preset: ClassifierPreset,
                     seed: int = 0, device: str = "cpu", dataset: str | None = None,
                     progress: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Train the classifier on ``reference`` ``(N1, d)`` vs ``generated`` ``(N2, d)`` inputs.
+    """Train the classifier on ``reference`` ``(N1, d)`` vs ``generated`` ``(N2, d)`` inputs
+    (arrays, or :class:`Rows` that build the rows asked for).
 
     Returns a dict with ``auc``, ``jsd``, ``best_epoch``, ``epochs_run`` and the split sizes.
     """
@@ -258,7 +275,7 @@ class _Rows:
     """The rows ``reference_rows`` of ``reference`` followed by the rows ``generated_rows``
     of ``generated`` (each ``(N, d)``), read on demand instead of copied out."""
 
-    def __init__(self, reference: np.ndarray, generated: np.ndarray,
+    def __init__(self, reference: Rows, generated: Rows,
                  reference_rows: np.ndarray, generated_rows: np.ndarray) -> None:
         self.arrays = (reference, generated)
         self.rows = (reference_rows, generated_rows)
@@ -315,7 +332,7 @@ def _predict(model: Any, x: np.ndarray, device: str, batch: int = 10_000) -> np.
     return np.concatenate(out).astype(np.float64)
 
 
-def repeated_classifier_test(reference: np.ndarray, generated: np.ndarray,
+def repeated_classifier_test(reference: Rows, generated: Rows,
                              preset: ClassifierPreset, repeats: int = 3, seed: int = 0,
                              device: str = "cpu", dataset: str | None = None,
                              progress: Callable[..., Any] | None = None) -> dict[str, Any]:

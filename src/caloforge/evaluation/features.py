@@ -55,6 +55,27 @@ def classifier_low_level_inputs(showers: np.ndarray, incident_energies: np.ndarr
     return out
 
 
+class LowLevelInputs:
+    """:func:`classifier_low_level_inputs` of showers ``(N, n_voxels)`` MeV and E_inc
+    ``(N,)`` MeV, built for the rows asked for (``inputs[rows]`` ``(len(rows), 1 +
+    n_voxels)`` float32, the same values) instead of all at once: the classifier reads its
+    training rows batch by batch, so the whole input (another 3.2 GB for 20,000
+    calochallenge-3 showers) never exists."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, showers: np.ndarray, incident_energies: np.ndarray) -> None:
+        self.showers = showers
+        self.incident_energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+        self.shape = (len(self.incident_energies), 1 + showers.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return classifier_low_level_inputs(self.showers[rows], self.incident_energies[rows])
+
+
 def classifier_low_level_normed_inputs(showers: np.ndarray, incident_energies: np.ndarray,
                                        geometry: Geometry) -> np.ndarray:
     """The official ``cls-low_normed`` input ``(N, 1 + n_voxels + n_layers)``:

@@ -24,6 +24,7 @@ from ..data import ShowerData, ShowerFile
 from ..errors import OptionError, ShowerFileError
 from ..geometry import Geometry, calochallenge_dataset
 from .classifier import (
+    Rows,
     estimate_training_seconds,
     get_preset,
     repeated_classifier_test,
@@ -32,9 +33,9 @@ from .classifier import (
 from .distances import FPD_DEFINITION, KPD_DEFINITION, fpd, kpd, prdc, scale_by_reference_max
 from .features import (
     FeatureSet,
+    LowLevelInputs,
     apply_threshold,
     classifier_high_level_inputs,
-    classifier_low_level_inputs,
     classifier_low_level_normed_inputs,
     high_level_features,
 )
@@ -172,7 +173,7 @@ def _metric_histograms(pair: _Comparison) -> dict[str, Any]:
     return {"separation_power": powers, "separation_power_binning": binning}
 
 
-def _classifier_metric(name: str, inputs: Callable[[_Comparison], tuple[np.ndarray, np.ndarray]]
+def _classifier_metric(name: str, inputs: Callable[[_Comparison], tuple[Rows, Rows]]
                        ) -> Callable[[_Comparison], dict[str, Any]]:
     """The classifier test of ``name`` on the inputs ``inputs(pair)`` builds."""
 
@@ -195,8 +196,8 @@ def _classifier_metric(name: str, inputs: Callable[[_Comparison], tuple[np.ndarr
     return metric
 
 
-def _low_level(pair: _Comparison) -> tuple[np.ndarray, np.ndarray]:
-    return pair.both(classifier_low_level_inputs)
+def _low_level(pair: _Comparison) -> tuple[LowLevelInputs, LowLevelInputs]:
+    return pair.both(LowLevelInputs)
 
 
 def _low_level_normed(pair: _Comparison) -> tuple[np.ndarray, np.ndarray]:
