@@ -68,8 +68,9 @@ def layer_block_columns(groups: dict[str, np.ndarray], n_layers: int, n_xy: int,
 def layer_columns(groups: dict[str, np.ndarray], n_layers: int, n_xy: int, layer: int
                   ) -> dict[str, np.ndarray]:
     """Layer ``layer``'s columns of ``column_groups``: alone, every pair of its energy,
-    sparsity, radial centre and width, and all of them (with x/y where every layer has
-    them); each with the E_inc column."""
+    sparsity, radial centre and width, those four together (``radial``), its x/y centres
+    and widths (where every layer has them) together and with the radial one, and all of
+    them; each with the E_inc column."""
     own = {"energy": groups["energies"][1 + layer:2 + layer],
            "sparsity": groups["sparsity"][layer:layer + 1],
            "centre_r": groups["centres_r"][layer:layer + 1],
@@ -79,6 +80,15 @@ def layer_columns(groups: dict[str, np.ndarray], n_layers: int, n_xy: int, layer
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             out[f"{first}+{second}"] = np.concatenate([own[first], own[second]])
+    out["radial"] = np.concatenate(list(own.values()))
+    if n_xy == n_layers:
+        centres, widths = groups["centres_xy"], groups["widths_xy"]
+        xy = {"centre_x": centres[layer:layer + 1], "centre_y": centres[n_layers + layer:][:1],
+              "width_x": widths[layer:layer + 1], "width_y": widths[n_layers + layer:][:1]}
+        out["xy"] = np.concatenate(list(xy.values()))
+        out["widths_x,y,r"] = np.concatenate([xy["width_x"], xy["width_y"], own["width_r"]])
+        out["centres_x,y,r"] = np.concatenate([xy["centre_x"], xy["centre_y"],
+                                               own["centre_r"]])
     out[f"layer_{layer}"] = layer_block_columns(groups, n_layers, n_xy, layer, layer + 1)
     # each with log10 E_inc: what a layer does at a given incident energy
     e_inc = groups["energies"][:1]
