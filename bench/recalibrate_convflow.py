@@ -59,6 +59,9 @@ def main() -> int:
     parser.add_argument("--core-split", choices=CORE_SPLITS, default=None)
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
+    parser.add_argument("--core-fraction-hits", action=argparse.BooleanOptionalAction,
+                        default=None, help="the core maps also condition on each layer's "
+                        "hit count")
     parser.add_argument("--ring-spread", choices=RING_SPREADS, default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--layer-hits", choices=LAYER_HITS, default=None)
@@ -83,6 +86,7 @@ def main() -> int:
                                              ("core_fraction", args.core_fraction),
                                              ("core_fraction_radius",
                                               args.core_fraction_radius),
+                                             ("core_fraction_hits", args.core_fraction_hits),
                                              ("ring_spread", args.ring_spread),
                                              ("hit_count_showers", args.hit_count_showers),
                                              ("layer_hits", args.layer_hits),
@@ -95,13 +99,15 @@ def main() -> int:
                      "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
                      "--symmetrise")
     after_all = {"symmetrise", "postprocess_energy", "core_split", "core_fraction",
-                 "core_fraction_radius", "ring_spread", "postprocess_showers"}  # act last
+                 "core_fraction_radius", "core_fraction_hits", "ring_spread",
+                 "postprocess_showers"}  # act last
     refit = not set(changes) <= after_all
     model.config = type(model.config).from_dict({**model.config.to_dict(), **changes})
     config = model.config
     # the rest as fitted: only the core fraction and/or split, on the final pipeline
     fraction_only = not refit and config.core_fraction != "none" and bool(
-        {"core_fraction", "core_fraction_radius", "postprocess_showers"} & set(changes))
+        {"core_fraction", "core_fraction_radius", "core_fraction_hits", "postprocess_showers"}
+        & set(changes))
     spread_only = not refit and config.ring_spread != "none" and (
         fraction_only or bool({"ring_spread", "postprocess_showers"} & set(changes)))
     core_only = not refit and config.core_split != "none" and (

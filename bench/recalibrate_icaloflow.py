@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
+    parser.add_argument("--core-fraction-hits", action=argparse.BooleanOptionalAction,
+                        default=None, help="the core maps also condition on each layer's "
+                        "hit count")
     parser.add_argument("--postprocess-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
@@ -42,6 +45,7 @@ def main() -> int:
         ("hit_counts", args.hit_counts), ("hit_count_showers", args.hit_count_showers),
         ("core_fraction", args.core_fraction),
         ("core_fraction_radius", args.core_fraction_radius),
+        ("core_fraction_hits", args.core_fraction_hits),
         ("postprocess_showers", args.postprocess_showers)) if value is not None}
     if not changes:
         parser.error("nothing to change: give --hit-counts and/or --core-fraction")

@@ -348,3 +348,85 @@ def test_a_map_within_some_cells_leaves_the_others_and_the_state_keeps_them():
     assert CoreFractionMap.from_state(state) == fitted
     with pytest.raises(CaloforgeError, match="not inside"):
         CoreFractionMap.from_state({**state, "within": [int(i) for i in core[:3]]})
+
+
+def _layers_with_hits(n: int, with_hits: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Showers ``(n, 2, 36)`` MeV and their E_inc ``(n,)`` MeV whose rest holds 4-32 hits
+    (uniform) and whose core fraction's logit, at a given layer energy, falls by
+    ``with_hits`` per unit of log(hits): a shower with more hits is broader (0: the hit
+    count and the profile independent, as the flows after ``hit_counts`` draw them)."""
+    rng = np.random.default_rng(seed)
+    energy = np.exp(rng.uniform(np.log(5), np.log(100), (n, N_LAYERS)))
+    rest_hits = rng.integers(4, len(REST) + 1, (n, N_LAYERS))
+    mean = np.log(energy) / 2 - 1 - with_hits * (np.log(rest_hits) - np.log(14))
+    fraction = 1 / (1 + np.exp(-(mean + rng.normal(0, 0.3, energy.shape))))
+    cells = np.zeros((n, N_LAYERS, SIDE * SIDE))
+    cells[..., CORE] = rng.dirichlet(np.full(len(CORE), 3.0), (n, N_LAYERS)) * (
+        fraction * energy)[..., None]
+    # the rest's energy over its first `rest_hits` cells of a random order, none under the
+    # threshold (the count is the one drawn)
+    weights = rng.dirichlet(np.full(len(REST), 1.0), (n, N_LAYERS))
+    rank = rng.random((n, N_LAYERS, len(REST))).argsort(-1).argsort(-1)
+    weights = np.where(rank < rest_hits[..., None], weights, 0)
+    rest = weights / weights.sum(-1, keepdims=True) * ((1 - fraction) * energy)[..., None]
+    cells[..., REST] = np.where(rest > 0, np.maximum(rest, THRESHOLD), 0)
+    return cells, 20 * energy.sum(1)
+
+
+def _hits_profile_correlation(layers: np.ndarray) -> float:
+    """Mean over the layers and the fifths of their energy of the correlation between
+    log(hits) and logit(core fraction)."""
+    out = []
+    for layer in range(N_LAYERS):
+        cells = layers[:, layer]
+        energy = cells.sum(-1)
+        bins = np.digitize(np.log(energy), np.quantile(np.log(energy), np.arange(1, 5) / 5))
+        fraction = _fraction(cells)
+        logit = np.log(fraction / (1 - fraction))
+        hits = np.log((cells > 0).sum(-1))
+        out += [np.corrcoef(hits[bins == b], logit[bins == b])[0, 1] for b in range(5)]
+    return float(np.mean(out))
+
+
+def test_hit_regressors_give_the_profile_the_datas_dependence_on_the_hit_count():
+    """The data's core fraction falls with the layer's hit count at fixed energy, the
+    model's does not. Maps fitted with ``hit_regressors`` bring the correlation between
+    log(hits) and logit(core fraction) within energy fifths to the data's (within 0.1);
+    maps without them leave it near the model's, although both keep each layer's energy
+    and hits."""
+    real, real_incident = _layers_with_hits(3000, 1.5, seed=1)
+    model, model_incident = _layers_with_hits(3000, 0.0, seed=2)
+    fresh, fresh_incident = _layers_with_hits(4000, 0.0, seed=3)
+    truth = _hits_profile_correlation(_layers_with_hits(4000, 1.5, seed=4)[0])
+    assert truth < -0.6 and abs(_hits_profile_correlation(fresh)) < 0.1  # the defect
+    for hit_regressors in (False, True):
+        maps, _ = fit_core_fraction_maps(real, real_incident, model, model_incident, [CORE],
+                                         THRESHOLD, hit_regressors=hit_regressors)
+        assert maps[0].hit_regressors is hit_regressors
+        assert len(maps[0].data_coefficients[0]) == (9 if hit_regressors else 7)
+        mapped = apply_maps_to_layers(maps, fresh, fresh_incident)
+        np.testing.assert_allclose(mapped.sum(-1), fresh.sum(-1), rtol=1e-7)
+        assert np.array_equal(mapped > 0, fresh > 0)
+        correlation = _hits_profile_correlation(mapped)
+        if hit_regressors:
+            assert abs(correlation - truth) < 0.1, (correlation, truth)
+        else:
+            assert correlation > truth + 0.4, (correlation, truth)
+
+
+def test_hit_regressors_are_saved_and_maps_saved_before_them_load_without(fitted):
+    real, real_incident = _layers_with_hits(600, 1.5, seed=5)
+    model, model_incident = _layers_with_hits(600, 0.0, seed=6)
+    with_hits = CoreFractionMap.fit(real, real_incident, model, model_incident, CORE,
+                                    THRESHOLD, hit_regressors=True)
+    state = json.loads(json.dumps(with_hits.state()))
+    again = CoreFractionMap.from_state(state)
+    assert again == with_hits and again.hit_regressors
+    np.testing.assert_array_equal(again.apply_layers(model, model_incident),
+                                  with_hits.apply_layers(model, model_incident))
+    old = {k: v for k, v in fitted.state().items() if k != "hit_regressors"}
+    assert CoreFractionMap.from_state(old).hit_regressors is False
+    for broken, words in (({**state, "hit_regressors": "yes"}, "not true or false"),
+                          ({**state, "hit_regressors": False}, "inconsistent")):
+        with pytest.raises(CaloforgeError, match=words):
+            CoreFractionMap.from_state(broken)

@@ -14,12 +14,19 @@ high-level classifier reads it (docs/convflow.md "The core's share of the layer"
 conditions. Per layer, ``t = logit(core fraction)`` is regressed on
 ``[1, v, v^2, F, F^2, u, u v]`` (``v = log(E_layer / MeV)``, ``F`` the share of the
 shower's energy deposited before the layer, ``u = log(E_inc / GeV)``) in each of the two,
-with the quantiles of the residuals. A generated layer's residual under the model's
-regression is mapped, quantile to quantile (piecewise linear), to a residual of the data's,
-and added to the data's prediction: the conditional distribution becomes the data's, and a
-shower keeps its rank given its conditions. The energy then moves between the core and
-the rest (each scaled by one factor, hits kept at or above the readout threshold): the
-layer keeps its energy, its hits and, within the core and within the rest, its pattern.
+with the quantiles of the residuals; with ``hit_regressors`` also on ``[h, h v]`` (``h =
+log(1 + n)``, ``n`` the layer's hits). Why the hits: at fixed layer energy a shower with
+more hits is broader, and on the ild-ecal reference the layer's hit count explains most of
+the core fraction's spread that the energies leave (R^2 of logit(core fraction), the core
+within 2 cells: 0.28-0.63 -> 0.77-0.89 in layers 5-20); the hit count is drawn before the
+maps (``hit_counts``) without seeing the profile, so without this the maps leave the two
+independent (docs/convflow.md "Hits and the radial profile"). A generated layer's
+residual under the model's regression is mapped, quantile to quantile (piecewise linear),
+to a residual of the data's, and added to the data's prediction: the conditional
+distribution becomes the data's, and a shower keeps its rank given its conditions. The
+energy then moves between the core and the rest (each scaled by one factor, hits kept at
+or above the readout threshold): the layer keeps its energy, its hits and, within the core
+and within the rest, its pattern.
 
 All applying is torch operations that export to ONNX (no ``searchsorted``: the interval of
 a residual is the count of nodes at or below it).
@@ -40,7 +47,8 @@ from .preprocessing import lowest_hit, piecewise_linear, rescale_hits
 GEV_MEV = 1000.0
 # the families' ``core_fraction`` option
 CORE_FRACTIONS = ("none", "calibrated", "rings", "profile")
-N_FEATURES = 7
+N_FEATURES = 7  # the energy regressors; + 2 with hit_regressors
+N_HIT_FEATURES = 2
 MIN_SHOWERS_PER_LAYER = 50
 LOGIT_CLIP = 1e-6  # fractions kept within [1e-6, 1 - 1e-6] before the logit
 
@@ -62,14 +70,18 @@ def core_cells(geometry: Geometry, radius: float) -> np.ndarray:
     return np.flatnonzero(distance < radius)
 
 
-def check_core_fraction_options(kind: str, radius: float) -> None:
+def check_core_fraction_options(kind: str, radius: float, hits: bool = False) -> None:
     """Refuse (OptionError) a family's ``core_fraction`` option not in
-    :data:`CORE_FRACTIONS` or a ``core_fraction_radius`` (cells) that is not positive."""
+    :data:`CORE_FRACTIONS`, a ``core_fraction_radius`` (cells) that is not positive, or
+    ``core_fraction_hits`` without maps."""
     if kind not in CORE_FRACTIONS:
         raise OptionError(f"core_fraction must be one of {', '.join(CORE_FRACTIONS)}, got "
                           f"{kind!r}")
     if not radius > 0:
         raise OptionError(f"core_fraction_radius must be > 0 (cells), got {radius}")
+    if hits and kind == "none":
+        raise OptionError("core_fraction_hits needs core_fraction maps (calibrated, rings or "
+                          "profile), got core_fraction: none")
 
 
 def profile_radii(geometry: Geometry) -> list[float]:
@@ -97,7 +109,8 @@ def ring_radii(radius: float) -> list[float]:
 def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
                            generated_incident: np.ndarray, cores: list[np.ndarray],
                            threshold_mev: float,
-                           withins: list[np.ndarray | None] | None = None
+                           withins: list[np.ndarray | None] | None = None,
+                           hit_regressors: bool = False
                            ) -> tuple[list[CoreFractionMap], np.ndarray]:
     """One :class:`CoreFractionMap` per core in ``cores`` (voxel indices within a layer),
     applied in that order: each fitted on ``generated`` ``(M, L, S)`` MeV as the maps before
@@ -110,12 +123,14 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
     and the next ring's both follow the data, nearly: the second map rescales what the first
     set. ``withins`` (one per core; None: the whole layer) confine each map to those cells,
     the rest of the layer untouched: ``profile`` passes the cores from the outside in, each
-    within the next ring, so that no map undoes another."""
+    within the next ring, so that no map undoes another. ``hit_regressors``: every map
+    also regresses on the layer's hit count (module docstring)."""
     maps: list[CoreFractionMap] = []
     mapped = generated
     for core, within in zip(cores, withins or [None] * len(cores)):
         fraction_map = CoreFractionMap.fit(real, real_incident, mapped, generated_incident,
-                                           core, threshold_mev, within=within)
+                                           core, threshold_mev, within=within,
+                                           hit_regressors=hit_regressors)
         maps.append(fraction_map)
         # as generation will apply them: a nested chain all over again (it differs from one
         # map after the other), any other chain one map more
@@ -127,20 +142,23 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
 
 def fit_option_maps(geometry: Geometry, kind: str, radius: float, real: np.ndarray,
                     real_incident: np.ndarray, generated: np.ndarray,
-                    generated_incident: np.ndarray, threshold_mev: float
+                    generated_incident: np.ndarray, threshold_mev: float,
+                    hit_regressors: bool = False
                     ) -> tuple[list[CoreFractionMap], np.ndarray]:
     """The maps of a family's ``core_fraction`` option ``kind`` (``calibrated``: one core of
     ``radius`` cells; ``rings``: :func:`ring_radii`; ``profile``: the whole radial profile,
     each core of :func:`profile_radii` within the next, from the outside in; ``radius`` not
     used) fitted as in :func:`fit_core_fraction_maps` on layers ``(N, L, S)`` / ``(M, L,
     S)`` MeV; a radius that leaves no cell in the core, or none outside it, is refused
-    (OptionError)."""
+    (OptionError). ``hit_regressors``: the option ``core_fraction_hits`` (module
+    docstring)."""
     if kind == "profile":
         radii = profile_radii(geometry)
         outer = [core_cells(geometry, r) for r in radii[1:]] + [None]
         cores = [core_cells(geometry, r) for r in radii]
         return fit_core_fraction_maps(real, real_incident, generated, generated_incident,
-                                      cores[::-1], threshold_mev, withins=outer[::-1])
+                                      cores[::-1], threshold_mev, withins=outer[::-1],
+                                      hit_regressors=hit_regressors)
     radii = ring_radii(radius) if kind == "rings" else [radius]
     cores = [core_cells(geometry, r) for r in radii]
     for r, core in zip(radii, cores):
@@ -148,7 +166,7 @@ def fit_option_maps(geometry: Geometry, kind: str, radius: float, real: np.ndarr
             raise OptionError(f"core_fraction_radius {r:g} leaves "
                               f"{'no' if not len(core) else 'every'} cell in the core")
     return fit_core_fraction_maps(real, real_incident, generated, generated_incident, cores,
-                                  threshold_mev)
+                                  threshold_mev, hit_regressors=hit_regressors)
 
 
 def core_fraction_maps_from_state(state: dict[str, Any]) -> list[CoreFractionMap] | None:
@@ -167,14 +185,20 @@ def core_fraction_maps_from_state(state: dict[str, Any]) -> list[CoreFractionMap
 
 
 def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,
-                      incident_energies: torch.Tensor) -> torch.Tensor:
+                      incident_energies: torch.Tensor,
+                      layer_hits: torch.Tensor | None = None) -> torch.Tensor:
     """Regressors ``(B, 7)`` of a layer's core fraction: ``[1, v, v^2, F, F^2, u, u v]``
     from its energy ``(B,)`` MeV, the share ``F`` ``(B,)`` of the shower's energy before
-    it, and E_inc ``(B,)`` MeV (module docstring)."""
+    it, and E_inc ``(B,)`` MeV (module docstring); given the layer's hit counts ``(B,)``,
+    ``(B, 9)`` with ``[h, h v]`` (``h = log(1 + hits)``) appended."""
     v = torch.log(layer_energy.clamp(min=torch.finfo(layer_energy.dtype).tiny))
     u = torch.log(incident_energies.to(v.dtype) / GEV_MEV)
     f = before_share.to(v.dtype)
-    return torch.stack([torch.ones_like(v), v, v * v, f, f * f, u, u * v], dim=1)
+    columns = [torch.ones_like(v), v, v * v, f, f * f, u, u * v]
+    if layer_hits is not None:
+        h = torch.log1p(layer_hits.to(v.dtype))
+        columns += [h, h * v]
+    return torch.stack(columns, dim=1)
 
 
 def shares_before(layer_energies: torch.Tensor) -> torch.Tensor:
@@ -196,7 +220,8 @@ class CoreFractionMap:
     fewer than 50 showers with hits in both the core and the rest: left as it is):
     ``model_coefficients`` / ``data_coefficients`` ``(7,)`` of the regressions and
     ``model_residuals`` / ``data_residuals`` ``(Q,)`` the residuals' quantiles at evenly
-    spaced levels (the model's strictly increasing)."""
+    spaced levels (the model's strictly increasing); ``hit_regressors``: the regressions
+    also on the layer's hit count (coefficients ``(9,)``; maps saved before it: False)."""
 
     core: list[int]
     threshold_mev: float
@@ -205,6 +230,7 @@ class CoreFractionMap:
     model_residuals: list[list[float] | None]
     data_residuals: list[list[float] | None]
     within: list[int] | None = None
+    hit_regressors: bool = False
     # per layer size: the column order (core, rest within, outside) and its two cut points;
     # apply runs per layer, map and batch, so it is worked out once
     _orders: dict[int, tuple[np.ndarray, int, int]] = field(
@@ -220,7 +246,13 @@ class CoreFractionMap:
               "model_residuals", "data_residuals")
 
     def state(self) -> dict[str, Any]:
-        return {**{name: getattr(self, name) for name in self.FIELDS}, "within": self.within}
+        return {**{name: getattr(self, name) for name in self.FIELDS}, "within": self.within,
+                "hit_regressors": self.hit_regressors}
+
+    @property
+    def n_features(self) -> int:
+        """The number of regressors (:func:`fraction_features`)."""
+        return N_FEATURES + (N_HIT_FEATURES if self.hit_regressors else 0)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CoreFractionMap:
@@ -229,9 +261,13 @@ class CoreFractionMap:
 
         try:
             within = state.get("within")  # saved before profile: absent (the whole layer)
+            hit_regressors = state.get("hit_regressors", False)  # absent: saved before it
+            if not isinstance(hit_regressors, bool):
+                raise TypeError(f"hit_regressors is {hit_regressors!r}, not true or false")
             out = cls(core=[int(i) for i in state["core"]],
                       threshold_mev=float(state["threshold_mev"]),
                       within=None if within is None else [int(i) for i in within],
+                      hit_regressors=hit_regressors,
                       **{name: floats(state[name]) for name in cls.FIELDS[2:]})
         except (KeyError, TypeError, ValueError) as error:
             raise CaloforgeError(f"core fraction map state is malformed ({error})") from None
@@ -245,7 +281,7 @@ class CoreFractionMap:
                 continue
             model_beta, data_beta, model_q, data_q = layer
             if (model_beta is None or data_beta is None or model_q is None or data_q is None
-                    or len(model_beta) != N_FEATURES or len(data_beta) != N_FEATURES
+                    or len(model_beta) != out.n_features or len(data_beta) != out.n_features
                     or len(model_q) != len(data_q) or len(model_q) < 2):
                 raise CaloforgeError("core fraction map state has inconsistent shapes")
             if np.any(np.diff(model_q) <= 0):
@@ -256,19 +292,21 @@ class CoreFractionMap:
     @classmethod
     def fit(cls, real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
             generated_incident: np.ndarray, core: np.ndarray, threshold_mev: float,
-            n_quantiles: int = 21, within: np.ndarray | None = None) -> CoreFractionMap:
+            n_quantiles: int = 21, within: np.ndarray | None = None,
+            hit_regressors: bool = False) -> CoreFractionMap:
         """Fit from ``real`` ``(N, L, S)`` and ``generated`` ``(M, L, S)`` layers (MeV, cells
         in the same order; generated for comparable conditions) with their E_inc ``(N,)``,
         ``(M,)`` MeV and the core's voxel indices ``core`` within a layer. Only showers with
         hits in both the core and the rest of a layer count (the others are left as they
-        are when applied). ``within``: the cells the map acts on (class docstring)."""
+        are when applied). ``within``: the cells the map acts on; ``hit_regressors``: also
+        regress on the layer's hit count (class docstring)."""
         core_mask, within_mask = _masks(real.shape[-1], core, within)
         levels = np.linspace(0, 1, n_quantiles)
         fitted: dict[str, list[list[float] | None]] = {name: [] for name in cls.FIELDS[2:]}
         samples = {"model": _regression_inputs(generated, generated_incident, core_mask,
-                                               within_mask, threshold_mev),
+                                               within_mask, threshold_mev, hit_regressors),
                    "data": _regression_inputs(real, real_incident, core_mask, within_mask,
-                                              threshold_mev)}
+                                              threshold_mev, hit_regressors)}
         for layer in range(real.shape[1]):
             results = {}
             for kind, (features, logits, ok) in samples.items():
@@ -291,7 +329,7 @@ class CoreFractionMap:
             fitted["data_residuals"].append(results["data"][1].tolist())
         return cls(core=[int(i) for i in np.asarray(core)], threshold_mev=float(threshold_mev),
                    within=None if within is None else [int(i) for i in np.asarray(within)],
-                   **fitted)
+                   hit_regressors=hit_regressors, **fitted)
 
     def _column_order(self, n_cells: int) -> tuple[np.ndarray, int, int]:
         """The cells of a layer of ``n_cells`` ordered core, rest within, outside ``(S,)``,
@@ -328,7 +366,7 @@ class CoreFractionMap:
         fraction = core_energy / energy.clamp(min=torch.finfo(cells.dtype).tiny)
         before = shares_before(layer_energies.to(cells.dtype))[:, layer]
         target, movable = self.core_share(energy, fraction, core_hits, rest_hits, layer,
-                                          incident_energies, before)
+                                          incident_energies, before, (cells > 0).sum(1))
         lowest = lowest_hit(self.threshold_mev)
         new_core = rescale_hits(core_cells_now, target * energy, lowest)
         # the rest takes what the core did not (the core's hits may be held at the threshold)
@@ -339,12 +377,14 @@ class CoreFractionMap:
 
     def core_share(self, energy: torch.Tensor, fraction: torch.Tensor, core_hits: torch.Tensor,
                    rest_hits: torch.Tensor, layer: int, incident_energies: torch.Tensor,
-                   before_share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   before_share: torch.Tensor, layer_hits: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mapped core fraction ``(B,)`` of the energy within the map's cells, given that
         energy ``(B,)`` MeV, its core fraction now ``(B,)``, the core's and the rest's hit
-        counts ``(B,)``, E_inc ``(B,)`` MeV and the share of the shower's energy before the
-        layer ``(B,)``; bounded so that each part keeps its hits at or above the threshold.
-        With it, whether the shower is mapped at all ``(B,)`` (hits in both parts)."""
+        counts ``(B,)``, E_inc ``(B,)`` MeV, the share of the shower's energy before the
+        layer ``(B,)`` and the whole layer's hit count ``(B,)``; bounded so that each part
+        keeps its hits at or above the threshold. With it, whether the shower is mapped at
+        all ``(B,)`` (hits in both parts)."""
         dtype, device = energy.dtype, energy.device
         key = (layer, dtype, device)
         if key not in self._tensors:
@@ -353,7 +393,8 @@ class CoreFractionMap:
                 for name in self.FIELDS[2:])
         model_beta, data_beta, model_q, data_q = self._tensors[key]
         tiny = torch.finfo(dtype).tiny
-        features = fraction_features(energy, before_share, incident_energies)
+        features = fraction_features(energy, before_share, incident_energies,
+                                     layer_hits if self.hit_regressors else None)
         clipped = fraction.clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
         residual = torch.log(clipped / (1 - clipped)) - features @ model_beta
         target = torch.sigmoid(features @ data_beta + piecewise_linear(residual, model_q, data_q))
@@ -401,6 +442,7 @@ def apply_core_fraction_maps(maps: list[CoreFractionMap], cells: torch.Tensor, l
     core_sums = sums.flip(1).cumsum(1).flip(1)[:, 1:]  # (B, n)
     core_hits = hits.flip(1).cumsum(1).flip(1)[:, 1:]
     before = shares_before(layer_energies.to(dtype))[:, layer]
+    layer_hits = (cells > 0).sum(1)
     tiny = torch.finfo(dtype).tiny
     energy = sums[:, 0] + core_sums[:, 0]  # what the first map acts on
     goals = []
@@ -409,7 +451,8 @@ def apply_core_fraction_maps(maps: list[CoreFractionMap], cells: torch.Tensor, l
         core_energy = fraction * energy  # a common scale keeps the fraction
         if fraction_map.model_coefficients[layer] is not None:
             target, movable = fraction_map.core_share(
-                energy, fraction, core_hits[:, i], hits[:, i], layer, incident_energies, before)
+                energy, fraction, core_hits[:, i], hits[:, i], layer, incident_energies, before,
+                layer_hits)
             core_energy = torch.where(movable, target * energy, core_energy)
         goals.append(energy - core_energy)
         energy = core_energy
@@ -475,10 +518,11 @@ def _masks(n_cells: int, core: Any, within: Any) -> tuple[np.ndarray, np.ndarray
 
 
 def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: np.ndarray,
-                       within: np.ndarray, threshold_mev: float
+                       within: np.ndarray, threshold_mev: float, hit_regressors: bool = False
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For showers ``(N, L, S)`` MeV and their E_inc ``(N,)`` MeV: the regressors
-    ``(N, L, 7)`` (of the energy within ``within``), the logits of the core fractions of
+    ``(N, L, 7)`` (of the energy within ``within``; ``(N, L, 9)`` with the layer's hit
+    count when ``hit_regressors``), the logits of the core fractions of
     that energy ``(N, L)`` and whether the core and the rest of ``within`` both have hits
     ``(N, L)``; ``core`` and ``within`` are boolean masks ``(S,)``."""
     hits = np.where(layers >= threshold_mev, layers, 0).astype(np.float64)
@@ -489,7 +533,10 @@ def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: 
     ok = np.asarray((hits[..., core] > 0).any(-1) & (hits[..., within & ~core] > 0).any(-1))
     energies = torch.as_tensor(energy)
     incident = torch.as_tensor(np.asarray(incident_energies, dtype=np.float64).reshape(-1))
-    features = torch.stack([fraction_features(energies[:, layer], before[:, layer], incident)
+    layer_hits = torch.as_tensor((hits > 0).sum(-1)) if hit_regressors else None
+    features = torch.stack([fraction_features(energies[:, layer], before[:, layer], incident,
+                                              None if layer_hits is None
+                                              else layer_hits[:, layer])
                             for layer in range(layers.shape[1])], dim=1).numpy()
     clipped = np.clip(fraction, LOGIT_CLIP, 1 - LOGIT_CLIP)
     return features, np.log(clipped / (1 - clipped)), ok

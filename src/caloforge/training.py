@@ -115,8 +115,8 @@ def config_from_dict(config_class: Any, values: dict[str, Any], what: str) -> An
     """A config dataclass from (partial) options merged onto its defaults: unknown keys
     refused with an OptionError naming them, nested config sections (dataclasses such as
     ``training:`` or a flow's) merged section by section, scalars cast to the type of the
-    default (a None default takes the value as given). Every family's config and the
-    distillation config are read by this one function."""
+    default (a None default takes the value as given; a switch only true or false). Every
+    family's config and the distillation config are read by this one function."""
     check_known_options(config_class, values, what)
     out = config_class()
     for name, value in values.items():
@@ -125,6 +125,10 @@ def config_from_dict(config_class: Any, values: dict[str, Any], what: str) -> An
             if is_dataclass(current) and not isinstance(current, type):
                 value = config_from_dict(type(current), {**asdict(current), **(value or {})},
                                          f"{what} {name}")
+            elif isinstance(current, bool):
+                # bool("false") is True: a switch takes true or false only
+                if not isinstance(value, bool):
+                    raise TypeError(f"expected true or false, got {value!r}")
             elif value is not None and current is not None:
                 value = type(current)(value)
         except (TypeError, ValueError) as exc:

@@ -253,7 +253,10 @@ class ConvFlowConfig:
     between the core and the rest: the layer keeps its energy and hits. Why: on ild-ecal
     the flows' core fraction follows the shower's development too weakly, and the
     classifier reads that from the radial centres and their correlations across layers
-    (docs/convflow.md "The core's share of the layer"). Set after training;
+    (docs/convflow.md "The core's share of the layer"). ``core_fraction_hits``: the maps
+    also condition on the layer's hit count (drawn before them by ``hit_counts``, which
+    does not see the profile; at fixed energy a shower with more hits is broader:
+    docs/convflow.md "Hits and the radial profile"). Set after training;
     ``ring_spread``: ``calibrated`` (cylinders) maps how unevenly each ring of each layer
     shares its energy among its angular cells (the spread of the log energies of its hits)
     to the data's distribution given the ring's energy and hits, shower by shower, by one
@@ -302,6 +305,7 @@ class ConvFlowConfig:
     core_split: str = "none"
     core_fraction: str = "none"
     core_fraction_radius: float = 2.0
+    core_fraction_hits: bool = False
     ring_spread: str = "none"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -361,7 +365,8 @@ class ConvFlowConfig:
         if out.core_split not in CORE_SPLITS:
             raise OptionError(f"core_split must be one of {', '.join(CORE_SPLITS)}, got "
                               f"{out.core_split!r}")
-        check_core_fraction_options(out.core_fraction, out.core_fraction_radius)
+        check_core_fraction_options(out.core_fraction, out.core_fraction_radius,
+                                    out.core_fraction_hits)
         check_ring_spread_option(out.ring_spread)
         if out.symmetrise not in SYMMETRIES:
             raise OptionError(f"symmetrise must be one of {', '.join(SYMMETRIES)}, got "
@@ -1394,7 +1399,8 @@ class ConvL2LFlow(LayerEnergyFlows):
             self.geometry, self.config.core_fraction, self.config.core_fraction_radius,
             reference.showers.reshape(len(reference), n_layers, -1),
             reference.incident_energies, generated.reshape(len(generated), n_layers, -1),
-            reference.incident_energies, self.voxel_transform.threshold_mev)
+            reference.incident_energies, self.voxel_transform.threshold_mev,
+            hit_regressors=self.config.core_fraction_hits)
         return mapped.reshape(len(generated), -1)
 
     # --- the rings' angular spread (``ring_spread``) -----------------------------------

@@ -100,6 +100,8 @@ class ICaloFlowConfig:
     that order (:func:`~caloforge.core_fraction.ring_radii`); ``profile``: the whole radial
     profile, one map per ring boundary from the outside in, each within the next ring
     (:func:`~caloforge.core_fraction.profile_radii`; the radius is not used).
+    ``core_fraction_hits``: the maps also condition on the layer's hit count (at fixed
+    energy a shower with more hits is broader; :mod:`caloforge.core_fraction`).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
@@ -118,6 +120,7 @@ class ICaloFlowConfig:
     hit_count_showers: int = 5000
     core_fraction: str = "none"
     core_fraction_radius: float = 2.0
+    core_fraction_hits: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
@@ -128,7 +131,8 @@ class ICaloFlowConfig:
         if out.postprocess not in ("none", "spline"):
             raise OptionError(f"postprocess must be none or spline, got {out.postprocess!r}")
         check_count_options(out.hit_counts, out.hit_count_showers)
-        check_core_fraction_options(out.core_fraction, out.core_fraction_radius)
+        check_core_fraction_options(out.core_fraction, out.core_fraction_radius,
+                                    out.core_fraction_hits)
         if out.hit_calibration_showers < 0:
             raise OptionError(f"hit_calibration_showers must be >= 0, got "
                               f"{out.hit_calibration_showers}")
@@ -417,7 +421,8 @@ class ICaloFlow(LayerEnergyFlows):
             self.geometry, self.config.core_fraction, self.config.core_fraction_radius,
             reference.showers.reshape(len(reference), *shape), reference.incident_energies,
             self._sample_like(reference, seed).reshape(len(reference), *shape),
-            reference.incident_energies, self.voxel_transform.threshold_mev)[0]
+            reference.incident_energies, self.voxel_transform.threshold_mev,
+            hit_regressors=self.config.core_fraction_hits)[0]
 
     def _sample_like(self, reference: ShowerData, seed: int) -> np.ndarray:
         """Showers ``(N, n_voxels)`` for ``reference``'s conditions, on the module's device."""
