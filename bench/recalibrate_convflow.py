@@ -29,7 +29,7 @@ import argparse
 
 from recalibration import open_run, run_main
 
-from caloforge.core_fraction import CORE_FRACTIONS
+from caloforge.core_fraction import CORE_FRACTIONS, HIT_REGRESSORS
 from caloforge.data import ShowerStream, read_showers
 from caloforge.hit_counts import HIT_COUNTS
 from caloforge.models.flows.convflow import (
@@ -59,9 +59,9 @@ def main() -> int:
     parser.add_argument("--core-split", choices=CORE_SPLITS, default=None)
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
-    parser.add_argument("--core-fraction-hits", action=argparse.BooleanOptionalAction,
-                        default=None, help="the core maps also condition on each layer's "
-                        "hit count")
+    parser.add_argument("--core-fraction-hits", choices=tuple(HIT_REGRESSORS), default=None,
+                        help="the hit counts the core maps also condition on: the layer's "
+                        "or each map's core's and rest's")
     parser.add_argument("--ring-spread", choices=RING_SPREADS, default=None)
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--layer-hits", choices=LAYER_HITS, default=None)

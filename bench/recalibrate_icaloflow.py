@@ -19,7 +19,7 @@ import argparse
 
 from recalibration import open_run, run_main
 
-from caloforge.core_fraction import CORE_FRACTIONS
+from caloforge.core_fraction import CORE_FRACTIONS, HIT_REGRESSORS
 from caloforge.data import read_showers
 from caloforge.hit_counts import HIT_COUNTS
 from caloforge.models.flows.icaloflow import ICaloFlow
@@ -33,9 +33,9 @@ def main() -> int:
     parser.add_argument("--hit-count-showers", type=int, default=None)
     parser.add_argument("--core-fraction", choices=CORE_FRACTIONS, default=None)
     parser.add_argument("--core-fraction-radius", type=float, default=None)
-    parser.add_argument("--core-fraction-hits", action=argparse.BooleanOptionalAction,
-                        default=None, help="the core maps also condition on each layer's "
-                        "hit count")
+    parser.add_argument("--core-fraction-hits", choices=tuple(HIT_REGRESSORS), default=None,
+                        help="the hit counts the core maps also condition on: the layer's "
+                        "or each map's core's and rest's")
     parser.add_argument("--postprocess-showers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")

@@ -281,7 +281,7 @@ def test_hit_counts_keep_that_many_of_the_highest_cells(trained, data, tmp_path,
                                             postprocess_showers=len(data),
                                             core_fraction="calibrated",
                                             core_fraction_radius=1.0,
-                                            core_fraction_hits=True,
+                                            core_fraction_hits="layer",
                                             core_split="calibrated"))
     counting.fit(data, str(tmp_path / "counts"))
     assert counting.hit_count_model is not None and counting.core_fraction_maps is not None
@@ -469,13 +469,16 @@ def test_core_fraction_calibrated_moves_energy_between_core_and_rest(trained, da
     assert len(cylinder._core_fraction_cells()) == CYLINDER.layers[0].n_alpha  # radial bin 0
     for bad, words in (({"core_fraction": "even"}, "core_fraction must be one of"),
                        ({"core_fraction_radius": 0}, "core_fraction_radius must be > 0"),
-                       ({"core_fraction_hits": True}, "core_fraction_hits needs"),
+                       ({"core_fraction_hits": "parts"}, "core_fraction_hits needs"),
                        ({"core_fraction": "profile", "core_fraction_hits": "false"},
-                        "core_fraction_hits: expected true or false")):
+                        "core_fraction_hits must be one of")):
         with pytest.raises(OptionError, match=words):
             type(model.config).from_dict(bad)
-    assert type(model.config).from_dict({"core_fraction": "profile",
-                                         "core_fraction_hits": True}).core_fraction_hits
+    # files saved when the option was a switch: true was the layer's hits
+    for saved, now in ((True, "layer"), (False, "none"), ("parts", "parts")):
+        assert type(model.config).from_dict({"core_fraction": "profile",
+                                             "core_fraction_hits": saved}
+                                            ).core_fraction_hits == now
 
 
 def test_block_groups_split_each_group_by_squeeze_place(trained, data):
@@ -586,12 +589,13 @@ def test_a_cylinder_with_the_spline_exports_to_onnx(tmp_path):
                                         hit_calibration_bins=2,
                                         postprocess="group-spline", postprocess_showers=100,
                                         symmetrise="rotations", ring_spread="calibrated",
-                                        core_fraction="profile", core_fraction_hits=True,
+                                        core_fraction="profile", core_fraction_hits="parts",
                                         postprocess_energy="drawn"))
     model.fit(data, str(tmp_path / "run"))
     # the radial profile's maps, applied ring by ring in the graph too
     assert model.core_fraction_maps is not None and is_nested_chain(model.core_fraction_maps)
-    assert all(fraction_map.hit_regressors for fraction_map in model.core_fraction_maps)
+    assert all(fraction_map.hit_regressors == "parts"
+               for fraction_map in model.core_fraction_maps)
     assert any(beta is not None for fraction_map in model.core_fraction_maps
                for beta in fraction_map.model_coefficients)
     assert model.ring_spread_map is not None  # fitted after training, applied in the graph

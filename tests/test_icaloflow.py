@@ -102,21 +102,21 @@ def test_core_fraction_maps_move_energy_between_core_and_rest(teacher, data, tmp
     """``core_fraction: calibrated`` / ``rings`` (issue 28, calochallenge-2's high-level
     features): fitted on the model's own draws, sampling then moves energy between each
     layer's core (the centre cell of 3 x 3; with rings then the centre and its 4
-    neighbours, given the layer's hit count too: ``core_fraction_hits``) and the rest,
-    keeping every layer's energy and hits (the same seed with and without the maps);
+    neighbours, given the hits of each core and its ring too: ``core_fraction_hits``) and
+    the rest, keeping every layer's energy and hits (the same seed with and without the maps);
     saved, loaded and from noise (the exported path) it gives the same showers; a radius
     that leaves no cell outside the core is refused."""
     model, _ = teacher
     energies = data.incident_energies[:200]
     before = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
     try:
-        for kind, radius, cores, hits in (("calibrated", 1.0, [[4]], False),
-                                          ("rings", 1.2, [[4], [1, 3, 4, 5, 7]], True)):
+        for kind, radius, cores, hits in (("calibrated", 1.0, [[4]], "none"),
+                                          ("rings", 1.2, [[4], [1, 3, 4, 5, 7]], "parts")):
             model.config.core_fraction, model.config.core_fraction_radius = kind, radius
             model.config.core_fraction_hits = hits
             model.fit_core_fraction(data.select(slice(0, 600)))
             assert [m.core for m in model.core_fraction_maps] == cores
-            assert all(m.hit_regressors is hits for m in model.core_fraction_maps)
+            assert all(m.hit_regressors == hits for m in model.core_fraction_maps)
             after = model.sample(energies, seed=7).showers.reshape(-1, 5, 9)
             np.testing.assert_allclose(after.sum(-1), before.sum(-1), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(after > 0, before > 0)
@@ -128,7 +128,7 @@ def test_core_fraction_maps_move_energy_between_core_and_rest(teacher, data, tmp
             model.fit_core_fraction(data)
     finally:
         model.config.core_fraction, model.config.core_fraction_radius = "none", 2.0
-        model.config.core_fraction_hits = False
+        model.config.core_fraction_hits = "none"
         model.core_fraction_maps = None
     for bad, words in (({"core_fraction": "even"}, "core_fraction must be one of"),
                        ({"core_fraction_radius": 0}, "core_fraction_radius must be > 0")):

@@ -14,13 +14,17 @@ high-level classifier reads it (docs/convflow.md "The core's share of the layer"
 conditions. Per layer, ``t = logit(core fraction)`` is regressed on
 ``[1, v, v^2, F, F^2, u, u v]`` (``v = log(E_layer / MeV)``, ``F`` the share of the
 shower's energy deposited before the layer, ``u = log(E_inc / GeV)``) in each of the two,
-with the quantiles of the residuals; with ``hit_regressors`` also on ``[h, h v]`` (``h =
-log(1 + n)``, ``n`` the layer's hits). Why the hits: at fixed layer energy a shower with
-more hits is broader, and on the ild-ecal reference the layer's hit count explains most of
-the core fraction's spread that the energies leave (R^2 of logit(core fraction), the core
-within 2 cells: 0.28-0.63 -> 0.77-0.89 in layers 5-20); the hit count is drawn before the
-maps (``hit_counts``) without seeing the profile, so without this the maps leave the two
-independent (docs/convflow.md "Hits and the radial profile"). A generated layer's
+with the quantiles of the residuals; with ``hit_regressors``: ``layer`` also on ``[h,
+h v]`` (``h = log(1 + n)``, ``n`` the layer's hits), ``parts`` on ``[h_c, h_r, h_c v, h_r
+v]`` (the hits of the map's core and of the rest of its cells). Why the hits: at fixed
+layer energy a shower with more hits is broader, and on the ild-ecal reference the layer's
+hit count explains most of the core fraction's spread that the energies leave (R^2 of
+logit(core fraction), the core within 2 cells: 0.28-0.63 -> 0.77-0.89 in layers 5-20); the
+hit count is drawn before the maps (``hit_counts``) without seeing the profile, so without
+this the maps leave the two independent (docs/convflow.md "Hits and the radial profile").
+The parts' hits say more about a ring's split than the layer's (the data, layers 12-20,
+each ring of ``profile`` out to 5 cells: R^2 0.35-0.71 with the layer's hits, 0.82-0.88
+with the parts'): the energy then follows where the hits are. A generated layer's
 residual under the model's regression is mapped, quantile to quantile (piecewise linear),
 to a residual of the data's, and added to the data's prediction: the conditional
 distribution becomes the data's, and a shower keeps its rank given its conditions. The
@@ -47,8 +51,10 @@ from .preprocessing import lowest_hit, piecewise_linear, rescale_hits
 GEV_MEV = 1000.0
 # the families' ``core_fraction`` option
 CORE_FRACTIONS = ("none", "calibrated", "rings", "profile")
-N_FEATURES = 7  # the energy regressors; + 2 with hit_regressors
-N_HIT_FEATURES = 2
+# the families' ``core_fraction_hits`` option: which hit counts the maps regress on, and
+# how many regressors each adds to the energies' N_FEATURES
+HIT_REGRESSORS = {"none": 0, "layer": 2, "parts": 4}
+N_FEATURES = 7
 MIN_SHOWERS_PER_LAYER = 50
 LOGIT_CLIP = 1e-6  # fractions kept within [1e-6, 1 - 1e-6] before the logit
 
@@ -70,16 +76,27 @@ def core_cells(geometry: Geometry, radius: float) -> np.ndarray:
     return np.flatnonzero(distance < radius)
 
 
-def check_core_fraction_options(kind: str, radius: float, hits: bool = False) -> None:
+def hit_regressors_option(value: Any) -> Any:
+    """``core_fraction_hits`` as saved before it named its counts (true / false, the
+    layer's hits or none) -> ``layer`` / ``none``; anything else as it is."""
+    if isinstance(value, bool):
+        return "layer" if value else "none"
+    return value
+
+
+def check_core_fraction_options(kind: str, radius: float, hits: str = "none") -> None:
     """Refuse (OptionError) a family's ``core_fraction`` option not in
-    :data:`CORE_FRACTIONS`, a ``core_fraction_radius`` (cells) that is not positive, or
-    ``core_fraction_hits`` without maps."""
+    :data:`CORE_FRACTIONS`, a ``core_fraction_radius`` (cells) that is not positive, or a
+    ``core_fraction_hits`` not in :data:`HIT_REGRESSORS` or without maps."""
     if kind not in CORE_FRACTIONS:
         raise OptionError(f"core_fraction must be one of {', '.join(CORE_FRACTIONS)}, got "
                           f"{kind!r}")
     if not radius > 0:
         raise OptionError(f"core_fraction_radius must be > 0 (cells), got {radius}")
-    if hits and kind == "none":
+    if hits not in HIT_REGRESSORS:
+        raise OptionError(f"core_fraction_hits must be one of {', '.join(HIT_REGRESSORS)}, "
+                          f"got {hits!r}")
+    if hits != "none" and kind == "none":
         raise OptionError("core_fraction_hits needs core_fraction maps (calibrated, rings or "
                           "profile), got core_fraction: none")
 
@@ -110,7 +127,7 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
                            generated_incident: np.ndarray, cores: list[np.ndarray],
                            threshold_mev: float,
                            withins: list[np.ndarray | None] | None = None,
-                           hit_regressors: bool = False
+                           hit_regressors: str = "none"
                            ) -> tuple[list[CoreFractionMap], np.ndarray]:
     """One :class:`CoreFractionMap` per core in ``cores`` (voxel indices within a layer),
     applied in that order: each fitted on ``generated`` ``(M, L, S)`` MeV as the maps before
@@ -124,7 +141,7 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
     set. ``withins`` (one per core; None: the whole layer) confine each map to those cells,
     the rest of the layer untouched: ``profile`` passes the cores from the outside in, each
     within the next ring, so that no map undoes another. ``hit_regressors``: every map
-    also regresses on the layer's hit count (module docstring)."""
+    also regresses on hit counts (``layer`` / ``parts``, module docstring)."""
     maps: list[CoreFractionMap] = []
     mapped = generated
     for core, within in zip(cores, withins or [None] * len(cores)):
@@ -143,7 +160,7 @@ def fit_core_fraction_maps(real: np.ndarray, real_incident: np.ndarray, generate
 def fit_option_maps(geometry: Geometry, kind: str, radius: float, real: np.ndarray,
                     real_incident: np.ndarray, generated: np.ndarray,
                     generated_incident: np.ndarray, threshold_mev: float,
-                    hit_regressors: bool = False
+                    hit_regressors: str = "none"
                     ) -> tuple[list[CoreFractionMap], np.ndarray]:
     """The maps of a family's ``core_fraction`` option ``kind`` (``calibrated``: one core of
     ``radius`` cells; ``rings``: :func:`ring_radii`; ``profile``: the whole radial profile,
@@ -186,18 +203,20 @@ def core_fraction_maps_from_state(state: dict[str, Any]) -> list[CoreFractionMap
 
 def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,
                       incident_energies: torch.Tensor,
-                      layer_hits: torch.Tensor | None = None) -> torch.Tensor:
+                      hit_counts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """Regressors ``(B, 7)`` of a layer's core fraction: ``[1, v, v^2, F, F^2, u, u v]``
     from its energy ``(B,)`` MeV, the share ``F`` ``(B,)`` of the shower's energy before
-    it, and E_inc ``(B,)`` MeV (module docstring); given the layer's hit counts ``(B,)``,
-    ``(B, 9)`` with ``[h, h v]`` (``h = log(1 + hits)``) appended."""
+    it, and E_inc ``(B,)`` MeV (module docstring); given hit counts (each ``(B,)``: the
+    layer's, or the core's and the rest's), ``[h, h v]`` (``h = log(1 + hits)``) appended
+    for each: ``(B, 7 + 2 len(hit_counts))`` ordered ``[.., h_1, h_2, .., h_1 v, h_2 v,
+    ..]``."""
     v = torch.log(layer_energy.clamp(min=torch.finfo(layer_energy.dtype).tiny))
     u = torch.log(incident_energies.to(v.dtype) / GEV_MEV)
     f = before_share.to(v.dtype)
     columns = [torch.ones_like(v), v, v * v, f, f * f, u, u * v]
-    if layer_hits is not None:
-        h = torch.log1p(layer_hits.to(v.dtype))
-        columns += [h, h * v]
+    # log(1 + x), not log1p: the maps run inside exported graphs
+    hits = [torch.log(1 + counts.to(v.dtype)) for counts in hit_counts]
+    columns += hits + [h * v for h in hits]
     return torch.stack(columns, dim=1)
 
 
@@ -220,8 +239,10 @@ class CoreFractionMap:
     fewer than 50 showers with hits in both the core and the rest: left as it is):
     ``model_coefficients`` / ``data_coefficients`` ``(7,)`` of the regressions and
     ``model_residuals`` / ``data_residuals`` ``(Q,)`` the residuals' quantiles at evenly
-    spaced levels (the model's strictly increasing); ``hit_regressors``: the regressions
-    also on the layer's hit count (coefficients ``(9,)``; maps saved before it: False)."""
+    spaced levels (the model's strictly increasing); ``hit_regressors``: the hit counts the
+    regressions also take (:data:`HIT_REGRESSORS`: ``none``, the ``layer``'s (coefficients
+    ``(9,)``), the ``parts``' (``(11,)``); maps saved before it: none, saved with a switch:
+    true for the layer's)."""
 
     core: list[int]
     threshold_mev: float
@@ -230,7 +251,7 @@ class CoreFractionMap:
     model_residuals: list[list[float] | None]
     data_residuals: list[list[float] | None]
     within: list[int] | None = None
-    hit_regressors: bool = False
+    hit_regressors: str = "none"
     # per layer size: the column order (core, rest within, outside) and its two cut points;
     # apply runs per layer, map and batch, so it is worked out once
     _orders: dict[int, tuple[np.ndarray, int, int]] = field(
@@ -252,7 +273,7 @@ class CoreFractionMap:
     @property
     def n_features(self) -> int:
         """The number of regressors (:func:`fraction_features`)."""
-        return N_FEATURES + (N_HIT_FEATURES if self.hit_regressors else 0)
+        return N_FEATURES + HIT_REGRESSORS[self.hit_regressors]
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CoreFractionMap:
@@ -261,9 +282,11 @@ class CoreFractionMap:
 
         try:
             within = state.get("within")  # saved before profile: absent (the whole layer)
-            hit_regressors = state.get("hit_regressors", False)  # absent: saved before it
-            if not isinstance(hit_regressors, bool):
-                raise TypeError(f"hit_regressors is {hit_regressors!r}, not true or false")
+            # absent: saved before it; true / false: saved when it was a switch
+            hit_regressors = hit_regressors_option(state.get("hit_regressors", "none"))
+            if hit_regressors not in HIT_REGRESSORS:
+                raise TypeError(f"hit_regressors is {hit_regressors!r}, not one of "
+                                f"{', '.join(HIT_REGRESSORS)}")
             out = cls(core=[int(i) for i in state["core"]],
                       threshold_mev=float(state["threshold_mev"]),
                       within=None if within is None else [int(i) for i in within],
@@ -293,13 +316,13 @@ class CoreFractionMap:
     def fit(cls, real: np.ndarray, real_incident: np.ndarray, generated: np.ndarray,
             generated_incident: np.ndarray, core: np.ndarray, threshold_mev: float,
             n_quantiles: int = 21, within: np.ndarray | None = None,
-            hit_regressors: bool = False) -> CoreFractionMap:
+            hit_regressors: str = "none") -> CoreFractionMap:
         """Fit from ``real`` ``(N, L, S)`` and ``generated`` ``(M, L, S)`` layers (MeV, cells
         in the same order; generated for comparable conditions) with their E_inc ``(N,)``,
         ``(M,)`` MeV and the core's voxel indices ``core`` within a layer. Only showers with
         hits in both the core and the rest of a layer count (the others are left as they
         are when applied). ``within``: the cells the map acts on; ``hit_regressors``: also
-        regress on the layer's hit count (class docstring)."""
+        regress on these hit counts (class docstring)."""
         core_mask, within_mask = _masks(real.shape[-1], core, within)
         levels = np.linspace(0, 1, n_quantiles)
         fitted: dict[str, list[list[float] | None]] = {name: [] for name in cls.FIELDS[2:]}
@@ -375,6 +398,12 @@ class CoreFractionMap:
         rescaled = torch.cat([new_core, new_rest, outside_now], dim=1)[:, back]
         return torch.where(movable[:, None], rescaled, cells)
 
+    def _hit_counts(self, layer_hits: torch.Tensor, core_hits: torch.Tensor,
+                    rest_hits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The counts ``(B,)`` each that :attr:`hit_regressors` names."""
+        return {"none": (), "layer": (layer_hits,),
+                "parts": (core_hits, rest_hits)}[self.hit_regressors]
+
     def core_share(self, energy: torch.Tensor, fraction: torch.Tensor, core_hits: torch.Tensor,
                    rest_hits: torch.Tensor, layer: int, incident_energies: torch.Tensor,
                    before_share: torch.Tensor, layer_hits: torch.Tensor
@@ -394,7 +423,7 @@ class CoreFractionMap:
         model_beta, data_beta, model_q, data_q = self._tensors[key]
         tiny = torch.finfo(dtype).tiny
         features = fraction_features(energy, before_share, incident_energies,
-                                     layer_hits if self.hit_regressors else None)
+                                     self._hit_counts(layer_hits, core_hits, rest_hits))
         clipped = fraction.clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
         residual = torch.log(clipped / (1 - clipped)) - features @ model_beta
         target = torch.sigmoid(features @ data_beta + piecewise_linear(residual, model_q, data_q))
@@ -518,11 +547,11 @@ def _masks(n_cells: int, core: Any, within: Any) -> tuple[np.ndarray, np.ndarray
 
 
 def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: np.ndarray,
-                       within: np.ndarray, threshold_mev: float, hit_regressors: bool = False
+                       within: np.ndarray, threshold_mev: float, hit_regressors: str = "none"
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For showers ``(N, L, S)`` MeV and their E_inc ``(N,)`` MeV: the regressors
-    ``(N, L, 7)`` (of the energy within ``within``; ``(N, L, 9)`` with the layer's hit
-    count when ``hit_regressors``), the logits of the core fractions of
+    ``(N, L, 7 + k)`` (of the energy within ``within``; ``k`` for the hit counts
+    ``hit_regressors`` names, :data:`HIT_REGRESSORS`), the logits of the core fractions of
     that energy ``(N, L)`` and whether the core and the rest of ``within`` both have hits
     ``(N, L)``; ``core`` and ``within`` are boolean masks ``(S,)``."""
     hits = np.where(layers >= threshold_mev, layers, 0).astype(np.float64)
@@ -530,13 +559,15 @@ def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: 
     before = shares_before(layer_energies)
     energy = hits[..., within].sum(-1)
     fraction = hits[..., core].sum(-1) / np.maximum(energy, 1e-300)
-    ok = np.asarray((hits[..., core] > 0).any(-1) & (hits[..., within & ~core] > 0).any(-1))
+    core_hits = torch.as_tensor((hits[..., core] > 0).sum(-1))
+    rest_hits = torch.as_tensor((hits[..., within & ~core] > 0).sum(-1))
+    ok = np.asarray((core_hits > 0) & (rest_hits > 0))
     energies = torch.as_tensor(energy)
     incident = torch.as_tensor(np.asarray(incident_energies, dtype=np.float64).reshape(-1))
-    layer_hits = torch.as_tensor((hits > 0).sum(-1)) if hit_regressors else None
+    counts = {"none": (), "layer": (torch.as_tensor((hits > 0).sum(-1)),),
+              "parts": (core_hits, rest_hits)}[hit_regressors]
     features = torch.stack([fraction_features(energies[:, layer], before[:, layer], incident,
-                                              None if layer_hits is None
-                                              else layer_hits[:, layer])
+                                              tuple(c[:, layer] for c in counts))
                             for layer in range(layers.shape[1])], dim=1).numpy()
     clipped = np.clip(fraction, LOGIT_CLIP, 1 - LOGIT_CLIP)
     return features, np.log(clipped / (1 - clipped)), ok

@@ -48,6 +48,7 @@ from ...core_fraction import (
     core_cells,
     core_fraction_maps_from_state,
     fit_option_maps,
+    hit_regressors_option,
 )
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import CaloforgeError, GeometryError, OptionError
@@ -253,10 +254,12 @@ class ConvFlowConfig:
     between the core and the rest: the layer keeps its energy and hits. Why: on ild-ecal
     the flows' core fraction follows the shower's development too weakly, and the
     classifier reads that from the radial centres and their correlations across layers
-    (docs/convflow.md "The core's share of the layer"). ``core_fraction_hits``: the maps
-    also condition on the layer's hit count (drawn before them by ``hit_counts``, which
-    does not see the profile; at fixed energy a shower with more hits is broader:
-    docs/convflow.md "Hits and the radial profile"). Set after training;
+    (docs/convflow.md "The core's share of the layer"). ``core_fraction_hits``: ``layer``:
+    the maps also condition on the layer's hit count (drawn before them by ``hit_counts``,
+    which does not see the profile; at fixed energy a shower with more hits is broader:
+    docs/convflow.md "Hits and the radial profile"); ``parts``: on the hits of each map's
+    core and of the rest of its cells (the energy follows where the hits are). Set after
+    training;
     ``ring_spread``: ``calibrated`` (cylinders) maps how unevenly each ring of each layer
     shares its energy among its angular cells (the spread of the log energies of its hits)
     to the data's distribution given the ring's energy and hits, shower by shower, by one
@@ -305,12 +308,15 @@ class ConvFlowConfig:
     core_split: str = "none"
     core_fraction: str = "none"
     core_fraction_radius: float = 2.0
-    core_fraction_hits: bool = False
+    core_fraction_hits: str = "none"
     ring_spread: str = "none"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ConvFlowConfig:
+        # core_fraction_hits was a switch (true: the layer's hits) in files saved before
+        values = {**values, "core_fraction_hits": hit_regressors_option(
+            values.get("core_fraction_hits", "none"))}
         out = config_from_dict(cls, values, "convflow")
         if out.hit_calibration_groups not in CUT_GROUPS:
             raise OptionError(f"hit_calibration_groups must be one of {', '.join(CUT_GROUPS)}, "

@@ -42,6 +42,7 @@ from ...core_fraction import (
     check_core_fraction_options,
     core_fraction_maps_from_state,
     fit_option_maps,
+    hit_regressors_option,
 )
 from ...data import ShowerData, ShowerStream, first_showers
 from ...errors import GeometryError, OptionError
@@ -100,8 +101,10 @@ class ICaloFlowConfig:
     that order (:func:`~caloforge.core_fraction.ring_radii`); ``profile``: the whole radial
     profile, one map per ring boundary from the outside in, each within the next ring
     (:func:`~caloforge.core_fraction.profile_radii`; the radius is not used).
-    ``core_fraction_hits``: the maps also condition on the layer's hit count (at fixed
-    energy a shower with more hits is broader; :mod:`caloforge.core_fraction`).
+    ``core_fraction_hits``: ``layer``: the maps also condition on the layer's hit count (at
+    fixed energy a shower with more hits is broader; :mod:`caloforge.core_fraction`);
+    ``parts``: on the hits of each map's core and of the rest of its cells (the energy
+    then follows where the hits are).
     """
 
     flow1: FlowConfig = field(default_factory=lambda: FlowConfig(blocks=6, hidden=[128, 128]))
@@ -120,11 +123,14 @@ class ICaloFlowConfig:
     hit_count_showers: int = 5000
     core_fraction: str = "none"
     core_fraction_radius: float = 2.0
-    core_fraction_hits: bool = False
+    core_fraction_hits: str = "none"
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ICaloFlowConfig:
+        # core_fraction_hits was a switch (true: the layer's hits) in files saved before
+        values = {**values, "core_fraction_hits": hit_regressors_option(
+            values.get("core_fraction_hits", "none"))}
         out = config_from_dict(cls, values, "iCaloFlow")
         if out.layers_per_shower < 0:
             raise OptionError(f"layers_per_shower must be >= 0, got {out.layers_per_shower}")
