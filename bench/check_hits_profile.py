@@ -10,7 +10,10 @@ the radial centre, the radial width and logit(core fraction) (the two-cell core 
 log E_inc; :func:`caloforge.core_fraction.fraction_features`), and the residuals'
 correlations with the hit count's are printed for the reference and each generated file:
 what the two share beyond the energies. Showers with fewer than two hits in the layer are
-left out. Prints JSON.
+left out. With ``--ring-radii``: for each ring split of ``core_fraction: profile`` (the
+energy within r cells of the axis as a share of that within r + 1), the R^2 of its logit
+with the maps' regressors for each ``core_fraction_hits`` (none, the layer's hits, the
+parts' hits). Prints JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ import json
 import numpy as np
 import torch
 
-from caloforge.core_fraction import core_cells, fraction_features, shares_before
+from caloforge.core_fraction import (
+    HIT_REGRESSORS,
+    _masks,
+    _regression_inputs,
+    core_cells,
+    fraction_features,
+    shares_before,
+)
 from caloforge.data import read_showers
 from caloforge.features import apply_threshold, high_level_features
 from caloforge.geometry import get_geometry
@@ -63,6 +73,30 @@ def residual_correlations(path: str, geometry_name: str, n: int, layers: list[in
     return out
 
 
+def ring_split_r2(path: str, geometry_name: str, n: int, layers: list[int],
+                  radii: list[float]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per layer and radius r: the R^2 of logit(energy within r / energy within r + 1)
+    regressed on the core maps' regressors, for each hit-count choice (showers with hits
+    both within r and in the ring, as the maps are fitted)."""
+    geometry = get_geometry(geometry_name)
+    data = read_showers(path, geometry, max_showers=n)
+    cells = data.showers.reshape(len(data.showers), geometry.n_layers, -1).astype(np.float64)
+    out: dict[str, dict[str, dict[str, float]]] = {str(layer): {} for layer in layers}
+    for radius in radii:
+        core, within = _masks(cells.shape[-1], core_cells(geometry, radius),
+                              core_cells(geometry, radius + 1))
+        for kind in HIT_REGRESSORS:
+            features, logits, ok = _regression_inputs(cells, data.incident_energies, core,
+                                                      within, geometry.threshold_mev or 0.0,
+                                                      kind)
+            for layer in layers:
+                x, t = features[ok[:, layer], layer], logits[ok[:, layer], layer]
+                residual = t - x @ np.linalg.lstsq(x, t, rcond=None)[0]
+                out[str(layer)].setdefault(f"r{radius:g}", {})[kind] = round(
+                    float(1 - residual.var() / t.var()), 3)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("generated", nargs="+")
@@ -72,13 +106,20 @@ def main() -> int:
     parser.add_argument("--layers", default="3,8,12,16,20,24,28")
     parser.add_argument("--core-radius", type=float, default=2.0,
                         help="the core of the core fraction (cells)")
+    parser.add_argument("--ring-radii", default=None,
+                        help="e.g. 1,2,3,5,8: the R^2 of these ring splits (docstring)")
     args = parser.parse_args()
     layers = [int(v) for v in args.layers.split(",")]
     result = {path: residual_correlations(path, args.geometry, args.n, layers,
                                           args.core_radius)
               for path in [args.reference, *args.generated]}
-    print(json.dumps({"reference": args.reference, "showers": args.n,
-                      "correlation_with_hit_count_residual": result}, indent=1))
+    out: dict[str, object] = {"reference": args.reference, "showers": args.n,
+                              "correlation_with_hit_count_residual": result}
+    if args.ring_radii:
+        radii = [float(v) for v in args.ring_radii.split(",")]
+        out["ring_split_r2"] = {path: ring_split_r2(path, args.geometry, args.n, layers, radii)
+                                for path in [args.reference, *args.generated]}
+    print(json.dumps(out, indent=1))
     return 0
 
 
