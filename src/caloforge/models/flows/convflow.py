@@ -220,8 +220,9 @@ class ConvFlowConfig:
     exactly, invariant. Set after training; acts on generation only;
     ``hit_counts``: ``layer`` draws each shower's number of hits per layer, ``band`` per
     radial band of each layer (cells 0-2, 2-4, 4-6, 6-9, 9-14 and 14+ from the centre; the
-    rows of cylinders), from a model fitted on the first ``hit_count_showers`` training
-    showers given E_inc and the energy flow's layer deposits
+    rows of cylinders), ``core-band`` with the first band split at 1 cell (the central
+    cells' hits drawn as the data has them), from a model fitted on the first
+    ``hit_count_showers`` training showers given E_inc and the energy flow's layer deposits
     (:class:`~caloforge.hit_counts.HitCountModel`, one more noise number per count), and
     keeps that many cells, those furthest above their calibrated cut (cell / cut; the
     readout threshold where no cuts are fitted), the layer keeping its energy. Needs

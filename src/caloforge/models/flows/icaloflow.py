@@ -85,7 +85,8 @@ class ICaloFlowConfig:
     the voxel spectrum fitted between generated and training voxels (the L2LFlows
     post-processing, on ``postprocess_showers`` showers; :meth:`ICaloFlow.fit_postprocess`).
     ``hit_counts``: ``layer`` draws each shower's number of hits per layer, ``band`` per
-    radial band of a layer, from a model fitted on the first ``hit_count_showers`` training
+    radial band of a layer (``core-band``: the first radial row a band of its own), from a
+    model fitted on the first ``hit_count_showers`` training
     showers given E_inc and every layer's energy
     (:class:`~caloforge.hit_counts.HitCountModel`, one more noise number per count); each
     layer then keeps that many of its highest voxels (the faint ones under the threshold
