@@ -220,6 +220,13 @@ def fraction_features(layer_energy: torch.Tensor, before_share: torch.Tensor,
     return torch.stack(columns, dim=1)
 
 
+def chosen_hit_counts(kind: str, layer_hits: torch.Tensor, core_hits: torch.Tensor,
+                      rest_hits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The hit counts (each ``(B, ...)``) that ``hit_regressors`` ``kind`` regresses on:
+    none, the layer's, or the core's and the rest's."""
+    return {"none": (), "layer": (layer_hits,), "parts": (core_hits, rest_hits)}[kind]
+
+
 def shares_before(layer_energies: torch.Tensor) -> torch.Tensor:
     """``(B, L)``: each layer's share of the shower's energy deposited in the layers before
     it, from the layer energies ``(B, L)`` MeV (0 for an empty shower)."""
@@ -398,12 +405,6 @@ class CoreFractionMap:
         rescaled = torch.cat([new_core, new_rest, outside_now], dim=1)[:, back]
         return torch.where(movable[:, None], rescaled, cells)
 
-    def _hit_counts(self, layer_hits: torch.Tensor, core_hits: torch.Tensor,
-                    rest_hits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The counts ``(B,)`` each that :attr:`hit_regressors` names."""
-        return {"none": (), "layer": (layer_hits,),
-                "parts": (core_hits, rest_hits)}[self.hit_regressors]
-
     def core_share(self, energy: torch.Tensor, fraction: torch.Tensor, core_hits: torch.Tensor,
                    rest_hits: torch.Tensor, layer: int, incident_energies: torch.Tensor,
                    before_share: torch.Tensor, layer_hits: torch.Tensor
@@ -423,7 +424,8 @@ class CoreFractionMap:
         model_beta, data_beta, model_q, data_q = self._tensors[key]
         tiny = torch.finfo(dtype).tiny
         features = fraction_features(energy, before_share, incident_energies,
-                                     self._hit_counts(layer_hits, core_hits, rest_hits))
+                                     chosen_hit_counts(self.hit_regressors, layer_hits,
+                                                       core_hits, rest_hits))
         clipped = fraction.clamp(LOGIT_CLIP, 1 - LOGIT_CLIP)
         residual = torch.log(clipped / (1 - clipped)) - features @ model_beta
         target = torch.sigmoid(features @ data_beta + piecewise_linear(residual, model_q, data_q))
@@ -564,8 +566,8 @@ def _regression_inputs(layers: np.ndarray, incident_energies: np.ndarray, core: 
     ok = np.asarray((core_hits > 0) & (rest_hits > 0))
     energies = torch.as_tensor(energy)
     incident = torch.as_tensor(np.asarray(incident_energies, dtype=np.float64).reshape(-1))
-    counts = {"none": (), "layer": (torch.as_tensor((hits > 0).sum(-1)),),
-              "parts": (core_hits, rest_hits)}[hit_regressors]
+    counts = chosen_hit_counts(hit_regressors, torch.as_tensor((hits > 0).sum(-1)), core_hits,
+                               rest_hits)
     features = torch.stack([fraction_features(energies[:, layer], before[:, layer], incident,
                                               tuple(c[:, layer] for c in counts))
                             for layer in range(layers.shape[1])], dim=1).numpy()
