@@ -32,18 +32,16 @@ from caloforge.core_fraction import (
     fraction_features,
     shares_before,
 )
-from caloforge.data import read_showers
+from caloforge.data import ShowerData, read_showers
 from caloforge.features import apply_threshold, high_level_features
-from caloforge.geometry import get_geometry
+from caloforge.geometry import Geometry, get_geometry
 
 
-def residual_correlations(path: str, geometry_name: str, n: int, layers: list[int],
+def residual_correlations(data: ShowerData, geometry: Geometry, layers: list[int],
                           core_radius: float) -> dict[str, dict[str, float]]:
     """Per layer: the correlation of the hit count's residual with the radial centre's,
     the radial width's and logit(core fraction)'s, the hit residual's spread and the count
     of showers used."""
-    geometry = get_geometry(geometry_name)
-    data = read_showers(path, geometry, max_showers=n)
     showers = apply_threshold(data.showers, geometry.threshold_mev or 0.0)
     features = high_level_features(showers, data.incident_energies, geometry).values
     cells = showers.reshape(len(showers), geometry.n_layers, -1)
@@ -73,13 +71,11 @@ def residual_correlations(path: str, geometry_name: str, n: int, layers: list[in
     return out
 
 
-def ring_split_r2(path: str, geometry_name: str, n: int, layers: list[int],
+def ring_split_r2(data: ShowerData, geometry: Geometry, layers: list[int],
                   radii: list[float]) -> dict[str, dict[str, dict[str, float]]]:
     """Per layer and radius r: the R^2 of logit(energy within r / energy within r + 1)
     regressed on the core maps' regressors, for each hit-count choice (showers with hits
     both within r and in the ring, as the maps are fitted)."""
-    geometry = get_geometry(geometry_name)
-    data = read_showers(path, geometry, max_showers=n)
     cells = data.showers.reshape(len(data.showers), geometry.n_layers, -1).astype(np.float64)
     out: dict[str, dict[str, dict[str, float]]] = {str(layer): {} for layer in layers}
     for radius in radii:
@@ -110,15 +106,19 @@ def main() -> int:
                         help="e.g. 1,2,3,5,8: the R^2 of these ring splits (docstring)")
     args = parser.parse_args()
     layers = [int(v) for v in args.layers.split(",")]
-    result = {path: residual_correlations(path, args.geometry, args.n, layers,
-                                          args.core_radius)
-              for path in [args.reference, *args.generated]}
+    geometry = get_geometry(args.geometry)
+    paths = [args.reference, *args.generated]
+    result, ring_splits = {}, {}
+    for path in paths:  # one file in memory at a time, read once
+        data = read_showers(path, geometry, max_showers=args.n)
+        result[path] = residual_correlations(data, geometry, layers, args.core_radius)
+        if args.ring_radii:
+            ring_splits[path] = ring_split_r2(data, geometry, layers,
+                                              [float(v) for v in args.ring_radii.split(",")])
     out: dict[str, object] = {"reference": args.reference, "showers": args.n,
                               "correlation_with_hit_count_residual": result}
     if args.ring_radii:
-        radii = [float(v) for v in args.ring_radii.split(",")]
-        out["ring_split_r2"] = {path: ring_split_r2(path, args.geometry, args.n, layers, radii)
-                                for path in [args.reference, *args.generated]}
+        out["ring_split_r2"] = ring_splits
     print(json.dumps(out, indent=1))
     return 0
 
