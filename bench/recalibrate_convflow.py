@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import argparse
 
-from recalibration import open_run, run_main
+from recalibration import (
+    add_layer_energy_range_option,
+    fit_layer_energy_range,
+    open_run,
+    run_main,
+)
 
 from caloforge.core_fraction import CORE_FRACTIONS, HIT_REGRESSORS
 from caloforge.data import ShowerStream, read_showers
@@ -67,6 +72,7 @@ def main() -> int:
     parser.add_argument("--layer-hits", choices=LAYER_HITS, default=None)
     parser.add_argument("--layer-hit-showers", type=int, default=None)
     parser.add_argument("--postprocess-showers", type=int, default=None)
+    add_layer_energy_range_option(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-o", "--output", required=True, help="new run directory")
     args = parser.parse_args()
@@ -94,10 +100,11 @@ def main() -> int:
                                              ("postprocess_showers",
                                               args.postprocess_showers))
                if value is not None}
-    if not changes:
+    ranged = fit_layer_energy_range(model, args)
+    if not changes and not ranged:
         parser.error("nothing to change: give --temperature, --postprocess, "
-                     "--hit-calibration-groups, --hit-calibration-bins, --hit-counts and/or "
-                     "--symmetrise")
+                     "--hit-calibration-groups, --hit-calibration-bins, --hit-counts, "
+                     "--symmetrise, --layer-energy-range and/or the core options")
     after_all = {"symmetrise", "postprocess_energy", "core_split", "core_fraction",
                  "core_fraction_radius", "core_fraction_hits", "ring_spread",
                  "postprocess_showers"}  # act last
@@ -134,7 +141,8 @@ def main() -> int:
         text for text, fitted in ((", core fraction fitted", fraction_only),
                                   (", rings' spread fitted", spread_only),
                                   (", core split fitted", core_only)) if fitted)
-    print(f"{args.output}: {changes}{done}")
+    ranged_text = ", the energy flow's range fitted" if ranged else ""
+    print(f"{args.output}: {changes}{done}{ranged_text}")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from caloforge.data import read_showers
 from caloforge.errors import CaloforgeError, OptionError
 from caloforge.models import load_model
 
@@ -26,6 +27,23 @@ def open_run(args: argparse.Namespace, family: type[Any]) -> Any:
     if not isinstance(model, family):
         raise OptionError(f"{args.run_dir}: a {model.family} model, not {family.family}")
     return model
+
+
+def add_layer_energy_range_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layer-energy-range", choices=["fit"], default=None,
+                        help="fit the range the energy flow's draws are clamped into on the "
+                        "training showers (runs saved before the clamp have none)")
+
+
+def fit_layer_energy_range(model: Any, args: argparse.Namespace) -> bool:
+    """With ``--layer-energy-range fit``: the clamp's range fitted on ``args.train``'s
+    showers (as many as the run was trained on, at most 20,000); whether it was."""
+    if args.layer_energy_range != "fit":
+        return False
+    if not args.train:
+        raise OptionError("--layer-energy-range fit needs --train")
+    model.fit_layer_energy_range(read_showers(args.train, model.geometry, max_showers=20000))
+    return True
 
 
 def run_main(main: Callable[[], int]) -> None:

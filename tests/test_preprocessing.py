@@ -201,3 +201,38 @@ def test_scaled_hits_carry_the_deposit(seed, deposited, threshold):
             assert sums[row] == 0
         order = torch.argsort(shares[row], descending=True)
         assert (cells[row][order].diff() <= 1e-12).all()
+
+
+def test_layer_energy_inverse_clamps_a_flows_far_tail_to_the_training_range():
+    """Issue 28 (ild-ecal layer 3: one draw of 1,533 MeV against a training largest of
+    79 MeV): a flow's heavy-tailed draws of one u near 1 hand one layer the whole remaining
+    shower. Draws around the training showers' logits with Student-t(1.5) tails: without the
+    clamp some layers get up to ~6 times their largest training share of E_inc; with it none
+    gets twice, while the bulk (the median of every layer) stays where it was."""
+    rng = np.random.default_rng(0)
+    n, n_layers = 5000, 6
+    incident = 10 ** rng.uniform(3, 5, n)
+    profile = np.array([0.02, 0.15, 0.35, 0.3, 0.13, 0.05])
+    shares = rng.dirichlet(60 * profile, n) * rng.uniform(0.9, 0.98, (n, 1))
+    layers = shares * incident[:, None]
+    transform = LayerEnergyTransform(n_layers).fit(layers, incident)
+    x = transform.forward(torch.as_tensor(layers), torch.as_tensor(incident)).numpy()
+    draws = np.median(x, 0) + x.std(0) * 0.5 * rng.standard_t(1.5, (n, n_layers))
+    draws, e_inc = torch.as_tensor(draws), torch.as_tensor(incident)
+    clamped = transform.inverse(draws, e_inc).numpy() / incident[:, None]
+    transform.logit_min = transform.logit_max = None
+    free = transform.inverse(draws, e_inc).numpy() / incident[:, None]
+    largest = shares.max(0)
+    assert (free > 2 * largest).any(axis=1).sum() >= 20
+    assert (clamped > 2 * largest).sum() == 0
+    np.testing.assert_allclose(np.median(clamped, 0), np.median(free, 0), rtol=0.02)
+
+
+def test_layer_energy_state_without_the_range_loads_unclamped():
+    state = LayerEnergyTransform(3, scale=1.2).state()
+    for key in ("logit_min", "logit_max"):  # a file saved before the clamp
+        state.pop(key)
+    transform = LayerEnergyTransform.from_state(state)
+    x = torch.full((2, 3), 30.0)
+    assert transform.logit_min is None and transform.logit_max is None
+    assert torch.isfinite(transform.inverse(x, torch.tensor([1.0, 2.0]))).all()

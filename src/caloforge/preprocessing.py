@@ -144,21 +144,44 @@ class ConditionTransform(JsonState):
 
 
 
+# how far beyond the training showers' extremes of each u's logit a flow may draw: enough
+# for an independent sample's slightly wider extremes, not for a flow's far tail
+LOGIT_MARGIN = 0.5
+
+
 @dataclass
 class LayerEnergyTransform(JsonState):
     """Layer energies (MeV) <-> logit of CaloFlow's u-space, ``(N, L)`` both ways.
 
-    ``scale`` (k) is fitted so that u_0 = E_tot / (k E_inc) stays below 1.
+    ``scale`` (k) is fitted so that u_0 = E_tot / (k E_inc) stays below 1. ``logit_min``,
+    ``logit_max`` ``(L,)``: the smallest and largest logit of each u the training showers
+    have, widened by ``LOGIT_MARGIN``; the inverse clamps a flow's draws into them. Why: a
+    flow's tail draw of one u near 1 hands one layer the whole remaining shower (on ild-ecal
+    1,533 MeV in layer 3 against a training largest of 79 MeV), one near 0 hands it on to
+    the next layers. ``None`` (files saved before it): no clamp.
     """
 
     n_layers: int
     scale: float = 1.0
     alpha: float = 1e-6
+    logit_min: list[float] | None = None
+    logit_max: list[float] | None = None
 
     def fit(self, layer_energies: np.ndarray, incident_energies: np.ndarray
             ) -> LayerEnergyTransform:
+        """``layer_energies`` ``(N, L)`` MeV, ``incident_energies`` ``(N,)`` MeV."""
         ratio = layer_energies.sum(axis=1) / incident_energies
         self.scale = float(max(1.1 * ratio.max(), 1e-6))
+        return self.fit_range(layer_energies, incident_energies)
+
+    def fit_range(self, layer_energies: np.ndarray, incident_energies: np.ndarray
+                  ) -> LayerEnergyTransform:
+        """``logit_min`` / ``logit_max`` from the training showers (``scale`` kept): also
+        for a model saved before them."""
+        x = self.forward(torch.as_tensor(layer_energies, dtype=torch.float64),
+                         torch.as_tensor(incident_energies, dtype=torch.float64)).numpy()
+        self.logit_min = (x.min(axis=0) - LOGIT_MARGIN).tolist()
+        self.logit_max = (x.max(axis=0) + LOGIT_MARGIN).tolist()
         return self
 
     def forward(self, layer_energies: torch.Tensor, incident_energies: torch.Tensor
@@ -171,6 +194,12 @@ class LayerEnergyTransform(JsonState):
         return LogitTransform(self.alpha).forward(torch.cat([u0, ratios], dim=1))
 
     def inverse(self, x: torch.Tensor, incident_energies: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, L)`` logit u-space (clamped to ``logit_max``), E_inc ``(N,)`` MeV ->
+        layer energies ``(N, L)`` MeV."""
+        if self.logit_min is not None and self.logit_max is not None:
+            x = torch.maximum(torch.minimum(x, torch.as_tensor(
+                self.logit_max, dtype=x.dtype, device=x.device)), torch.as_tensor(
+                self.logit_min, dtype=x.dtype, device=x.device))
         logit = LogitTransform(self.alpha)
         u, one_minus_u = logit.inverse(x), logit.inverse(-x)
         remaining = u[:, 0] * self.scale * incident_energies

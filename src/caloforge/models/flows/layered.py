@@ -96,12 +96,24 @@ class LayerEnergyFlows(ConditionedModel):
 
     def _fit_preprocessing(self, data: ShowerData) -> None:
         self.conditions.fit(data.incident_energies, data.conditions, data.condition_units)
-        layer_energies = self.geometry.layer_energies(data.showers, dtype=np.float64)
-        noisy = layer_energies + self._expected_layer_offset_mev()
+        noisy = self._flow_training_layer_energies(data)
         self.layer_transform.fit(noisy, data.incident_energies)
         log_layers = np.log10(noisy)
         self.layer_log_mean = log_layers.mean(0).tolist()
         self.layer_log_std = np.maximum(log_layers.std(0), 1e-3).tolist()
+
+    def _flow_training_layer_energies(self, data: ShowerData) -> np.ndarray:
+        """``(N, L)`` MeV: the layer energies the energy flow learns, each with its expected
+        dequantisation (what the u-space transform is fitted on)."""
+        layer_energies = self.geometry.layer_energies(data.showers, dtype=np.float64)
+        return layer_energies + self._expected_layer_offset_mev()
+
+    def fit_layer_energy_range(self, data: ShowerData) -> None:
+        """Fit the range the energy flow's draws are clamped into
+        (:meth:`~caloforge.preprocessing.LayerEnergyTransform.fit_range`) on training
+        showers ``data``, the rest of the model unchanged: for runs saved before it."""
+        self.layer_transform.fit_range(self._flow_training_layer_energies(data),
+                                       data.incident_energies)
 
     def _expected_layer_offset_mev(self) -> np.ndarray:
         """``(L,)`` MeV: what the layer energies the flows learn hold on average beyond the
