@@ -19,6 +19,8 @@ the core split are then fitted alone, in that order):
     python bench/recalibrate_convflow.py RUN --symmetrise d4 -o RUN-D4
     python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --ring-spread calibrated \
         -o RUN-RS
+    python bench/recalibrate_convflow.py RUN --train TRAIN.h5 --layer-energy-range fit \
+        -o RUN-C   # a run saved before the energy flow's clamp: fit its range
 
 The new run directory then generates and evaluates with the ordinary commands.
 """

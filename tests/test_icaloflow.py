@@ -197,6 +197,35 @@ def test_recalibration_script_adds_counts_and_rings_to_a_trained_run(teacher, da
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
+def test_recalibration_fits_the_energy_flows_range_for_a_run_saved_without_it(
+        teacher, data, tmp_path):
+    """A run saved before the energy flow's clamp (no ``logit_min`` / ``logit_max``) gets
+    the range it would have had from ``--layer-energy-range fit``, nothing else changed."""
+    import json
+    import shutil
+
+    _, run_dir = teacher
+    fitted = load_model(run_dir).layer_transform
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    saved = json.loads((old / "model.json").read_text())
+    for key in ("logit_min", "logit_max"):
+        saved["state"]["layer_transform"].pop(key)
+    (old / "model.json").write_text(json.dumps(saved))
+    assert load_model(str(old)).layer_transform.logit_max is None
+    train = tmp_path / "train.h5"
+    write_showers(train, data, GEOMETRY)
+    script = Path(__file__).parents[1] / "bench" / "recalibrate_icaloflow.py"
+    done = subprocess.run([sys.executable, str(script), str(old), "--train", str(train),
+                           "--layer-energy-range", "fit", "-o", str(tmp_path / "new")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    refitted = load_model(str(tmp_path / "new"))
+    np.testing.assert_allclose(refitted.layer_transform.logit_max, fitted.logit_max, rtol=1e-6)
+    np.testing.assert_allclose(refitted.layer_transform.logit_min, fitted.logit_min, rtol=1e-6)
+    assert refitted.config == load_model(run_dir).config
+
+
 def test_likelihood_improves_and_round_trips(teacher, data, tmp_path):
     model, run_dir = teacher
     log = read_log(f"{run_dir}/train_log.jsonl")
