@@ -8,12 +8,14 @@ energy (the cells at or above the readout threshold) after every step the model 
 the energy flow's deposits (``flow``; under the threshold read as an empty layer), the
 voxel flows' cells scaled to the deposit (``cells``), the calibrated cuts or hit counts
 (``cuts``), the spline(s) (``spline``), each core-fraction map (``core_map_1``, ...) and
-the core split (``split``). For each: the fast classifier (one repeat) on the energy
+the core split (``split``); for convflow also the scaling to the drawn deposit (``drawn``) and
+the core maps together (``core_maps``). For each: the fast classifier (one repeat) on the energy
 columns of the official high-level input (log10 E_inc, log10(E_layer + 1e-8) per layer,
 log10 E_tot) against the held-out showers', the share of showers with a hit in the first
 layers, the mean layer energy over the reference's per layer, the mean and spread of the
 summed layer energies over E_inc, and the first layers' mean hottest cell over the
-reference's (0 for an empty layer, as ``check_ild_cores.py``).
+reference's (0 for an empty layer, as ``check_ild_cores.py``), and the faint hits per
+shower (at or above the threshold, below ``--faint-edge`` times it: ild-ecal 0.075-0.1 MeV).
 Prints JSON. The step where the AUC jumps is the one that breaks the layer energies.
 """
 
@@ -35,21 +37,27 @@ from caloforge.data import read_showers
 from caloforge.evaluation.classifier import get_preset, repeated_classifier_test
 from caloforge.features import apply_threshold
 from caloforge.models import load_model
+from caloforge.models.flows import convflow as convflow_module
 
 FIRST_LAYERS = 4
 
 
+FAINT: dict[str, list[np.ndarray]] = defaultdict(list)  # stage -> per layer (B,) faint hits
+
+
 def record_layers(method: Callable[..., torch.Tensor], name: str, threshold: float,
-                  store: dict[str, list[np.ndarray]], hottest: dict[str, list[np.ndarray]]
-                  ) -> Callable[..., torch.Tensor]:
+                  store: dict[str, list[np.ndarray]], hottest: dict[str, list[np.ndarray]],
+                  faint_edge: float = float("inf")) -> Callable[..., torch.Tensor]:
     """``method`` (returns one layer's cells ``(B, S)`` MeV, called layer after layer),
-    recording each call's layer energy above ``threshold`` under ``name`` in ``store`` and
-    its hottest cell (0 when none reaches it) in ``hottest``."""
+    recording each call's layer energy above ``threshold`` under ``name`` in ``store``, its
+    hottest cell (0 when none reaches it) in ``hottest`` and its hits below ``faint_edge``
+    MeV in ``FAINT``."""
     def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
         cells = method(*args, **kwargs)
         kept = torch.where(cells >= threshold, cells, torch.zeros_like(cells))
         store[name].append(kept.sum(1).double().cpu().numpy())
         hottest[name].append(kept.amax(1).double().cpu().numpy())
+        FAINT[name].append(((cells >= threshold) & (cells < faint_edge)).sum(1).cpu().numpy())
         return cells
     return wrapped
 
@@ -61,6 +69,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--faint-edge", type=float, default=4 / 3,
+                        help="faint hits: below this many times the threshold")
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,6 +78,7 @@ def main() -> int:
     geometry = model.geometry
     data = read_showers(args.reference, geometry, max_showers=args.n)
     threshold = model.voxel_transform.threshold_mev
+    edge = args.faint_edge * threshold
     store: dict[str, list[np.ndarray]] = defaultdict(list)
     hottest: dict[str, list[np.ndarray]] = defaultdict(list)
 
@@ -81,13 +92,21 @@ def main() -> int:
         return energies
 
     model._sample_flow1 = flow_deposits
-    model._cells = record_layers(model._cells, "cells", threshold, store, hottest)
-    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, store, hottest)
-    model._postprocess = record_layers(model._postprocess, "spline", threshold, store, hottest)
+    model._cells = record_layers(model._cells, "cells", threshold, store, hottest, edge)
+    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, store,
+                                          hottest, edge)
+    model._postprocess = record_layers(model._postprocess, "spline", threshold, store,
+                                       hottest, edge)
     for i, fraction_map in enumerate(model.core_fraction_maps or []):
         fraction_map.apply = record_layers(fraction_map.apply, f"core_map_{i + 1}",
-                                           threshold, store, hottest)
-    model._split_core = record_layers(model._split_core, "split", threshold, store, hottest)
+                                           threshold, store, hottest, edge)
+    model._split_core = record_layers(model._split_core, "split", threshold, store, hottest,
+                                      edge)
+    # the module-level steps between the spline and the split (one call per layer)
+    for function, name in (("rescale_hits", "drawn"), ("apply_core_fraction_maps", "core_maps")):
+        if hasattr(convflow_module, function):
+            setattr(convflow_module, function, record_layers(
+                getattr(convflow_module, function), name, threshold, store, hottest, edge))
     generated = model.sample(data.incident_energies, data.conditions, seed=args.seed)
     final_cells = apply_threshold(generated.showers, threshold)
     real_cells = apply_threshold(data.showers, threshold)
@@ -97,6 +116,8 @@ def main() -> int:
     first_cells = geometry.layer_slices[:FIRST_LAYERS]
     real_hottest = np.array([real_cells[:, cells].max(1).mean() for cells in first_cells])
     hottest["final"] = [final_cells[:, cells].max(1).astype(np.float64) for cells in first_cells]
+    FAINT["final"] = [((final_cells >= threshold) & (final_cells < edge)).sum(1)]
+    real_faint = float(((real_cells >= threshold) & (real_cells < edge)).sum(1).mean())
     stages: dict[str, Any] = {}
     for name, layers in [*store.items(), ("final", list(final.T))]:
         energies = np.stack(layers, axis=1)
@@ -114,6 +135,9 @@ def main() -> int:
         response = energies.sum(1) / data.incident_energies
         stages[name]["e_tot_over_e_inc_mean_std"] = [round(float(response.mean()), 4),
                                                      round(float(response.std()), 4)]
+        if FAINT.get(name):
+            stages[name]["faint_hits_per_shower"] = round(float(
+                np.sum(FAINT[name], axis=0).mean()), 1)
         if hottest.get(name):
             hot = np.stack(hottest[name][:FIRST_LAYERS], axis=1).mean(0)
             stages[name]["hottest_cell_over_reference_first_layers"] = \
@@ -123,6 +147,7 @@ def main() -> int:
     out = {"run": args.run, "reference": args.reference, "n": args.n, "seed": args.seed,
            "reference_e_tot_over_e_inc_mean_std": [round(float(real_response.mean()), 4),
                                                    round(float(real_response.std()), 4)],
+           "reference_faint_hits_per_shower": round(real_faint, 1),
            "reference_hit_share_first_layers": (real[:, :FIRST_LAYERS] > 0).mean(0)
            .round(4).tolist(), "stages": stages}
     if args.output:
