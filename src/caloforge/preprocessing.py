@@ -194,9 +194,8 @@ class LayerEnergyTransform(JsonState):
         return LogitTransform(self.alpha).forward(torch.cat([u0, ratios], dim=1))
 
     def inverse(self, x: torch.Tensor, incident_energies: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(N, L)`` logit u-space (clamped into ``logit_min`` .. ``logit_max``), E_inc
-        ``(N,)`` MeV ->
-        layer energies ``(N, L)`` MeV."""
+        """``x`` ``(N, L)`` logit u-space (clamped into ``logit_min`` .. ``logit_max``) and
+        E_inc ``(N,)`` MeV -> layer energies ``(N, L)`` MeV."""
         if self.logit_min is not None and self.logit_max is not None:
             x = torch.maximum(torch.minimum(x, torch.as_tensor(
                 self.logit_max, dtype=x.dtype, device=x.device)), torch.as_tensor(
