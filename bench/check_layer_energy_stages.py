@@ -42,22 +42,20 @@ from caloforge.models.flows import convflow as convflow_module
 FIRST_LAYERS = 4
 
 
-FAINT: dict[str, list[np.ndarray]] = defaultdict(list)  # stage -> per layer (B,) faint hits
-
-
 def record_layers(method: Callable[..., torch.Tensor], name: str, threshold: float,
                   store: dict[str, list[np.ndarray]], hottest: dict[str, list[np.ndarray]],
-                  faint_edge: float = float("inf")) -> Callable[..., torch.Tensor]:
+                  faint: dict[str, list[np.ndarray]], faint_edge: float
+                  ) -> Callable[..., torch.Tensor]:
     """``method`` (returns one layer's cells ``(B, S)`` MeV, called layer after layer),
     recording each call's layer energy above ``threshold`` under ``name`` in ``store``, its
     hottest cell (0 when none reaches it) in ``hottest`` and its hits below ``faint_edge``
-    MeV in ``FAINT``."""
+    MeV in ``faint``."""
     def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
         cells = method(*args, **kwargs)
         kept = torch.where(cells >= threshold, cells, torch.zeros_like(cells))
         store[name].append(kept.sum(1).double().cpu().numpy())
         hottest[name].append(kept.amax(1).double().cpu().numpy())
-        FAINT[name].append(((cells >= threshold) & (cells < faint_edge)).sum(1).cpu().numpy())
+        faint[name].append(((cells >= threshold) & (cells < faint_edge)).sum(1).cpu().numpy())
         return cells
     return wrapped
 
@@ -81,6 +79,8 @@ def main() -> int:
     edge = args.faint_edge * threshold
     store: dict[str, list[np.ndarray]] = defaultdict(list)
     hottest: dict[str, list[np.ndarray]] = defaultdict(list)
+    faint: dict[str, list[np.ndarray]] = defaultdict(list)  # per layer (B,) faint hits
+    recorded = (store, hottest, faint, edge)
 
     flow1 = model._sample_flow1
 
@@ -92,21 +92,18 @@ def main() -> int:
         return energies
 
     model._sample_flow1 = flow_deposits
-    model._cells = record_layers(model._cells, "cells", threshold, store, hottest, edge)
-    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, store,
-                                          hottest, edge)
-    model._postprocess = record_layers(model._postprocess, "spline", threshold, store,
-                                       hottest, edge)
+    model._cells = record_layers(model._cells, "cells", threshold, *recorded)
+    model._cut_calibrated = record_layers(model._cut_calibrated, "cuts", threshold, *recorded)
+    model._postprocess = record_layers(model._postprocess, "spline", threshold, *recorded)
     for i, fraction_map in enumerate(model.core_fraction_maps or []):
         fraction_map.apply = record_layers(fraction_map.apply, f"core_map_{i + 1}",
-                                           threshold, store, hottest, edge)
-    model._split_core = record_layers(model._split_core, "split", threshold, store, hottest,
-                                      edge)
+                                           threshold, *recorded)
+    model._split_core = record_layers(model._split_core, "split", threshold, *recorded)
     # the module-level steps between the spline and the split (one call per layer)
     for function, name in (("rescale_hits", "drawn"), ("apply_core_fraction_maps", "core_maps")):
         if hasattr(convflow_module, function):
             setattr(convflow_module, function, record_layers(
-                getattr(convflow_module, function), name, threshold, store, hottest, edge))
+                getattr(convflow_module, function), name, threshold, *recorded))
     generated = model.sample(data.incident_energies, data.conditions, seed=args.seed)
     final_cells = apply_threshold(generated.showers, threshold)
     real_cells = apply_threshold(data.showers, threshold)
@@ -116,7 +113,7 @@ def main() -> int:
     first_cells = geometry.layer_slices[:FIRST_LAYERS]
     real_hottest = np.array([real_cells[:, cells].max(1).mean() for cells in first_cells])
     hottest["final"] = [final_cells[:, cells].max(1).astype(np.float64) for cells in first_cells]
-    FAINT["final"] = [((final_cells >= threshold) & (final_cells < edge)).sum(1)]
+    faint["final"] = [((final_cells >= threshold) & (final_cells < edge)).sum(1)]
     real_faint = float(((real_cells >= threshold) & (real_cells < edge)).sum(1).mean())
     stages: dict[str, Any] = {}
     for name, layers in [*store.items(), ("final", list(final.T))]:
@@ -135,9 +132,9 @@ def main() -> int:
         response = energies.sum(1) / data.incident_energies
         stages[name]["e_tot_over_e_inc_mean_std"] = [round(float(response.mean()), 4),
                                                      round(float(response.std()), 4)]
-        if FAINT.get(name):
+        if faint.get(name):
             stages[name]["faint_hits_per_shower"] = round(float(
-                np.sum(FAINT[name], axis=0).mean()), 1)
+                np.sum(faint[name], axis=0).mean()), 1)
         if hottest.get(name):
             hot = np.stack(hottest[name][:FIRST_LAYERS], axis=1).mean(0)
             stages[name]["hottest_cell_over_reference_first_layers"] = \
