@@ -37,7 +37,8 @@ def add_layer_energy_range_option(parser: argparse.ArgumentParser) -> None:
 
 def fit_layer_energy_range(model: Any, args: argparse.Namespace) -> bool:
     """With ``--layer-energy-range fit``: the clamp's range fitted on ``args.train``'s
-    showers (as many as the run was trained on, at most 20,000); whether it was."""
+    first 20,000 showers (all, if fewer; the u-space was fitted on the training split of
+    such a file); whether it was."""
     if args.layer_energy_range != "fit":
         return False
     if not args.train:
