@@ -24,6 +24,7 @@ EXPECTED_VOXELS = {
     "calogan": 504,
     "ild-ecal": 27000,
     "lhcb-ecal": 900,
+    "hepemshow-pbwo4-lar": 8000,
 }
 
 OFFICIAL_FILES = {
@@ -44,6 +45,20 @@ def test_dataset_2_and_3_shapes():
     ds2, ds3 = get_geometry("calochallenge-2"), get_geometry("calochallenge-3")
     assert ds2.n_layers == 45 and ds2.layers[0].shape == (16, 9)
     assert ds3.n_layers == 45 and ds3.layers[0].shape == (50, 18)
+
+
+def test_hepemshow_binning_equals_the_shared_xml(shared_dir):
+    """The G4HepEm showers' binning (../shared/hepemshow) is the built-in geometry, voxel for
+    voxel: (layer, alpha, r) order, alpha from -pi, the radial edges in mm."""
+    parsed = parse_binning_xml(shared_dir / "hepemshow" / "binning_hepemshow.xml")
+    builtin = get_geometry("hepemshow-pbwo4-lar")
+    assert parsed == builtin and builtin.n_voxels == 8000
+    assert [layer.layer_id for layer in parsed.layers] == list(range(50))
+    np.testing.assert_array_equal(parsed.voxel_centres, builtin.voxel_centres)
+    assert builtin.particle == "electron" and builtin.threshold_mev == pytest.approx(0.01)
+    # not an official CaloChallenge binning, but the built-in's 10 keV cut comes with it
+    assert calochallenge_dataset(parsed) is None
+    assert parsed.threshold_mev == builtin.threshold_mev
 
 
 @pytest.mark.parametrize("filename", sorted(OFFICIAL_FILES))

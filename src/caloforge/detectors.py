@@ -33,7 +33,9 @@ Sources of the values (see ``docs/simulator.md``):
   then Tile A/BC/D of 1.5/4.1/1.8 lambda_I (iron/scintillator); stochastic term 10 %/sqrt(E);
 * CaloGAN: 80 layers of 2 mm Pb + 4 mm LAr read out as 90 / 347 / 43 mm;
 * ILD ECAL: 20 layers of 2.1 mm W and 10 of 4.2 mm W, 0.5 mm Si sensors (ILD TDR);
-* LHCb ECAL (shashlik): 66 layers of 2 mm Pb + 4 mm scintillator, 10 %/sqrt(E).
+* LHCb ECAL (shashlik): 66 layers of 2 mm Pb + 4 mm scintillator, 10 %/sqrt(E);
+* HepEmShow (G4HepEm's shower application): 50 layers of 2.3 mm PbWO4 + 5.7 mm LAr, each read
+  out in 16 x 10 (alpha, r) bins; visible argon energy, 4.5 %/sqrt(E) (the G4HepEm showers').
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ LIQUID_ARGON = Material("LAr", 18, 39.95, 1.396, 19.55, 119.7, 1.519)
 SILICON = Material("Si", 14, 28.09, 2.33, 21.82, 108.4, 1.664)
 SCINTILLATOR = Material("polystyrene", 3.5, 6.5, 1.032, 43.79, 81.7, 1.936)
 IRON = Material("Fe", 26, 55.85, 7.874, 13.84, 132.1, 1.451)
+# A compound as one effective element: Z the mass-weighted mean (Pb 45.5 %, W 40.4 %, O 14.1 %),
+# A from the compound's <Z/A> = 0.41315 (PDG), so Z/A-based quantities stay exact.
+LEAD_TUNGSTATE = Material("PbWO4", 68.36, 68.36 / 0.41315, 8.28, 7.39, 168.3, 1.255)
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,7 @@ PB_LAR_CALOGAN = SamplingStructure(LEAD, 2.0, LIQUID_ARGON, 4.0)
 SI_W_ILD_THIN = SamplingStructure(TUNGSTEN, 2.1, SILICON, 0.5)
 SI_W_ILD_THICK = SamplingStructure(TUNGSTEN, 4.2, SILICON, 0.5)
 PB_SCINT_SHASHLIK = SamplingStructure(LEAD, 2.0, SCINTILLATOR, 4.0)
+PBWO4_LAR_HEPEMSHOW = SamplingStructure(LEAD_TUNGSTATE, 2.3, LIQUID_ARGON, 5.7)
 
 # Highly granular detectors need more spots per shower to fill their small voxels the way
 # GFLASH's N = (10.3 / c) E^0.959 asks (about 33,000 at 700 GeV for Si-W); coarser ones
@@ -381,6 +387,19 @@ def _lhcb(geometry: Geometry) -> Detector:
                                                 conditions="lhcb"))
 
 
+def _hepemshow(geometry: Geometry) -> Detector:
+    cell = PBWO4_LAR_HEPEMSHOW
+    slabs = tuple(Slab(cell.absorber_mm + cell.active_mm, i, cell) for i in range(50))
+    # Voxels store visible argon energy (not calibrated), as HepEmShow scores it; the
+    # geometry's 10 keV is the threshold. Stochastic term: the G4HepEm showers' 4.5 %.
+    readout = active_layer_readout(cell, 0.045, threshold_visible_mev=geometry.threshold_mev,
+                                   calibrated=False)
+    return Detector(geometry.name, slabs, cell, stochastic_term=0.045,
+                    hadronic_stochastic_term=0.5, threshold_mev=geometry.threshold_mev,
+                    max_spots=FINE_GRAINED_MAX_SPOTS, readout=readout,
+                    defaults=SimulationDefaults("electron", "log-uniform", (1e3, 1e5)))
+
+
 # The detector behind each built-in geometry (the names, binnings, particles and evaluation
 # thresholds are the geometry registry's, :func:`caloforge.geometry.get_geometry`).
 _DETECTORS: dict[str, Callable[[Geometry], Detector]] = {
@@ -391,6 +410,7 @@ _DETECTORS: dict[str, Callable[[Geometry], Detector]] = {
     "calogan": _calogan,
     "ild-ecal": _ild,
     "lhcb-ecal": _lhcb,
+    "hepemshow-pbwo4-lar": _hepemshow,
 }
 
 

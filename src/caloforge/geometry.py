@@ -359,12 +359,12 @@ def parse_binning_xml(path: str | os.PathLike[str], particle: str | None = None,
                           description=f"parsed from {os.path.basename(path)}")
     except GeometryError as exc:
         raise GeometryError(f"{path}: {exc}") from None
-    # The XML carries no threshold; an official binning keeps the official one so that
-    # `evaluate --xml` applies the same cut as `--geometry calochallenge-N`.
-    official = calochallenge_dataset(parsed)
-    if official is not None:
-        builtin = get_geometry(CALOCHALLENGE_DATASETS[official])
-        parsed = replace(parsed, threshold_mev=builtin.threshold_mev)
+    # The XML carries no threshold; the binning of a built-in geometry keeps its threshold
+    # so that `evaluate --xml` applies the same cut as `--geometry NAME`.
+    for builtin_name in _BUILTIN:
+        builtin = get_geometry(builtin_name)
+        if builtin == parsed:
+            return replace(parsed, threshold_mev=builtin.threshold_mev)
     return parsed
 
 
@@ -445,6 +445,18 @@ def _lhcb_ecal() -> Geometry:
                     description="LHCb-like shashlik ECAL, one readout layer of 30x30 cells of 2 cm")
 
 
+HEPEMSHOW_RADIAL_EDGES_MM = (0.0, 2.5, 5.0, 10.0, 15.0, 22.5, 30.0, 45.0, 67.5, 100.0, 150.0)
+
+
+def _hepemshow_pbwo4_lar() -> Geometry:
+    layers = tuple(CylindricalLayer(i, HEPEMSHOW_RADIAL_EDGES_MM, 16) for i in range(50))
+    # Voxels hold visible argon energy with no threshold (down to 1e-8 MeV); 10 keV, about a
+    # hundredth of a MIP, is the evaluation cut (it removes ~1 % of hits, 1e-5 of the energy).
+    return Geometry("hepemshow-pbwo4-lar", layers, particle="electron",
+                    description="HepEmShow on G4HepEm: 50 x (2.3 mm PbWO4 + 5.7 mm LAr), "
+                                "50 x 16 x 10", threshold_mev=0.01)
+
+
 def _floats(layers: tuple[CylindricalLayer, ...]) -> tuple[CylindricalLayer, ...]:
     return tuple(CylindricalLayer(layer.layer_id, tuple(float(e) for e in layer.r_edges),
                                   layer.n_alpha) for layer in layers)
@@ -458,6 +470,7 @@ _BUILTIN: dict[str, Callable[[], Geometry]] = {
     "calogan": _calogan,
     "ild-ecal": _ild_ecal,
     "lhcb-ecal": _lhcb_ecal,
+    "hepemshow-pbwo4-lar": _hepemshow_pbwo4_lar,
 }
 _CACHE: dict[str, Geometry] = {}
 
