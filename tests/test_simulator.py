@@ -336,3 +336,33 @@ def test_off_axis_showers_in_cylindrical_binnings_keep_the_energy_scale(name, pa
     showers = sim.simulate(np.full(n, 6.5e4), particle, conditions,
                            rng=np.random.default_rng(4)).showers
     assert low < showers.sum(axis=1).mean() / 6.5e4 < high
+
+
+@pytest.fixture(scope="module")
+def hepemshow_sample():
+    """Reference-simulator electrons in the G4HepEm detector, log-uniform 1-100 GeV."""
+    rng = np.random.default_rng(21)
+    energies = np.exp(rng.uniform(np.log(1e3), np.log(1e5), 1200))
+    sim = ReferenceSimulator("hepemshow-pbwo4-lar")
+    return energies, sim.simulate(energies, "electron", rng=rng).showers
+
+
+def test_hepemshow_detector_reproduces_the_g4hepem_facts(hepemshow_sample):
+    """The facts of G4HepEm's showers in this detector (../shared/hepemshow/README.md, 12,000
+    electrons): argon holds 0.266 of 1-1.8 GeV and 0.239 of 56-100 GeV (a little of it
+    outside the binning); centre of gravity at layer 17.4 + 2.69 ln(E/GeV); hit median 1.15
+    MeV; a MIP peak at 1.0-1.1 MeV in the first layers near the axis."""
+    from caloforge.evaluation.shower_facts import shower_facts
+    from caloforge.geometry import get_geometry
+
+    energies, showers = hepemshow_sample
+    facts = shower_facts(showers, energies, get_geometry("hepemshow-pbwo4-lar"))
+    bins = facts["energy_bins"]
+    assert 0.255 < bins[0]["visible_fraction"] < 0.27
+    assert 0.230 < bins[-1]["visible_fraction"] < 0.245
+    for row in bins:
+        expected = 17.4 + 2.69 * np.log(row["mean_energy_mev"] / 1e3)
+        assert abs(row["cog_layer"] - expected) < 1.0, row  # the formula fits to ~0.3
+    assert 0.92 < facts["hit_percentiles_mev"]["50"] / 1.15 < 1.3
+    assert 0.9 <= facts["mip_peak_mev"] <= 1.15
+    assert facts["hits_below_0.1_mev"] < 0.15  # G4HepEm: 9.3 % below 100 keV (no cut)

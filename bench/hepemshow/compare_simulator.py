@@ -3,7 +3,8 @@
 Usage:
     python bench/hepemshow/compare_simulator.py --reference DATA/test.h5 --work DIR \
         [--n 20000] [--seed 1] [--label NAME] [--classifier-preset fast] [--threads 1] \
-        [--facts-only] [--results bench/hepemshow/results/simulator-vs-g4hepem.json]
+        [--facts-only] [--radial-scales 1,1,1] \
+        [--results bench/hepemshow/results/simulator-vs-g4hepem.json]
 
 Simulates the reference file's incident energies with caloforge's reference simulator
 (geometry hepemshow-pbwo4-lar, electrons on the axis), then prints and records under
@@ -28,11 +29,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 
 import numpy as np
 
 from caloforge.atomic import write_json_atomic
 from caloforge.data import ShowerData, ShowerFile, write_showers
+from caloforge.detectors import get_detector
 from caloforge.evaluation.shower_facts import compare_facts, shower_facts
 from caloforge.geometry import get_geometry
 from caloforge.simulator import RESPONSE_MODEL, ReferenceSimulator
@@ -44,9 +47,14 @@ TARGETS = {"auc_high": 0.75, "auc_low": 0.90, "worst_visible_fraction_rel": 0.01
            "mip_peak_rel": 0.10}
 
 
-def simulate_like(energies: np.ndarray, seed: int, chunk: int = 500) -> np.ndarray:
-    """Reference-simulator showers ``(n, 8000)`` MeV for the incident energies ``(n,)`` MeV."""
-    simulator = ReferenceSimulator(GEOMETRY)
+def simulate_like(energies: np.ndarray, seed: int, chunk: int = 500,
+                  radial_scales: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Reference-simulator showers ``(n, 8000)`` MeV for the incident energies ``(n,)`` MeV
+    (``radial_scales``: instead of the detector's, to measure them)."""
+    detector = get_detector(GEOMETRY)
+    if radial_scales is not None:
+        detector = replace(detector, radial_scales=radial_scales)
+    simulator = ReferenceSimulator(GEOMETRY, detector=detector)
     rng = np.random.default_rng(seed)
     parts = [simulator.simulate(energies[i:i + chunk], rng=rng).showers
              for i in range(0, len(energies), chunk)]
@@ -91,6 +99,8 @@ def main() -> None:
     parser.add_argument("--classifier-preset", default="fast")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--facts-only", action="store_true")
+    parser.add_argument("--radial-scales", default=None,
+                        help="R_C,R_T,p_core factors instead of the detector's (e.g. 1,1,1)")
     parser.add_argument("--results", default=os.path.join(HERE, "results",
                                                           "simulator-vs-g4hepem.json"))
     args = parser.parse_args()
@@ -98,7 +108,10 @@ def main() -> None:
     with ShowerFile(args.reference, geometry) as reader:
         data = reader.read(0, args.n)
     started = time.perf_counter()
-    simulated = simulate_like(data.incident_energies, args.seed)
+    scales = (tuple(float(v) for v in args.radial_scales.split(","))
+              if args.radial_scales else None)
+    simulated = simulate_like(data.incident_energies, args.seed,
+                              radial_scales=scales)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
     os.makedirs(args.work, exist_ok=True)
     simulated_path = os.path.join(args.work, f"simulated-{args.label}.h5")
@@ -109,7 +122,11 @@ def main() -> None:
     print(f"{len(simulated)} showers simulated in {seconds:.0f} s "
           f"({1e3 * seconds / len(simulated):.2f} ms/shower, 1 process)")
     print_facts(reference_facts, simulated_facts, measures)
+    detector = get_detector(GEOMETRY)
     entry = {"command": " ".join(sys.argv), "n": len(simulated), "seed": args.seed,
+             "detector": {"readout": asdict(detector.readout) if detector.readout else None,
+                          "longitudinal_spread": detector.longitudinal_spread,
+                          "radial_scales": list(scales or detector.radial_scales)},
              "response_model": RESPONSE_MODEL, "simulator_ms_per_shower":
              round(1e3 * seconds / len(simulated), 2), "targets": TARGETS,
              "g4hepem_facts": reference_facts, "simulator_facts": simulated_facts,

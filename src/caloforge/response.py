@@ -19,8 +19,9 @@ thin active layers (silicon, liquid argon, scintillator), and it sees it in quan
     photons, which stop inside the active layer and deposit anything from far below the
     threshold to about a MIP. Their share of a voxel's energy grows from ``soft_core_share``
     on the shower axis before the maximum to ``soft_halo_share`` far outside the core and
-    in the tail (photons dominate there); their deposits follow dN/dE ~ E^-1.5 between
-    ``soft_min_mev`` and ``soft_max_mev`` (visible energy). This fills the spectrum from the
+    in the tail (photons dominate there); their deposits follow dN/dE ~ E^-g between
+    ``soft_min_mev`` and ``soft_max_mev`` (visible energy), g = ``soft_slope`` (1.5 unless a
+    detector's active medium was measured otherwise). This fills the spectrum from the
     threshold up to the MIP peak continuously.
 
 Sums of more than ``EXACT_SUM_LIMIT`` deposits are drawn as a Gaussian with the exact mean
@@ -73,6 +74,7 @@ class Readout:
         soft_core_share, soft_halo_share: share of the visible energy carried by soft
             electrons on the axis before the shower maximum / far outside and in the tail.
         soft_min_mev, soft_max_mev: range of one soft deposit (visible).
+        soft_slope: g of the soft deposits' spectrum dN/dE ~ E^-g (not 1).
     """
 
     active: str
@@ -85,6 +87,7 @@ class Readout:
     soft_halo_share: float = 0.6
     soft_min_mev: float = 1e-4
     soft_max_mev: float = 0.1
+    soft_slope: float = SOFT_SLOPE
 
     # --- moments -----------------------------------------------------------------------
     @cached_property
@@ -97,7 +100,7 @@ class Readout:
         return math.pi ** 2 * self.mip_width_mev ** 2 / 2.0
 
     def _soft_moment(self, k: int) -> float:
-        a, b, g = self.soft_min_mev, self.soft_max_mev, SOFT_SLOPE
+        a, b, g = self.soft_min_mev, self.soft_max_mev, self.soft_slope
         norm = (b ** (1 - g) - a ** (1 - g)) / (1 - g)
         return (b ** (k + 1 - g) - a ** (k + 1 - g)) / (k + 1 - g) / norm
 
@@ -216,6 +219,6 @@ class Readout:
         return np.maximum(self.mip_mpv_mev - self.mip_width_mev * np.log(z * z + 1e-300), 0.0)
 
     def _soft(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        a, b, g = self.soft_min_mev, self.soft_max_mev, SOFT_SLOPE
+        a, b, g = self.soft_min_mev, self.soft_max_mev, self.soft_slope
         u = rng.random(n)
         return (a ** (1 - g) + u * (b ** (1 - g) - a ** (1 - g))) ** (1 / (1 - g))

@@ -129,22 +129,31 @@ def mean_longitudinal_parameters(energy_mev: np.ndarray, structure: SamplingStru
 
 
 def draw_longitudinal(energy_mev: np.ndarray, structure: SamplingStructure,
-                      rng: np.random.Generator) -> LongitudinalProfile:
-    """Correlated per-shower (ln T, ln alpha) draws with Geant4's guards (T >= 1, alpha >= 1.1)."""
+                      rng: np.random.Generator, spread: float = 1.0) -> LongitudinalProfile:
+    """Correlated per-shower (ln T, ln alpha) draws with Geant4's guards (T >= 1, alpha >= 1.1).
+
+    ``spread`` scales GFLASH's widths of ln T and ln alpha (a detector's measured value,
+    :attr:`caloforge.detectors.Detector.longitudinal_spread`; 1: GFLASH's own).
+    """
     p = mean_longitudinal_parameters(energy_mev, structure)
     z1, z2 = rng.standard_normal((2, len(p["ln_T"])))
     rho = np.clip(p["rho"], -1.0, 1.0)
     common, opposite = np.sqrt((1 + rho) / 2) * z1, np.sqrt((1 - rho) / 2) * z2
-    ln_t = p["ln_T"] + p["sigma_ln_T"] * (common + opposite)
-    ln_a = p["ln_alpha"] + p["sigma_ln_alpha"] * (common - opposite)
+    ln_t = p["ln_T"] + spread * p["sigma_ln_T"] * (common + opposite)
+    ln_a = p["ln_alpha"] + spread * p["sigma_ln_alpha"] * (common - opposite)
     return LongitudinalProfile(T=np.maximum(np.exp(ln_t), 1.0),
                                alpha=np.maximum(np.exp(ln_a), 1.1),
                                mean_alpha=np.maximum(np.exp(p["ln_alpha"]), 1.1))
 
 
-def radial_parameters(tau: np.ndarray, energy_gev: np.ndarray, structure: SamplingStructure
+def radial_parameters(tau: np.ndarray, energy_gev: np.ndarray, structure: SamplingStructure,
+                      scales: tuple[float, float, float] = (1.0, 1.0, 1.0)
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Core radius R_C, tail radius R_T (in R_M) and core probability p at shower age tau."""
+    """Core radius R_C, tail radius R_T (in R_M) and core probability p at shower age tau.
+
+    ``scales``: factors on R_C, R_T and p (a detector's measured values,
+    :attr:`caloforge.detectors.Detector.radial_scales`; 1: GFLASH's own).
+    """
     z, fs, e_hat = structure.z_eff, structure.sampling_frequency, structure.e_hat
     ln_e = np.log(energy_gev)
     r_core = (0.0251 + 0.00319 * ln_e) + (0.1162 - 0.000381 * z) * tau
@@ -157,7 +166,8 @@ def radial_parameters(tau: np.ndarray, energy_gev: np.ndarray, structure: Sampli
     r_core = r_core - 0.0203 * (1 - e_hat) + 0.0397 / fs * np.exp(-tau)
     r_tail = r_tail - 0.14 * (1 - e_hat) - 0.495 / fs * np.exp(-tau)
     p_core = p_core + (1 - e_hat) * (0.348 - 0.642 / fs * np.exp(-((tau - 1) ** 2)))
-    return np.maximum(r_core, 1e-3), np.maximum(r_tail, 1e-3), np.clip(p_core, 0.0, 1.0)
+    return (scales[0] * np.maximum(r_core, 1e-3), scales[1] * np.maximum(r_tail, 1e-3),
+            np.clip(scales[2] * p_core, 0.0, 1.0))
 
 
 def gflash_spot_count(energy_mev: np.ndarray, stochastic_term: float, max_spots: int
@@ -317,7 +327,7 @@ class ReferenceSimulator:
         if len(energy) == 0:
             return Spots.empty()
         structure = self.detector.em_structure
-        profile = draw_longitudinal(energy, structure, rng)
+        profile = draw_longitudinal(energy, structure, rng, self.detector.longitudinal_spread)
         counts = gflash_spot_count(energy, self.detector.stochastic_term, self.max_spots)
         owner = np.repeat(np.arange(len(energy)), counts)
         alpha, beta = profile.alpha[owner], profile.beta[owner]
@@ -326,7 +336,8 @@ class ReferenceSimulator:
         mean_alpha = profile.mean_alpha[owner]
         tau = np.minimum(depth_rel / profile.T[owner] * ((alpha - 1) / alpha)
                          * (mean_alpha / (mean_alpha - 1)), 10.0)
-        r_core, r_tail, p_core = radial_parameters(tau, energy[owner] / 1000.0, structure)
+        r_core, r_tail, p_core = radial_parameters(tau, energy[owner] / 1000.0, structure,
+                                                   self.detector.radial_scales)
         scale = np.where(rng.random(len(tau)) < p_core, r_core, r_tail)
         radius = structure.moliere_radius_mm * _radius_from_profile(scale, rng)
         phi = rng.uniform(-math.pi, math.pi, len(tau))
@@ -488,7 +499,8 @@ class ReferenceSimulator:
         soft = np.zeros((n, self.geometry.n_voxels))
         if n == 0:
             return track, soft
-        profile = draw_longitudinal(np.maximum(energy, 1e-3), structure, rng)
+        profile = draw_longitudinal(np.maximum(energy, 1e-3), structure, rng,
+                                    self.detector.longitudinal_spread)
         alpha, beta = profile.alpha[:, None], profile.beta[:, None]
         front = np.maximum(self._slices["front"][None, :] - start_x0[:, None], 0.0)
         back = np.maximum(self._slices["back"][None, :] - start_x0[:, None], 0.0)
@@ -498,7 +510,7 @@ class ReferenceSimulator:
         tau = np.minimum(depth / profile.T[:, None] * ((alpha - 1) / alpha)
                          * (mean_alpha / (mean_alpha - 1)), 10.0)
         r_core, r_tail, p_core = radial_parameters(
-            tau, np.maximum(energy / 1000.0, 1e-6)[:, None], structure)
+            tau, np.maximum(energy / 1000.0, 1e-6)[:, None], structure, self.detector.radial_scales)
         moliere = structure.moliere_radius_mm
         for s in range(len(self._slices["layer"])):
             slice_energy = energy * share[:, s]
