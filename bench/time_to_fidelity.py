@@ -17,7 +17,7 @@ already recorded there is skipped, so the script can be stopped at any point and
 measures a run trained by hand to M minutes (its `caloforge train --time-budget Mm`) as that
 stage, without a training call. Figures are measured on the reference simulator, not
 Geant4, unless ``--test`` holds other showers (``--ground`` names them in the titles: the
-G4HepEm lines, bench/hepemshow/README.md).
+G4HepEm lines, docs/real-physics.md).
 """
 
 from __future__ import annotations

@@ -148,22 +148,26 @@ class Readout:
         return self.soft_core_share + (self.soft_halo_share - self.soft_core_share) * weight
 
     def draw(self, track_mev: np.ndarray, soft_mev: np.ndarray, rng: np.random.Generator,
-             layer_offsets: np.ndarray, relative_fraction: np.ndarray | float = 1.0
-             ) -> np.ndarray:
+             layer_offsets: np.ndarray, relative_fraction: np.ndarray | float = 1.0,
+             at_least_one: np.ndarray | None = None) -> np.ndarray:
         """Stored voxel values from expected deposited (calibrated) track and soft energy.
 
         ``track_mev`` and ``soft_mev``: ``(N, n_voxels)`` MeV of deposited energy;
         ``layer_offsets``: start of each layer in the voxel vector, ``(n_layers + 1,)``;
         ``relative_fraction``: the visible fraction of each voxel's layer relative to the
         nominal one, broadcast to them (ILD's thicker tungsten in layers 21-30, ATLAS's Tile
-        layers); calibrated values divide it out again. Returns the stored values
-        ``(N, n_voxels)`` before the threshold.
+        layers); calibrated values divide it out again; ``at_least_one``: ``(N, n_voxels)``
+        bool, voxels a known track crosses (the incident electron), which hold at least one
+        crossing whatever the Poisson draw. Returns the stored values ``(N, n_voxels)``
+        before the threshold.
         """
         track = self._clustered(np.asarray(track_mev, dtype=np.float64), layer_offsets, rng)
         relative = np.broadcast_to(np.asarray(relative_fraction, dtype=np.float64),
                                    track.shape)
         visible = self.visible_fraction * relative
         crossings = rng.poisson(track * visible / self.crossing_mean_mev)
+        if at_least_one is not None:
+            crossings = np.maximum(crossings, at_least_one)
         electrons = rng.poisson(np.asarray(soft_mev, dtype=np.float64) * visible
                                 / self.soft_mean_mev)
         out = (self._sum_of(crossings.reshape(-1), self.crossing_mean_mev,

@@ -483,12 +483,14 @@ class ReferenceSimulator:
         target[:, int(offsets[position]):int(offsets[position + 1])] += values
 
     def _expected_em_deposits(self, energy: np.ndarray, start_x0: np.ndarray,
-                              axis: dict[str, np.ndarray], rng: np.random.Generator
+                              axis: dict[str, np.ndarray], rng: np.random.Generator,
+                              profile: LongitudinalProfile | None = None
                               ) -> tuple[np.ndarray, np.ndarray]:
         """Expected (track, soft) deposited energy per voxel of EM showers, ``(n, n_voxels)``
-        MeV each: the shower's own gamma profile integrated over each depth slice, its
-        core/tail radial profile at the slice's age integrated over each voxel, split by
-        the readout's soft share at the voxel's radius and the slice's age."""
+        MeV each: the shower's own gamma profile (``profile``, else drawn) integrated over
+        each depth slice, its core/tail radial profile at the slice's age integrated over
+        each voxel, split by the readout's soft share at the voxel's radius and the slice's
+        age."""
         from scipy.special import gammainc
 
         readout = self.detector.readout
@@ -499,8 +501,9 @@ class ReferenceSimulator:
         soft = np.zeros((n, self.geometry.n_voxels))
         if n == 0:
             return track, soft
-        profile = draw_longitudinal(np.maximum(energy, 1e-3), structure, rng,
-                                    self.detector.longitudinal_spread)
+        if profile is None:
+            profile = draw_longitudinal(np.maximum(energy, 1e-3), structure, rng,
+                                        self.detector.longitudinal_spread)
         alpha, beta = profile.alpha[:, None], profile.beta[:, None]
         front = np.maximum(self._slices["front"][None, :] - start_x0[:, None], 0.0)
         back = np.maximum(self._slices["back"][None, :] - start_x0[:, None], 0.0)
@@ -595,9 +598,45 @@ class ReferenceSimulator:
         """Stored values of EM showers: expected deposits, then the readout response."""
         readout = self.detector.readout
         assert readout is not None
-        track, soft = self._expected_em_deposits(energy, start_x0, axis, rng)
+        profile = draw_longitudinal(np.maximum(energy, 1e-3), self.detector.em_structure, rng,
+                                    self.detector.longitudinal_spread)
+        track, soft = self._expected_em_deposits(energy, start_x0, axis, rng, profile)
+        crossed = (self._incident_track_voxels(profile.T, start_x0, axis, rng)
+                   if self.detector.incident_track else None)
         return readout.draw(track, soft, rng, self.geometry.layer_offsets,
-                            self._relative_fraction[None, :])
+                            self._relative_fraction[None, :], at_least_one=crossed)
+
+    def _incident_track_voxels(self, depth_of_maximum_x0: np.ndarray, start_x0: np.ndarray,
+                               axis: dict[str, np.ndarray], rng: np.random.Generator
+                               ) -> np.ndarray:
+        """Where the incident charged track crosses the layers in front of the shower
+        maximum, ``(n, n_voxels)`` bool: in each such layer the voxel holding the axis (for
+        a cylindrical binning the innermost ring, at a random angle: the track's multiple
+        scattering). Electrons only (``start_x0`` 0; a photon has no track before it
+        converts)."""
+        n = len(start_x0)
+        crossed = np.zeros((n, self.geometry.n_voxels), dtype=bool)
+        backs = self.detector.layer_depths_x0(self.geometry.n_layers)[:, 1]
+        offsets = self.geometry.layer_offsets
+        electron = start_x0 <= 0
+        for position, layer in enumerate(self.geometry.layers):
+            rows = np.flatnonzero(electron & (backs[position] < depth_of_maximum_x0))
+            if len(rows) == 0:
+                continue
+            along = self._layer_mid_mm(position) / axis["unit"][rows, 2]
+            phi = rng.uniform(-math.pi, math.pi, len(rows))
+            x = axis["x0"][rows] + along * axis["unit"][rows, 0] + 1e-3 * np.cos(phi)
+            y = axis["y0"][rows] + along * axis["unit"][rows, 1] + 1e-3 * np.sin(phi)
+            voxel = layer.bin_points(x, y)
+            inside = voxel >= 0
+            crossed[rows[inside], int(offsets[position]) + voxel[inside]] = True
+        return crossed
+
+    def _layer_mid_mm(self, position: int) -> float:
+        """Perpendicular depth of the middle of readout layer ``position``, mm."""
+        chosen = self._slices["layer"] == position
+        return float(0.5 * (self._slices["front_mm"][chosen].min()
+                            + self._slices["back_mm"][chosen].max()))
 
     # --- binning ----------------------------------------------------------------------
     def _group_layers_by_binning(self) -> list[tuple[Any, np.ndarray]]:
