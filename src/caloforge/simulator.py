@@ -601,8 +601,17 @@ class ReferenceSimulator:
         profile = draw_longitudinal(np.maximum(energy, 1e-3), self.detector.em_structure, rng,
                                     self.detector.longitudinal_spread)
         track, soft = self._expected_em_deposits(energy, start_x0, axis, rng, profile)
-        crossed = (self._incident_track_voxels(profile.T, start_x0, axis, rng)
-                   if self.detector.incident_track else None)
+        crossed = None
+        if self.detector.incident_track:
+            crossed = self._incident_track_voxels(profile.T, start_x0, axis, rng)
+            # energy conservation: the crossings the track adds where the Poisson draw
+            # would give none (expected exp(-lambda) per crossed voxel) come off the shower
+            visible = readout.visible_fraction * self._relative_fraction[None, :]
+            expected = track * visible / readout.crossing_mean_mev
+            added = (np.exp(-expected) * crossed * readout.crossing_mean_mev / visible).sum(1)
+            total = track.sum(1) + soft.sum(1)
+            keep = np.clip(1.0 - added / np.maximum(total, 1e-12), 0.0, 1.0)[:, None]
+            track, soft = track * keep, soft * keep
         return readout.draw(track, soft, rng, self.geometry.layer_offsets,
                             self._relative_fraction[None, :], at_least_one=crossed)
 
