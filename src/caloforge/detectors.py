@@ -433,7 +433,8 @@ def _lhcb(geometry: Geometry) -> Detector:
 # and what a 5.7 mm argon gap sees of the soft electrons: dN/dE ~ E^-0.9 between 20 keV and
 # two MIPs, half of the energy on the axis and 85 % in the halo and tail (the default: E^-1.5
 # from a tenth of the threshold, 10 % / 60 %).
-HEPEMSHOW_RADIAL_SCALES = (0.7, 1.0, 0.85)  # R_C, R_T, p_core: a narrower, lighter core
+# R_C, R_T and p_core: fitted to the layers' mean EC_r and width_r (simulator-fit-radial.json)
+HEPEMSHOW_RADIAL_SCALES = (0.9, 0.9, 0.95)
 
 
 def _hepemshow(geometry: Geometry) -> Detector:
