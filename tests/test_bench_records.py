@@ -53,3 +53,34 @@ def test_a_corrupt_results_file_is_not_overwritten(tmp_path, broken):
     with pytest.raises(json.JSONDecodeError):
         update_json(str(path), lambda data: None)
     assert path.read_text() == broken
+
+
+def test_simulator_comparison_records_facts_per_label(tmp_path, monkeypatch):
+    """bench/hepemshow/compare_simulator.py on a small stand-in for the G4HepEm file (here
+    the simulator's own showers): every target measure is recorded under its label, and a
+    second label keeps the first."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench", "hepemshow"))
+    import compare_simulator
+
+    from caloforge.data import ShowerData, write_showers
+    from caloforge.geometry import get_geometry
+
+    rng = np.random.default_rng(5)
+    energies = np.exp(rng.uniform(np.log(1e3), np.log(1e5), 400))
+    reference = tmp_path / "g4.h5"
+    write_showers(reference, ShowerData(energies, compare_simulator.simulate_like(energies, 9)),
+                  get_geometry("hepemshow-pbwo4-lar"))
+    results = tmp_path / "cmp.json"
+    for label in ("before", "after"):
+        monkeypatch.setattr(sys, "argv", [
+            "compare_simulator.py", "--reference", str(reference), "--work", str(tmp_path),
+            "--label", label, "--facts-only", "--results", str(results)])
+        compare_simulator.main()
+    recorded = json.load(open(results))
+    assert list(recorded) == ["before", "after"]
+    measures = recorded["after"]["measures"]
+    assert set(compare_simulator.TARGETS) - {"auc_high", "auc_low"} <= set(measures)
+    # the same simulator against itself: the visible fraction agrees to its statistics
+    assert measures["worst_visible_fraction_rel"] < 0.03
