@@ -55,7 +55,9 @@ def test_train_save_load_generate_evaluate(trained, data, tmp_path):
     energies = data.incident_energies[:200]
     a = model.sample(energies, seed=3, shard=1, batch_size=64)
     b = loaded.sample(energies, seed=3, shard=1, batch_size=200)
-    np.testing.assert_allclose(a.showers, b.showers, rtol=1e-5, atol=1e-6)
+    # the batch size changes the matmuls' summation order: float32 rounding reaches 1e-5
+    # relative on some CPUs (1 voxel of 73,600 at 1.08e-5 on this one's torch build)
+    np.testing.assert_allclose(a.showers, b.showers, rtol=1e-4, atol=1e-5)
     assert not np.array_equal(a.showers, loaded.sample(energies, seed=4).showers)
     loaded.sampling_memory_bytes = 1e6  # forces micro-batches of a few showers
     # equal up to float32 rounding (matrix products are blocked differently per batch size)
