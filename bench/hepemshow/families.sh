@@ -4,6 +4,8 @@
 # the after-training recipes off (the `cpu` default) and on:
 #   icaloflow   cpu preset                         -> "icaloflow / hepemshow-pbwo4-lar"
 #   convflow    the calochallenge-3 recipe          -> "... (cc3 recipe)"
+#   icaloflow-recipe  the icaloflow run re-fitted with the calochallenge-2 student's after-
+#               training steps (hit_counts: layer, core_fraction: rings) -> "... (cc2 recipe)"
 # usage: bench/hepemshow/families.sh DATA_DIR STAGES [icaloflow|convflow ...]
 #   DATA_DIR with train.h5 and test.h5 (bench/hepemshow/make_data.sh); STAGES e.g. 30 or
 #   30,60,120 (training minutes; a later call with more stages resumes the runs).
@@ -26,6 +28,14 @@ for family in $FAMILIES; do
     convflow)  "$PY" bench/time_to_fidelity.py --family convflow "${common[@]}" \
                  --config bench/hepemshow/convflow-recipe.yaml --tag "cc3 recipe" \
                  --work bench-output/hepemshow/convflow-recipe ;;
+    icaloflow-recipe)
+      "$PY" bench/recalibrate_icaloflow.py bench-output/hepemshow/icaloflow/run \
+        --train "$DATA/train.h5" --hit-counts layer --core-fraction rings \
+        -o bench-output/hepemshow/icaloflow/run-cc2-recipe
+      "$PY" bench/time_to_fidelity.py --family icaloflow "${common[@]}" --tag "cc2 recipe" \
+        --run bench-output/hepemshow/icaloflow/run-cc2-recipe \
+        --work bench-output/hepemshow/icaloflow-recipe \
+        --note "the ${STAGES}-min icaloflow run re-fitted after training" ;;
     *) echo "families.sh: unknown family $family" >&2; exit 2 ;;
   esac
 done
