@@ -35,7 +35,7 @@ import numpy as np
 
 from caloforge.atomic import write_json_atomic
 from caloforge.data import ShowerData, ShowerFile, write_showers
-from caloforge.detectors import get_detector
+from caloforge.detectors import Detector, get_detector
 from caloforge.evaluation.shower_facts import compare_facts, shower_facts
 from caloforge.geometry import get_geometry
 from caloforge.simulator import RESPONSE_MODEL, ReferenceSimulator
@@ -47,13 +47,10 @@ TARGETS = {"auc_high": 0.75, "auc_low": 0.90, "worst_visible_fraction_rel": 0.01
            "mip_peak_rel": 0.10}
 
 
-def simulate_like(energies: np.ndarray, seed: int, chunk: int = 500,
-                  radial_scales: tuple[float, float, float] | None = None) -> np.ndarray:
+def simulate_like(energies: np.ndarray, seed: int, detector: Detector | None = None,
+                  chunk: int = 500) -> np.ndarray:
     """Reference-simulator showers ``(n, 8000)`` MeV for the incident energies ``(n,)`` MeV
-    (``radial_scales``: instead of the detector's, to measure them)."""
-    detector = get_detector(GEOMETRY)
-    if radial_scales is not None:
-        detector = replace(detector, radial_scales=radial_scales)
+    (``detector``: instead of the built-in one, to measure changes of it)."""
     simulator = ReferenceSimulator(GEOMETRY, detector=detector)
     rng = np.random.default_rng(seed)
     parts = [simulator.simulate(energies[i:i + chunk], rng=rng).showers
@@ -110,8 +107,10 @@ def main() -> None:
     started = time.perf_counter()
     scales = (tuple(float(v) for v in args.radial_scales.split(","))
               if args.radial_scales else None)
-    simulated = simulate_like(data.incident_energies, args.seed,
-                              radial_scales=scales)  # type: ignore[arg-type]
+    detector = get_detector(GEOMETRY)
+    if scales is not None:
+        detector = replace(detector, radial_scales=scales)  # type: ignore[arg-type]
+    simulated = simulate_like(data.incident_energies, args.seed, detector)
     seconds = time.perf_counter() - started
     os.makedirs(args.work, exist_ok=True)
     simulated_path = os.path.join(args.work, f"simulated-{args.label}.h5")
@@ -122,11 +121,10 @@ def main() -> None:
     print(f"{len(simulated)} showers simulated in {seconds:.0f} s "
           f"({1e3 * seconds / len(simulated):.2f} ms/shower, 1 process)")
     print_facts(reference_facts, simulated_facts, measures)
-    detector = get_detector(GEOMETRY)
     entry = {"command": " ".join(sys.argv), "n": len(simulated), "seed": args.seed,
              "detector": {"readout": asdict(detector.readout) if detector.readout else None,
                           "longitudinal_spread": detector.longitudinal_spread,
-                          "radial_scales": list(scales or detector.radial_scales)},
+                          "radial_scales": list(detector.radial_scales)},
              "response_model": RESPONSE_MODEL, "simulator_ms_per_shower":
              round(1e3 * seconds / len(simulated), 2), "targets": TARGETS,
              "g4hepem_facts": reference_facts, "simulator_facts": simulated_facts,

@@ -37,12 +37,14 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from compare_simulator import simulate_like
 
 from caloforge.atomic import write_json_atomic
 from caloforge.data import ShowerFile
 from caloforge.detectors import get_detector
+from caloforge.evaluation.shower_facts import bin_facts
+from caloforge.features import high_level_features
 from caloforge.geometry import get_geometry
-from caloforge.simulator import ReferenceSimulator
 
 GEOMETRY = "hepemshow-pbwo4-lar"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +69,7 @@ GRID = {"soft_slope": (0.9, 1.2, 1.5), "soft_min_mev": (0.02, 0.04),
 
 def summary(showers: np.ndarray, energies: np.ndarray, threshold: float) -> dict[str, float]:
     """The fitted quantities of one sample (``showers`` ``(n, 8000)`` MeV)."""
+    geometry = get_geometry(GEOMETRY)
     cut = np.where(showers >= threshold, showers, 0.0)
     grid = cut.reshape(len(cut), 50, 16, 10)
     out: dict[str, float] = {}
@@ -76,7 +79,6 @@ def summary(showers: np.ndarray, energies: np.ndarray, threshold: float) -> dict
         out[f"{name}: hits"] = len(hits) / len(cut)
         for q in (25, 50, 75):
             out[f"{name}: q{q}"] = float(np.percentile(hits, q))
-    fraction = cut.sum(1) / energies
     mid = (energies >= 5.6e3) & (energies < 17.8e3)
     layers = grid[mid].sum((2, 3)) / energies[mid, None]
     for name, group in LAYER_GROUPS.items():
@@ -84,27 +86,23 @@ def summary(showers: np.ndarray, energies: np.ndarray, threshold: float) -> dict
         out[f"{name}: relative spread (5.6-17.8 GeV)"] = float(share.std() / share.mean())
     for name, (lo, hi) in ENERGY_RANGES_GEV.items():
         chosen = (energies >= lo * 1e3) & (energies < hi * 1e3)
+        facts = bin_facts(cut[chosen], energies[chosen], geometry)
         if name != "high":
-            out[f"resolution {name}"] = float(fraction[chosen].std() / fraction[chosen].mean())
-        out[f"occupancy {name}"] = float((cut[chosen] > 0).mean())
-        out[f"visible fraction {name}"] = float(fraction[chosen].mean())
+            out[f"resolution {name}"] = facts["resolution"]
+        out[f"occupancy {name}"] = facts["occupancy"]
+        out[f"visible fraction {name}"] = facts["visible_fraction"]
     return out
 
 
-def radial_summary(showers: np.ndarray, threshold: float) -> dict[str, float]:
-    """Mean energy-weighted radius and radial width of chosen layers (mm), the high-level
-    features EC_r and width_r of the evaluation."""
-    edges = np.asarray(get_geometry(GEOMETRY).layers[0].r_edges)  # type: ignore[union-attr]
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    cut = np.where(showers >= threshold, showers, 0.0).reshape(len(showers), 50, 16, 10)
+def radial_summary(showers: np.ndarray, energies: np.ndarray, threshold: float
+                   ) -> dict[str, float]:
+    """Mean EC_r and width_r (mm) of chosen layers: the evaluation's high-level features."""
+    cut = np.where(showers >= threshold, showers, 0.0)
+    features = high_level_features(cut, energies, get_geometry(GEOMETRY)).values
     out = {}
     for layer in RADIAL_LAYERS:
-        radial = cut[:, layer].sum(1, dtype=np.float64)  # (n, radial bins)
-        total = np.maximum(radial.sum(1), 1e-12)
-        centre = (radial * centres).sum(1) / total
-        width = np.sqrt(np.maximum((radial * centres ** 2).sum(1) / total - centre ** 2, 0))
-        out[f"layer {layer}: mean EC_r"] = float(centre.mean())
-        out[f"layer {layer}: mean width_r"] = float(width.mean())
+        out[f"layer {layer}: mean EC_r"] = float(np.mean(features[f"EC_r_L{layer}"]))
+        out[f"layer {layer}: mean width_r"] = float(np.mean(features[f"width_r_L{layer}"]))
     return out
 
 
@@ -118,10 +116,7 @@ def simulate(readout_changes: dict, energies: np.ndarray, seed: int,
     detector = get_detector(GEOMETRY)
     detector = replace(detector, readout=replace(detector.readout, **readout_changes),
                        **detector_changes)  # type: ignore[arg-type]
-    simulator = ReferenceSimulator(GEOMETRY, detector=detector)
-    rng = np.random.default_rng(seed)
-    return np.concatenate([simulator.simulate(energies[i:i + 500], rng=rng).showers
-                           for i in range(0, len(energies), 500)])
+    return simulate_like(energies, seed, detector)
 
 
 def main() -> None:
@@ -169,13 +164,14 @@ def main() -> None:
         print({k: v for k, v in p.items() if k not in ("summary", "changes")})
     best = points[0] if points else {
         "changes": {}, "longitudinal_spread": get_detector(GEOMETRY).longitudinal_spread}
-    reference_radial = radial_summary(data.showers, threshold)
+    reference_radial = radial_summary(data.showers, energies, threshold)
     radial_points = []
     for core, tail, probability in itertools.product(*RADIAL_GRID.values()):
         showers = simulate(best["changes"], energies, args.seed,
                            longitudinal_spread=best["longitudinal_spread"],
                            radial_scales=(core, tail, probability))
-        simulated = {**summary(showers, energies, threshold), **radial_summary(showers, threshold)}
+        simulated = {**summary(showers, energies, threshold),
+                     **radial_summary(showers, energies, threshold)}
         radial_points.append({"core_radius_scale": core, "tail_radius_scale": tail,
                               "core_probability_scale": probability,
                               "loss": loss({**reference, **reference_radial}, simulated),

@@ -302,6 +302,12 @@ class ReferenceSimulator:
         self._binning_groups = self._group_layers_by_binning()
         self._slices = self._depth_slices()
         self._relative_fraction = self._layer_visible_fractions()
+        # each readout layer's back (X0) and middle (perpendicular mm): the incident track
+        self._layer_backs_x0 = self.detector.layer_depths_x0(self.geometry.n_layers)[:, 1]
+        self._layer_mids_mm = np.array([
+            0.5 * (self._slices["front_mm"][self._slices["layer"] == p].min(initial=np.inf)
+                   + self._slices["back_mm"][self._slices["layer"] == p].max(initial=-np.inf))
+            for p in range(self.geometry.n_layers)])
 
     # --- depth conversions ----------------------------------------------------------------
     def _to_mm(self, depth: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
@@ -502,8 +508,7 @@ class ReferenceSimulator:
         if n == 0:
             return track, soft
         if profile is None:
-            profile = draw_longitudinal(np.maximum(energy, 1e-3), structure, rng,
-                                        self.detector.longitudinal_spread)
+            profile = self._draw_profile(energy, rng)
         alpha, beta = profile.alpha[:, None], profile.beta[:, None]
         front = np.maximum(self._slices["front"][None, :] - start_x0[:, None], 0.0)
         back = np.maximum(self._slices["back"][None, :] - start_x0[:, None], 0.0)
@@ -598,22 +603,35 @@ class ReferenceSimulator:
         """Stored values of EM showers: expected deposits, then the readout response."""
         readout = self.detector.readout
         assert readout is not None
-        profile = draw_longitudinal(np.maximum(energy, 1e-3), self.detector.em_structure, rng,
-                                    self.detector.longitudinal_spread)
+        profile = self._draw_profile(energy, rng)
         track, soft = self._expected_em_deposits(energy, start_x0, axis, rng, profile)
         crossed = None
         if self.detector.incident_track:
             crossed = self._incident_track_voxels(profile.T, start_x0, axis, rng)
-            # energy conservation: the crossings the track adds where the Poisson draw
-            # would give none (expected exp(-lambda) per crossed voxel) come off the shower
-            visible = readout.visible_fraction * self._relative_fraction[None, :]
-            expected = track * visible / readout.crossing_mean_mev
-            added = (np.exp(-expected) * crossed * readout.crossing_mean_mev / visible).sum(1)
-            total = track.sum(1) + soft.sum(1)
-            keep = np.clip(1.0 - added / np.maximum(total, 1e-12), 0.0, 1.0)[:, None]
+            keep = self._share_left_by_the_track(track, soft, crossed)
             track, soft = track * keep, soft * keep
         return readout.draw(track, soft, rng, self.geometry.layer_offsets,
                             self._relative_fraction[None, :], at_least_one=crossed)
+
+    def _draw_profile(self, energy: np.ndarray, rng: np.random.Generator
+                      ) -> LongitudinalProfile:
+        """Each EM shower's longitudinal profile, with the detector's measured spread."""
+        return draw_longitudinal(np.maximum(energy, 1e-3), self.detector.em_structure, rng,
+                                 self.detector.longitudinal_spread)
+
+    def _share_left_by_the_track(self, track: np.ndarray, soft: np.ndarray,
+                                 crossed: np.ndarray) -> np.ndarray:
+        """Energy conservation, ``(n, 1)``: the share of each shower's expected deposits
+        that stays with the shower once the incident track's forced crossings (expected
+        exp(-lambda) of them per crossed voxel, where the Poisson draw gives none) are
+        taken off."""
+        readout = self.detector.readout
+        assert readout is not None
+        visible = readout.visible_fraction * self._relative_fraction[None, :]
+        expected = track * visible / readout.crossing_mean_mev
+        added = (np.exp(-expected) * crossed * readout.crossing_mean_mev / visible).sum(1)
+        total = track.sum(1) + soft.sum(1)
+        return np.clip(1.0 - added / np.maximum(total, 1e-12), 0.0, 1.0)[:, None]
 
     def _incident_track_voxels(self, depth_of_maximum_x0: np.ndarray, start_x0: np.ndarray,
                                axis: dict[str, np.ndarray], rng: np.random.Generator
@@ -625,14 +643,14 @@ class ReferenceSimulator:
         converts)."""
         n = len(start_x0)
         crossed = np.zeros((n, self.geometry.n_voxels), dtype=bool)
-        backs = self.detector.layer_depths_x0(self.geometry.n_layers)[:, 1]
         offsets = self.geometry.layer_offsets
         electron = start_x0 <= 0
         for position, layer in enumerate(self.geometry.layers):
-            rows = np.flatnonzero(electron & (backs[position] < depth_of_maximum_x0))
+            rows = np.flatnonzero(electron & (self._layer_backs_x0[position]
+                                              < depth_of_maximum_x0))
             if len(rows) == 0:
                 continue
-            along = self._layer_mid_mm(position) / axis["unit"][rows, 2]
+            along = self._layer_mids_mm[position] / axis["unit"][rows, 2]
             phi = rng.uniform(-math.pi, math.pi, len(rows))
             x = axis["x0"][rows] + along * axis["unit"][rows, 0] + 1e-3 * np.cos(phi)
             y = axis["y0"][rows] + along * axis["unit"][rows, 1] + 1e-3 * np.sin(phi)
@@ -640,12 +658,6 @@ class ReferenceSimulator:
             inside = voxel >= 0
             crossed[rows[inside], int(offsets[position]) + voxel[inside]] = True
         return crossed
-
-    def _layer_mid_mm(self, position: int) -> float:
-        """Perpendicular depth of the middle of readout layer ``position``, mm."""
-        chosen = self._slices["layer"] == position
-        return float(0.5 * (self._slices["front_mm"][chosen].min()
-                            + self._slices["back_mm"][chosen].max()))
 
     # --- binning ----------------------------------------------------------------------
     def _group_layers_by_binning(self) -> list[tuple[Any, np.ndarray]]:

@@ -37,35 +37,34 @@ def _radial_layers(geometry: Geometry) -> tuple[int, int]:
     return first.n_alpha, first.n_radial
 
 
-def bin_facts(showers: np.ndarray, incident_energies: np.ndarray, geometry: Geometry,
-              threshold_mev: float) -> dict[str, Any]:
+def bin_facts(cut_showers: np.ndarray, incident_energies: np.ndarray, geometry: Geometry
+              ) -> dict[str, Any]:
     """Facts of one group of showers.
 
     Args:
-        showers: ``(n, n_voxels)`` voxel energies, MeV; voxels below ``threshold_mev`` count
-            as empty.
+        cut_showers: ``(n, n_voxels)`` voxel energies, MeV, already cut at the threshold
+            (0: no hit).
         incident_energies: ``(n,)`` MeV.
 
     Returns:
         ``visible_fraction`` (mean of sum / E_inc), ``resolution`` (its rms / mean),
         ``cog_layer`` (mean energy-weighted layer index + 0.5, in layers),
         ``cog_layer_rms``, ``last_layer_share`` (of the mean longitudinal profile),
-        ``occupancy`` (share of voxels above the threshold), ``n`` and ``mean_energy_mev``.
+        ``occupancy`` (share of voxels hit), ``n`` and ``mean_energy_mev``.
     """
-    n_alpha, n_radial = _radial_layers(geometry)
-    cut = np.where(showers >= threshold_mev, showers, 0.0).astype(np.float64)
-    layers = cut.reshape(len(cut), geometry.n_layers, n_alpha * n_radial).sum(2)
+    n = len(cut_showers)
+    layers = cut_showers.reshape(n, geometry.n_layers, -1).sum(2, dtype=np.float64)
     total = layers.sum(1)
     fraction = total / incident_energies
     depth = np.arange(geometry.n_layers) + 0.5
     cog = (layers * depth).sum(1) / np.maximum(total, 1e-12)
     profile = layers.mean(0)
-    return {"n": int(len(cut)), "mean_energy_mev": float(incident_energies.mean()),
+    return {"n": int(n), "mean_energy_mev": float(incident_energies.mean()),
             "visible_fraction": float(fraction.mean()),
             "resolution": float(fraction.std() / fraction.mean()),
             "cog_layer": float(cog.mean()), "cog_layer_rms": float(cog.std()),
             "last_layer_share": float(profile[-1] / profile.sum()),
-            "occupancy": float((cut > 0).mean())}
+            "occupancy": float((cut_showers > 0).mean())}
 
 
 def shower_facts(showers: np.ndarray, incident_energies: np.ndarray, geometry: Geometry,
@@ -78,31 +77,32 @@ def shower_facts(showers: np.ndarray, incident_energies: np.ndarray, geometry: G
     the axis, where the incident electron crosses before the shower develops).
     """
     threshold = geometry.threshold_mev if threshold_mev is None else threshold_mev
+    n_alpha, n_radial = _radial_layers(geometry)
     energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+    cut = np.where(showers >= threshold, showers, 0).astype(np.float32, copy=False)
     bins = []
     for lo, hi in zip(energy_edges_mev[:-1], energy_edges_mev[1:]):
         chosen = (energies >= lo) & (energies < hi)
         if chosen.sum() >= 10:
             bins.append({"e_lo_mev": float(lo), "e_hi_mev": float(hi),
-                         **bin_facts(showers[chosen], energies[chosen], geometry, threshold)})
+                         **bin_facts(cut[chosen], energies[chosen], geometry)})
     facts: dict[str, Any] = {"threshold_mev": threshold, "energy_bins": bins}
     if len(bins) >= 2:
         ln_e = np.log([b["mean_energy_mev"] / 1000.0 for b in bins])
         slope, offset = np.polyfit(ln_e, [b["cog_layer"] for b in bins], 1)
         facts["cog_vs_ln_e_gev"] = {"offset_layers": float(offset),
                                     "slope_layers": float(slope)}
-    hits = showers[showers >= threshold].astype(np.float64)
+    hits = cut[cut > 0].astype(np.float64)
     facts["hit_percentiles_mev"] = {f"{q:g}": float(v) for q, v in
                                     zip(HIT_PERCENTILES, np.percentile(hits, HIT_PERCENTILES))}
     facts["hits_below_0.1_mev"] = float((hits < 0.1).mean())
-    n_alpha, n_radial = _radial_layers(geometry)
-    grid = showers.reshape(len(showers), geometry.n_layers, n_alpha, n_radial)
-    core = grid[:, :mip_layers, :, :mip_radial_bins].ravel().astype(np.float64)
-    counts, _ = np.histogram(core[core >= threshold], MIP_BINS_MEV)
+    grid = cut.reshape(len(cut), geometry.n_layers, n_alpha, n_radial)
+    core = grid[:, :mip_layers, :, :mip_radial_bins].ravel()
+    counts, _ = np.histogram(core[core > 0], MIP_BINS_MEV)
     first = int(np.searchsorted(MIP_BINS_MEV, MIP_MIN_MEV))
     peak = first + int(np.argmax(counts[first:]))
     facts["mip_peak_mev"] = float(0.5 * (MIP_BINS_MEV[peak] + MIP_BINS_MEV[peak + 1]))
-    radial = np.where(grid >= threshold, grid, 0.0).sum((0, 1, 2), dtype=np.float64)
+    radial = grid.sum((0, 1, 2), dtype=np.float64)
     edges = np.asarray(geometry.layers[0].r_edges)  # type: ignore[union-attr]
     facts["radial_containment"] = {f"{r:g}": float(c) for r, c in
                                    zip(edges[1:], np.cumsum(radial) / radial.sum())}
