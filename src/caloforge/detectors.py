@@ -428,8 +428,7 @@ def _lhcb(geometry: Geometry) -> Detector:
 
 # Measured against G4HepEm's showers of this detector (bench/hepemshow/fit_simulator.py on
 # the `tune` split; bench/hepemshow/results/simulator-fit.json, docs/real-physics.md):
-# e/mip 0.82 where GFLASH's e-hat says 0.74 (PBWO4_LAR_HEPEMSHOW; the fit gave 0.815 before
-# the incident track and the measured e/mip in the profiles, the mean ratio after them 0.82),
+# e/mip 0.82 where GFLASH's e-hat says 0.74 (PBWO4_LAR_HEPEMSHOW; research/hepemshow.md),
 # and what a 5.7 mm argon gap sees of the soft electrons: dN/dE ~ E^-0.9 between 20 keV and
 # two MIPs, half of the energy on the axis and 85 % in the halo and tail (the default: E^-1.5
 # from a tenth of the threshold, 10 % / 60 %).
